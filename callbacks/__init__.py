@@ -1,0 +1,8 @@
+"""Lightning callbacks of lvm, one concern per module: ramp, guard, mini-5CAT, dashboard."""
+
+from callbacks.dashboard import TensorBoardDashboard
+from callbacks.guard import SkipGuard
+from callbacks.mini5cat import Mini5CAT
+from callbacks.ramp import RampSchedule, RampStage
+
+__all__ = ["Mini5CAT", "RampSchedule", "RampStage", "SkipGuard", "TensorBoardDashboard"]

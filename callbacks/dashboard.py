@@ -1,0 +1,70 @@
+"""TensorBoardDashboard: the custom-scalars layout, the hparams tab and a per-epoch metrics history."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.loggers import TensorBoardLogger
+
+LAYOUT = {
+    "P6b directional": {
+        "pos / neg / gap": ["Multiline", ["train/pos", "train/neg", "train/gap"]],
+        "lambda_eff and its clamp": ["Multiline", ["train/lambda_eff", "train/lambda_min", "train/lambda_max"]],
+        "frac_of_mse vs target_frac": ["Multiline", ["train/frac_of_mse", "train/target_frac"]],
+        "margin": ["Multiline", ["train/margin", "train/gap"]],
+        "raw norm and skips": ["Multiline", ["train/raw_norm", "train/skipped"]],
+    },
+    "Validation": {
+        "cosine vs baselines": ["Multiline", ["val/cos", "ood/cos", "mini5cat/cos", "mini5cat/copy_last_cos", "mini5cat/mean_context_cos"]],
+        "mini-5CAT margins": ["Multiline", ["mini5cat/margin_last", "mini5cat/margin_prev"]],
+        "within-article retrieval": ["Multiline", ["mini5cat/r1", "mini5cat/r5", "mini5cat/mrr", "mini5cat/copy_last_r5", "mini5cat/r5_bank6"]],
+        "loss": ["Multiline", ["val/loss", "val/mse", "ood/loss", "ood/mse"]],
+    },
+}
+
+# Final metrics shown in the hparams tab, read from the trainer's last logged values.
+HPARAM_METRICS = ("val/cos", "ood/cos", "mini5cat/margin_last", "mini5cat/r5", "mini5cat/cos")
+
+
+class TensorBoardDashboard(L.Callback):
+    """Writes the layout at fit start, one JSON line of epoch metrics per epoch (to `history`),
+    and the run's hparams with its final metrics at fit end."""
+
+    def __init__(self, hparams: Mapping[str, Any], history: str | Path) -> None:
+        self.hparams = dict(hparams)
+        self.history = Path(history)
+
+    @staticmethod
+    def _tensorboards(trainer: L.Trainer) -> list[TensorBoardLogger]:
+        return [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.is_global_zero:
+            for lg in self._tensorboards(trainer):
+                lg.experiment.add_custom_scalars(LAYOUT)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Validation end (where checkpoints are taken), not train-epoch end: a resumed run
+        # replays the end of its checkpoint's epoch, which must not add a second row.
+        if not trainer.is_global_zero or trainer.sanity_checking:
+            return
+        row = {"epoch": trainer.current_epoch, "step": trainer.global_step}
+        row.update({k: float(v) for k, v in trainer.callback_metrics.items() if "/" in k and not k.startswith("train/")})
+        with self.history.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        logged = trainer.callback_metrics
+        final = {f"hparams/{k}": float(logged[k]) for k in HPARAM_METRICS if k in logged}
+        best = trainer.checkpoint_callback.best_model_score if trainer.checkpoint_callback else None
+        if best is not None:
+            final["hparams/best_val_cos"] = float(best)
+        for lg in self._tensorboards(trainer):
+            lg.log_hyperparams(self.hparams, final)
+            lg.experiment.flush()

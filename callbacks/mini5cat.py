@@ -1,0 +1,97 @@
+"""Mini5CAT: a cheap per-epoch health check on a fixed, seeded sample of val windows.
+
+Reports val cosine, margins against ctx[-1] and against the loss's prev slot, within-article
+retrieval (R@1, R@5, MRR of the target among all chunks of its article), the original's 6-vector
+bank R@5 under its own name (it reads 1.0 for a collapsed model), and the copy-last and
+mean-of-context baselines on the same sample.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import lightning as L
+import numpy as np
+import torch
+
+from lvm import metrics as M
+from lvm.data.store import Windows
+
+log = logging.getLogger(__name__)
+
+
+def stratified_sample(article_of_window: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """Window indices covering as many articles as possible: every article once before any twice."""
+    rng = np.random.default_rng(seed)
+    key = rng.random(len(article_of_window))
+    order = np.lexsort((key, article_of_window))
+    art_sorted = article_of_window[order]
+    first = np.flatnonzero(np.concatenate(([True], art_sorted[1:] != art_sorted[:-1])))
+    rank_in_article = np.arange(len(order)) - np.repeat(first, np.diff(np.append(first, len(order))))
+    pick = np.lexsort((key[order], rank_in_article))[: min(n, len(order))]
+    return np.sort(order[pick])
+
+
+def health_metrics(
+    pred: torch.Tensor, batch: dict[str, torch.Tensor], windows: Windows, prev_slot: int
+) -> dict[str, float]:
+    """Mini-5CAT figures of predictions `pred` for the windows in `batch`."""
+    context, target, rows = batch["context"], batch["target"], batch["target_row"]
+    start, length = windows.store.article_span(rows.numpy())
+    ranks = M.within_article_ranks(
+        pred, windows.store.vectors, rows, torch.from_numpy(start), torch.from_numpy(length)
+    )
+    return {
+        "cos": M.cos(pred, target).mean().item(),
+        "margin_last": M.margin(pred, target, context[:, -1]).mean().item(),
+        "margin_prev": M.margin(pred, target, context[:, prev_slot]).mean().item(),
+        "r1": M.recall_at(ranks, 1).item(),
+        "r5": M.recall_at(ranks, 5).item(),
+        "mrr": M.mrr(ranks).item(),
+        "r5_bank6": M.recall_at(M.six_bank_ranks(pred, context, target), 5).item(),
+    }
+
+
+class Mini5CAT(L.Callback):
+    """Runs at the end of every validation epoch (not during the sanity check)."""
+
+    def __init__(self, windows: Windows, n_windows: int, seed: int, prev_slot: int, batch_size: int) -> None:
+        self.windows = windows
+        self.prev_slot = prev_slot
+        self.batch_size = batch_size
+        self.index = torch.from_numpy(stratified_sample(windows.article_ids(), n_windows, seed))
+        self.batch = windows.gather(self.index)
+        self.baselines = {
+            "copy_last": health_metrics(M.copy_last(self.batch["context"]), self.batch, windows, prev_slot),
+            "mean_context": health_metrics(M.mean_context(self.batch["context"]), self.batch, windows, prev_slot),
+        }
+        self.last: dict[str, float] = {}
+        log.info(
+            "Mini-5CAT: %d windows from %d val articles; baselines cos copy-last %.3f, mean-of-context %.3f",
+            len(self.index), len(np.unique(windows.article_ids()[self.index.numpy()])),
+            self.baselines["copy_last"]["cos"], self.baselines["mean_context"]["cos"],
+        )
+
+    @torch.no_grad()
+    def predict(self, pl_module: L.LightningModule) -> torch.Tensor:
+        ctx = self.batch["context"]
+        preds = [pl_module(ctx[s : s + self.batch_size].to(pl_module.device))[1].cpu() for s in range(0, len(ctx), self.batch_size)]
+        return torch.cat(preds)
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        self.last = health_metrics(self.predict(pl_module), self.batch, self.windows, self.prev_slot)
+        logged = {f"mini5cat/{k}": v for k, v in self.last.items()}
+        for base, vals in self.baselines.items():
+            logged[f"mini5cat/{base}_cos"] = vals["cos"]
+            logged[f"mini5cat/{base}_r5"] = vals["r5"]
+        pl_module.log_dict(logged, on_step=False, on_epoch=True)
+        if trainer.is_global_zero:
+            m, b = self.last, self.baselines
+            log.info(
+                "[Mini-5CAT] Margin: %.3f | R@5: %.3f | cos %.3f (copy-last %.3f, mean-ctx %.3f) | "
+                "margin_prev %.3f | R@1 %.3f | R@5_bank6 %.3f | epoch %d",
+                m["margin_last"], m["r5"], m["cos"], b["copy_last"]["cos"], b["mean_context"]["cos"],
+                m["margin_prev"], m["r1"], m["r5_bank6"], trainer.current_epoch,
+            )

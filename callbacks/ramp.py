@@ -1,0 +1,77 @@
+"""RampSchedule: sets the directional margin and target_frac from a table of stages, by epoch."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import lightning as L
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RampStage:
+    """Applies while epoch < until (in the table's numbering); until=None means forever."""
+
+    until: int | None
+    margin: float
+    target_frac: float
+
+
+def parse_stages(stages: Sequence[Mapping[str, Any]]) -> list[RampStage]:
+    """Stages from config dicts, checked: `until` strictly increasing, only the last open-ended."""
+    out = [RampStage(s["until"], float(s["margin"]), float(s["target_frac"])) for s in stages]
+    if not out:
+        raise ValueError("ramp.stages is empty; give at least one stage")
+    bounds = [s.until for s in out[:-1]]
+    if any(b is None for b in bounds):
+        raise ValueError("ramp.stages: only the last stage may have until: null")
+    if any(b2 <= b1 for b1, b2 in zip(bounds, bounds[1:])):
+        raise ValueError(f"ramp.stages: 'until' epochs must increase strictly (got {bounds})")
+    if out[-1].until is not None:
+        raise ValueError("ramp.stages: the last stage must have until: null (it applies to all later epochs)")
+    return out
+
+
+def stage_index(epoch: int, stages: Sequence[RampStage]) -> int:
+    """Index of the stage applying at `epoch` (in the table's numbering)."""
+    for i, s in enumerate(stages):
+        if s.until is None or epoch < s.until:
+            return i
+    return len(stages) - 1
+
+
+class RampSchedule(L.Callback):
+    """Each train epoch, writes the current stage's margin and target_frac into the module's knobs.
+
+    `epoch_base` states the table's numbering: 0 means Lightning's current_epoch as is (the
+    original code's convention), 1 means the first epoch is epoch 1 (the seed's prose).
+    """
+
+    def __init__(self, stages: Sequence[Mapping[str, Any]], epoch_base: int = 0) -> None:
+        if epoch_base not in (0, 1):
+            raise ValueError(f"ramp.epoch_base must be 0 or 1 (got {epoch_base})")
+        self.stages = parse_stages(stages)
+        self.epoch_base = epoch_base
+        self.stage: int | None = None
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        idx = stage_index(trainer.current_epoch + self.epoch_base, self.stages)
+        s = self.stages[idx]
+        pl_module.knobs.margin, pl_module.knobs.target_frac = s.margin, s.target_frac
+        if idx != self.stage:
+            log.info(
+                "[Ramp] epoch %d (%d-based): stage %d, margin=%.3f target_frac=%.2f",
+                trainer.current_epoch + self.epoch_base, self.epoch_base, idx, s.margin, s.target_frac,
+            )
+        self.stage = idx
+        pl_module.log("ramp/stage", float(idx), on_step=False, on_epoch=True)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"stage": self.stage}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.stage = state_dict["stage"]

@@ -1,0 +1,303 @@
+"""`python -m lvm.bench`: what Lightning and the lvm callbacks cost, and how lean the data path is.
+
+Three figures, measured side by side in one run (config: +experiment=p6b_v2 with its defaults,
+i.e. the built-in synthetic data and the small model; CPU):
+
+(a) lightning/raw: training throughput of the Lightning loop with everything `lvm.train.run`
+    builds (ramp, skip guard, mini-5CAT, checkpointing, TensorBoard dashboard and logger; progress
+    bar off) over a hand-written PyTorch loop of the same model, windows, loss and knobs, AdamW
+    settings, gradient clipping and batch size. Goal >= 0.95.
+(b) callbacks_overhead: that full Lightning loop against the same Lightning loop without any of
+    it (no lvm callback, no checkpointing, no logger; the module is unchanged). Goal <= 3%.
+(c) data_mem: peak RSS growth of the data path (load a store NPZ, make the splits, one epoch of the
+    train loader) over the bytes of the raw vector array, in fresh processes (Linux: reads
+    /proc/self/status). Goal <= 1.1x.
+
+What a Lightning timing includes: the wall time from the start of the first measured training
+batch to the end of the last (everything the loop, the module and the callbacks do per step,
+logging included), plus the epoch-end work outside the model's validation batches (mini-5CAT,
+checkpoint saves, the dashboard line, the guard report, the LR scheduler, Lightning's own),
+amortised over the batches of one real epoch. Each Lightning measurement is a one-epoch fit cut to
+warm-up + measured batches, so that epoch-end work runs once, right after the measured window.
+What it excludes: start-up (trainer, callbacks, first batches) and the model's validation batches
+on val/ood, which the raw loop has no counterpart of.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import multiprocessing
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from hydra import compose, initialize_config_dir
+from lightning.pytorch.loggers import TensorBoardLogger
+from omegaconf import DictConfig, OmegaConf
+
+from callbacks.guard import skip_rule
+from callbacks.ramp import parse_stages, stage_index
+from lvm.config import to_plain, validate
+from lvm.data.loaders import load_store_npz
+from lvm.data.splits import make_splits
+from lvm.data.store import Windows, WindowSpec
+from lvm.data.synthetic import synthetic_corpus
+from lvm.losses import p6b_loss
+from lvm.module import LVMModule
+from lvm.train import build_callbacks, build_data, dashboard_hparams, make_loader
+
+log = logging.getLogger("lvm.bench")
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+VARIANTS = ("raw", "lightning_bare", "lightning_full")
+GOALS = {"lightning/raw": ">= 0.95", "callbacks_overhead": "<= +3%", "data_mem": "<= 1.1x"}
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Wall time of the measured steps, and of the epoch-end work outside model validation."""
+
+    steps_s: float
+    epoch_end_s: float
+
+    def per_step(self, steps: int, epoch_batches: int) -> float:
+        """Seconds per training step, the epoch-end work spread over one real epoch's batches."""
+        return self.steps_s / steps + self.epoch_end_s / epoch_batches
+
+
+class StepTimer(L.Callback):
+    """Times batches [warmup, warmup + steps), then the epoch-end work minus model validation.
+
+    It must come first in the callback list: its hooks then run before the other callbacks', so
+    the step window opens before any batch-start work, and the validation window closes (in
+    on_validation_epoch_end) before Mini5CAT's hook runs, which thus counts as epoch-end work.
+    """
+
+    def __init__(self, warmup: int, steps: int) -> None:
+        self.first, self.last = warmup, warmup + steps - 1
+        self.t_first = self.t_last = self.t_val = 0.0
+        self.val_s = 0.0
+        self.timing: Timing | None = None
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        if batch_idx == self.first:
+            self.t_first = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if batch_idx == self.last:
+            self.t_last = time.perf_counter()
+
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.t_val = time.perf_counter()
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.val_s += time.perf_counter() - self.t_val
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.timing = Timing(self.t_last - self.t_first, time.perf_counter() - self.t_last - self.val_s)
+
+
+def compose_config(overrides: list[str]) -> DictConfig:
+    """The run config `python -m lvm.train <overrides>` would use, validated."""
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=overrides)
+    validate(cfg)
+    return cfg
+
+
+def raw_loop(cfg: DictConfig, train: Windows, warmup: int, steps: int) -> Timing:
+    """The training computation of LVMModule under Lightning, as a plain PyTorch loop."""
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    lvm_module = LVMModule(to_plain(cfg), dim=train.store.dim)
+    model, knobs = lvm_module.model, lvm_module.knobs  # the same initial weights and loss knobs
+    if cfg.callbacks.ramp:  # what RampSchedule sets for the first epoch
+        stages = parse_stages(OmegaConf.to_container(cfg.ramp.stages, resolve=True))
+        stage = stages[stage_index(cfg.ramp.epoch_base, stages)]
+        knobs.margin, knobs.target_frac = stage.margin, stage.target_frac
+    g = cfg.guard
+    gate = (lambda pos, neg: skip_rule(pos, neg, g.pos_below, g.neg_below)) if g.policy == "skip" else None
+    o = cfg.optim
+    optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, weight_decay=o.weight_decay, betas=tuple(o.betas))
+    clip, prev_slot, mse_on = cfg.trainer.gradient_clip_val, cfg.window.prev_slot, cfg.loss.mse_on
+    batches = iter(make_loader(train, cfg.data.batch_size, True, cfg.data.num_workers, cfg.seed))
+    model.train()
+    t_first = 0.0
+    for i in range(warmup + steps):
+        if i == warmup:
+            t_first = time.perf_counter()
+        batch = next(batches)
+        context = batch["context"]
+        raw, _ = model(context)
+        terms = p6b_loss(raw, batch["target"], context[:, prev_slot], knobs, mse_on, gate)
+        optimizer.zero_grad()
+        terms.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        optimizer.step()
+    return Timing(time.perf_counter() - t_first, 0.0)
+
+
+def lightning_loop(cfg: DictConfig, splits: dict[str, Windows], run_dir: Path, warmup: int, steps: int, full: bool) -> Timing:
+    """A one-epoch fit cut to warmup + steps batches, built as `lvm.train.run` builds it.
+
+    full: every callback of `build_callbacks`, and the TensorBoard logger; otherwise none of them
+    and no checkpointing.
+    """
+    run_dir.mkdir(parents=True, exist_ok=True)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    plain = to_plain(cfg)
+    module = LVMModule(plain, dim=splits["train"].store.dim)
+    d = cfg.data
+    train_loader = make_loader(splits["train"], d.batch_size, True, d.num_workers, cfg.seed)
+    val_loaders = [make_loader(splits[s], d.eval_batch_size, False, d.num_workers, cfg.seed) for s in ("val", "ood") if len(splits[s])]
+    timer = StepTimer(warmup, steps)
+    callbacks: list[L.Callback] = [timer]
+    logger: TensorBoardLogger | bool = False
+    if full:
+        callbacks += build_callbacks(cfg, splits, run_dir, dashboard_hparams(cfg, {}))
+        if cfg.logger.tensorboard:
+            logger = TensorBoardLogger(save_dir=str(run_dir), name="tb", version="", default_hp_metric=False)
+    trainer = L.Trainer(
+        **{
+            **plain["trainer"],
+            "max_epochs": 1,
+            "limit_train_batches": warmup + steps,
+            "accelerator": "cpu",
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+            "enable_checkpointing": full,
+        },
+        callbacks=callbacks,
+        logger=logger,
+        default_root_dir=str(run_dir),
+    )
+    trainer.fit(module, train_loader, val_loaders)
+    assert timer.timing is not None
+    return timer.timing
+
+
+def measure_loops(cfg: DictConfig, steps: int, warmup: int, repeats: int, work_dir: Path) -> dict[str, float]:
+    """Best seconds per step of each variant over `repeats` interleaved rounds."""
+    splits = build_data(cfg)
+    train, bs = splits["train"], cfg.data.batch_size
+    epoch_batches = -(-len(train) // bs)
+    if warmup + steps > epoch_batches:
+        raise SystemExit(f"bench: --warmup + --steps = {warmup + steps} exceeds one epoch ({epoch_batches} batches)")
+    per_step: dict[str, list[float]] = {name: [] for name in VARIANTS}
+    for r in range(repeats):
+        shift = r % len(VARIANTS)  # rotate the order so no variant always runs first or last
+        for name in VARIANTS[shift:] + VARIANTS[:shift]:
+            if name == "raw":
+                t = raw_loop(cfg, train, warmup, steps)
+            else:
+                t = lightning_loop(cfg, splits, work_dir / f"{name}-{r}", warmup, steps, full=name == "lightning_full")
+            s = t.per_step(steps, epoch_batches)
+            per_step[name].append(s)
+            log.info(
+                "round %d/%d %-14s %6.2f ms/step %7.1f samples/s  (%d steps %.2f s, epoch end %.3f s / %d batches)",
+                r + 1, repeats, name, 1e3 * s, bs / s, steps, t.steps_s, t.epoch_end_s, epoch_batches,
+            )
+    best = {name: min(v) for name, v in per_step.items()}
+    for name in VARIANTS:
+        log.info("best %-14s %6.2f ms/step %7.1f samples/s", name, 1e3 * best[name], bs / best[name])
+    return best
+
+
+def _status_kib(key: str) -> int:
+    """One field of /proc/self/status in KiB: VmRSS (resident now) or VmHWM (peak resident)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(f"{key}:"):
+            return int(line.split()[1])
+    raise KeyError(key)
+
+
+def _raw_vectors_child(path: str) -> tuple[int, int]:
+    """(bytes of the vector array, RSS growth from loading it alone), in a fresh process."""
+    before = _status_kib("VmRSS")
+    with np.load(path) as npz:
+        vectors = npz["vectors"]
+    return vectors.nbytes, 1024 * (_status_kib("VmRSS") - before)
+
+
+def _data_path_child(path: str, window: dict[str, int], split: dict[str, Any], batch_size: int, seed: int) -> dict[str, int]:
+    """Peak RSS growth in bytes, since the baseline after imports, at the end of each stage."""
+    base = _status_kib("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+    peaks: dict[str, int] = {}
+    store = load_store_npz(path)
+    peaks["load_store_npz"] = _status_kib("VmHWM")
+    splits = make_splits(store, WindowSpec(**window), split["val"], split["ood"], split["seed"], split["ranges"])
+    peaks["+ make_splits"] = _status_kib("VmHWM")
+    for _ in make_loader(splits["train"], batch_size, True, 0, seed):
+        pass
+    peaks["+ train epoch"] = _status_kib("VmHWM")
+    return {stage: 1024 * (kib - base) for stage, kib in peaks.items()}
+
+
+def measure_data_memory(cfg: DictConfig, rows: int, work_dir: Path) -> float:
+    """Peak RSS growth of the data path over the raw vector bytes, each measured in a fresh process."""
+    plain = to_plain(cfg)
+    syn = dict(plain["data"]["synthetic"])
+    syn["articles"] = max(1, round(2 * rows / (syn["min_chunks"] + syn["max_chunks"])))
+    vectors, article_ids, chunk_indices = synthetic_corpus(**syn)
+    path = work_dir / "store.npz"
+    np.savez(path, vectors=vectors, article_indices=article_ids, chunk_indices=chunk_indices)
+    log.info("store NPZ: %d x %d float32, %d articles", *vectors.shape, syn["articles"])
+    del vectors, article_ids, chunk_indices
+    spawn = multiprocessing.get_context("spawn")
+    threads = (torch.get_num_threads(),)  # as in the parent: default threads thrash on a shared machine
+    with spawn.Pool(1, torch.set_num_threads, threads) as pool:
+        raw_bytes, raw_rss = pool.apply(_raw_vectors_child, (str(path),))
+    with spawn.Pool(1, torch.set_num_threads, threads) as pool:
+        peaks = pool.apply(
+            _data_path_child, (str(path), plain["window"], plain["data"]["split"], plain["data"]["batch_size"], cfg.seed)
+        )
+    log.info("raw vectors %.1f MB (RSS growth loading them alone: %.1f MB)", raw_bytes / 1e6, raw_rss / 1e6)
+    for stage, growth in peaks.items():
+        log.info("data path peak after %-15s %6.1f MB = %.3fx raw", stage, growth / 1e6, growth / raw_bytes)
+    return max(peaks.values()) / raw_bytes
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m lvm.bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("overrides", nargs="*", help="extra Hydra overrides, as for lvm.train")
+    p.add_argument("--steps", type=int, default=300, help="measured training steps per run (default 300)")
+    p.add_argument("--warmup", type=int, default=20, help="unmeasured training steps before them (default 20)")
+    p.add_argument("--repeats", type=int, default=3, help="interleaved rounds; the best round counts (default 3)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads, for every variant (default 1: two threads thrash on a shared 2-core machine)")
+    p.add_argument("--mem-rows", type=int, default=200_000, help="rows of the store NPZ for the memory figure (default 200000)")
+    args = p.parse_args(argv)
+    if args.steps < 1 or args.warmup < 0 or args.repeats < 1 or args.threads < 1 or args.mem_rows < 1:
+        p.error("--steps, --repeats, --threads and --mem-rows must be >= 1, --warmup >= 0")
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    # Quiet the per-run chatter (console lines every print_every steps, per-epoch summaries,
+    # Lightning's start-up info): emitting it costs next to nothing but would bury the results.
+    for name in ("lvm.module", "callbacks", "lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", ".*does not have many workers.*")
+    warnings.filterwarnings("ignore", ".*LeafSpec.*")
+    torch.set_num_threads(args.threads)
+
+    started = time.perf_counter()
+    cfg = compose_config(["+experiment=p6b_v2", *args.overrides])
+    log.info("loops: %d measured steps after %d warm-up, best of %d rounds, batch %d, %d torch thread(s)",
+             args.steps, args.warmup, args.repeats, cfg.data.batch_size, torch.get_num_threads())
+    with tempfile.TemporaryDirectory(prefix="lvm-bench-") as tmp:
+        best = measure_loops(cfg, args.steps, args.warmup, args.repeats, Path(tmp))
+        data_mem = measure_data_memory(cfg, args.mem_rows, Path(tmp))
+    ratio = best["raw"] / best["lightning_full"]
+    overhead = 100 * (best["lightning_full"] / best["lightning_bare"] - 1)
+    log.info("goals: %s; took %.0f s", ", ".join(f"{k} {v}" for k, v in GOALS.items()), time.perf_counter() - started)
+    print(f"bench: lightning/raw={ratio:.2f} callbacks_overhead={overhead:+.1f}% data_mem={data_mem:.2f}x", flush=True)
+
+
+if __name__ == "__main__":
+    main()

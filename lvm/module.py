@@ -1,0 +1,126 @@
+"""LightningModule: the P6 transformer trained with the P6b combined loss.
+
+Thin glue: it computes and logs the loss; callbacks own the ramp (`knobs.margin`,
+`knobs.target_frac`) and the safety policy (`skip_gate`). It holds no schedule and no policy.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import lightning as L
+import torch
+from torchmetrics import MeanMetric, MetricCollection
+
+from lvm.losses import DirectionalKnobs, LossTerms, SkipGate, p6b_loss
+from lvm.metrics import cos
+from lvm.model import P6Transformer
+
+log = logging.getLogger(__name__)
+
+EVAL_SPLITS = ("val", "ood")
+
+
+class LVMModule(L.LightningModule):
+    """Built from the resolved run config (a plain dict, so checkpoints load with weights_only)."""
+
+    def __init__(self, config: dict[str, Any], dim: int) -> None:
+        super().__init__()
+        self.save_hyperparameters(logger=False)
+        m, loss = config["model"], config["loss"]
+        self.model = P6Transformer(
+            dim=dim,
+            d_model=m["d_model"],
+            layers=m["layers"],
+            heads=m["heads"],
+            ffn=m["ffn"],
+            dropout=m["dropout"],
+            max_context=config["window"]["context"],
+            block=m["block"],
+        )
+        self.knobs = DirectionalKnobs(
+            margin=loss["margin"],
+            target_frac=loss["target_frac"],
+            gamma=loss["gamma"],
+            lambda_min=loss["lambda_min"],
+            lambda_max=loss["lambda_max"],
+            enabled=loss["enabled"],
+        )
+        self.mse_on = loss["mse_on"]
+        self.prev_slot = config["window"]["prev_slot"]
+        self.optim_cfg = config["optim"]
+        self.print_every = config["logger"]["print_every"]
+        self.skip_gate: SkipGate | None = None
+        self.last_terms: LossTerms | None = None
+        self.eval_metrics = torch.nn.ModuleDict(
+            {s: MetricCollection({"loss": MeanMetric(), "mse": MeanMetric(), "cos": MeanMetric()}) for s in EVAL_SPLITS}
+        )
+
+    def forward(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.model(context)
+
+    def compute_loss(self, batch: dict[str, torch.Tensor], skip_gate: SkipGate | None) -> tuple[LossTerms, torch.Tensor, torch.Tensor]:
+        context, target = batch["context"], batch["target"]
+        raw, pred = self.model(context)
+        terms = p6b_loss(raw, target, context[:, self.prev_slot], self.knobs, self.mse_on, skip_gate)
+        return terms, raw, pred
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        terms, raw, _ = self.compute_loss(batch, self.skip_gate)
+        self.last_terms = terms
+        k = self.knobs
+        self.log_dict(
+            {
+                "train/loss": terms.loss.detach(),
+                "train/mse": terms.mse.detach(),
+                "train/dir": terms.dir.detach(),
+                "train/lambda_eff": terms.lambda_eff,
+                "train/frac_of_mse": terms.frac_of_mse,
+                "train/pos": terms.pos,
+                "train/neg": terms.neg,
+                "train/gap": terms.gap,
+                "train/skipped": terms.skipped.float(),
+                "train/raw_norm": raw.detach().norm(dim=-1).mean(),
+                "train/margin": k.margin,
+                "train/target_frac": k.target_frac,
+                "train/lambda_min": k.lambda_min,
+                "train/lambda_max": k.lambda_max,
+            },
+            on_step=True,
+            on_epoch=False,
+            batch_size=len(raw),
+        )
+        if self.print_every and self.global_step % self.print_every == 0 and self.trainer.is_global_zero:
+            log.info(
+                "[P6b dir] λ_eff=%.5f pos=%.3f neg=%.3f gap=%.3f frac_of_mse=%.2f margin=%.3f",
+                terms.lambda_eff, terms.pos, terms.neg, terms.gap, terms.frac_of_mse, k.margin,
+            )
+        return terms.loss
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        split = EVAL_SPLITS[dataloader_idx]
+        terms, _, pred = self.compute_loss(batch, None)
+        n = len(pred)
+        metrics = self.eval_metrics[split]
+        metrics["loss"].update(terms.loss, n)
+        metrics["mse"].update(terms.mse, n)
+        metrics["cos"].update(cos(pred, batch["target"]).mean(), n)
+        for name, metric in metrics.items():
+            self.log(f"{split}/{name}", metric, on_step=False, on_epoch=True, add_dataloader_idx=False, batch_size=n)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        o = self.optim_cfg
+        optimizer = torch.optim.AdamW(
+            self.parameters(), lr=o["lr"], weight_decay=o["weight_decay"], betas=tuple(o["betas"])
+        )
+        sched = o["scheduler"]
+        if sched["name"] == "none":
+            return {"optimizer": optimizer}
+        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode=sched["mode"], factor=sched["factor"], patience=sched["patience"]
+        )
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "monitor": sched["monitor"], "interval": "epoch"},
+        }

@@ -1,0 +1,180 @@
+"""`python -m lvm.train +experiment=p6b_v2`: compose the config, build data, model and callbacks, fit.
+
+Each run writes into its own Hydra directory: checkpoints/ (best by val cosine, last, optionally
+every epoch), tb/ (TensorBoard events), config.yaml (resolved), metrics.jsonl and results.json.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+import torch
+from hydra.core.hydra_config import HydraConfig
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import TensorBoardLogger
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader
+
+from callbacks import Mini5CAT, RampSchedule, SkipGuard, TensorBoardDashboard
+from lvm.config import to_plain, validate
+from lvm.data.loaders import load_store
+from lvm.data.splits import make_splits
+from lvm.data.store import Windows, WindowSpec, collate_batch
+from lvm.errors import LvmError
+from lvm.module import LVMModule
+
+log = logging.getLogger(__name__)
+
+# Longest job directory name a sweep uses as is; longer ones (many overrides) are cut and hashed.
+MAX_DIRNAME = 120
+
+
+def short_dirname(overrides: str) -> str:
+    """Sweep job directory name from Hydra's override_dirname, kept under filesystem limits."""
+    if len(overrides) <= MAX_DIRNAME:
+        return overrides
+    return f"{overrides[:MAX_DIRNAME - 9]}_{hashlib.sha1(overrides.encode()).hexdigest()[:8]}"
+
+
+OmegaConf.register_new_resolver("lvm_dirname", short_dirname, replace=True)
+
+
+def build_data(cfg: DictConfig) -> dict[str, Windows]:
+    """Windows of train / val / ood, all views of one article store."""
+    spec = WindowSpec(**cfg.window)
+    store = load_store(cfg.data, spec)
+    s = cfg.data.split
+    ranges = OmegaConf.to_container(s.ranges) if s.ranges else None
+    return make_splits(store, spec, s.val, s.ood, s.seed, ranges)
+
+
+def make_loader(windows: Windows, batch_size: int, shuffle: bool, num_workers: int, seed: int) -> DataLoader:
+    return DataLoader(
+        windows,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        num_workers=num_workers,
+        collate_fn=collate_batch,
+        generator=torch.Generator().manual_seed(seed) if shuffle else None,
+        persistent_workers=num_workers > 0,
+    )
+
+
+def build_callbacks(cfg: DictConfig, splits: dict[str, Windows], run_dir: Path, hparams: dict[str, Any]) -> list[L.Callback]:
+    cb = cfg.callbacks
+    out: list[L.Callback] = []
+    if cb.ramp:
+        out.append(RampSchedule(OmegaConf.to_container(cfg.ramp.stages, resolve=True), cfg.ramp.epoch_base))
+    if cfg.guard.policy == "skip":
+        out.append(SkipGuard(cfg.guard.pos_below, cfg.guard.neg_below, cfg.logger.print_every))
+    if cb.mini5cat.enabled:
+        out.append(Mini5CAT(splits["val"], cb.mini5cat.windows, cb.mini5cat.seed, cfg.window.prev_slot, cfg.data.eval_batch_size))
+    ckpt_dir = run_dir / "checkpoints"
+    # Best by val cosine first: trainer.checkpoint_callback is the first ModelCheckpoint.
+    out.append(ModelCheckpoint(dirpath=ckpt_dir, filename="best-epoch{epoch:02d}", monitor="val/cos", mode="max",
+                               save_top_k=1, auto_insert_metric_name=False))
+    # last.ckpt by its own checkpointer: Lightning's save_last only refreshes it in epochs that
+    # also saved a new best, which would resume from a stale epoch.
+    out.append(ModelCheckpoint(dirpath=ckpt_dir, filename="last", monitor=None, save_top_k=1, enable_version_counter=False))
+    if cb.checkpoint.every_epoch:
+        out.append(ModelCheckpoint(dirpath=ckpt_dir, filename="epoch{epoch:02d}", monitor="epoch", mode="max",
+                                   save_top_k=-1, auto_insert_metric_name=False))
+    out.append(TensorBoardDashboard(hparams, run_dir / "metrics.jsonl"))
+    return out
+
+
+def dashboard_hparams(cfg: DictConfig, choices: dict[str, str]) -> dict[str, Any]:
+    """The knobs a sweep varies, flat, for the TensorBoard hparams tab."""
+    return {
+        "name": cfg.name,
+        "ramp": choices.get("ramp", "custom"),
+        "guard": cfg.guard.policy,
+        "model": choices.get("model", "custom"),
+        "loss.enabled": cfg.loss.enabled,
+        "loss.mse_on": cfg.loss.mse_on,
+        "loss.gamma": cfg.loss.gamma,
+        "loss.lambda_min": cfg.loss.lambda_min,
+        "loss.lambda_max": cfg.loss.lambda_max,
+        "optim.lr": cfg.optim.lr,
+        "data.source": cfg.data.source,
+        "window.target_offset": cfg.window.target_offset,
+        "seed": cfg.seed,
+    }
+
+
+def resolve_checkpoint(ckpt_path: str | None, run_dir: Path) -> str | None:
+    """Checkpoint to resume from, checked to load under torch's default weights_only rules."""
+    if not ckpt_path:
+        return None
+    path = run_dir / "checkpoints" / "last.ckpt" if ckpt_path == "last" else Path(ckpt_path)
+    if not path.is_file():
+        hint = " (ckpt_path=last looks in this run's own directory; set hydra.run.dir to the earlier run's)" if ckpt_path == "last" else ""
+        raise LvmError(f"checkpoint {path}: no such file{hint}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as e:
+        raise LvmError(f"checkpoint {path}: cannot be loaded, truncated or corrupt ({type(e).__name__}: {e})") from None
+    for key in ("state_dict", "epoch", "optimizer_states"):
+        if key not in ckpt:
+            raise LvmError(f"checkpoint {path}: not an lvm training checkpoint (no '{key}')")
+    return str(path)
+
+
+def run(cfg: DictConfig, run_dir: str | Path, choices: dict[str, str] | None = None) -> dict[str, Any]:
+    """Train one run into `run_dir`; returns the results written to results.json."""
+    validate(cfg)
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    plain = to_plain(cfg)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(plain))
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    ckpt = resolve_checkpoint(cfg.ckpt_path, run_dir)
+
+    splits = build_data(cfg)
+    module = LVMModule(plain, dim=splits["train"].store.dim)
+    d = cfg.data
+    train_loader = make_loader(splits["train"], d.batch_size, True, d.num_workers, cfg.seed)
+    val_loaders = [make_loader(splits[s], d.eval_batch_size, False, d.num_workers, cfg.seed) for s in ("val", "ood") if len(splits[s])]
+    logger = TensorBoardLogger(save_dir=str(run_dir), name="tb", version="", default_hp_metric=False) if cfg.logger.tensorboard else False
+    callbacks = build_callbacks(cfg, splits, run_dir, dashboard_hparams(cfg, choices or {}))
+    trainer = L.Trainer(**cfg.trainer, callbacks=callbacks, logger=logger, default_root_dir=str(run_dir))
+    trainer.fit(module, train_loader, val_loaders, ckpt_path=ckpt)
+
+    best, last = (c for c in callbacks if isinstance(c, ModelCheckpoint) and c.monitor in ("val/cos", None))
+    results = {
+        "name": cfg.name,
+        "run_dir": str(run_dir),
+        "epochs_completed": trainer.current_epoch,
+        "global_step": trainer.global_step,
+        "best_checkpoint": best.best_model_path,
+        "best_val_cos": float(best.best_model_score) if best.best_model_score is not None else None,
+        "last_checkpoint": last.best_model_path,
+        "final": {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("val/", "ood/", "mini5cat/"))},
+        "params": sum(p.numel() for p in module.parameters()),
+    }
+    (run_dir / "results.json").write_text(json.dumps(results, indent=2))
+    log.info("Run finished: best val cos %s at %s", results["best_val_cos"], results["best_checkpoint"])
+    return results
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    hc = HydraConfig.get()
+    try:
+        results = run(cfg, hc.runtime.output_dir, dict(hc.runtime.choices))
+    except LvmError as e:
+        log.error("%s", e)
+        raise SystemExit(f"lvm: {e}") from None
+    return results["best_val_cos"]
+
+
+if __name__ == "__main__":
+    main()

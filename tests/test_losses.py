@@ -1,0 +1,128 @@
+"""The P6b combined loss against an independent numpy computation."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from lvm.losses import DirectionalKnobs, adaptive_lambda, directional_term, p6b_loss
+
+KNOBS = DirectionalKnobs(margin=0.04, target_frac=0.2, gamma=8.0, lambda_min=1e-4, lambda_max=0.05)
+
+
+def reference_loss(raw, target, prev, k: DirectionalKnobs, mse_on="raw", skipped=False):
+    """Plain numpy/float64 transcription of reference section 3."""
+    raw, target, prev = (np.asarray(x, dtype=np.float64) for x in (raw, target, prev))
+    pred = raw / np.linalg.norm(raw, axis=1, keepdims=True)
+    x = raw if mse_on == "raw" else pred
+    mse = np.mean((x - target) ** 2)
+    unit = lambda v: v / np.linalg.norm(v, axis=1, keepdims=True)  # noqa: E731
+    pos = np.sum(pred * unit(target), axis=1)
+    neg = np.sum(pred * unit(prev), axis=1)
+    gap = pos - neg
+    z = k.gamma * (k.margin - gap)
+    d = np.mean(np.log1p(np.exp(-np.abs(z))) + np.maximum(z, 0)) / k.gamma
+    lam = min(max(k.target_frac * mse / d, k.lambda_min), k.lambda_max)
+    w = 0.0 if (skipped or not k.enabled) else 1.0
+    return dict(loss=mse + w * lam * d, mse=mse, dir=d, lam=lam, pos=pos.mean(), neg=neg.mean(), frac=w * lam * d / mse)
+
+
+def batch(seed=0, b=16, d=24, scale=0.3):
+    g = torch.Generator().manual_seed(seed)
+    unit = lambda x: torch.nn.functional.normalize(x, dim=-1)  # noqa: E731
+    target = unit(torch.randn(b, d, generator=g))
+    prev = unit(target + 0.8 * torch.randn(b, d, generator=g))
+    raw = scale * (target + torch.randn(b, d, generator=g))
+    return raw, target, prev
+
+
+@pytest.mark.parametrize("mse_on", ["raw", "unit"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_matches_reference(mse_on, seed):
+    raw, target, prev = batch(seed)
+    t = p6b_loss(raw, target, prev, KNOBS, mse_on)
+    ref = reference_loss(raw, target, prev, KNOBS, mse_on)
+    assert t.loss.item() == pytest.approx(ref["loss"], rel=1e-5)
+    assert t.mse.item() == pytest.approx(ref["mse"], rel=1e-5)
+    assert t.dir.item() == pytest.approx(ref["dir"], rel=1e-5)
+    assert t.lambda_eff.item() == pytest.approx(ref["lam"], rel=1e-5)
+    assert t.pos.item() == pytest.approx(ref["pos"], abs=1e-6)
+    assert t.neg.item() == pytest.approx(ref["neg"], abs=1e-6)
+    assert t.gap.item() == pytest.approx(ref["pos"] - ref["neg"], abs=1e-6)
+    assert t.frac_of_mse.item() == pytest.approx(ref["frac"], rel=1e-5)
+
+
+def test_mse_on_raw_differs_from_unit_when_norm_is_small():
+    raw, target, prev = batch(scale=0.1)
+    raw_mse = p6b_loss(raw, target, prev, KNOBS, "raw").mse.item()
+    unit_mse = p6b_loss(raw, target, prev, KNOBS, "unit").mse.item()
+    # A near-zero raw output scores about 1/D on raw-MSE: the original's weakness.
+    assert raw_mse < unit_mse
+    assert p6b_loss(torch.zeros_like(raw) + 1e-6, target, prev, KNOBS, "raw").mse.item() == pytest.approx(1 / raw.shape[1], rel=1e-3)
+
+
+def test_lambda_clamps_at_both_bounds():
+    mse, d = torch.tensor(0.01), torch.tensor(0.02)
+    # Unclamped: 0.2 * 0.01 / 0.02 = 0.1 -> clamped to lambda_max.
+    assert adaptive_lambda(mse, d, 0.2, 1e-4, 0.05).item() == pytest.approx(0.05)
+    assert adaptive_lambda(mse, d, 0.2, 1e-4, 0.5).item() == pytest.approx(0.1)
+    # Tiny target_frac -> clamped up to lambda_min.
+    assert adaptive_lambda(mse, d, 1e-6, 1e-4, 0.05).item() == pytest.approx(1e-4)
+    # A vanishing directional term does not divide by zero: it pins at lambda_max.
+    assert adaptive_lambda(mse, torch.tensor(0.0), 0.2, 1e-4, 0.05).item() == pytest.approx(0.05)
+
+
+def test_no_gradient_through_lambda():
+    """d loss / d raw equals d(mse)/d raw + lam * d(dir)/d raw with lam a constant."""
+    raw, target, prev = batch(3)
+    raw.requires_grad_(True)
+    t = p6b_loss(raw, target, prev, KNOBS)
+    (g_total,) = torch.autograd.grad(t.loss, raw)
+    lam = t.lambda_eff.item()
+    raw2 = raw.detach().clone().requires_grad_(True)
+    t2 = p6b_loss(raw2, target, prev, KNOBS)
+    (g_expected,) = torch.autograd.grad(t2.mse + lam * t2.dir, raw2)
+    assert not t.lambda_eff.requires_grad
+    assert torch.allclose(g_total, g_expected, atol=1e-7)
+
+
+def test_directional_term_is_smooth_hinge():
+    pos, neg = torch.tensor([0.5]), torch.tensor([0.5])
+    # gap 0 with margin 0: softplus(0) / gamma = log 2 / gamma.
+    assert directional_term(pos, neg, 0.0, 4.0).item() == pytest.approx(math.log(2) / 4)
+    # A gap far above the margin costs ~0; far below costs ~ (margin - gap).
+    assert directional_term(torch.tensor([1.0]), torch.tensor([-1.0]), 0.05, 8.0).item() < 1e-6
+    assert directional_term(torch.tensor([-1.0]), torch.tensor([1.0]), 0.05, 8.0).item() == pytest.approx(2.05, rel=1e-4)
+
+
+def test_skip_gate_zeroes_weight_but_keeps_graph():
+    raw, target, prev = batch(4)
+    raw.requires_grad_(True)
+    seen = {}
+
+    def gate(pos, neg):
+        seen["pos"], seen["neg"] = pos.item(), neg.item()
+        return torch.tensor(True)
+
+    t = p6b_loss(raw, target, prev, KNOBS, skip_gate=gate)
+    ref = reference_loss(raw.detach(), target, prev, KNOBS, skipped=True)
+    assert t.skipped.item() and t.weight.item() == 0.0
+    assert t.loss.item() == pytest.approx(ref["mse"], rel=1e-6)
+    assert t.frac_of_mse.item() == 0.0
+    # The gate saw this batch's own mean cosines.
+    assert seen["pos"] == pytest.approx(ref["pos"], abs=1e-6) and seen["neg"] == pytest.approx(ref["neg"], abs=1e-6)
+    # The directional term is still part of the graph (same shape on every rank).
+    assert t.dir.grad_fn is not None
+    (g,) = torch.autograd.grad(t.loss, raw)
+    (g_mse,) = torch.autograd.grad(p6b_loss(raw, target, prev, KNOBS).mse, raw)
+    assert torch.allclose(g, g_mse, atol=1e-7)
+
+
+def test_disabled_term_is_plain_mse():
+    raw, target, prev = batch(5)
+    off = DirectionalKnobs(**{**KNOBS.__dict__, "enabled": False})
+    t = p6b_loss(raw, target, prev, off)
+    assert t.loss.item() == pytest.approx(t.mse.item())
+    assert t.weight.item() == 0.0
+    assert t.lambda_eff.item() > 0  # still computed and logged

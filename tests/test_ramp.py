@@ -1,0 +1,72 @@
+"""Ramp stage boundaries for the v1 and v2 tables as they live in conf/, and the callback."""
+
+import os
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from callbacks.ramp import RampSchedule, parse_stages, stage_index
+from lvm.losses import DirectionalKnobs
+
+CONF = os.path.join(os.path.dirname(__file__), "..", "conf")
+
+
+def ramp_table(name):
+    with initialize_config_dir(os.path.abspath(CONF), version_base="1.3"):
+        cfg = compose("train", overrides=[f"ramp={name}"])
+    return OmegaConf.to_container(cfg.ramp, resolve=True)
+
+
+# (0-based epoch, margin, target_frac) from reference section 3.
+V1 = [(0, 0.02, 0.10), (1, 0.02, 0.10), (2, 0.04, 0.20), (4, 0.04, 0.20), (5, 0.05, 0.25), (11, 0.05, 0.25)]
+V2 = [(0, 0.02, 0.10), (2, 0.02, 0.10), (3, 0.03, 0.15), (5, 0.03, 0.15), (6, 0.04, 0.20), (8, 0.04, 0.20), (9, 0.05, 0.25), (40, 0.05, 0.25)]
+
+
+@pytest.mark.parametrize("name,table", [("p6b_v1", V1), ("p6b_v2", V2)])
+def test_conf_tables_match_reference(name, table):
+    ramp = ramp_table(name)
+    assert ramp["epoch_base"] == 0
+    stages = parse_stages(ramp["stages"])
+    for epoch, margin, frac in table:
+        s = stages[stage_index(epoch, stages)]
+        assert (s.margin, s.target_frac) == (margin, frac), f"{name} epoch {epoch}"
+
+
+class FakeTrainer:
+    def __init__(self, epoch):
+        self.current_epoch = epoch
+
+
+class FakeModule:
+    def __init__(self):
+        self.knobs = DirectionalKnobs(margin=-1, target_frac=-1, gamma=4, lambda_min=1e-4, lambda_max=0.02)
+        self.logged = {}
+
+    def log(self, name, value, **kw):
+        self.logged[name] = value
+
+
+@pytest.mark.parametrize("base,epoch,expected", [(0, 1, 0.02), (0, 2, 0.04), (1, 1, 0.04), (1, 0, 0.02), (1, 4, 0.05)])
+def test_callback_sets_knobs_with_epoch_base(base, epoch, expected):
+    """With epoch_base=1 the table is read in 1-based numbers: Lightning epoch 1 is table epoch 2."""
+    ramp = RampSchedule(ramp_table("p6b_v1")["stages"], epoch_base=base)
+    module = FakeModule()
+    ramp.on_train_epoch_start(FakeTrainer(epoch), module)
+    assert module.knobs.margin == expected
+    assert module.logged["ramp/stage"] == float(ramp.stage)
+    assert ramp.state_dict() == {"stage": ramp.stage}
+
+
+@pytest.mark.parametrize(
+    "stages,msg",
+    [
+        ([], "empty"),
+        ([{"until": 3, "margin": 0.1, "target_frac": 0.1}, {"until": 2, "margin": 0.1, "target_frac": 0.1}, {"until": None, "margin": 0.1, "target_frac": 0.1}], "increase"),
+        ([{"until": 3, "margin": 0.1, "target_frac": 0.1}], "last stage"),
+        ([{"until": None, "margin": 0.1, "target_frac": 0.1}, {"until": None, "margin": 0.1, "target_frac": 0.1}], "only the last"),
+    ],
+)
+def test_bad_tables_rejected(stages, msg):
+    with pytest.raises(ValueError, match=msg):
+        parse_stages(stages)

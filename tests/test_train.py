@@ -1,0 +1,157 @@
+"""End to end: every experiment composes and trains on tiny data; resume; multirun; start-up errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from lvm.errors import ConfigError, LvmError
+from lvm.train import run
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = [
+    "data.synthetic.articles=60",
+    "data.synthetic.dim=16",
+    "data.synthetic.min_chunks=8",
+    "data.synthetic.max_chunks=14",
+    "data.split.val=0.2",
+    "data.split.ood=0.2",
+    "data.batch_size=32",
+    "model.d_model=16",
+    "model.heads=2",
+    "model.layers=1",
+    "model.ffn=32",
+    "trainer.max_epochs=2",
+    "trainer.enable_progress_bar=false",
+    "callbacks.mini5cat.windows=40",
+    "logger.print_every=5",
+]
+
+
+def cfg_for(*overrides: str):
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        return compose("train", overrides=[*TINY, *overrides])
+
+
+def history(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("experiment", ["p6_baseline", "p6b_v1", "p6b_v2"])
+def test_experiment_trains_end_to_end(experiment, tmp_path):
+    results = run(cfg_for(f"+experiment={experiment}"), tmp_path)
+    ckpts = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert "last.ckpt" in ckpts and any(n.startswith("best-epoch") for n in ckpts)
+    assert results["epochs_completed"] == 2 and results["name"] == experiment
+    assert 0 < results["best_val_cos"] <= 1
+    rows = history(tmp_path)
+    assert [r["epoch"] for r in rows] == [0, 1]
+    for key in ("val/cos", "ood/cos", "mini5cat/r5", "mini5cat/margin_last", "mini5cat/copy_last_cos"):
+        assert key in rows[-1]
+    events = list((tmp_path / "tb").glob("events.out.tfevents.*"))
+    assert events
+    acc = EventAccumulator(str(tmp_path / "tb"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    for tag in ("train/pos", "train/neg", "train/gap", "train/lambda_eff", "train/frac_of_mse", "train/skipped", "val/cos"):
+        assert tag in tags
+    # Logged every step.
+    steps = [e.step for e in acc.Scalars("train/loss")]
+    assert len(steps) == results["global_step"]
+    assert "custom_scalars" in acc.PluginTagToContent("custom_scalars") or acc.PluginTagToContent("custom_scalars")
+    assert acc.PluginTagToContent("hparams")
+    # Checkpoints load under torch's default weights_only rules, with the config inside.
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["hyper_parameters"]["config"]["name"] == experiment
+
+
+def test_directional_state_follows_experiment(tmp_path, caplog):
+    with caplog.at_level("INFO"):
+        run(cfg_for("+experiment=p6b_v2", "trainer.max_epochs=1"), tmp_path)
+    text = caplog.text
+    assert "[P6b dir] λ_eff=" in text and "[Mini-5CAT] Margin:" in text
+    assert "stage 0, margin=0.020 target_frac=0.10" in text
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    callbacks = ckpt["callbacks"]
+    assert any(k.startswith("SkipGuard") for k in callbacks)
+    assert any(k.startswith("RampSchedule") for k in callbacks)
+
+
+def test_resume_continues_at_right_epoch_and_stage(tmp_path, caplog):
+    run(cfg_for("+experiment=p6b_v1", "trainer.max_epochs=2"), tmp_path)
+    first = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    with caplog.at_level("INFO"):
+        results = run(cfg_for("+experiment=p6b_v1", "trainer.max_epochs=4", "ckpt_path=last"), tmp_path)
+    rows = history(tmp_path)
+    assert [r["epoch"] for r in rows] == [0, 1, 2, 3]
+    assert rows[2]["step"] == first["global_step"] + (rows[1]["step"] - rows[0]["step"])
+    assert results["global_step"] == 2 * first["global_step"]
+    # v1 ramp (0-based): epochs 2-4 are stage 1 (margin 0.04); the resumed run starts there.
+    assert "epoch 2 (0-based): stage 1, margin=0.040" in caplog.text
+    assert "epoch 0 (0-based)" not in caplog.text.split("Restoring")[-1] if "Restoring" in caplog.text else True
+    last = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    ramp_state = next(v for k, v in last["callbacks"].items() if k.startswith("RampSchedule"))
+    assert ramp_state == {"stage": 1}
+
+
+@pytest.mark.parametrize(
+    "override,setting",
+    [
+        ("loss.gamma=0", "loss.gamma"),
+        ("loss.lambda_min=0.1", "loss.lambda_min"),
+        ("window.context=1", "window.context"),
+        ("model.heads=3", "model.d_model"),
+        ("optim.lr=-1", "optim.lr"),
+        ("data.split.val=0", "data.split"),
+        ("ramp.stages=[{until:3,margin:0.1,target_frac:0.1},{until:2,margin:0.1,target_frac:0.1},{until:null,margin:0.1,target_frac:0.1}]", "increase"),
+        ("guard.policy=maybe", "guard.policy"),
+    ],
+)
+def test_impossible_configs_rejected_at_startup(override, setting, tmp_path):
+    with pytest.raises(ConfigError, match=setting.replace(".", r"\.")):
+        run(cfg_for(override), tmp_path)
+
+
+def test_corrupt_checkpoint_named(tmp_path):
+    bad = tmp_path / "broken.ckpt"
+    bad.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(LvmError, match="broken.ckpt"):
+        run(cfg_for(f"ckpt_path={bad}"), tmp_path / "run")
+    with pytest.raises(LvmError, match="no such file"):
+        run(cfg_for("ckpt_path=last"), tmp_path / "fresh")
+
+
+def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run(
+        [sys.executable, "-m", "lvm.train", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
+    )
+
+
+def test_cli_errors_are_one_clear_line(tmp_path):
+    proc = cli("data=store_npz", f"data.path={tmp_path / 'missing.npz'}", f"hydra.run.dir={tmp_path / 'r'}", cwd=ROOT)
+    assert proc.returncode != 0
+    assert "data.path" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_multirun_two_jobs(tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = cli("-m", "+experiment=p6b_v2", "loss.gamma=4,8", *TINY, "trainer.max_epochs=1", f"hydra.sweep.dir={sweep}", cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and not p.name.startswith("."))
+    assert len(jobs) == 2
+    for job, gamma in zip(jobs, (4.0, 8.0)):
+        assert job.name.startswith(("0_", "1_")) and len(job.name) <= 130  # long override lists are cut and hashed
+        assert (job / "checkpoints" / "last.ckpt").is_file()
+        assert list((job / "tb").glob("events.out.tfevents.*"))
+        assert json.loads((job / "results.json").read_text())["best_val_cos"] is not None
+        assert OmegaConf.load(job / "config.yaml").loss.gamma == gamma
