@@ -70,6 +70,8 @@ def _problems(cfg: DictConfig) -> list[str]:
     need(m.layers >= 1 and m.ffn >= 1, f"model.layers and model.ffn must be >= 1 (got {m.layers}, {m.ffn})")
     need(0 <= m.dropout < 1, f"model.dropout must be in [0, 1) (got {m.dropout})")
     need(m.block in ("decoder", "encoder"), f"model.block must be decoder or encoder (got {m.block!r})")
+    need(finite(m.input_scale) and m.input_scale > 0, f"model.input_scale must be > 0 (got {m.input_scale})")
+    need(finite(m.out_init_scale) and m.out_init_scale > 0, f"model.out_init_scale must be > 0 (got {m.out_init_scale})")
 
     o = cfg.optim
     need(finite(o.lr) and o.lr > 0, f"optim.lr must be > 0 (got {o.lr})")
@@ -108,6 +110,8 @@ def _problems(cfg: DictConfig) -> list[str]:
     if g.policy == "skip":
         need(finite(g.pos_below) and finite(g.neg_below), "guard.pos_below and guard.neg_below must be finite numbers")
     mc = cfg.callbacks.mini5cat
+    need(cfg.callbacks.progress_refresh_rate >= 1, f"callbacks.progress_refresh_rate must be >= 1 (got {cfg.callbacks.progress_refresh_rate})")
     need(mc.windows >= 1, f"callbacks.mini5cat.windows must be >= 1 (got {mc.windows})")
+    need(cfg.logger.flush_every >= 1, f"logger.flush_every must be >= 1 (got {cfg.logger.flush_every})")
     need(cfg.logger.print_every >= 0, f"logger.print_every must be >= 0 (got {cfg.logger.print_every})")
     return problems

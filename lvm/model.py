@@ -5,6 +5,11 @@ position through Linear -> GELU -> LayerNorm -> Linear(d_model -> D) = raw; pred
 `block="decoder"` uses decoder layers (causal self-attention plus causal cross-attention over the
 embedded context): that is the layout whose size matches the original's ~17.9 M parameters at
 D = 768 (encoder layers give ~13.7 M).
+
+Two scales, 1.0 in the original: `input_scale` multiplies the embedded input before the positions
+are added (Vaswani et al. use sqrt(d_model): at default init the unit-vector content is ~20x
+smaller than the sinusoids, and a short run spends its first thousand steps growing it);
+`out_init_scale` scales the output layer's initial weights.
 """
 
 from __future__ import annotations
@@ -42,12 +47,15 @@ class P6Transformer(nn.Module):
         dropout: float,
         max_context: int,
         block: Block,
+        input_scale: float = 1.0,
+        out_init_scale: float = 1.0,
     ) -> None:
         super().__init__()
         if d_model % heads:
             raise ValueError(f"model.d_model ({d_model}) must be divisible by model.heads ({heads})")
         self.dim = dim
         self.block = block
+        self.input_scale = input_scale
         self.input = nn.Linear(dim, d_model)
         self.register_buffer("positions", sinusoidal_positions(max_context, d_model), persistent=False)
         self.register_buffer(
@@ -64,11 +72,17 @@ class P6Transformer(nn.Module):
         self.head = nn.Sequential(
             nn.Linear(d_model, d_model), nn.GELU(), nn.LayerNorm(d_model), nn.Linear(d_model, dim)
         )
+        if out_init_scale != 1.0:
+            # Default init makes |raw| ~ sqrt(d_model / 3) against unit targets; the first steps of
+            # raw-MSE then only shrink it. A smaller start lets short runs learn direction at once.
+            with torch.no_grad():
+                self.head[-1].weight.mul_(out_init_scale)
+                self.head[-1].bias.zero_()
 
     def forward(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(raw, pred): the un-normalised output and its unit-length version, both [B, D]."""
         k = context.shape[1]
-        import os; x = self.input(context) * float(os.environ.get('LVM_ES','1')) + self.positions[:k] * float(os.environ.get('LVM_PS','1'))
+        x = self.input(context) * self.input_scale + self.positions[:k]
         mask = self.causal[:k, :k]
         if self.block == "decoder":
             h = self.blocks(x, x, tgt_mask=mask, memory_mask=mask, tgt_is_causal=True, memory_is_causal=True)

@@ -16,10 +16,14 @@ from torchmetrics import MeanMetric, MetricCollection
 from lvm.losses import DirectionalKnobs, LossTerms, SkipGate, p6b_loss
 from lvm.metrics import cos
 from lvm.model import P6Transformer
+from lvm.steplog import StepLog
 
 log = logging.getLogger(__name__)
 
 EVAL_SPLITS = ("val", "ood")
+# Logged every step (through StepLog, see lvm/steplog.py for why not self.log).
+STEP_STATS = ("loss", "mse", "dir", "lambda_eff", "frac_of_mse", "pos", "neg", "gap", "skipped", "raw_norm")
+KNOB_STATS = ("margin", "target_frac", "lambda_min", "lambda_max")
 
 
 class LVMModule(L.LightningModule):
@@ -38,6 +42,8 @@ class LVMModule(L.LightningModule):
             dropout=m["dropout"],
             max_context=config["window"]["context"],
             block=m["block"],
+            input_scale=m["input_scale"],
+            out_init_scale=m["out_init_scale"],
         )
         self.knobs = DirectionalKnobs(
             margin=loss["margin"],
@@ -52,6 +58,8 @@ class LVMModule(L.LightningModule):
         self.optim_cfg = config["optim"]
         self.print_every = config["logger"]["print_every"]
         self.skip_gate: SkipGate | None = None
+        self.step_log = StepLog([f"train/{n}" for n in STEP_STATS + KNOB_STATS], config["logger"]["flush_every"])
+        self._knobs_cached: tuple[tuple[float, ...], torch.Tensor] | None = None
         self.last_terms: LossTerms | None = None
         self.eval_metrics = torch.nn.ModuleDict(
             {s: MetricCollection({"loss": MeanMetric(), "mse": MeanMetric(), "cos": MeanMetric()}) for s in EVAL_SPLITS}
@@ -69,34 +77,32 @@ class LVMModule(L.LightningModule):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         terms, raw, _ = self.compute_loss(batch, self.skip_gate)
         self.last_terms = terms
+        stats = torch.stack([
+            terms.loss.detach(), terms.mse.detach(), terms.dir.detach(), terms.lambda_eff, terms.frac_of_mse,
+            terms.pos, terms.neg, terms.gap, terms.skipped.float(), raw.detach().norm(dim=-1).mean(),
+        ])
+        self.step_log.record(self.global_step, torch.cat([stats.float(), self._knob_row(stats.device)]), self.loggers)
         k = self.knobs
-        self.log_dict(
-            {
-                "train/loss": terms.loss.detach(),
-                "train/mse": terms.mse.detach(),
-                "train/dir": terms.dir.detach(),
-                "train/lambda_eff": terms.lambda_eff,
-                "train/frac_of_mse": terms.frac_of_mse,
-                "train/pos": terms.pos,
-                "train/neg": terms.neg,
-                "train/gap": terms.gap,
-                "train/skipped": terms.skipped.float(),
-                "train/raw_norm": raw.detach().norm(dim=-1).mean(),
-                "train/margin": k.margin,
-                "train/target_frac": k.target_frac,
-                "train/lambda_min": k.lambda_min,
-                "train/lambda_max": k.lambda_max,
-            },
-            on_step=True,
-            on_epoch=False,
-            batch_size=len(raw),
-        )
         if self.print_every and self.global_step % self.print_every == 0 and self.trainer.is_global_zero:
             log.info(
                 "[P6b dir] λ_eff=%.5f pos=%.3f neg=%.3f gap=%.3f frac_of_mse=%.2f margin=%.3f",
                 terms.lambda_eff, terms.pos, terms.neg, terms.gap, terms.frac_of_mse, k.margin,
             )
         return terms.loss
+
+    def _knob_row(self, device: torch.device) -> torch.Tensor:
+        """The knobs as a device tensor, rebuilt only when a callback changed them (no per-step copy)."""
+        k = self.knobs
+        values = (k.margin, k.target_frac, k.lambda_min, k.lambda_max)
+        if self._knobs_cached is None or self._knobs_cached[0] != values or self._knobs_cached[1].device != device:
+            self._knobs_cached = (values, torch.tensor(values, dtype=torch.float32, device=device))
+        return self._knobs_cached[1]
+
+    def on_train_epoch_end(self) -> None:
+        self.step_log.flush(self.loggers)
+
+    def on_train_end(self) -> None:
+        self.step_log.flush(self.loggers)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
         split = EVAL_SPLITS[dataloader_idx]

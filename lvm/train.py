@@ -12,13 +12,14 @@ import logging
 import pickle
 import zipfile
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import hydra
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
@@ -88,6 +89,8 @@ def build_callbacks(cfg: DictConfig, splits: dict[str, Windows], run_dir: Path, 
         out.append(ModelCheckpoint(dirpath=ckpt_dir, filename="epoch{epoch:02d}", monitor="epoch", mode="max",
                                    save_top_k=-1, auto_insert_metric_name=False))
     out.append(TensorBoardDashboard(hparams, run_dir / "metrics.jsonl"))
+    if cfg.trainer.get("enable_progress_bar", True):
+        out.append(TQDMProgressBar(refresh_rate=cb.progress_refresh_rate))
     return out
 
 
@@ -128,27 +131,44 @@ def resolve_checkpoint(ckpt_path: str | None, run_dir: Path) -> str | None:
     return str(path)
 
 
+def build_fit(
+    cfg: DictConfig,
+    splits: dict[str, Windows],
+    run_dir: Path,
+    choices: dict[str, str] | None = None,
+    lvm_callbacks: bool = True,
+    extra_callbacks: Sequence[L.Callback] = (),
+    **trainer_overrides: Any,
+) -> tuple[L.Trainer, LVMModule, DataLoader, list[DataLoader]]:
+    """Trainer, module and loaders of a run (also used by the benchmark, with overrides)."""
+    plain = to_plain(cfg)
+    module = LVMModule(plain, dim=splits["train"].store.dim)
+    d = cfg.data
+    train_loader = make_loader(splits["train"], d.batch_size, True, d.num_workers, cfg.seed)
+    val_loaders = [make_loader(splits[s], d.eval_batch_size, False, d.num_workers, cfg.seed) for s in ("val", "ood") if len(splits[s])]
+    logger: TensorBoardLogger | bool = False
+    if lvm_callbacks and cfg.logger.tensorboard:
+        logger = TensorBoardLogger(save_dir=str(run_dir), name="tb", version="", default_hp_metric=False)
+    callbacks = [*extra_callbacks]
+    if lvm_callbacks:
+        callbacks += build_callbacks(cfg, splits, run_dir, dashboard_hparams(cfg, choices or {}))
+    trainer = L.Trainer(**{**plain["trainer"], **trainer_overrides}, callbacks=callbacks, logger=logger, default_root_dir=str(run_dir))
+    return trainer, module, train_loader, val_loaders
+
+
 def run(cfg: DictConfig, run_dir: str | Path, choices: dict[str, str] | None = None) -> dict[str, Any]:
     """Train one run into `run_dir`; returns the results written to results.json."""
     validate(cfg)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    plain = to_plain(cfg)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(plain))
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(to_plain(cfg)))
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     ckpt = resolve_checkpoint(cfg.ckpt_path, run_dir)
-
     splits = build_data(cfg)
-    module = LVMModule(plain, dim=splits["train"].store.dim)
-    d = cfg.data
-    train_loader = make_loader(splits["train"], d.batch_size, True, d.num_workers, cfg.seed)
-    val_loaders = [make_loader(splits[s], d.eval_batch_size, False, d.num_workers, cfg.seed) for s in ("val", "ood") if len(splits[s])]
-    logger = TensorBoardLogger(save_dir=str(run_dir), name="tb", version="", default_hp_metric=False) if cfg.logger.tensorboard else False
-    callbacks = build_callbacks(cfg, splits, run_dir, dashboard_hparams(cfg, choices or {}))
-    trainer = L.Trainer(**cfg.trainer, callbacks=callbacks, logger=logger, default_root_dir=str(run_dir))
+    trainer, module, train_loader, val_loaders = build_fit(cfg, splits, run_dir, choices)
     trainer.fit(module, train_loader, val_loaders, ckpt_path=ckpt)
 
-    best, last = (c for c in callbacks if isinstance(c, ModelCheckpoint) and c.monitor in ("val/cos", None))
+    best, last = (c for c in trainer.callbacks if isinstance(c, ModelCheckpoint) and c.monitor in ("val/cos", None))
     results = {
         "name": cfg.name,
         "run_dir": str(run_dir),

@@ -67,8 +67,8 @@ def test_experiment_trains_end_to_end(experiment, tmp_path):
     # Logged every step.
     steps = [e.step for e in acc.Scalars("train/loss")]
     assert len(steps) == results["global_step"]
-    assert "custom_scalars" in acc.PluginTagToContent("custom_scalars") or acc.PluginTagToContent("custom_scalars")
-    assert acc.PluginTagToContent("hparams")
+    assert acc.PluginTagToContent("custom_scalars")  # the layout
+    assert acc.PluginTagToContent("hparams")  # the hparams tab
     # Checkpoints load under torch's default weights_only rules, with the config inside.
     ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["hyper_parameters"]["config"]["name"] == experiment
@@ -89,6 +89,8 @@ def test_directional_state_follows_experiment(tmp_path, caplog):
 def test_resume_continues_at_right_epoch_and_stage(tmp_path, caplog):
     run(cfg_for("+experiment=p6b_v1", "trainer.max_epochs=2"), tmp_path)
     first = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert first["epoch"] == 1  # last.ckpt is the newest epoch even when it was not the best
+    caplog.clear()
     with caplog.at_level("INFO"):
         results = run(cfg_for("+experiment=p6b_v1", "trainer.max_epochs=4", "ckpt_path=last"), tmp_path)
     rows = history(tmp_path)
@@ -97,7 +99,7 @@ def test_resume_continues_at_right_epoch_and_stage(tmp_path, caplog):
     assert results["global_step"] == 2 * first["global_step"]
     # v1 ramp (0-based): epochs 2-4 are stage 1 (margin 0.04); the resumed run starts there.
     assert "epoch 2 (0-based): stage 1, margin=0.040" in caplog.text
-    assert "epoch 0 (0-based)" not in caplog.text.split("Restoring")[-1] if "Restoring" in caplog.text else True
+    assert "epoch 0 (0-based)" not in caplog.text  # no epoch was trained again
     last = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     ramp_state = next(v for k, v in last["callbacks"].items() if k.startswith("RampSchedule"))
     assert ramp_state == {"stage": 1}

@@ -75,7 +75,7 @@ def make_splits(
             store.source, short, store.num_articles, spec.min_article_chunks,
         )
     ids = split_articles(store.unique_articles(), val, ood, seed, ranges)
-    out = {name: store.windows(spec, ids[name]) for name in SPLITS}
+    out = store.split_windows(spec, {name: ids[name] for name in SPLITS})
     # With ranges the fractions are ignored: OOD is requested only if it has a range.
     requested = {"train": True, "val": True, "ood": ("ood" in ranges) if ranges else ood > 0}
     for name, windows in out.items():

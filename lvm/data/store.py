@@ -75,8 +75,9 @@ class ArticleStore:
         # Before sorting, so errors name the caller's row numbers; renormalising writes in place,
         # never into the caller's array.
         vectors = _check_and_normalize(vectors, source, normalize, copy_on_write=np.may_share_memory(vectors, raw))
-        order = np.lexsort((chunk_indices, article_ids))
-        if not np.array_equal(order, np.arange(len(order))):
+        a, c = article_ids, chunk_indices
+        if not np.all((a[1:] > a[:-1]) | ((a[1:] == a[:-1]) & (c[1:] >= c[:-1]))):
+            order = np.lexsort((chunk_indices, article_ids))
             log.info("%s: sorting %d chunks by (article, chunk index)", source, len(order))
             vectors, article_ids, chunk_indices = vectors[order], article_ids[order], chunk_indices[order]
         same_article = article_ids[1:] == article_ids[:-1]
@@ -94,7 +95,7 @@ class ArticleStore:
         self.article_starts = starts
         self.article_lengths = np.diff(np.append(starts, len(article_ids)))
         # Row -> index of its article in article_starts (articles are contiguous after sorting).
-        self.row_article = np.repeat(np.arange(len(starts)), self.article_lengths)
+        self.row_article = np.repeat(np.arange(len(starts), dtype=np.int32), self.article_lengths)
 
     @property
     def dim(self) -> int:
@@ -113,11 +114,21 @@ class ArticleStore:
 
     def windows(self, spec: WindowSpec, articles: np.ndarray | None = None) -> "Windows":
         """All windows of `spec` inside one article each, restricted to `articles` if given."""
+        return self.split_windows(spec, {"all": articles})["all"]
+
+    def split_windows(self, spec: WindowSpec, articles: dict[str, np.ndarray | None]) -> dict[str, "Windows"]:
+        """Windows of several article subsets (None: every article), finding windows only once."""
         starts, targets = window_rows(self.article_ids, self.chunk_indices, spec)
-        if articles is not None:
-            keep = np.isin(self.article_ids[starts], articles)
-            starts, targets = starts[keep], targets[keep]
-        return Windows(self, spec, starts, targets)
+        window_article = self.row_article[starts]
+        out = {}
+        for name, ids in articles.items():
+            if ids is None:
+                out[name] = Windows(self, spec, starts, targets)
+                continue
+            member = np.isin(self.unique_articles(), ids)  # one flag per article, not per row
+            keep = member[window_article]
+            out[name] = Windows(self, spec, starts[keep], targets[keep])
+        return out
 
     def article_span(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(first row, number of chunks) of the article holding each of `rows`."""
@@ -139,19 +150,20 @@ def window_rows(
         return np.empty(0, np.int64), np.empty(0, np.int64)
     first = np.arange(n - k + 1)
     last = first + k - 1
-    consecutive = (article_ids[first] == article_ids[last]) & (
-        chunk_indices[last] - chunk_indices[first] == k - 1
-    )
-    # Locate (article, last chunk + offset) with one searchsorted over a combined sort key.
-    _, art_rank = np.unique(article_ids, return_inverse=True)
-    span = int(chunk_indices.max()) - int(chunk_indices.min()) + spec.target_offset + 1
-    key = art_rank.astype(np.int64) * span + (chunk_indices - chunk_indices.min())
-    wanted = key[last] + spec.target_offset
-    target = np.searchsorted(key, wanted)
-    found = target < n
-    found[found] = key[target[found]] == wanted[found]
-    valid = consecutive & found
-    return first[valid].astype(np.int64), target[valid].astype(np.int64)
+    consecutive = (article_ids[first] == article_ids[last]) & (chunk_indices[last] - chunk_indices[first] == k - 1)
+    starts = first[consecutive]
+    del first, last, consecutive
+    # Chunk indices increase strictly inside an article, so chunk (last + offset), if present,
+    # sits at most `offset` rows after the last context row: test those few candidates.
+    last = starts + (k - 1)
+    wanted = chunk_indices[last] + spec.target_offset
+    targets = np.full(len(starts), -1, dtype=np.int64)
+    for step in range(1, spec.target_offset + 1):
+        cand = np.minimum(last + step, n - 1)
+        hit = (last + step < n) & (article_ids[cand] == article_ids[last]) & (chunk_indices[cand] == wanted)
+        targets[hit] = cand[hit]
+    found = targets >= 0
+    return starts[found].astype(np.int64), targets[found]
 
 
 class Windows(Dataset):

@@ -1,0 +1,48 @@
+"""Every-step scalars without a per-step host sync: rows buffered on device, flushed in one copy.
+
+Measured reason for not using `self.log` per step (see `make bench`): 14 `self.log` calls cost
+3-4 ms of a ~14 ms CPU step (Lightning re-walks its result collection on each call), and a
+TensorBoard write per step ~1 ms more. Here a step costs one small stack into a preallocated
+buffer; every `flush_every` steps one `.tolist()` moves the rows to the host and each row goes to
+the loggers at its own step, so TensorBoard still shows every step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+from lightning.pytorch.loggers import Logger
+
+
+class StepLog:
+    """A [flush_every, len(names)] device buffer of per-step scalars."""
+
+    def __init__(self, names: Sequence[str], flush_every: int) -> None:
+        if flush_every < 1:
+            raise ValueError(f"flush_every must be >= 1 (got {flush_every})")
+        self.names = list(names)
+        self.flush_every = flush_every
+        self._buf: torch.Tensor | None = None
+        self._steps: list[int] = []
+
+    def record(self, step: int, row: torch.Tensor, loggers: Iterable[Logger]) -> None:
+        """Buffer one step's values (1-D, in `names` order); flush when the buffer is full."""
+        if self._buf is None or self._buf.device != row.device:
+            self._buf = torch.empty(self.flush_every, len(self.names), device=row.device)
+        self._buf[len(self._steps)] = row
+        self._steps.append(step)
+        if len(self._steps) == self.flush_every:
+            self.flush(loggers)
+
+    def flush(self, loggers: Iterable[Logger]) -> None:
+        """Write the buffered rows to every logger at their own steps (one host sync)."""
+        if not self._steps or self._buf is None:
+            return
+        rows = self._buf[: len(self._steps)].tolist()
+        loggers = list(loggers)
+        for step, row in zip(self._steps, rows):
+            metrics = dict(zip(self.names, row))
+            for lg in loggers:
+                lg.log_metrics(metrics, step=step)
+        self._steps.clear()

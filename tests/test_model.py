@@ -1,0 +1,52 @@
+"""The P6 transformer: size of the original, shapes, unit predictions, use of every context slot."""
+
+import pytest
+import torch
+
+from lvm.model import P6Transformer, count_parameters, sinusoidal_positions
+
+
+def p6(dim=768, block="decoder", **kw):
+    return P6Transformer(dim=dim, d_model=512, layers=4, heads=8, ffn=2048, dropout=0.1, max_context=5, block=block, **kw)
+
+
+def test_original_size_at_768():
+    # Reference: about 17.9 M parameters at D = 768.
+    assert count_parameters(p6()) == pytest.approx(17.9e6, rel=0.01)
+    assert count_parameters(p6(block="encoder")) < 14e6
+
+
+def test_dim_is_read_not_hardcoded():
+    small = P6Transformer(dim=384, d_model=32, layers=1, heads=4, ffn=64, dropout=0.0, max_context=5, block="decoder")
+    raw, pred = small(torch.randn(7, 5, 384))
+    assert raw.shape == pred.shape == (7, 384)
+    assert torch.allclose(pred.norm(dim=-1), torch.ones(7), atol=1e-5)
+    assert torch.allclose(pred, torch.nn.functional.normalize(raw, dim=-1))
+
+
+def test_every_context_slot_matters_and_eval_is_deterministic():
+    torch.manual_seed(0)
+    m = P6Transformer(dim=16, d_model=32, layers=2, heads=4, ffn=64, dropout=0.1, max_context=5, block="decoder").eval()
+    ctx = torch.randn(3, 5, 16)
+    base = m(ctx)[0]
+    assert torch.equal(base, m(ctx)[0])
+    for slot in range(5):
+        changed = ctx.clone()
+        changed[:, slot] += 1.0
+        assert not torch.allclose(m(changed)[0], base, atol=1e-5), slot
+
+
+def test_out_init_scale_shrinks_initial_output():
+    torch.manual_seed(0)
+    ctx = torch.nn.functional.normalize(torch.randn(64, 5, 32), dim=-1)
+    big = P6Transformer(32, 64, 1, 4, 128, 0.0, 5, "decoder")
+    torch.manual_seed(0)
+    small = P6Transformer(32, 64, 1, 4, 128, 0.0, 5, "decoder", out_init_scale=0.1)
+    ratio = small(ctx)[0].norm(dim=-1).mean() / big(ctx)[0].norm(dim=-1).mean()
+    assert 0.05 < ratio < 0.2
+
+
+def test_sinusoidal_positions():
+    pe = sinusoidal_positions(5, 8)
+    assert torch.allclose(pe[0, 0::2], torch.zeros(4)) and torch.allclose(pe[0, 1::2], torch.ones(4))
+    assert pe[3, 0].item() == pytest.approx(torch.sin(torch.tensor(3.0)).item())
