@@ -113,8 +113,9 @@ def dashboard_hparams(cfg: DictConfig, choices: dict[str, str]) -> dict[str, Any
     }
 
 
-def resolve_checkpoint(ckpt_path: str | None, run_dir: Path) -> str | None:
-    """Checkpoint to resume from, checked to load under torch's default weights_only rules."""
+def resolve_checkpoint(ckpt_path: str | None, run_dir: Path) -> tuple[str, dict[str, Any]] | None:
+    """Checkpoint to resume from and its hyper-parameters, checked to load under torch's default
+    weights_only rules."""
     if not ckpt_path:
         return None
     path = run_dir / "checkpoints" / "last.ckpt" if ckpt_path == "last" else Path(ckpt_path)
@@ -125,10 +126,24 @@ def resolve_checkpoint(ckpt_path: str | None, run_dir: Path) -> str | None:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as e:
         raise LvmError(f"checkpoint {path}: cannot be loaded, truncated or corrupt ({type(e).__name__}: {e})") from None
-    for key in ("state_dict", "epoch", "optimizer_states"):
+    for key in ("state_dict", "epoch", "optimizer_states", "hyper_parameters"):
         if key not in ckpt:
             raise LvmError(f"checkpoint {path}: not an lvm training checkpoint (no '{key}')")
-    return str(path)
+    return str(path), ckpt["hyper_parameters"]
+
+
+def check_compatible(ckpt: tuple[str, dict[str, Any]], cfg: DictConfig, dim: int) -> None:
+    """The checkpoint's model must be the one this config builds on this data."""
+    path, hp = ckpt
+    if hp.get("dim") != dim:
+        raise LvmError(f"checkpoint {path}: model was trained on D={hp.get('dim')} vectors, the data has D={dim}")
+    theirs, ours = hp["config"]["model"], to_plain(cfg)["model"]
+    diff = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k) and k not in ("dropout",))
+    if diff:
+        raise LvmError(
+            f"checkpoint {path}: model settings differ from this config: "
+            + ", ".join(f"model.{k}={theirs.get(k)} in the checkpoint vs {ours.get(k)}" for k in diff)
+        )
 
 
 def build_fit(
@@ -165,8 +180,10 @@ def run(cfg: DictConfig, run_dir: str | Path, choices: dict[str, str] | None = N
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     ckpt = resolve_checkpoint(cfg.ckpt_path, run_dir)
     splits = build_data(cfg)
+    if ckpt:
+        check_compatible(ckpt, cfg, splits["train"].store.dim)
     trainer, module, train_loader, val_loaders = build_fit(cfg, splits, run_dir, choices)
-    trainer.fit(module, train_loader, val_loaders, ckpt_path=ckpt)
+    trainer.fit(module, train_loader, val_loaders, ckpt_path=ckpt[0] if ckpt else None)
 
     best, last = (c for c in trainer.callbacks if isinstance(c, ModelCheckpoint) and c.monitor in ("val/cos", None))
     results = {

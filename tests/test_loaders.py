@@ -10,14 +10,14 @@ from lvm.data.loaders import load_store, load_store_npz, load_windows_npz
 from lvm.data.store import ArticleStore, Windows, WindowSpec
 from lvm.errors import DataError
 
-P6 = WindowSpec(context=5, target_offset=2, prev_slot=-2)
-STANDARD = WindowSpec(context=5, target_offset=1, prev_slot=-1)
+from tests.helpers import P6, STANDARD
+from tests.helpers import unit_rows as _unit_rows
+
 D = 8
 
 
 def unit_rows(n: int, d: int = D, seed: int = 0) -> np.ndarray:
-    x = np.random.default_rng(seed).standard_normal((n, d))
-    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    return _unit_rows(n, d, seed)
 
 
 def store_arrays():

@@ -132,6 +132,15 @@ def test_corrupt_checkpoint_named(tmp_path):
         run(cfg_for("ckpt_path=last"), tmp_path / "fresh")
 
 
+def test_checkpoint_from_other_model_or_dim_named(tmp_path):
+    run(cfg_for("trainer.max_epochs=1"), tmp_path / "a")
+    last = tmp_path / "a" / "checkpoints" / "last.ckpt"
+    with pytest.raises(LvmError, match="D=16 vectors, the data has D=24"):
+        run(cfg_for(f"ckpt_path={last}", "data.synthetic.dim=24"), tmp_path / "b")
+    with pytest.raises(LvmError, match="model.d_model=16 in the checkpoint vs 32"):
+        run(cfg_for(f"ckpt_path={last}", "model.d_model=32"), tmp_path / "c")
+
+
 def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.run(
