@@ -28,7 +28,7 @@ from callbacks import Mini5CAT, RampSchedule, SkipGuard, TensorBoardDashboard
 from lvm.config import to_plain, validate
 from lvm.data.loaders import load_store
 from lvm.data.splits import make_splits
-from lvm.data.store import Windows, WindowSpec, collate_batch
+from lvm.data.store import ShuffleSampler, Windows, WindowSpec, collate_batch
 from lvm.errors import LvmError
 from lvm.module import LVMModule
 
@@ -58,13 +58,13 @@ def build_data(cfg: DictConfig) -> dict[str, Windows]:
 
 
 def make_loader(windows: Windows, batch_size: int, shuffle: bool, num_workers: int, seed: int) -> DataLoader:
+    sampler = ShuffleSampler(windows, generator=torch.Generator().manual_seed(seed)) if shuffle else None
     return DataLoader(
         windows,
         batch_size=batch_size,
-        shuffle=shuffle,
+        sampler=sampler,
         num_workers=num_workers,
         collate_fn=collate_batch,
-        generator=torch.Generator().manual_seed(seed) if shuffle else None,
         persistent_workers=num_workers > 0,
     )
 

@@ -116,7 +116,7 @@ def test_store_sorts_rows(store, raw):
 @pytest.mark.parametrize("spec", [P6, STANDARD], ids=["p6", "standard"])
 def test_window_rows_match_naive(store, spec):
     starts, targets = window_rows(store.article_ids, store.chunk_indices, spec)
-    assert starts.dtype == np.int64 and targets.dtype == np.int64
+    assert np.issubdtype(starts.dtype, np.integer) and np.issubdtype(targets.dtype, np.integer)
     got = [
         (int(store.article_ids[s]), int(store.chunk_indices[s]), int(store.chunk_indices[t]))
         for s, t in zip(starts, targets)
@@ -336,7 +336,7 @@ def test_rejects_non_integer_ids():
 def test_accepts_integral_float_ids():
     v, a, c = simple()
     s = ArticleStore(v, a.astype(np.float64), c.astype(np.float32))
-    assert s.article_ids.dtype == np.int64 and s.chunk_indices.dtype == np.int64
+    assert np.issubdtype(s.article_ids.dtype, np.integer) and np.issubdtype(s.chunk_indices.dtype, np.integer)
     assert s.article_ids.tolist() == a.tolist()
 
 
@@ -389,3 +389,13 @@ def test_float64_becomes_float32():
     assert np.array_equal(s.vectors.numpy(), v64.astype(np.float32))
     f16 = ArticleStore(v.astype(np.float16), a, c)
     assert f16.vectors.dtype == torch.float32
+
+
+def test_shuffle_sampler_is_a_seeded_permutation():
+    from lvm.data.store import ShuffleSampler
+
+    data = list(range(10000))
+    order = list(ShuffleSampler(data, generator=torch.Generator().manual_seed(3)))
+    assert sorted(order) == data and order != data
+    assert order == list(ShuffleSampler(data, generator=torch.Generator().manual_seed(3)))
+    assert order != list(ShuffleSampler(data, generator=torch.Generator().manual_seed(4)))
