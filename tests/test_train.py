@@ -74,6 +74,13 @@ def test_experiment_trains_end_to_end(experiment, tmp_path):
     assert ckpt["hyper_parameters"]["config"]["name"] == experiment
 
 
+def test_every_epoch_checkpoints_on_request(tmp_path):
+    run(cfg_for("callbacks.checkpoint.every_epoch=true"), tmp_path)
+    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert {"epoch00.ckpt", "epoch01.ckpt", "last.ckpt"} <= set(names)
+    assert torch.load(tmp_path / "checkpoints" / "epoch00.ckpt", weights_only=True)["epoch"] == 0
+
+
 def test_directional_state_follows_experiment(tmp_path, caplog):
     with caplog.at_level("INFO"):
         run(cfg_for("+experiment=p6b_v2", "trainer.max_epochs=1"), tmp_path)
