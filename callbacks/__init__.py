@@ -4,5 +4,6 @@ from callbacks.dashboard import TensorBoardDashboard
 from callbacks.guard import SkipGuard
 from callbacks.mini5cat import Mini5CAT
 from callbacks.ramp import RampSchedule, RampStage
+from callbacks.rollback import RollbackGuard
 
-__all__ = ["Mini5CAT", "RampSchedule", "RampStage", "SkipGuard", "TensorBoardDashboard"]
+__all__ = ["Mini5CAT", "RampSchedule", "RampStage", "RollbackGuard", "SkipGuard", "TensorBoardDashboard"]

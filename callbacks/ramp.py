@@ -57,21 +57,42 @@ class RampSchedule(L.Callback):
         self.stages = parse_stages(stages)
         self.epoch_base = epoch_base
         self.stage: int | None = None
+        # Back-off set by the guard after a rollback: hold a lower stage until an epoch, scale target_frac.
+        self.hold_stage: int | None = None
+        self.hold_until: int | None = None
+        self.frac_scale = 1.0
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        idx = stage_index(trainer.current_epoch + self.epoch_base, self.stages)
+        self.apply(trainer.current_epoch, pl_module)
+        pl_module.log("ramp/stage", float(self.stage), on_step=False, on_epoch=True)
+
+    def apply(self, epoch: int, pl_module: L.LightningModule) -> None:
+        """Write the knobs for Lightning epoch `epoch` (back-off included) into the module."""
+        idx = stage_index(epoch + self.epoch_base, self.stages)
+        if self.hold_until is not None and epoch < self.hold_until:
+            idx = min(idx, self.hold_stage)
         s = self.stages[idx]
-        pl_module.knobs.margin, pl_module.knobs.target_frac = s.margin, s.target_frac
+        pl_module.knobs.margin, pl_module.knobs.target_frac = s.margin, s.target_frac * self.frac_scale
         if idx != self.stage:
             log.info(
                 "[Ramp] epoch %d (%d-based): stage %d, margin=%.3f target_frac=%.2f",
-                trainer.current_epoch + self.epoch_base, self.epoch_base, idx, s.margin, s.target_frac,
+                epoch + self.epoch_base, self.epoch_base, idx, s.margin, s.target_frac * self.frac_scale,
             )
         self.stage = idx
-        pl_module.log("ramp/stage", float(idx), on_step=False, on_epoch=True)
+
+    def back_off(self, epoch: int, pl_module: L.LightningModule, hold_epochs: int, frac_scale: float) -> dict[str, Any]:
+        """Hold the stage before the current one for `hold_epochs` epochs and scale target_frac."""
+        self.hold_stage = max((self.stage or 0) - 1, 0)
+        self.hold_until = epoch + 1 + hold_epochs
+        self.frac_scale *= frac_scale
+        self.apply(epoch, pl_module)
+        return {"hold_stage": self.hold_stage, "hold_until_epoch": self.hold_until, "target_frac_scale": self.frac_scale}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"stage": self.stage}
+        return {"stage": self.stage, "hold_stage": self.hold_stage, "hold_until": self.hold_until, "frac_scale": self.frac_scale}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.stage = state_dict["stage"]
+        self.hold_stage = state_dict.get("hold_stage")
+        self.hold_until = state_dict.get("hold_until")
+        self.frac_scale = state_dict.get("frac_scale", 1.0)

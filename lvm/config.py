@@ -10,6 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from callbacks.ramp import parse_stages
 from lvm.errors import ConfigError
+from lvm.fivecat import parse_eval
 
 
 def to_plain(cfg: DictConfig) -> dict[str, Any]:
@@ -106,12 +107,22 @@ def _problems(cfg: DictConfig) -> list[str]:
     t = cfg.trainer
     need(t.get("max_epochs", 1) is not None and t.get("max_epochs", 1) >= 1, f"trainer.max_epochs must be >= 1 (got {t.get('max_epochs')})")
     g = cfg.guard
-    need(g.policy in ("none", "skip"), f"guard.policy must be none or skip (got {g.policy!r})")
-    if g.policy == "skip":
+    need(g.policy in ("none", "skip", "rollback"), f"guard.policy must be none, skip or rollback (got {g.policy!r})")
+    if g.policy == "rollback":
+        need(g.max_rollbacks >= 0 and g.keep_good >= 1, "guard.max_rollbacks must be >= 0 and guard.keep_good >= 1")
+        need(g.backoff.hold_epochs >= 0, f"guard.backoff.hold_epochs must be >= 0 (got {g.backoff.hold_epochs})")
+        for k in ("target_frac_scale", "lambda_max_scale"):
+            need(finite(g.backoff[k]) and 0 < g.backoff[k] <= 1, f"guard.backoff.{k} must be in (0, 1] (got {g.backoff[k]})")
+    if g.policy in ("skip", "rollback"):
         need(finite(g.pos_below) and finite(g.neg_below), "guard.pos_below and guard.neg_below must be finite numbers")
     mc = cfg.callbacks.mini5cat
     need(cfg.callbacks.progress_refresh_rate >= 1, f"callbacks.progress_refresh_rate must be >= 1 (got {cfg.callbacks.progress_refresh_rate})")
     need(mc.windows >= 1, f"callbacks.mini5cat.windows must be >= 1 (got {mc.windows})")
     need(cfg.logger.flush_every >= 1, f"logger.flush_every must be >= 1 (got {cfg.logger.flush_every})")
     need(cfg.logger.print_every >= 0, f"logger.print_every must be >= 0 (got {cfg.logger.print_every})")
+    if "eval" in cfg:  # the 5CAT gates, checked now so eval.after_fit cannot fail after training
+        try:
+            parse_eval(to_plain(cfg.eval))
+        except ConfigError as e:
+            problems.append(str(e))
     return problems

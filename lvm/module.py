@@ -62,7 +62,7 @@ class LVMModule(L.LightningModule):
         self._knobs_cached: tuple[tuple[float, ...], torch.Tensor] | None = None
         self.last_terms: LossTerms | None = None
         self.eval_metrics = torch.nn.ModuleDict(
-            {s: MetricCollection({"loss": MeanMetric(), "mse": MeanMetric(), "cos": MeanMetric()}) for s in EVAL_SPLITS}
+            {s: MetricCollection({k: MeanMetric(nan_strategy="disable") for k in ("loss", "mse", "cos", "cos_copy_last")}) for s in EVAL_SPLITS}
         )
 
     def forward(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -112,6 +112,7 @@ class LVMModule(L.LightningModule):
         metrics["loss"].update(terms.loss, n)
         metrics["mse"].update(terms.mse, n)
         metrics["cos"].update(cos(pred, batch["target"]).mean(), n)
+        metrics["cos_copy_last"].update(cos(batch["context"][:, -1], batch["target"]).mean(), n)
         for name, metric in metrics.items():
             self.log(f"{split}/{name}", metric, on_step=False, on_epoch=True, add_dataloader_idx=False, batch_size=n)
 

@@ -9,7 +9,7 @@ the loggers at its own step, so TensorBoard still shows every step.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from lightning.pytorch.loggers import Logger
@@ -25,6 +25,8 @@ class StepLog:
         self.flush_every = flush_every
         self._buf: torch.Tensor | None = None
         self._steps: list[int] = []
+        # Called with (steps, rows) at each flush, e.g. the guard's in-training detectors.
+        self.listeners: list[Callable[[list[int], list[dict[str, float]]], None]] = []
 
     def record(self, step: int, row: torch.Tensor, loggers: Iterable[Logger]) -> None:
         """Buffer one step's values (1-D, in `names` order); flush when the buffer is full."""
@@ -39,10 +41,10 @@ class StepLog:
         """Write the buffered rows to every logger at their own steps (one host sync)."""
         if not self._steps or self._buf is None:
             return
-        rows = self._buf[: len(self._steps)].tolist()
-        loggers = list(loggers)
-        for step, row in zip(self._steps, rows):
-            metrics = dict(zip(self.names, row))
-            for lg in loggers:
+        rows = [dict(zip(self.names, row)) for row in self._buf[: len(self._steps)].tolist()]
+        steps, self._steps = self._steps, []
+        for lg in loggers:
+            for step, metrics in zip(steps, rows):
                 lg.log_metrics(metrics, step=step)
-        self._steps.clear()
+        for listener in self.listeners:
+            listener(steps, rows)

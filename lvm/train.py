@@ -24,12 +24,13 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
-from callbacks import Mini5CAT, RampSchedule, SkipGuard, TensorBoardDashboard
+from callbacks import Mini5CAT, RampSchedule, RollbackGuard, SkipGuard, TensorBoardDashboard
 from lvm.config import to_plain, validate
 from lvm.data.loaders import load_store
 from lvm.data.splits import make_splits
 from lvm.data.store import ShuffleSampler, Windows, WindowSpec, collate_batch
 from lvm.errors import LvmError
+from lvm.evaluate import evaluate_after_fit
 from lvm.module import LVMModule
 
 log = logging.getLogger(__name__)
@@ -74,8 +75,12 @@ def build_callbacks(cfg: DictConfig, splits: dict[str, Windows], run_dir: Path, 
     out: list[L.Callback] = []
     if cb.ramp:
         out.append(RampSchedule(OmegaConf.to_container(cfg.ramp.stages, resolve=True), cfg.ramp.epoch_base))
-    if cfg.guard.policy == "skip":
-        out.append(SkipGuard(cfg.guard.pos_below, cfg.guard.neg_below, cfg.logger.print_every))
+    g = cfg.guard
+    if g.policy in ("skip", "rollback"):
+        out.append(SkipGuard(g.pos_below, g.neg_below, cfg.logger.print_every))
+    if g.policy == "rollback":
+        out.append(RollbackGuard(run_dir, OmegaConf.to_container(g.detectors), g.max_rollbacks, g.backoff.hold_epochs,
+                                 g.backoff.target_frac_scale, g.backoff.lambda_max_scale, g.keep_good))
     if cb.mini5cat.enabled:
         out.append(Mini5CAT(splits["val"], cb.mini5cat.windows, cb.mini5cat.seed, cfg.window.prev_slot, cfg.data.eval_batch_size))
     ckpt_dir = run_dir / "checkpoints"
@@ -171,7 +176,12 @@ def build_fit(
     return trainer, module, train_loader, val_loaders
 
 
-def run(cfg: DictConfig, run_dir: str | Path, choices: dict[str, str] | None = None) -> dict[str, Any]:
+def run(
+    cfg: DictConfig,
+    run_dir: str | Path,
+    choices: dict[str, str] | None = None,
+    extra_callbacks: Sequence[L.Callback] = (),
+) -> dict[str, Any]:
     """Train one run into `run_dir`; returns the results written to results.json."""
     validate(cfg)
     run_dir = Path(run_dir)
@@ -182,7 +192,7 @@ def run(cfg: DictConfig, run_dir: str | Path, choices: dict[str, str] | None = N
     splits = build_data(cfg)
     if ckpt:
         check_compatible(ckpt, cfg, splits["train"].store.dim)
-    trainer, module, train_loader, val_loaders = build_fit(cfg, splits, run_dir, choices)
+    trainer, module, train_loader, val_loaders = build_fit(cfg, splits, run_dir, choices, extra_callbacks=extra_callbacks)
     trainer.fit(module, train_loader, val_loaders, ckpt_path=ckpt[0] if ckpt else None)
 
     best, last = (c for c in trainer.callbacks if isinstance(c, ModelCheckpoint) and c.monitor in ("val/cos", None))
@@ -197,6 +207,9 @@ def run(cfg: DictConfig, run_dir: str | Path, choices: dict[str, str] | None = N
         "final": {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("val/", "ood/", "mini5cat/"))},
         "params": sum(p.numel() for p in module.parameters()),
     }
+    # eval.after_fit: full 5CAT of the best-by-val-cosine and the last checkpoint, with their epochs.
+    if cfg.eval.after_fit:
+        results["5cat"] = evaluate_after_fit(cfg, splits, {"best": best.best_model_path, "last": last.best_model_path}, run_dir)
     (run_dir / "results.json").write_text(json.dumps(results, indent=2))
     log.info("Run finished: best val cos %s at %s", results["best_val_cos"], results["best_checkpoint"])
     return results

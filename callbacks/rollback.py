@@ -1,0 +1,191 @@
+"""RollbackGuard: detect a collapse, restore the last good checkpoint, back off, and keep a record.
+
+- Detection: `lvm.detectors` on every flushed window of per-step statistics (in-epoch, at most
+  `logger.flush_every` steps late) and on each validation.
+- Good checkpoints: after a validation with no trip, the guard saves `good-epochNN.ckpt` (the
+  newest `keep_good` are kept). Rollback takes the newest one that loads, never blindly last.ckpt;
+  a corrupt one is recorded and skipped.
+- Rollback: model weights, optimizer and LR-scheduler state from that checkpoint; then back-off
+  (the ramp holds the previous stage for `hold_epochs` and scales target_frac; lambda_max is
+  scaled) and training continues. After `max_rollbacks`, training stops cleanly.
+- Every decision is reduced across ranks (a trip on any rank counts on all) and followed by a
+  barrier, so all ranks restore the same checkpoint at the same step.
+- Record: events.jsonl in the run directory, a TensorBoard text entry, a `[P6b GUARD]` line.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import pickle
+import time
+import zipfile
+from collections.abc import Mapping
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from callbacks.ramp import RampSchedule
+from lvm.detectors import Trip, check_training, check_validation
+
+log = logging.getLogger(__name__)
+
+
+class RollbackGuard(L.Callback):
+    def __init__(self, run_dir: str | Path, detectors: Mapping[str, Any], max_rollbacks: int,
+                 hold_epochs: int, frac_scale: float, lambda_scale: float, keep_good: int) -> None:
+        self.ckpt_dir = Path(run_dir) / "checkpoints"
+        self.events_path = Path(run_dir) / "events.jsonl"
+        self.detectors = dict(detectors)
+        self.max_rollbacks = max_rollbacks
+        self.hold_epochs = hold_epochs
+        self.frac_scale = frac_scale
+        self.lambda_scale = lambda_scale
+        self.keep_good = keep_good
+        # State kept in checkpoints, so a restarted run takes the same decisions.
+        self.rollbacks = 0
+        self.good: list[str] = []
+        self.best_val_cos: float | None = None
+        self.lambda_factor = 1.0
+        self.pinned_steps = 0
+        self._pending: list[Trip] = []
+        self._flushed = False  # a window was flushed since the last decision (same steps on every rank)
+        self._ignore_before = 0  # rows from before the last rollback describe the discarded weights
+        self._base_lambda_max: float | None = None
+
+    # --- wiring -------------------------------------------------------------------------------
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        pl_module.step_log.listeners.append(self._on_rows)
+        self._base_lambda_max = pl_module.knobs.lambda_max
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self._on_rows in pl_module.step_log.listeners:
+            pl_module.step_log.listeners.remove(self._on_rows)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        pl_module.knobs.lambda_max = self._base_lambda_max * self.lambda_factor
+
+    def _on_rows(self, steps: list[int], rows: list[dict[str, float]]) -> None:
+        self._flushed = True
+        start = max(self.detectors["start_step"], self._ignore_before)
+        rows = [r for s, r in zip(steps, rows) if s >= start]
+        trips, self.pinned_steps = check_training(rows, self.detectors, self.pinned_steps)
+        self._pending += trips
+
+    # --- decisions ----------------------------------------------------------------------------
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # Only where a window was just flushed (the same steps on every rank): no per-step sync.
+        if not self._flushed:
+            return
+        self._flushed = False
+        if not self._agree(trainer, bool(self._pending)):
+            return
+        trips, self._pending = self._pending, []
+        self._act(trainer, pl_module, trips, where="train")
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or "val/cos" not in trainer.callback_metrics:
+            return
+        m = trainer.callback_metrics
+        val_cos, copy_last = float(m["val/cos"]), float(m["val/cos_copy_last"])
+        trips = check_validation(val_cos, copy_last, self.best_val_cos, self.detectors) + self._pending
+        self._pending = []
+        collapse = self._agree(trainer, any(t.severity == "collapse" for t in trips))
+        self._act(trainer, pl_module, trips, where="validation")
+        if not collapse:
+            self.best_val_cos = val_cos if self.best_val_cos is None else max(self.best_val_cos, val_cos)
+            self._save_good(trainer)
+
+    def _agree(self, trainer: L.Trainer, local: bool) -> bool:
+        """True on every rank if it is true on any rank."""
+        flag = torch.tensor(float(local), device=trainer.strategy.root_device)
+        return bool(trainer.strategy.reduce(flag, reduce_op="max") > 0)
+
+    def _act(self, trainer: L.Trainer, pl_module: L.LightningModule, trips: list[Trip], where: str) -> None:
+        if trainer.should_stop:
+            return
+        collapses = [t for t in trips if t.severity == "collapse"]
+        for t in trips:
+            if t.severity == "warning":
+                self._record(trainer, t, action="warning")
+        if not collapses:
+            return
+        if self.rollbacks >= self.max_rollbacks:
+            self._record(trainer, collapses[0], action="stop", extra={"rollbacks": self.rollbacks, "others": [t.detector for t in collapses[1:]]})
+            log.error("[P6b GUARD] max_rollbacks (%d) reached: stopping; the best checkpoint is kept", self.max_rollbacks)
+            trainer.should_stop = True
+            return
+        restored = self._restore(trainer, pl_module)
+        if restored is None:
+            self._record(trainer, collapses[0], action="none: no good checkpoint yet", extra={"where": where})
+            return
+        self.rollbacks += 1
+        self._ignore_before = trainer.global_step
+        self.lambda_factor *= self.lambda_scale
+        pl_module.knobs.lambda_max = self._base_lambda_max * self.lambda_factor
+        backoff = {"lambda_max": pl_module.knobs.lambda_max}
+        ramp = next((c for c in trainer.callbacks if isinstance(c, RampSchedule)), None)
+        if ramp is not None:
+            backoff.update(ramp.back_off(trainer.current_epoch, pl_module, self.hold_epochs, self.frac_scale))
+        self.pinned_steps = 0
+        self._record(trainer, collapses[0], action="rollback", extra={
+            "where": where, "checkpoint": restored, "backoff": backoff, "rollbacks": self.rollbacks,
+            "others": [t.detector for t in collapses[1:]],
+        })
+        trainer.strategy.barrier()
+
+    # --- checkpoints --------------------------------------------------------------------------
+    def _save_good(self, trainer: L.Trainer) -> None:
+        path = str(self.ckpt_dir / f"good-epoch{trainer.current_epoch:02d}.ckpt")
+        self.good = [p for p in self.good if p != path] + [path]
+        stale, self.good = self.good[:-self.keep_good], self.good[-self.keep_good:]
+        trainer.save_checkpoint(path)
+        if trainer.is_global_zero:
+            for p in stale:
+                Path(p).unlink(missing_ok=True)
+
+    def _restore(self, trainer: L.Trainer, pl_module: L.LightningModule) -> str | None:
+        """Load the newest good checkpoint that loads; returns its path (None if there is none)."""
+        for path in reversed(self.good):
+            try:
+                ckpt = torch.load(path, map_location=pl_module.device, weights_only=True)
+                pl_module.load_state_dict(ckpt["state_dict"])
+            except (OSError, RuntimeError, EOFError, KeyError, pickle.UnpicklingError, zipfile.BadZipFile) as e:
+                self._record(trainer, Trip("corrupt_checkpoint", "warning", {}), action=f"skipped {path}: {type(e).__name__}")
+                continue
+            for opt, state in zip(trainer.optimizers, ckpt["optimizer_states"]):
+                opt.load_state_dict(state)
+            for cfg, state in zip(trainer.lr_scheduler_configs, ckpt.get("lr_schedulers", [])):
+                cfg.scheduler.load_state_dict(state)
+            return path
+        return None
+
+    # --- record -------------------------------------------------------------------------------
+    def _record(self, trainer: L.Trainer, trip: Trip, action: str, extra: dict[str, Any] | None = None) -> None:
+        event = {"time": time.time(), "step": trainer.global_step, "epoch": trainer.current_epoch,
+                 **asdict(trip), "action": action, **(extra or {})}
+        if not trainer.is_global_zero:
+            return
+        with self.events_path.open("a") as f:
+            f.write(json.dumps(event) + "\n")
+        values = " ".join(f"{k}={v:.3f}" for k, v in trip.values.items())
+        log.warning("[P6b GUARD] %s (%s) at epoch %d step %d: %s -> %s", trip.detector, trip.severity,
+                    trainer.current_epoch, trainer.global_step, values, action)
+        for lg in trainer.loggers:
+            if isinstance(lg, TensorBoardLogger):
+                lg.experiment.add_text("guard/events", json.dumps(event), trainer.global_step)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rollbacks": self.rollbacks, "good": list(self.good), "best_val_cos": self.best_val_cos,
+                "lambda_factor": self.lambda_factor, "pinned_steps": self.pinned_steps}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.rollbacks = state_dict["rollbacks"]
+        self.good = list(state_dict["good"])
+        self.best_val_cos = state_dict["best_val_cos"]
+        self.lambda_factor = state_dict["lambda_factor"]
+        self.pinned_steps = state_dict["pinned_steps"]

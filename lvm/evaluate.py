@@ -1,0 +1,296 @@
+"""`python -m lvm.evaluate ckpt=PATH` (or `predictor=oracle|copy_last|mean_context`): the 5CAT suite.
+
+Runs tests A-E (lvm/fivecat.py) on VAL and OOD for the subject and, always, for the oracle and the
+copy-last and mean-of-context baselines, so every figure sits beside what is reachable on the data.
+Writes 5cat.json, 5cat.md and 5cat_offsets.png. Exit code: 0 pass, 1 fail, 2 no verdict (bad
+input, configuration or checkpoint: one line on stderr).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import pickle
+import sys
+import time
+import zipfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import hydra
+import numpy as np
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
+
+from callbacks.mini5cat import stratified_sample
+from lvm import metrics as M
+from lvm.config import to_plain
+from lvm.data.loaders import load_store
+from lvm.data.splits import make_splits
+from lvm.data.store import Windows, WindowSpec
+from lvm.errors import ConfigError, LvmError
+from lvm.fivecat import CROSS, SPLIT_NAMES, Predictor, compare_splits, judge, make_perturbation, parse_eval, score_windows, summarize
+from lvm.module import LVMModule
+from lvm.report import write_outputs
+
+log = logging.getLogger(__name__)
+
+EXIT_PASS, EXIT_FAIL, EXIT_BAD_INPUT = 0, 1, 2
+REFERENCES: dict[str, Predictor] = {
+    "oracle": lambda b: b["target"],
+    "copy_last": lambda b: M.copy_last(b["context"]),
+    "mean_context": lambda b: M.mean_context(b["context"]),
+}
+PREDICTORS = ("model", *REFERENCES)
+
+
+def model_predictor(module: torch.nn.Module, batch_size: int) -> Predictor:
+    """The model's unit predictions, in forwards of at most `batch_size` windows."""
+    device = next(module.parameters()).device
+
+    def predict(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        ctx = batch["context"]
+        return torch.cat([module(ctx[s : s + batch_size].to(device))[1].float().cpu() for s in range(0, len(ctx), batch_size)])
+
+    return predict
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A training checkpoint (weights_only), checked to hold what evaluation needs."""
+    path = Path(path)
+    if not path.is_file():
+        raise LvmError(f"checkpoint {path}: no such file")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as e:
+        raise LvmError(f"checkpoint {path}: cannot be loaded, truncated or corrupt ({type(e).__name__}: {e})") from None
+    for key in ("state_dict", "epoch", "global_step", "hyper_parameters"):
+        if key not in ckpt:
+            raise LvmError(f"checkpoint {path}: not an lvm training checkpoint (no '{key}')")
+    hp = ckpt["hyper_parameters"]
+    if "config" not in hp or "dim" not in hp:
+        raise LvmError(f"checkpoint {path}: hyper_parameters lack 'config' or 'dim' (not an lvm checkpoint)")
+    return ckpt
+
+
+def load_model(ckpt: dict[str, Any], path: str | Path, dim: int) -> LVMModule:
+    """The checkpoint's module in eval mode, after checking it was trained on D = `dim`."""
+    hp = ckpt["hyper_parameters"]
+    if hp["dim"] != dim:
+        raise LvmError(f"checkpoint {path}: model was trained on D={hp['dim']} vectors, the data has D={dim}")
+    module = LVMModule(hp["config"], dim)
+    module.load_state_dict(ckpt["state_dict"])
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return module.to(device).eval()
+
+
+def run_dir_of(ckpt_path: str | Path) -> Path:
+    """The run directory of a checkpoint (the parent of its checkpoints/ folder)."""
+    parent = Path(ckpt_path).resolve().parent
+    return parent.parent if parent.name == "checkpoints" else parent
+
+
+def sample_index(windows: Windows, sample: int | None, seed: int) -> torch.Tensor:
+    """All window indices, or `sample` of them drawn at random across articles (seeded)."""
+    if sample is None or sample >= len(windows):
+        return torch.arange(len(windows))
+    return torch.from_numpy(stratified_sample(windows.article_ids(), sample, seed))
+
+
+def evaluate(
+    splits: Mapping[str, Windows],
+    predictors: Mapping[str, Predictor],
+    eval_cfg: Mapping[str, Any],
+    sample: int | None = None,
+    seed: int = 0,
+    batch_size: int = 1024,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Metrics of every predictor on VAL and OOD (splits with windows), verdicts and timings."""
+    gates, rule = parse_eval(eval_cfg)
+    chosen = {s: sample_index(splits[s], sample, seed) for s in SPLIT_NAMES if s in splits and len(splits[s])}
+    if "val" not in chosen:
+        raise LvmError("5CAT needs VAL windows; the val split is empty")
+    perturb = {s: make_perturbation(splits[s], idx, seed) for s, idx in chosen.items()}
+    total = len(predictors) * sum(math.ceil(len(i) / batch_size) for i in chosen.values())
+    results: dict[str, Any] = {}
+    seconds: dict[str, float] = {}
+    start = time.perf_counter()
+    with tqdm(total=total, desc="5CAT", unit="batch", disable=not progress) as bar:
+        for name, predictor in predictors.items():
+            t0 = time.perf_counter()
+            per: dict[str, Any] = {}
+            for s, idx in chosen.items():
+                bar.set_postfix_str(f"{name} {s}")
+                scores = score_windows(predictor, splits[s], idx, perturb[s], eval_cfg["horizon"], batch_size, lambda: bar.update(1))
+                per[s] = summarize(scores, eval_cfg["coherence_bins"])
+            per[CROSS] = compare_splits(per)
+            results[name] = per
+            seconds[name] = time.perf_counter() - t0
+    rule_text = "all gates" if rule.mode == "all" else f"at least {rule.k} of {len(gates)} gates"
+    if rule.require_nonnegative_margin:
+        rule_text += ", A margin >= 0 on every split"
+    return {
+        "results": results,
+        "verdicts": {name: {**judge(m, gates, rule), "rule": rule_text} for name, m in results.items()},
+        "evaluated": {s: len(i) for s, i in chosen.items()},
+        "seconds": time.perf_counter() - start,
+        "seconds_by_predictor": seconds,
+    }
+
+
+def build_report(
+    subject: str,
+    evaluation: dict[str, Any],
+    splits: Mapping[str, Windows],
+    data_cfg: Mapping[str, Any],
+    spec: WindowSpec,
+    checkpoint: dict[str, Any] | None,
+    sample: int | None,
+    seed: int,
+) -> dict[str, Any]:
+    store = splits["val"].store
+    k = spec.target_offset
+    return {
+        "subject": subject,
+        "verdict": evaluation["verdicts"][subject],
+        "checkpoint": checkpoint,
+        "data": {"source": data_cfg["source"], "path": data_cfg.get("path"), "dim": store.dim, "chunks": len(store),
+                 "articles": store.num_articles, "split": data_cfg.get("split")},
+        "window": {"context": spec.context, "target_offset": k, "prev_slot": spec.prev_slot},
+        "splits": {s: {"windows": len(splits[s]), "evaluated": n, "articles": int(len(np.unique(splits[s].article_ids())))}
+                   for s, n in evaluation["evaluated"].items()},
+        "sample": sample,
+        "seed": seed,
+        "offset_convention": f"k is counted in chunks from the target: k=0 is the target, k={-k} the last context chunk",
+        "rollout_convention": f"step h (1-based) is compared with the chunk at target + (h-1)*{k}",
+        "seconds": evaluation["seconds"],
+        "seconds_by_predictor": evaluation["seconds_by_predictor"],
+        "results": evaluation["results"],
+        "verdicts": evaluation["verdicts"],
+    }
+
+
+def evaluate_checkpoint(
+    path: str | Path,
+    splits: Mapping[str, Windows],
+    data_cfg: Mapping[str, Any],
+    spec: WindowSpec,
+    eval_cfg: Mapping[str, Any],
+    out_dir: Path | None = None,
+    sample: int | None = None,
+    seed: int = 0,
+    batch_size: int = 1024,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """5CAT of one checkpoint beside the oracle and baselines; writes the outputs, returns the report."""
+    ckpt = read_checkpoint(path)
+    module = load_model(ckpt, path, splits["val"].store.dim)
+    evaluation = evaluate(splits, {"model": model_predictor(module, batch_size), **REFERENCES}, eval_cfg, sample, seed, batch_size, progress)
+    info = {"path": str(path), "epoch": int(ckpt["epoch"]), "global_step": int(ckpt["global_step"])}
+    report = build_report("model", evaluation, splits, data_cfg, spec, info, sample, seed)
+    out_dir = out_dir or run_dir_of(path) / "eval" / Path(path).stem
+    report["outputs"] = write_outputs(report, out_dir)
+    return report
+
+
+def evaluate_after_fit(cfg: DictConfig, splits: Mapping[str, Windows], checkpoints: Mapping[str, str], run_dir: Path) -> dict[str, Any]:
+    """`eval.after_fit`: 5CAT of the given checkpoints ({label: path}) into <run dir>/eval/<name>/."""
+    plain = to_plain(cfg)
+    out = {}
+    for label, path in checkpoints.items():
+        if not path:
+            continue
+        report = evaluate_checkpoint(
+            path, splits, plain["data"], WindowSpec(**plain["window"]), plain["eval"], run_dir / "eval" / Path(path).stem,
+            seed=cfg.seed, batch_size=cfg.data.eval_batch_size, progress=bool(cfg.trainer.get("enable_progress_bar", True)),
+        )
+        v = report["verdict"]
+        out[label] = {**report["checkpoint"], "passed": v["passed"], "gates_passed": v["gates_passed"],
+                      "gates_total": v["gates_total"], "report": report["outputs"]["md"]}
+        log.info("5CAT of %s checkpoint (epoch %d): %s, %d/%d gates; %s", label, out[label]["epoch"],
+                 "PASS" if v["passed"] else "FAIL", v["gates_passed"], v["gates_total"], report["outputs"]["md"])
+    return out
+
+
+def _override_key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("~+")
+
+
+def group_config(group: str, composed: DictConfig, stored: Mapping[str, Any] | None, overrides: Sequence[str]) -> dict[str, Any]:
+    """The checkpoint's `group` settings with the command line's `group.*` overrides applied; the
+    composed group when there is no checkpoint or the group itself was overridden (data=...)."""
+    keys = [_override_key(o) for o in overrides]
+    if stored is None or group in keys:
+        return to_plain(composed[group])
+    out = OmegaConf.create(stored[group])
+    for key in keys:
+        if key.startswith(group + "."):
+            OmegaConf.update(out, key[len(group) + 1 :], OmegaConf.select(composed, key), force_add=True)
+    return OmegaConf.to_container(out, resolve=True)  # type: ignore[return-value]
+
+
+def load_splits(data_cfg: Mapping[str, Any], spec: WindowSpec) -> dict[str, Windows]:
+    """Windows of the train / val / ood splits the data settings define (as in training)."""
+    store = load_store(data_cfg, spec)
+    s = data_cfg["split"]
+    return make_splits(store, spec, s["val"], s["ood"], s["seed"], s.get("ranges") or None)
+
+
+def run(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """The CLI's work: pick data and predictor, evaluate, write outputs; returns the report."""
+    if cfg.predictor not in PREDICTORS:
+        raise ConfigError(f"predictor must be one of {list(PREDICTORS)} (got {cfg.predictor!r})")
+    if cfg.predictor == "model" and not cfg.ckpt:
+        raise ConfigError("predictor=model needs ckpt=PATH (or use predictor=oracle|copy_last|mean_context)")
+    if cfg.predictor != "model" and cfg.ckpt:
+        raise ConfigError(f"ckpt is given but predictor={cfg.predictor}; drop one of them")
+    if cfg.sample is not None and (not isinstance(cfg.sample, int) or cfg.sample < 1):
+        raise ConfigError(f"sample must be null (all windows) or an integer >= 1 (got {cfg.sample!r})")
+    if not (isinstance(cfg.batch_size, int) and cfg.batch_size >= 1):
+        raise ConfigError(f"batch_size must be an integer >= 1 (got {cfg.batch_size!r})")
+    eval_cfg = to_plain(cfg.eval)
+    parse_eval(eval_cfg)  # fail before loading anything
+    stored = read_checkpoint(cfg.ckpt)["hyper_parameters"]["config"] if cfg.ckpt else None
+    data_cfg = group_config("data", cfg, stored, overrides)
+    window_cfg = group_config("window", cfg, stored, overrides)
+    spec = WindowSpec(**window_cfg)
+    splits = load_splits(data_cfg, spec)
+    out_dir = Path(cfg.out_dir) if cfg.out_dir else None
+    if cfg.ckpt:
+        return evaluate_checkpoint(cfg.ckpt, splits, data_cfg, spec, eval_cfg, out_dir, cfg.sample, cfg.seed, cfg.batch_size, cfg.progress)
+    evaluation = evaluate(splits, REFERENCES, eval_cfg, cfg.sample, cfg.seed, cfg.batch_size, cfg.progress)
+    report = build_report(cfg.predictor, evaluation, splits, data_cfg, spec, None, cfg.sample, cfg.seed)
+    report["outputs"] = write_outputs(report, out_dir or Path("outputs") / "eval" / cfg.predictor)
+    return report
+
+
+_exit_code = EXIT_BAD_INPUT
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
+def main(cfg: DictConfig) -> None:
+    global _exit_code
+    try:
+        report = run(cfg, HydraConfig.get().overrides.task)
+    except LvmError as e:
+        print(f"lvm.evaluate: {e}", file=sys.stderr)
+        _exit_code = EXIT_BAD_INPUT
+        return
+    v = report["verdict"]
+    ck = report["checkpoint"]
+    what = f"{ck['path']} (epoch {ck['epoch']}, step {ck['global_step']})" if ck else report["subject"]
+    log.info("5CAT %s: %s, %d/%d gates (%s) in %.1f s; %s", what, "PASS" if v["passed"] else "FAIL",
+             v["gates_passed"], v["gates_total"], v["rule"], report["seconds"], report["outputs"]["md"])
+    _exit_code = EXIT_PASS if v["passed"] else EXIT_FAIL
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except SystemExit as e:  # Hydra's own errors (unknown key, bad override) exit 1: no verdict
+        raise SystemExit(EXIT_BAD_INPUT if e.code not in (None, 0) else 0) from None
+    raise SystemExit(_exit_code)

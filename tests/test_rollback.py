@@ -1,0 +1,123 @@
+"""RollbackGuard end to end on tiny data: NaN injection, corrupt good checkpoint, max_rollbacks, restart."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from lvm.train import run
+from tests.test_train import cfg_for
+
+GUARDED = [
+    "guard=rollback", "guard.detectors.start_step=0", "logger.flush_every=5", "trainer.max_epochs=4",
+    # A tiny model this young scores below any sensible val floor: only the injected faults trip.
+    "guard.detectors.val_floor=null", "guard.detectors.val_drop=null", "guard.detectors.below_copy_last=null",
+]
+
+
+class PoisonWeights(L.Callback):
+    """Fault injection: set every weight to NaN at the given global steps."""
+
+    def __init__(self, *steps: int) -> None:
+        self.steps = set(steps)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step in self.steps:
+            with torch.no_grad():
+                for p in pl_module.parameters():
+                    p.fill_(float("nan"))
+
+
+def events(run_dir: Path) -> list[dict]:
+    path = run_dir / "events.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def steps_per_epoch(run_dir: Path) -> int:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return rows[0]["step"]
+
+
+def test_nan_injection_rolls_back_and_recovers(tmp_path):
+    run(cfg_for(*GUARDED, "trainer.max_epochs=1"), tmp_path / "probe")
+    n = steps_per_epoch(tmp_path / "probe")
+    results = run(cfg_for(*GUARDED), tmp_path / "run", extra_callbacks=[PoisonWeights(n + 1)])
+    ev = events(tmp_path / "run")
+    rollback = [e for e in ev if e["action"] == "rollback"]
+    assert len(rollback) == 1, ev
+    assert rollback[0]["detector"] == "nonfinite" and rollback[0]["where"] == "train"
+    assert rollback[0]["checkpoint"].endswith("good-epoch00.ckpt")
+    assert rollback[0]["step"] <= n + 1 + 5  # in-epoch: within one flushed window
+    assert rollback[0]["backoff"]["target_frac_scale"] == 0.5
+    assert results["epochs_completed"] == 4
+    assert all(torch.isfinite(v).all() for v in torch.load(results["last_checkpoint"], weights_only=True)["state_dict"].values())
+    assert results["final"]["val/cos"] > 0
+    last = torch.load(results["last_checkpoint"], weights_only=True)
+    guard_state = next(v for k, v in last["callbacks"].items() if k.startswith("RollbackGuard"))
+    assert guard_state["rollbacks"] == 1 and guard_state["lambda_factor"] == 0.5
+
+
+def test_corrupt_good_checkpoint_falls_back_to_older(tmp_path):
+    run(cfg_for(*GUARDED, "trainer.max_epochs=1"), tmp_path / "probe")
+    n = steps_per_epoch(tmp_path / "probe")
+
+    class CorruptNewestGood(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == 2 * n + 1:
+                newest = sorted((tmp_path / "run" / "checkpoints").glob("good-*.ckpt"))[-1]
+                newest.write_bytes(newest.read_bytes()[:1000])
+
+    run(cfg_for(*GUARDED), tmp_path / "run", extra_callbacks=[CorruptNewestGood(), PoisonWeights(2 * n + 1)])
+    ev = events(tmp_path / "run")
+    skipped = [e for e in ev if e["detector"] == "corrupt_checkpoint"]
+    assert skipped and "good-epoch01.ckpt" in skipped[0]["action"]
+    rollback = next(e for e in ev if e["action"] == "rollback")
+    assert rollback["checkpoint"].endswith("good-epoch00.ckpt")
+
+
+def test_max_rollbacks_stops_cleanly(tmp_path):
+    run(cfg_for(*GUARDED, "trainer.max_epochs=1"), tmp_path / "probe")
+    n = steps_per_epoch(tmp_path / "probe")
+    results = run(cfg_for(*GUARDED, "guard.max_rollbacks=1", "trainer.max_epochs=6"), tmp_path / "run",
+                  extra_callbacks=[PoisonWeights(n + 1, 2 * n + 1)])
+    actions = [e["action"] for e in events(tmp_path / "run") if e["severity"] == "collapse"]
+    assert actions == ["rollback", "stop"]
+    assert results["epochs_completed"] < 6
+    assert Path(results["best_checkpoint"]).is_file()
+
+
+def test_restart_after_kill_takes_the_same_decisions(tmp_path):
+    run(cfg_for(*GUARDED, "trainer.max_epochs=1"), tmp_path / "probe")
+    n = steps_per_epoch(tmp_path / "probe")
+    faults = (n + 1, 3 * n + 1)  # one in epoch 1, one in epoch 3
+    args = (*GUARDED, "guard.max_rollbacks=1")
+    run(cfg_for(*args), tmp_path / "whole", extra_callbacks=[PoisonWeights(*faults)])
+    # The same run killed after epoch 1 (its last.ckpt holds the guard's state), then resumed.
+    run(cfg_for(*args, "trainer.max_epochs=2"), tmp_path / "killed", extra_callbacks=[PoisonWeights(*faults)])
+    run(cfg_for(*args, "ckpt_path=last"), tmp_path / "killed", extra_callbacks=[PoisonWeights(*faults)])
+
+    def decisions(d):
+        return [(e["step"], e["detector"], e["action"], Path(e.get("checkpoint", "")).name) for e in events(d) if e["severity"] == "collapse"]
+
+    assert decisions(tmp_path / "whole") == decisions(tmp_path / "killed")
+    assert [d[2] for d in decisions(tmp_path / "whole")] == ["rollback", "stop"]
+
+
+def test_recovery_experiment_resumes_a_v1_checkpoint_under_v2(tmp_path, caplog):
+    run(cfg_for("+experiment=p6b_v1", "trainer.max_epochs=2", "callbacks.checkpoint.every_epoch=true"), tmp_path / "v1")
+    epoch0 = tmp_path / "v1" / "checkpoints" / "epoch00.ckpt"
+    v1_weights = torch.load(epoch0, weights_only=True)["state_dict"]
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        results = run(cfg_for("+experiment=p6b_v2_recovery", f"ckpt={epoch0}", "trainer.max_epochs=4"), tmp_path / "rec")
+    rows = [json.loads(line) for line in (tmp_path / "rec" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3]  # continues after the checkpoint's epoch
+    assert "Restored all states from the checkpoint" in caplog.text
+    assert "epoch 3 (0-based): stage 1, margin=0.030" in caplog.text  # the v2 table (v1 would say 0.040)
+    assert results["name"] == "p6b_v2_recovery"
+    cfg = torch.load(results["last_checkpoint"], weights_only=True)["hyper_parameters"]["config"]
+    assert cfg["loss"]["gamma"] == 4.0 and cfg["loss"]["lambda_max"] == 0.02
+    assert any(not torch.equal(v, v1_weights[k]) for k, v in torch.load(results["last_checkpoint"], weights_only=True)["state_dict"].items())
