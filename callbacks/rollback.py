@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
-import pickle
 import time
-import zipfile
 from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
@@ -30,7 +28,9 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from callbacks.ramp import RampSchedule
+from lvm.checkpoints import read_checkpoint
 from lvm.detectors import Trip, check_training, check_validation
+from lvm.errors import LvmError
 
 log = logging.getLogger(__name__)
 
@@ -152,11 +152,11 @@ class RollbackGuard(L.Callback):
         """Load the newest good checkpoint that loads; returns its path (None if there is none)."""
         for path in reversed(self.good):
             try:
-                ckpt = torch.load(path, map_location=pl_module.device, weights_only=True)
-                pl_module.load_state_dict(ckpt["state_dict"])
-            except (OSError, RuntimeError, EOFError, KeyError, pickle.UnpicklingError, zipfile.BadZipFile) as e:
-                self._record(trainer, Trip("corrupt_checkpoint", "warning", {}), action=f"skipped {path}: {type(e).__name__}")
+                ckpt = read_checkpoint(path, map_location=pl_module.device)
+            except LvmError as e:
+                self._record(trainer, Trip("corrupt_checkpoint", "warning", {}), action=f"skipped {path}: {e}")
                 continue
+            pl_module.load_state_dict(ckpt["state_dict"])
             for opt, state in zip(trainer.optimizers, ckpt["optimizer_states"]):
                 opt.load_state_dict(state)
             for cfg, state in zip(trainer.lr_scheduler_configs, ckpt.get("lr_schedulers", [])):

@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import logging
 import math
-import pickle
 import sys
 import time
-import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,6 +25,7 @@ from tqdm.auto import tqdm
 
 from callbacks.mini5cat import stratified_sample
 from lvm import metrics as M
+from lvm.checkpoints import read_checkpoint
 from lvm.config import to_plain
 from lvm.data.loaders import load_store
 from lvm.data.splits import make_splits
@@ -56,24 +55,6 @@ def model_predictor(module: torch.nn.Module, batch_size: int) -> Predictor:
         return torch.cat([module(ctx[s : s + batch_size].to(device))[1].float().cpu() for s in range(0, len(ctx), batch_size)])
 
     return predict
-
-
-def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """A training checkpoint (weights_only), checked to hold what evaluation needs."""
-    path = Path(path)
-    if not path.is_file():
-        raise LvmError(f"checkpoint {path}: no such file")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as e:
-        raise LvmError(f"checkpoint {path}: cannot be loaded, truncated or corrupt ({type(e).__name__}: {e})") from None
-    for key in ("state_dict", "epoch", "global_step", "hyper_parameters"):
-        if key not in ckpt:
-            raise LvmError(f"checkpoint {path}: not an lvm training checkpoint (no '{key}')")
-    hp = ckpt["hyper_parameters"]
-    if "config" not in hp or "dim" not in hp:
-        raise LvmError(f"checkpoint {path}: hyper_parameters lack 'config' or 'dim' (not an lvm checkpoint)")
-    return ckpt
 
 
 def load_model(ckpt: dict[str, Any], path: str | Path, dim: int) -> LVMModule:

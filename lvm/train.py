@@ -9,8 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import pickle
-import zipfile
 from pathlib import Path
 from collections.abc import Sequence
 from typing import Any
@@ -25,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
 from callbacks import Mini5CAT, RampSchedule, RollbackGuard, SkipGuard, TensorBoardDashboard
+from lvm.checkpoints import read_checkpoint
 from lvm.config import to_plain, validate
 from lvm.data.loaders import load_store
 from lvm.data.splits import make_splits
@@ -124,16 +123,10 @@ def resolve_checkpoint(ckpt_path: str | None, run_dir: Path) -> tuple[str, dict[
     if not ckpt_path:
         return None
     path = run_dir / "checkpoints" / "last.ckpt" if ckpt_path == "last" else Path(ckpt_path)
-    if not path.is_file():
-        hint = " (ckpt_path=last looks in this run's own directory; set hydra.run.dir to the earlier run's)" if ckpt_path == "last" else ""
-        raise LvmError(f"checkpoint {path}: no such file{hint}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as e:
-        raise LvmError(f"checkpoint {path}: cannot be loaded, truncated or corrupt ({type(e).__name__}: {e})") from None
-    for key in ("state_dict", "epoch", "optimizer_states", "hyper_parameters"):
-        if key not in ckpt:
-            raise LvmError(f"checkpoint {path}: not an lvm training checkpoint (no '{key}')")
+    if ckpt_path == "last" and not path.is_file():
+        raise LvmError(f"checkpoint {path}: no such file (ckpt_path=last looks in this run's own directory; "
+                       "set hydra.run.dir to the earlier run's)")
+    ckpt = read_checkpoint(path)
     return str(path), ckpt["hyper_parameters"]
 
 

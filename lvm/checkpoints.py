@@ -1,0 +1,34 @@
+"""Reading lvm checkpoints: torch's default weights_only loading, with errors that name the file."""
+
+from __future__ import annotations
+
+import pickle
+import zipfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lvm.errors import LvmError
+
+# What every lvm training checkpoint holds (Lightning's keys plus the run config in hyper_parameters).
+TRAINING_KEYS = ("state_dict", "epoch", "global_step", "optimizer_states", "hyper_parameters")
+
+
+def read_checkpoint(path: str | Path, keys: Iterable[str] = TRAINING_KEYS, map_location: Any = "cpu") -> dict[str, Any]:
+    """The checkpoint at `path`; LvmError naming the file if it is missing, corrupt or not lvm's."""
+    path = Path(path)
+    if not path.is_file():
+        raise LvmError(f"checkpoint {path}: no such file")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as e:
+        raise LvmError(f"checkpoint {path}: cannot be loaded, truncated or corrupt ({type(e).__name__}: {e})") from None
+    missing = [k for k in keys if k not in ckpt]
+    if missing:
+        raise LvmError(f"checkpoint {path}: not an lvm training checkpoint (no {', '.join(repr(k) for k in missing)})")
+    hp = ckpt.get("hyper_parameters", {})
+    if "hyper_parameters" in keys and ("config" not in hp or "dim" not in hp):
+        raise LvmError(f"checkpoint {path}: hyper_parameters lack 'config' or 'dim' (not an lvm checkpoint)")
+    return ckpt
