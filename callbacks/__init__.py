@@ -1,9 +1,10 @@
 """Lightning callbacks of lvm, one concern per module: ramp, guard, mini-5CAT, dashboard."""
 
 from callbacks.dashboard import TensorBoardDashboard
+from callbacks.fault import FaultInjection
 from callbacks.guard import SkipGuard
 from callbacks.mini5cat import Mini5CAT
 from callbacks.ramp import RampSchedule, RampStage
 from callbacks.rollback import RollbackGuard
 
-__all__ = ["Mini5CAT", "RampSchedule", "RampStage", "RollbackGuard", "SkipGuard", "TensorBoardDashboard"]
+__all__ = ["FaultInjection", "Mini5CAT", "RampSchedule", "RampStage", "RollbackGuard", "SkipGuard", "TensorBoardDashboard"]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from collections.abc import Mapping
 from dataclasses import asdict
@@ -29,7 +30,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 
 from callbacks.ramp import RampSchedule
 from lvm.checkpoints import read_checkpoint
-from lvm.detectors import Trip, check_training, check_validation
+from lvm.detectors import COLLAPSE_DETECTORS, Trip, check_training, check_validation
 from lvm.errors import LvmError
 
 log = logging.getLogger(__name__)
@@ -82,10 +83,8 @@ class RollbackGuard(L.Callback):
         if not self._flushed:
             return
         self._flushed = False
-        if not self._agree(trainer, bool(self._pending)):
-            return
         trips, self._pending = self._pending, []
-        self._act(trainer, pl_module, trips, where="train")
+        self._decide(trainer, pl_module, trips, where="train")
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or "val/cos" not in trainer.callback_metrics:
@@ -94,26 +93,34 @@ class RollbackGuard(L.Callback):
         val_cos, copy_last = float(m["val/cos"]), float(m["val/cos_copy_last"])
         trips = check_validation(val_cos, copy_last, self.best_val_cos, self.detectors) + self._pending
         self._pending = []
-        collapse = self._agree(trainer, any(t.severity == "collapse" for t in trips))
-        self._act(trainer, pl_module, trips, where="validation")
-        if not collapse:
+        if not self._decide(trainer, pl_module, trips, where="validation"):
             self.best_val_cos = val_cos if self.best_val_cos is None else max(self.best_val_cos, val_cos)
             self._save_good(trainer)
 
-    def _agree(self, trainer: L.Trainer, local: bool) -> bool:
-        """True on every rank if it is true on any rank."""
-        flag = torch.tensor(float(local), device=trainer.strategy.root_device)
-        return bool(trainer.strategy.reduce(flag, reduce_op="max") > 0)
-
-    def _act(self, trainer: L.Trainer, pl_module: L.LightningModule, trips: list[Trip], where: str) -> None:
-        if trainer.should_stop:
-            return
-        collapses = [t for t in trips if t.severity == "collapse"]
+    def _decide(self, trainer: L.Trainer, pl_module: L.LightningModule, trips: list[Trip], where: str) -> bool:
+        """Record warnings; if any rank saw a collapse, every rank acts on it (True)."""
         for t in trips:
             if t.severity == "warning":
                 self._record(trainer, t, action="warning")
-        if not collapses:
-            return
+        collapses = [t for t in trips if t.severity == "collapse"]
+        anywhere = self._tripped_anywhere(trainer, {t.detector for t in collapses})
+        if not anywhere:
+            return False
+        if not trainer.should_stop:  # once stopping, later trips need no action (and are no good state)
+            here = {t.detector for t in collapses}
+            elsewhere = [Trip(name, "collapse", {"on_another_rank": 1.0}) for name in anywhere if name not in here]
+            self._act(trainer, pl_module, collapses + elsewhere, where)
+            trainer.strategy.barrier()
+        return True
+
+    def _tripped_anywhere(self, trainer: L.Trainer, local: set[str]) -> list[str]:
+        """Collapse detectors that tripped on any rank: the same list on every rank (one reduce)."""
+        hot = torch.tensor([float(n in local) for n in COLLAPSE_DETECTORS], device=trainer.strategy.root_device)
+        hot = trainer.strategy.reduce(hot, reduce_op="max")
+        return [n for n, h in zip(COLLAPSE_DETECTORS, hot.tolist()) if h > 0]
+
+    def _act(self, trainer: L.Trainer, pl_module: L.LightningModule, collapses: list[Trip], where: str) -> None:
+        """Roll back, or stop after max_rollbacks; the same path on every rank."""
         if self.rollbacks >= self.max_rollbacks:
             self._record(trainer, collapses[0], action="stop", extra={"rollbacks": self.rollbacks, "others": [t.detector for t in collapses[1:]]})
             log.error("[P6b GUARD] max_rollbacks (%d) reached: stopping; the best checkpoint is kept", self.max_rollbacks)
@@ -136,7 +143,6 @@ class RollbackGuard(L.Callback):
             "where": where, "checkpoint": restored, "backoff": backoff, "rollbacks": self.rollbacks,
             "others": [t.detector for t in collapses[1:]],
         })
-        trainer.strategy.barrier()
 
     # --- checkpoints --------------------------------------------------------------------------
     def _save_good(self, trainer: L.Trainer) -> None:
@@ -168,6 +174,7 @@ class RollbackGuard(L.Callback):
     def _record(self, trainer: L.Trainer, trip: Trip, action: str, extra: dict[str, Any] | None = None) -> None:
         event = {"time": time.time(), "step": trainer.global_step, "epoch": trainer.current_epoch,
                  **asdict(trip), "action": action, **(extra or {})}
+        event["values"] = {k: v if math.isfinite(v) else str(v) for k, v in trip.values.items()}  # strict JSON
         if not trainer.is_global_zero:
             return
         with self.events_path.open("a") as f:

@@ -13,6 +13,10 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 Severity = Literal["collapse", "warning"]
+# Every collapse detector, in a fixed order (ranks exchange which ones tripped as a multi-hot vector).
+COLLAPSE_DETECTORS = (
+    "nonfinite", "negative_cosines", "orthogonal_escape", "raw_norm_collapse", "val_floor", "val_drop", "below_copy_last",
+)
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
-from callbacks import Mini5CAT, RampSchedule, RollbackGuard, SkipGuard, TensorBoardDashboard
+from callbacks import FaultInjection, Mini5CAT, RampSchedule, RollbackGuard, SkipGuard, TensorBoardDashboard
 from lvm.checkpoints import read_checkpoint
 from lvm.config import to_plain, validate
 from lvm.data.loaders import load_store
@@ -80,6 +80,8 @@ def build_callbacks(cfg: DictConfig, splits: dict[str, Windows], run_dir: Path, 
     if g.policy == "rollback":
         out.append(RollbackGuard(run_dir, OmegaConf.to_container(g.detectors), g.max_rollbacks, g.backoff.hold_epochs,
                                  g.backoff.target_frac_scale, g.backoff.lambda_max_scale, g.keep_good))
+    if cb.fault_injection.nan_at_steps:
+        out.append(FaultInjection(cb.fault_injection.nan_at_steps))
     if cb.mini5cat.enabled:
         out.append(Mini5CAT(splits["val"], cb.mini5cat.windows, cb.mini5cat.seed, cfg.window.prev_slot, cfg.data.eval_batch_size))
     ckpt_dir = run_dir / "checkpoints"

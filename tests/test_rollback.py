@@ -6,29 +6,18 @@ import json
 from pathlib import Path
 
 import lightning as L
+import pytest
 import torch
 
+from callbacks.fault import FaultInjection
 from lvm.train import run
-from tests.test_train import cfg_for
+from tests.test_train import TINY, cfg_for, cli
 
 GUARDED = [
     "guard=rollback", "guard.detectors.start_step=0", "logger.flush_every=5", "trainer.max_epochs=4",
     # A tiny model this young scores below any sensible val floor: only the injected faults trip.
     "guard.detectors.val_floor=null", "guard.detectors.val_drop=null", "guard.detectors.below_copy_last=null",
 ]
-
-
-class PoisonWeights(L.Callback):
-    """Fault injection: set every weight to NaN at the given global steps."""
-
-    def __init__(self, *steps: int) -> None:
-        self.steps = set(steps)
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if trainer.global_step in self.steps:
-            with torch.no_grad():
-                for p in pl_module.parameters():
-                    p.fill_(float("nan"))
 
 
 def events(run_dir: Path) -> list[dict]:
@@ -44,7 +33,7 @@ def steps_per_epoch(run_dir: Path) -> int:
 def test_nan_injection_rolls_back_and_recovers(tmp_path):
     run(cfg_for(*GUARDED, "trainer.max_epochs=1"), tmp_path / "probe")
     n = steps_per_epoch(tmp_path / "probe")
-    results = run(cfg_for(*GUARDED), tmp_path / "run", extra_callbacks=[PoisonWeights(n + 1)])
+    results = run(cfg_for(*GUARDED), tmp_path / "run", extra_callbacks=[FaultInjection([n + 1])])
     ev = events(tmp_path / "run")
     rollback = [e for e in ev if e["action"] == "rollback"]
     assert len(rollback) == 1, ev
@@ -70,7 +59,7 @@ def test_corrupt_good_checkpoint_falls_back_to_older(tmp_path):
                 newest = sorted((tmp_path / "run" / "checkpoints").glob("good-*.ckpt"))[-1]
                 newest.write_bytes(newest.read_bytes()[:1000])
 
-    run(cfg_for(*GUARDED), tmp_path / "run", extra_callbacks=[CorruptNewestGood(), PoisonWeights(2 * n + 1)])
+    run(cfg_for(*GUARDED), tmp_path / "run", extra_callbacks=[CorruptNewestGood(), FaultInjection([2 * n + 1])])
     ev = events(tmp_path / "run")
     skipped = [e for e in ev if e["detector"] == "corrupt_checkpoint"]
     assert skipped and "good-epoch01.ckpt" in skipped[0]["action"]
@@ -82,7 +71,7 @@ def test_max_rollbacks_stops_cleanly(tmp_path):
     run(cfg_for(*GUARDED, "trainer.max_epochs=1"), tmp_path / "probe")
     n = steps_per_epoch(tmp_path / "probe")
     results = run(cfg_for(*GUARDED, "guard.max_rollbacks=1", "trainer.max_epochs=6"), tmp_path / "run",
-                  extra_callbacks=[PoisonWeights(n + 1, 2 * n + 1)])
+                  extra_callbacks=[FaultInjection([n + 1, 2 * n + 1])])
     actions = [e["action"] for e in events(tmp_path / "run") if e["severity"] == "collapse"]
     assert actions == ["rollback", "stop"]
     assert results["epochs_completed"] < 6
@@ -94,10 +83,10 @@ def test_restart_after_kill_takes_the_same_decisions(tmp_path):
     n = steps_per_epoch(tmp_path / "probe")
     faults = (n + 1, 3 * n + 1)  # one in epoch 1, one in epoch 3
     args = (*GUARDED, "guard.max_rollbacks=1")
-    run(cfg_for(*args), tmp_path / "whole", extra_callbacks=[PoisonWeights(*faults)])
+    run(cfg_for(*args), tmp_path / "whole", extra_callbacks=[FaultInjection(faults)])
     # The same run killed after epoch 1 (its last.ckpt holds the guard's state), then resumed.
-    run(cfg_for(*args, "trainer.max_epochs=2"), tmp_path / "killed", extra_callbacks=[PoisonWeights(*faults)])
-    run(cfg_for(*args, "ckpt_path=last"), tmp_path / "killed", extra_callbacks=[PoisonWeights(*faults)])
+    run(cfg_for(*args, "trainer.max_epochs=2"), tmp_path / "killed", extra_callbacks=[FaultInjection(faults)])
+    run(cfg_for(*args, "ckpt_path=last"), tmp_path / "killed", extra_callbacks=[FaultInjection(faults)])
 
     def decisions(d):
         return [(e["step"], e["detector"], e["action"], Path(e.get("checkpoint", "")).name) for e in events(d) if e["severity"] == "collapse"]
@@ -121,3 +110,24 @@ def test_recovery_experiment_resumes_a_v1_checkpoint_under_v2(tmp_path, caplog):
     cfg = torch.load(results["last_checkpoint"], weights_only=True)["hyper_parameters"]["config"]
     assert cfg["loss"]["gamma"] == 4.0 and cfg["loss"]["lambda_max"] == 0.02
     assert any(not torch.equal(v, v1_weights[k]) for k, v in torch.load(results["last_checkpoint"], weights_only=True)["state_dict"].items())
+
+
+@pytest.mark.slow
+def test_two_process_ddp_rolls_back_together(tmp_path):
+    """gloo DDP on CPU: a fault on rank 0 only; both ranks restore the same checkpoint and finish."""
+    run_dir = tmp_path / "ddp"
+    off = [f"guard.detectors.{k}=null" for k in ("val_floor", "val_drop", "below_copy_last", "orthogonal_eps")]
+    proc = cli(
+        "+experiment=p6b_v2", *TINY, "trainer.max_epochs=3", "logger.flush_every=2",
+        "guard.detectors.start_step=0", "guard.detectors.negative_cosines=false", *off,
+        "callbacks.fault_injection.nan_at_steps=[3]",
+        "trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp", f"hydra.run.dir={run_dir}",
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ev = events(run_dir)
+    rollbacks = [e for e in ev if e["action"] == "rollback"]
+    assert rollbacks and rollbacks[0]["detector"] == "nonfinite"
+    assert rollbacks[0]["checkpoint"].endswith("good-epoch00.ckpt")
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["epochs_completed"] == 3 and results["final"]["val/cos"] == results["final"]["val/cos"]  # not NaN
