@@ -8,6 +8,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
 
 from callbacks.fault import FaultInjection
 from lvm.train import run
@@ -131,3 +132,22 @@ def test_two_process_ddp_rolls_back_together(tmp_path):
     assert rollbacks[0]["checkpoint"].endswith("good-epoch00.ckpt")
     results = json.loads((run_dir / "results.json").read_text())
     assert results["epochs_completed"] == 3 and results["final"]["val/cos"] == results["final"]["val/cos"]  # not NaN
+
+
+@pytest.mark.slow
+def test_collapse_drill(tmp_path):
+    """The documented drill on the built-in data: unguarded v1-stress collapses, the guard recovers."""
+    def val_cos(run_dir):
+        return [json.loads(line)["val/cos"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+    with initialize_config_dir(str(Path(__file__).resolve().parents[1] / "conf"), version_base="1.3"):
+        none = compose("train", overrides=["+experiment=p6b_v1_stress", "guard=none", "trainer.max_epochs=4", "trainer.enable_progress_bar=false"])
+        guarded = compose("train", overrides=["+experiment=p6b_v1_stress", "guard=rollback", "trainer.max_epochs=4", "trainer.enable_progress_bar=false"])
+    run(none, tmp_path / "none")
+    assert min(val_cos(tmp_path / "none")) < 0.1  # collapsed: below the guard's val floor
+    results = run(guarded, tmp_path / "rollback")
+    ev = events(tmp_path / "rollback")
+    rollback = next(e for e in ev if e["action"] == "rollback")
+    assert rollback["epoch"] == 1 and rollback["checkpoint"].endswith("good-epoch00.ckpt")
+    assert rollback["backoff"]["hold_stage"] == 0
+    assert val_cos(tmp_path / "rollback")[-1] > 0.5 and results["best_val_cos"] > 0.5
