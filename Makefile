@@ -26,7 +26,7 @@ test-full: setup
 	$(BIN)/python -m pytest -q $(ARGS)
 
 sweep: setup
-	$(BIN)/python -m lvm.train -m +experiment=p6b_v2 loss.gamma=4,8 loss.lambda_max=0.02,0.05 trainer.max_epochs=4 $(ARGS)
+	$(BIN)/python -m lvm.train +experiment=p6b_v2 +sweep=gamma_clamp trainer.max_epochs=3 $(ARGS)
 
 tensorboard: setup
 	$(BIN)/tensorboard --logdir outputs --bind_all $(ARGS)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 from pathlib import Path
 from collections.abc import Sequence
 from typing import Any
@@ -17,6 +18,7 @@ import hydra
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
@@ -31,6 +33,7 @@ from lvm.data.store import ShuffleSampler, Windows, WindowSpec, collate_batch
 from lvm.errors import LvmError
 from lvm.evaluate import evaluate_after_fit
 from lvm.module import LVMModule
+from lvm.sweep import refuse_ddp_multirun
 
 log = logging.getLogger(__name__)
 
@@ -178,6 +181,7 @@ def run(
     extra_callbacks: Sequence[L.Callback] = (),
 ) -> dict[str, Any]:
     """Train one run into `run_dir`; returns the results written to results.json."""
+    start = time.perf_counter()
     validate(cfg)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -205,6 +209,7 @@ def run(
     # eval.after_fit: full 5CAT of the best-by-val-cosine and the last checkpoint, with their epochs.
     if cfg.eval.after_fit:
         results["5cat"] = evaluate_after_fit(cfg, splits, {"best": best.best_model_path, "last": last.best_model_path}, run_dir)
+    results["wall_time_s"] = round(time.perf_counter() - start, 2)
     (run_dir / "results.json").write_text(json.dumps(results, indent=2))
     log.info("Run finished: best val cos %s at %s", results["best_val_cos"], results["best_checkpoint"])
     return results
@@ -214,11 +219,28 @@ def run(
 def main(cfg: DictConfig) -> float | None:
     hc = HydraConfig.get()
     try:
+        if hc.mode == RunMode.MULTIRUN:
+            refuse_ddp_multirun(cfg, hc.launcher._target_)
+            return run_sweep_job(cfg, hc)
         results = run(cfg, hc.runtime.output_dir, dict(hc.runtime.choices))
     except LvmError as e:
         log.error("%s", e)
         raise SystemExit(f"lvm: {e}") from None
     return results["best_val_cos"]
+
+
+def run_sweep_job(cfg: DictConfig, hc: Any) -> float | None:
+    """One multirun job: a failure is logged and recorded in results.json, and the sweep goes on."""
+    start = time.perf_counter()
+    try:
+        return run(cfg, hc.runtime.output_dir, dict(hc.runtime.choices))["best_val_cos"]
+    except Exception as e:
+        error = str(e) if isinstance(e, LvmError) else f"{type(e).__name__}: {e}"
+        log.error("Job %s failed: %s", hc.job.num, error, exc_info=not isinstance(e, LvmError))
+        failed = {"name": cfg.name, "run_dir": hc.runtime.output_dir, "status": "failed", "error": error,
+                  "wall_time_s": round(time.perf_counter() - start, 2)}
+        Path(hc.runtime.output_dir, "results.json").write_text(json.dumps(failed, indent=2))
+        return None
 
 
 if __name__ == "__main__":

@@ -1,0 +1,191 @@
+"""Sweep summaries: one row per Hydra multirun job in summary.csv / summary.md, plus a heatmap.
+
+`SweepSummary` (registered under hydra.callbacks in conf/train.yaml) writes them when a multirun
+ends; `python -m lvm.sweep_report <sweep dir>` regenerates them from the job directories.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+from lvm.errors import ConfigError, LvmError
+
+log = logging.getLogger(__name__)
+
+METRICS = ("best_val_cos", "final_val_cos", "margin_last", "r5", "rollbacks", "events", "wall_time_s")
+COLUMNS = ("job", "overrides", *METRICS, "status")
+AXES = ("loss.gamma", "loss.lambda_max")  # heatmap: rows, columns
+BASIC_LAUNCHER = "hydra._internal.core_plugins.basic_launcher.BasicLauncher"
+
+
+@dataclass
+class Job:
+    """What one job directory says about its run."""
+
+    num: int
+    overrides: list[str]
+    values: dict[str, Any]
+    axes: dict[str, Any]
+    status: str
+    row: dict[str, Any] = field(default_factory=dict)
+
+
+def refuse_ddp_multirun(cfg: DictConfig, launcher_target: str) -> None:
+    """Several DDP ranks under Hydra's basic launcher would each relaunch the whole sweep."""
+    t = cfg.trainer
+    devices = t.devices
+    many = (isinstance(devices, int) and devices > 1) or (not isinstance(devices, (int, str)) and len(devices) > 1)
+    if launcher_target == BASIC_LAUNCHER and ("ddp" in str(t.strategy) or many):
+        raise ConfigError(
+            f"trainer.strategy={t.strategy} trainer.devices={devices} cannot run under a Hydra multirun "
+            "(-m or +sweep=...): every extra DDP rank would relaunch the whole sweep. Run each DDP job as a "
+            "single run (without -m), or sweep with a cluster launcher that starts one job per allocation."
+        )
+
+
+def read_job(job_dir: Path) -> Job:
+    """Job number, overrides, metrics and status from a job directory (results.json may be missing)."""
+    hydra_dir = job_dir / ".hydra"
+    num = int(OmegaConf.load(hydra_dir / "hydra.yaml").hydra.job.num)
+    overrides = [str(o) for o in OmegaConf.load(hydra_dir / "overrides.yaml")]
+    cfg = OmegaConf.load(hydra_dir / "config.yaml")
+    axes = {k: OmegaConf.select(cfg, k, default=None) for k in AXES}
+    results_path = job_dir / "results.json"
+    results = json.loads(results_path.read_text()) if results_path.is_file() else {"status": "failed", "error": "no results.json"}
+    events = read_events(job_dir / "events.jsonl")
+    final = results.get("final", {})
+    values = {
+        "best_val_cos": results.get("best_val_cos"),
+        "final_val_cos": final.get("val/cos"),
+        "margin_last": final.get("mini5cat/margin_last"),
+        "r5": final.get("mini5cat/r5"),
+        "rollbacks": sum(e.get("action") == "rollback" for e in events),
+        "events": len(events),
+        "wall_time_s": results.get("wall_time_s"),
+    }
+    status = f"failed: {results.get('error', 'unknown error')}" if results.get("status") == "failed" else "ok"
+    return Job(num, overrides, values, axes, status)
+
+
+def read_events(path: Path) -> list[dict[str, Any]]:
+    """The guard's events of a run (none when the file is missing)."""
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def find_jobs(sweep_dir: Path) -> list[Job]:
+    """Every job directory (one with .hydra/overrides.yaml) under the sweep directory, by job number."""
+    dirs = sorted(p.parent.parent for p in sweep_dir.glob("*/.hydra/overrides.yaml"))
+    return sorted((read_job(d) for d in dirs), key=lambda j: j.num)
+
+
+def varying_overrides(jobs: list[Job]) -> list[list[str]]:
+    """Per job, the overrides whose value differs between jobs (all of them when none differs)."""
+    parsed = [dict(o.partition("=")[::2] for o in j.overrides) for j in jobs]
+    keys = {k for d in parsed for k in d if len({p.get(k) for p in parsed}) > 1}
+    if not keys:
+        return [j.overrides for j in jobs]
+    return [[o for o in j.overrides if o.partition("=")[0] in keys] for j in jobs]
+
+
+def fmt(v: Any, column: str) -> str:
+    """A table cell: floats to 4 decimals (wall time to 2), missing values as n/a."""
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "n/a"
+    if isinstance(v, float):
+        return f"{v:.{2 if column == 'wall_time_s' else 4}f}"
+    return str(v)
+
+
+def write_csv(jobs: list[Job], path: Path) -> None:
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS)
+        w.writeheader()
+        w.writerows({k: ("" if job.row[k] is None else job.row[k]) for k in COLUMNS} for job in jobs)
+
+
+def write_md(jobs: list[Job], path: Path, sweep_dir: Path) -> None:
+    lines = [f"# Sweep {sweep_dir}", "", "| " + " | ".join(COLUMNS) + " |", "|" + " --- |" * len(COLUMNS)]
+    lines += ["| " + " | ".join(fmt(job.row[k], k).replace("|", "\\|").replace("\n", " ") for k in COLUMNS) + " |" for job in jobs]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def plot_heatmap(jobs: list[Job], metric: str, path: Path) -> bool:
+    """`metric` over loss.gamma x loss.lambda_max (mean per cell); False when the two do not both vary."""
+    rows, cols = (sorted({j.axes[a] for j in jobs if j.axes[a] is not None}) for a in AXES)
+    if len(rows) < 2 or len(cols) < 2:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    cells: dict[tuple[Any, Any], list[float]] = {}
+    for j in jobs:
+        v = j.row.get(metric)
+        if v is not None and j.axes[AXES[0]] is not None and j.axes[AXES[1]] is not None:
+            cells.setdefault((j.axes[AXES[0]], j.axes[AXES[1]]), []).append(float(v))
+    grid = np.full((len(rows), len(cols)), np.nan)
+    for (r, c), vals in cells.items():
+        grid[rows.index(r), cols.index(c)] = sum(vals) / len(vals)
+    fig, ax = plt.subplots(figsize=(1.6 * len(cols) + 2.5, 1.0 * len(rows) + 2))
+    im = ax.imshow(grid, cmap="viridis", aspect="auto")
+    ax.set_xticks(range(len(cols)), [str(c) for c in cols])
+    ax.set_yticks(range(len(rows)), [str(r) for r in rows])
+    ax.set_xlabel(AXES[1])
+    ax.set_ylabel(AXES[0])
+    ax.set_title(metric)
+    for (i, k), v in np.ndenumerate(grid):
+        ax.text(k, i, "failed" if np.isnan(v) else f"{v:.3f}", ha="center", va="center",
+                bbox={"facecolor": "white", "alpha": 0.7, "linewidth": 0})
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def check_metric(metric: str) -> None:
+    if metric not in METRICS:
+        raise ConfigError(f"hydra.callbacks.sweep_summary.metric must be one of {', '.join(METRICS)} (got {metric})")
+
+
+def write_summary(sweep_dir: str | Path, metric: str = "best_val_cos") -> dict[str, str]:
+    """summary.csv, summary.md and (when gamma and lambda_max both vary) summary_heatmap.png; their paths."""
+    check_metric(metric)
+    sweep_dir = Path(sweep_dir)
+    if not sweep_dir.is_dir():
+        raise LvmError(f"sweep directory {sweep_dir}: no such directory")
+    jobs = find_jobs(sweep_dir)
+    for job, shown in zip(jobs, varying_overrides(jobs)):
+        job.row = {"job": job.num, "overrides": " ".join(shown), **job.values, "status": job.status}
+    paths = {"csv": sweep_dir / "summary.csv", "md": sweep_dir / "summary.md", "png": sweep_dir / "summary_heatmap.png"}
+    write_csv(jobs, paths["csv"])
+    write_md(jobs, paths["md"], sweep_dir)
+    if not plot_heatmap(jobs, metric, paths["png"]):
+        log.info("No heatmap: %s and %s do not both vary in this sweep", *AXES)
+        del paths["png"]
+    log.info("Sweep summary of %d jobs: %s", len(jobs), paths["md"])
+    return {k: str(v) for k, v in paths.items()}
+
+
+class SweepSummary(Callback):
+    """Hydra callback: summarise the sweep directory when a multirun ends."""
+
+    def __init__(self, metric: str = "best_val_cos") -> None:
+        check_metric(metric)
+        self.metric = metric
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        write_summary(config.hydra.sweep.dir, self.metric)

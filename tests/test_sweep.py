@@ -1,0 +1,72 @@
+"""Sweeps summarise themselves: summary.csv / .md / heatmap per multirun, failed jobs reported, DDP refused."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.test_train import ROOT, TINY, cli
+
+
+def rows(sweep: Path) -> list[dict[str, str]]:
+    with (sweep / "summary.csv").open() as f:
+        return list(csv.DictReader(f))
+
+
+def job_dirs(sweep: Path) -> list[Path]:
+    return sorted(p for p in sweep.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def test_grid_sweep_summarised_and_regenerated(tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = cli("-m", "+experiment=p6b_v2", "loss.gamma=4,8", "loss.lambda_max=0.02,0.05", *TINY,
+               "trainer.max_epochs=1", f"hydra.sweep.dir={sweep}", cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(job_dirs(sweep)) == 4
+    table = rows(sweep)
+    assert [r["job"] for r in table] == ["0", "1", "2", "3"]
+    expected = [f"loss.gamma={g} loss.lambda_max={m}" for g in (4, 8) for m in (0.02, 0.05)]
+    assert [r["overrides"] for r in table] == expected
+    for r in table:
+        assert r["status"] == "ok"
+        assert -1 <= float(r["best_val_cos"]) <= 1 and float(r["wall_time_s"]) >= 0
+        for key in ("final_val_cos", "margin_last", "r5", "rollbacks", "events"):
+            float(r[key])
+    md = (sweep / "summary.md").read_text()
+    assert md.count("| ok |") == 4 and all(e in md for e in expected)
+    png = sweep / "summary_heatmap.png"
+    assert png.read_bytes()[:4] == b"\x89PNG"
+
+    for name in ("summary.csv", "summary.md", "summary_heatmap.png"):
+        (sweep / name).unlink()
+    report = subprocess.run([sys.executable, "-m", "lvm.sweep_report", str(sweep), "--metric", "final_val_cos"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert report.returncode == 0, report.stderr[-3000:]
+    assert rows(sweep) == table and png.is_file() and (sweep / "summary.md").is_file()
+
+
+def test_failed_job_reported_and_sweep_goes_on(tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = cli("-m", "+experiment=p6b_v2", "loss.gamma=4,-1", *TINY, "trainer.max_epochs=1",
+               f"hydra.sweep.dir={sweep}", cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ok, failed = rows(sweep)
+    assert ok["overrides"] == "loss.gamma=4" and ok["status"] == "ok"
+    assert failed["overrides"] == "loss.gamma=-1" and failed["status"].startswith("failed: ")
+    assert "loss.gamma must be > 0" in failed["status"] and failed["best_val_cos"] == ""
+    results = json.loads((job_dirs(sweep)[1] / "results.json").read_text())
+    assert results["status"] == "failed" and "loss.gamma" in results["error"]
+    assert not (sweep / "summary_heatmap.png").exists()  # only gamma varies
+
+
+def test_ddp_multirun_refused(tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = cli("-m", "loss.gamma=4,8", *TINY, "trainer.strategy=ddp", "trainer.devices=2",
+               f"hydra.sweep.dir={sweep}", cwd=ROOT)
+    assert proc.returncode != 0
+    assert "relaunch the whole sweep" in proc.stderr and "trainer.strategy=ddp" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not list(sweep.glob("*/checkpoints"))
