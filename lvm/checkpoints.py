@@ -32,3 +32,9 @@ def read_checkpoint(path: str | Path, keys: Iterable[str] = TRAINING_KEYS, map_l
     if "hyper_parameters" in keys and ("config" not in hp or "dim" not in hp):
         raise LvmError(f"checkpoint {path}: hyper_parameters lack 'config' or 'dim' (not an lvm checkpoint)")
     return ckpt
+
+
+def check_dim(path: str | Path, hyper_parameters: dict[str, Any], dim: int) -> None:
+    """The checkpoint's model must have been trained on D = `dim` vectors."""
+    if hyper_parameters.get("dim") != dim:
+        raise LvmError(f"checkpoint {path}: model was trained on D={hyper_parameters.get('dim')} vectors, the data has D={dim}")

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from callbacks.mini5cat import stratified_sample
 from lvm import metrics as M
-from lvm.checkpoints import read_checkpoint
+from lvm.checkpoints import check_dim, read_checkpoint
 from lvm.config import to_plain
 from lvm.data.loaders import load_store
 from lvm.data.splits import make_splits
@@ -60,8 +60,7 @@ def model_predictor(module: torch.nn.Module, batch_size: int) -> Predictor:
 def load_model(ckpt: dict[str, Any], path: str | Path, dim: int) -> LVMModule:
     """The checkpoint's module in eval mode, after checking it was trained on D = `dim`."""
     hp = ckpt["hyper_parameters"]
-    if hp["dim"] != dim:
-        raise LvmError(f"checkpoint {path}: model was trained on D={hp['dim']} vectors, the data has D={dim}")
+    check_dim(path, hp, dim)
     module = LVMModule(hp["config"], dim)
     module.load_state_dict(ckpt["state_dict"])
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
 from callbacks import FaultInjection, Mini5CAT, RampSchedule, RollbackGuard, SkipGuard, TensorBoardDashboard
-from lvm.checkpoints import read_checkpoint
+from lvm.checkpoints import check_dim, read_checkpoint
 from lvm.config import to_plain, validate
 from lvm.data.loaders import load_store
 from lvm.data.splits import make_splits
@@ -138,8 +138,7 @@ def resolve_checkpoint(ckpt_path: str | None, run_dir: Path) -> tuple[str, dict[
 def check_compatible(ckpt: tuple[str, dict[str, Any]], cfg: DictConfig, dim: int) -> None:
     """The checkpoint's model must be the one this config builds on this data."""
     path, hp = ckpt
-    if hp.get("dim") != dim:
-        raise LvmError(f"checkpoint {path}: model was trained on D={hp.get('dim')} vectors, the data has D={dim}")
+    check_dim(path, hp, dim)
     theirs, ours = hp["config"]["model"], to_plain(cfg)["model"]
     diff = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k) and k not in ("dropout",))
     if diff:
