@@ -23,12 +23,11 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from callbacks.mini5cat import stratified_sample
 from lvm import metrics as M
 from lvm.checkpoints import check_dim, read_checkpoint
 from lvm.config import to_plain
 from lvm.data.loaders import load_store
-from lvm.data.splits import make_splits
+from lvm.data.splits import make_splits, stratified_sample
 from lvm.data.store import Windows, WindowSpec
 from lvm.errors import ConfigError, LvmError
 from lvm.fivecat import CROSS, SPLIT_NAMES, Predictor, compare_splits, judge, make_perturbation, parse_eval, score_windows, summarize

@@ -3,7 +3,8 @@
 import numpy as np
 import torch
 
-from callbacks.mini5cat import Mini5CAT, health_metrics, stratified_sample
+from callbacks.mini5cat import Mini5CAT, health_metrics
+from lvm.data.splits import stratified_sample
 from lvm.data.store import ArticleStore, WindowSpec
 from lvm.data.synthetic import synthetic_corpus
 
