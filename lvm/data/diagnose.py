@@ -1,0 +1,364 @@
+"""`python -m lvm.data.diagnose <store.npz> [key=value ...]`: what an article store can teach.
+
+Loads the store, splits its articles (held-out articles for the baselines, as training would),
+computes the statistics of lvm/data/diagnostics.py and writes diagnose.json (strict JSON),
+diagnose.md and diagnose.png into `out_dir` (default <store dir>/diagnose/). Exit code 0, or 2
+with one line on stderr for bad input or configuration.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+
+from lvm.data import diagnostics as Dg
+from lvm.data.loaders import load_store_npz
+from lvm.data.splits import split_articles
+from lvm.data.store import ArticleStore
+from lvm.errors import ConfigError, LvmError
+from lvm.fivecat import strict_json
+
+log = logging.getLogger(__name__)
+
+EXIT_OK, EXIT_BAD_INPUT = 0, 2
+NAMES = {"copy_last": "copy-last", "mean_context": "mean of context", "ridge": "ridge"}
+
+
+def layout_of(store: ArticleStore) -> Dg.Layout:
+    """The row layout diagnostics needs, taken from a validated store."""
+    return Dg.Layout(store.row_article, store.chunk_indices, store.article_starts, store.article_lengths, store.article_id_of)
+
+
+def settings_of(cfg: DictConfig) -> Dg.Settings:
+    """Settings from the config (ConfigError naming the key when a value is impossible)."""
+    try:
+        return Dg.Settings(
+            context=int(cfg.context), max_offset=int(cfg.max_offset), far_gap=int(cfg.far_gap),
+            near_duplicate=float(cfg.near_duplicate), position_bins=int(cfg.position_bins),
+            edge_pairs=int(cfg.edge_pairs), pairs=int(cfg.pairs), bootstrap=int(cfg.bootstrap),
+            level=float(cfg.level), alphas=tuple(float(a) for a in cfg.ridge.alphas),
+            max_train=int(cfg.ridge.max_train), max_eval=int(cfg.max_eval), examples=int(cfg.examples),
+            seed=int(cfg.seed), progress=bool(cfg.progress),
+        )
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"invalid diagnose settings: a value has the wrong type ({e})") from None
+
+
+def split_codes(store: ArticleStore, val: float, tune: float, seed: int) -> tuple[np.ndarray, dict[str, int]]:
+    """FIT / TUNE / HELDOUT per article: `val` of the articles held out (split_articles, `seed`),
+    `tune` of the rest choosing ridge's alpha (split_articles, `seed` + 1)."""
+    for name, value in (("split.val", val), ("ridge.tune", tune)):
+        if not 0 < value < 1:
+            raise ConfigError(f"{name} must be a fraction in (0, 1) (got {value})")
+    ids = store.unique_articles()
+    outer = split_articles(ids, val, 0.0, seed)
+    inner = split_articles(outer["train"], tune, 0.0, seed + 1)
+    codes = np.full(len(ids), Dg.FIT, np.int8)
+    codes[np.isin(ids, inner["val"])] = Dg.TUNE
+    codes[np.isin(ids, outer["val"])] = Dg.HELDOUT
+    return codes, {"heldout": len(outer["val"]), "tune": len(inner["val"]), "fit": len(inner["train"])}
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """The CLI's work: load, diagnose, write the three files; returns the report."""
+    if OmegaConf.is_missing(cfg, "store") or not cfg.store:
+        raise ConfigError("no store given: python -m lvm.data.diagnose <store.npz> (or store=PATH)")
+    settings = settings_of(cfg)
+    path = Path(str(cfg.store))
+    t0 = time.perf_counter()
+    store = load_store_npz(path, cfg.normalize)
+    codes, articles = split_codes(store, float(cfg.split.val), float(cfg.ridge.tune), int(cfg.split.seed))
+    stats = Dg.diagnose(store.vectors.numpy(), layout_of(store), codes, settings, str(path))
+    report = {
+        "store": {"path": str(path), "chunks": len(store), "articles": store.num_articles, "dim": store.dim},
+        "settings": OmegaConf.to_container(cfg, resolve=True),
+        "split_articles": articles,
+        **stats,
+    }
+    report["findings"] = Dg.findings(report)
+    report["seconds_total"] = time.perf_counter() - t0
+    out_dir = Path(cfg.out_dir) if cfg.out_dir else path.parent / "diagnose"
+    report["outputs"] = write_outputs(report, out_dir)
+    return report
+
+
+# ----------------------------------------------------------------------------- outputs
+
+
+def write_outputs(report: dict[str, Any], out_dir: Path) -> dict[str, str]:
+    """diagnose.json, diagnose.md and diagnose.png in `out_dir`; returns their paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out_dir / "diagnose.json", "md": out_dir / "diagnose.md", "png": out_dir / "diagnose.png"}
+    paths["json"].write_text(json.dumps(strict_json(report), indent=2, allow_nan=False) + "\n")
+    paths["md"].write_text(markdown(report))
+    plot(report, paths["png"])
+    return {k: str(v) for k, v in paths.items()}
+
+
+def _f(v: Any, digits: int = 3) -> str:
+    if v is None or (isinstance(v, float) and v != v):
+        return "n/a"
+    if isinstance(v, float):
+        return f"{v:+.{digits}f}" if v < 0 else f"{v:.{digits}f}"
+    return str(v)
+
+
+def _ci(stat: dict[str, Any], i: int | None = None) -> str:
+    """'mean [lo, hi]' of a bootstrap entry (column i of list-valued entries)."""
+    pick = (lambda v: v if i is None or v is None else v[i])
+    lo, hi = pick(stat["lo"]), pick(stat["hi"])
+    ci = f" [{_f(lo)}, {_f(hi)}]" if lo is not None else ""
+    return _f(pick(stat["mean"])) + ci
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header), *("| " + " | ".join(r) + " |" for r in rows), ""]
+
+
+def markdown(r: dict[str, Any]) -> str:
+    """The report as markdown: findings, a summary table, then one section per statistic."""
+    st, w, s = r["store"], r["windows"], r["settings"]
+    k, pct = s["context"], int(round(100 * s["level"]))
+    lines = [f"# Dataset diagnosis: `{st['path']}`", "",
+             f"- {st['chunks']} chunks, {st['articles']} articles, D={st['dim']}; {w['windows']} windows "
+             f"(context {k} + the next chunk, inside one article) in {w['articles']} articles",
+             f"- intervals: {pct}% percentile bootstrap over articles ({s['bootstrap']} resamples); time {r['seconds_total']:.1f} s", "",
+             "## Findings", "", *(f"- {f}" for f in r["findings"]), "", "## Summary", ""]
+    sim, b = r["similarity"], r["baselines"]
+    rows = [["cos(ctx[-1], next)", _ci(w["decay"], 0)], ["cos(ctx[-1], ctx[-2])", _ci(w["cos_last_prev"])],
+            [f"cos(next, ctx[-j]), j = 1..{k}", ", ".join(_f(v) for v in w["decay"]["mean"])],
+            [f"same article, more than {s['far_gap']} chunks apart", _f(sim["same_article_far"]["mean"])],
+            ["different articles", _f(sim["different_articles"]["mean"])],
+            ["norm of the mean vector", _f(r["anisotropy"]["mean_vector_norm"])],
+            [f"adjacent near duplicates (cos >= {s['near_duplicate']})", _f(r["near_duplicates"]["near_duplicate_fraction"], 4)]]
+    if "predictors" in b:
+        p = b["predictors"]
+        rows.append(["held-out cos(pred, next): copy-last / mean of context / ridge",
+                     " / ".join(_f(p[n]["forward"]["cos_target"]["mean"]) for n in NAMES)])
+        rows.append(["ridge cos(pred, ctx[-1])", _f(p["ridge"]["forward"]["cos_last"]["mean"])])
+    lines += _table(["statistic", "value"], rows)
+    lines += _adjacent_md(r["adjacent"])
+    lines += _direction_md(r, pct)
+    lines += _similarity_md(r)
+    lines += _baselines_md(b, pct)
+    return "\n".join(lines)
+
+
+def _adjacent_md(a: dict[str, Any]) -> list[str]:
+    rel = a["relative"]
+    edges = rel["bin_edges"]
+    rows = [[f"{edges[i]:.1f}-{edges[i + 1]:.1f}", _f(m), str(c)] for i, (m, c) in enumerate(zip(rel["mean"], rel["count"]))]
+    out = ["## Adjacent chunks by position in the article", "",
+           f"Mean cos of chunks i and i+1 ({a['pairs']} pairs, mean {_f(a['mean'])}), by the pair's relative position "
+           "(0 = first pair of the article, 1 = last). A rise or fall at the ends means article openings or endings "
+           "behave differently from the body.", ""]
+    out += _table(["relative position", "mean cos", "pairs"], rows)
+    edge = [[str(i), _f(a["from_start"]["mean"][i]), _f(a["from_end"]["mean"][i])] for i in range(len(a["from_start"]["mean"]))]
+    return out + _table(["pair from the edge", "from the start", "from the end"], edge)
+
+
+def _direction_md(r: dict[str, Any], pct: int) -> list[str]:
+    w, prof = r["windows"], r["offset_profile"]
+    k = r["settings"]["context"]
+    out = ["## Similarity decay and direction", "",
+           "Decay: mean cos(next, ctx[-j]) over all windows; similarity falls with distance.", ""]
+    out += _table(["j", f"cos(next, ctx[-j]) [{pct}% CI]"], [[str(j + 1), _ci(w["decay"], j)] for j in range(k)])
+    if prof is None:
+        out += [f"Offset profile: no chunk has {r['settings']['max_offset']} consecutive chunks on both sides.", ""]
+    else:
+        out += [f"Offset profile: mean cos(c_i, c_(i+k)) over the SAME {prof['anchors']} anchors i ({prof['articles']} articles) "
+                "for every k, so the two sides compare like with like. Forward minus backward at distance d is "
+                "cos(c_i, c_(i+d)) - cos(c_i, c_(i-d)) over those anchors.", ""]
+        m = len(prof["distances"])
+        rows = [[str(d), _ci(prof["profile"], m + d), _ci(prof["profile"], m - d), _ci(prof["forward_minus_backward"], d - 1)]
+                for d in prof["distances"]]
+        out += _table(["d", "forward cos(c_i, c_(i+d))", "backward cos(c_i, c_(i-d))", f"forward - backward [{pct}% CI]"], rows)
+    out += ["Two single numbers, for comparison with earlier reports:", "",
+            f"- matched distances, windows: cos(ctx[-1], next) - cos(ctx[-1], ctx[-2]) = {_ci(w['matched_difference'])}. "
+            "Both pairs are one chunk apart; per article this difference is exactly "
+            "[cos(last adjacent pair) - cos(pair at chunk k-2)] / windows, a boundary term, not a direction.",
+            f"- MISMATCHED distances (the original's \"delta\"): cos(next, ctx[-2]) - cos(next, ctx[-1]) = {_ci(w['mismatched_delta'])}. "
+            "It compares a pair two chunks apart with a pair one chunk apart, so it measures the decay above; "
+            "its sign says nothing about an arrow of time, however narrow its interval.", ""]
+    return out
+
+
+def _similarity_md(r: dict[str, Any]) -> list[str]:
+    sim, a, nd = r["similarity"], r["anisotropy"], r["near_duplicates"]
+    rows = [[f"same article, more than {sim['far_gap']} apart", str(sim["same_article_far"]["pairs"]), _f(sim["same_article_far"]["mean"]), _f(sim["same_article_far"]["std"])],
+            ["different articles", str(sim["different_articles"]["pairs"]), _f(sim["different_articles"]["mean"]), _f(sim["different_articles"]["std"])]]
+    out = ["## Within against across articles", "",
+           "Pairs drawn uniformly (seeded sample) from all pairs of each kind.", ""]
+    out += _table(["pairs", "sampled", "mean cos", "std"], rows)
+    out += ["## Anisotropy", "",
+            f"Norm of the mean vector: {_f(a['mean_vector_norm'])} (0 = directions spread evenly). Its square, "
+            f"{_f(a['mean_vector_norm_squared'])}, is about the mean cos of two random chunks: the floor every cosine above stands on.", "",
+            "## Near duplicates", "",
+            f"{nd['near_duplicate_pairs']} of {nd['adjacent_pairs']} adjacent pairs have cos >= {nd['threshold']} "
+            f"({_f(nd['near_duplicate_fraction'], 4)}); {nd['exact_adjacent_pairs']} are exact copies. Exact copies anywhere "
+            f"in the store: {nd['exact_copies_anywhere']['extra_copies']} extra rows in {nd['exact_copies_anywhere']['groups']} groups "
+            f"({nd['exact_copies_anywhere']['groups_spanning_articles']} spanning articles).", ""]
+    if nd["examples"]:
+        out += _table(["article", "chunks", "store rows", "cos"], [[str(e["article"]), f"{e['chunks'][0]}, {e['chunks'][1]}", f"{e['rows'][0]}, {e['rows'][1]}", f"{e['cos']:.4f}"] for e in nd["examples"]])
+    return out
+
+
+def _baselines_md(b: dict[str, Any], pct: int) -> list[str]:
+    out = ["## Baselines on held-out articles", ""]
+    if "predictors" not in b:
+        return out + [f"Skipped: {b['skipped']}.", ""]
+    out += [f"Forward: predict the next chunk from the previous ones. Backward: predict the chunk before from the ones after, "
+            f"time-reversed so ctx[-1] is again the nearest. Same blocks both ways; {b['heldout_scored']} of {b['windows']['heldout']} "
+            f"held-out windows scored ({b['heldout_articles']} articles). Ridge: closed form on flattened contexts with an intercept, "
+            f"fitted on {b['train_sampled']} training windows (uniform sample when more), alpha chosen by mean cos on the tune articles, "
+            f"then refitted on fit + tune; predictions are normalised.", ""]
+    p = b["predictors"]
+    rows = [[NAMES[n], _ci(p[n]["forward"]["cos_target"]), _ci(p[n]["backward"]["cos_target"]), _ci(p[n]["forward_minus_backward"]),
+             _f(p[n]["forward"]["cos_last"]["mean"]), _f(p[n]["backward"]["cos_last"]["mean"])] for n in NAMES]
+    out += _table(["predictor", f"forward cos(pred, target) [{pct}% CI]", "backward", "forward - backward", "fwd cos(pred, ctx[-1])", "bwd cos(pred, ctx[-1])"], rows)
+    for direction, info in b["ridge"].items():
+        tried = ", ".join(f"{a}: {_f(v)}" for a, v in info["tune_cos_by_alpha"].items())
+        out.append(f"- ridge {direction}: alpha {info['alpha']:g} (tune cos by alpha: {tried}; {info['fit_windows']} fit, {info['tune_windows']} tune windows)")
+    return out + [""]
+
+
+def plot(r: dict[str, Any], path: Path) -> None:
+    """Six panels: adjacent cos by position, decay, offset profile, asymmetry, within/cross, baselines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(2, 3, figsize=(17, 9.5))
+    _plot_adjacent(ax[0, 0], r["adjacent"])
+    _plot_decay(ax[0, 1], r["windows"])
+    _plot_profile(ax[0, 2], ax[1, 0], r["offset_profile"], r["windows"])
+    _plot_similarity(ax[1, 1], r["similarity"])
+    _plot_baselines(ax[1, 2], r["baselines"])
+    fig.suptitle(f"{r['store']['path']}: {r['store']['chunks']} chunks, {r['store']['articles']} articles, D={r['store']['dim']} "
+                 f"(bars and bands: {int(round(100 * r['settings']['level']))}% article bootstrap)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def _nan(values: list[Any]) -> np.ndarray:
+    return np.array([np.nan if v is None else v for v in values], float)
+
+
+def _err(stat: dict[str, Any]) -> np.ndarray | None:
+    """Asymmetric error bars (2, n) from a list-valued bootstrap entry, or None without a CI."""
+    if stat["lo"] is None:
+        return None
+    mean = _nan(stat["mean"])
+    return np.abs(np.vstack([mean - _nan(stat["lo"]), _nan(stat["hi"]) - mean]))
+
+
+def _plot_adjacent(ax: Any, a: dict[str, Any]) -> None:
+    edges = np.array(a["relative"]["bin_edges"])
+    ax.plot((edges[1:] + edges[:-1]) / 2, _nan(a["relative"]["mean"]), marker="o")
+    if a["mean"] is not None:
+        ax.axhline(a["mean"], color="grey", linestyle=":", label=f"all pairs {a['mean']:.3f}")
+        ax.legend()
+    ax.set(title="adjacent chunks by position", xlabel="relative position of the pair in its article (0 first, 1 last)", ylabel="mean cos(c_i, c_(i+1))")
+
+
+def _plot_decay(ax: Any, w: dict[str, Any]) -> None:
+    j = np.arange(1, len(w["decay"]["mean"]) + 1)
+    ax.errorbar(j, _nan(w["decay"]["mean"]), yerr=_err(w["decay"]), marker="o", capsize=3, label="cos(next, ctx[-j])")
+    ax.axhline(w["cos_last_prev"]["mean"], color="C1", linestyle="--", label=f"cos(ctx[-1], ctx[-2]) {w['cos_last_prev']['mean']:.3f}")
+    ax.set(title="decay with distance (next-chunk windows)", xlabel="j", ylabel="mean cos", xticks=j)
+    ax.legend()
+
+
+def _plot_profile(ax: Any, ax_asym: Any, prof: dict[str, Any] | None, w: dict[str, Any]) -> None:
+    if prof is None:
+        for a in (ax, ax_asym):
+            a.text(0.5, 0.5, "no anchors with max_offset chunks on both sides", ha="center", transform=a.transAxes)
+        return
+    k = np.array(prof["offsets"])
+    mean = _nan(prof["profile"]["mean"])
+    mean[k == 0] = np.nan  # cos 1 at k = 0 would flatten the plot
+    ax.plot(k, mean, marker="o")
+    if prof["profile"]["lo"] is not None:
+        lo, hi = _nan(prof["profile"]["lo"]), _nan(prof["profile"]["hi"])
+        lo[k == 0] = hi[k == 0] = np.nan
+        ax.fill_between(k, lo, hi, alpha=0.3)
+    ax.set(title=f"offset profile, same {prof['anchors']} anchors for every k", xlabel="k (chunks from the anchor)", ylabel="mean cos(c_i, c_(i+k))")
+    d = np.array(prof["distances"])
+    ax_asym.errorbar(d, _nan(prof["forward_minus_backward"]["mean"]), yerr=_err(prof["forward_minus_backward"]), marker="o", capsize=3,
+                     label="matched: cos(c_i,c_(i+d)) - cos(c_i,c_(i-d))")
+    ax_asym.axhline(0, color="k", linewidth=0.8)
+    ax_asym.axhline(w["mismatched_delta"]["mean"], color="C3", linestyle="--",
+                    label=f"MISMATCHED 2-vs-1 delta {w['mismatched_delta']['mean']:+.3f} (decay, not direction)")
+    ax_asym.set(title="forward minus backward", xlabel="distance d", ylabel="cos difference", xticks=d)
+    ax_asym.legend(fontsize=8)
+
+
+def _plot_similarity(ax: Any, sim: dict[str, Any]) -> None:
+    edges = np.array(sim["histogram_edges"])
+    for name, label in (("same_article_far", f"same article, > {sim['far_gap']} apart"), ("different_articles", "different articles")):
+        counts = np.array(sim[name]["histogram"], float)
+        if counts.sum():
+            ax.stairs(counts / counts.sum(), edges, label=f"{label} (mean {sim[name]['mean']:.3f})")
+    ax.set(title="within against across articles", xlabel="cos", ylabel="fraction of pairs")
+    ax.legend()
+
+
+def _plot_baselines(ax: Any, b: dict[str, Any]) -> None:
+    if "predictors" not in b:
+        ax.text(0.5, 0.5, "baselines skipped", ha="center", transform=ax.transAxes)
+        return
+    x = np.arange(len(NAMES))
+    for i, direction in enumerate(("forward", "backward")):
+        stats = [b["predictors"][n][direction]["cos_target"] for n in NAMES]
+        mean = np.array([s["mean"] for s in stats])
+        err = None if stats[0]["lo"] is None else np.abs(np.array([[m - s["lo"], s["hi"] - m] for m, s in zip(mean, stats)]).T)
+        ax.bar(x + (i - 0.5) * 0.38, mean, 0.38, yerr=err, capsize=3, label=direction)
+        for xi, m in zip(x, mean):
+            ax.text(xi + (i - 0.5) * 0.38, m, f"{m:.3f}", ha="center", va="bottom", fontsize=8)
+    ax.set(title="baselines on held-out articles", xticks=x, xticklabels=[NAMES[n] for n in NAMES], ylabel="mean cos(pred, target)")
+    ax.legend(loc="lower right")
+
+
+# ----------------------------------------------------------------------------- entry point
+
+_exit_code = EXIT_BAD_INPUT
+
+
+@hydra.main(version_base="1.3", config_path="../../conf", config_name="diagnose")
+def main(cfg: DictConfig) -> None:
+    global _exit_code
+    try:
+        report = run(cfg)
+    except LvmError as e:
+        print(f"lvm.data.diagnose: {e}", file=sys.stderr)
+        _exit_code = EXIT_BAD_INPUT
+        return
+    print(f"lvm.data.diagnose: wrote {', '.join(report['outputs'].values())}")
+    _exit_code = EXIT_OK
+
+
+def store_argument(argv: list[str]) -> list[str]:
+    """`<store.npz> k=v ...` -> `store='<store.npz>' k=v ...` (a first argument without '=' is the store)."""
+    if len(argv) > 1 and "=" not in argv[1] and not argv[1].startswith("-"):
+        quoted = argv[1].replace("'", "\\'")  # Hydra's quoted strings escape only quotes
+        return [argv[0], f"store='{quoted}'", *argv[2:]]
+    return argv
+
+
+if __name__ == "__main__":
+    sys.argv = store_argument(sys.argv)
+    try:
+        main()
+    except SystemExit as e:  # Hydra's own errors (unknown key, bad override) exit 1: bad input
+        raise SystemExit(EXIT_BAD_INPUT if e.code not in (None, 0) else 0) from None
+    raise SystemExit(_exit_code)

@@ -1,0 +1,307 @@
+"""`python -m lvm.data.diagnose`: every statistic against values computed independently on small
+hand-made stores (closed forms, brute force), the CLI end to end, and bad inputs."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hydra import compose, initialize_config_dir
+
+from lvm.data import diagnostics as Dg
+from lvm.data.diagnose import layout_of, run, split_codes, store_argument
+from lvm.data.store import ArticleStore
+from lvm.errors import ConfigError, DataError, LvmError
+from tests.helpers import STANDARD, unit_rows
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = Dg.Settings(max_offset=3, pairs=20_000, bootstrap=200, alphas=(1e-6, 1.0), progress=False)
+THETA = 0.4  # rotation per chunk: cos 0.921, below the near-duplicate threshold
+
+
+def rotation_store(lengths: list[int], theta: float | list[np.ndarray] = THETA, shared_plane: bool = False, seed: int = 0) -> ArticleStore:
+    """Article a walks around a circle in its own plane (e_2a, e_2a+1), or all in (e0, e1):
+    chunk t sits at angle phase_a + (cumulative step angles up to t). With a constant step theta,
+    cos of chunks k apart is cos(k * theta) exactly; chunks of different planes are orthogonal."""
+    rng = np.random.default_rng(seed)
+    d = 4 if shared_plane else 2 * len(lengths)
+    rows, art, chunk = [], [], []
+    for a, n in enumerate(lengths):
+        steps = np.full(n, theta) if np.isscalar(theta) else theta[a]
+        phase = rng.uniform(0, 2 * np.pi) + np.concatenate(([0.0], np.cumsum(steps[1:n])))
+        v = np.zeros((n, d))
+        p = 0 if shared_plane else 2 * a
+        v[:, p], v[:, p + 1] = np.cos(phase), np.sin(phase)
+        rows.append(v)
+        art += [a] * n
+        chunk += list(range(n))
+    return ArticleStore(np.concatenate(rows).astype(np.float32), np.array(art), np.array(chunk))
+
+
+def diagnose(store: ArticleStore, settings: Dg.Settings = FAST) -> dict:
+    codes, _ = split_codes(store, 0.3, 0.3, 0)
+    return Dg.diagnose(store.vectors.numpy(), layout_of(store), codes, settings)
+
+
+# ----------------------------------------------------------------------------- closed forms
+
+
+def test_rotation_store_matches_closed_forms():
+    lengths = [12, 15, 9, 20, 14, 11, 18, 10, 16, 13]
+    store = rotation_store(lengths)
+    r = diagnose(store)
+    c = np.cos
+    w = r["windows"]
+    assert w["windows"] == sum(n - 5 for n in lengths) == len(store.windows(STANDARD))
+    np.testing.assert_allclose(w["decay"]["mean"], c(THETA * np.arange(1, 6)), atol=1e-5)
+    assert w["cos_last_prev"]["mean"] == pytest.approx(c(THETA), abs=1e-5)
+    assert w["matched_difference"]["mean"] == pytest.approx(0, abs=1e-5)
+    assert w["mismatched_delta"]["mean"] == pytest.approx(c(2 * THETA) - c(THETA), abs=1e-5)
+    adj = r["adjacent"]
+    assert adj["pairs"] == sum(n - 1 for n in lengths)
+    np.testing.assert_allclose([m for m in adj["relative"]["mean"] if m is not None], c(THETA), atol=1e-5)
+    prof = r["offset_profile"]
+    assert prof["anchors"] == sum(n - 6 for n in lengths)  # max_offset 3 on both sides
+    np.testing.assert_allclose(prof["profile"]["mean"], c(THETA * np.arange(-3, 4)), atol=1e-5)
+    np.testing.assert_allclose(prof["forward_minus_backward"]["mean"], 0, atol=1e-5)
+    sim = r["similarity"]
+    assert sim["different_articles"]["mean"] == pytest.approx(0, abs=1e-6)  # orthogonal planes
+    far = [c(THETA * (j - i)) for n in lengths for i, j in itertools.combinations(range(n), 2) if j - i > 3]
+    assert sim["same_article_far"]["mean"] == pytest.approx(np.mean(far), abs=0.015)
+    nd = r["near_duplicates"]
+    assert nd["near_duplicate_pairs"] == 0 and nd["exact_copies_anywhere"]["extra_copies"] == 0
+    b = r["baselines"]["predictors"]
+    for direction in ("forward", "backward"):
+        assert b["copy_last"][direction]["cos_target"]["mean"] == pytest.approx(c(THETA), abs=1e-5)
+        assert b["copy_last"][direction]["cos_last"]["mean"] == pytest.approx(1.0, abs=1e-6)
+        # The mean of 5 unit vectors at angles phi-2t..phi+2t points at phi: 3 steps from the target.
+        assert b["mean_context"][direction]["cos_target"]["mean"] == pytest.approx(c(3 * THETA), abs=1e-5)
+    assert Dg.findings(r)  # findings read the report without error
+
+
+def test_ridge_learns_a_shared_rotation_and_oracle_scores_one():
+    store = rotation_store([14, 17, 12, 20, 15, 16, 13, 18, 19, 11, 14, 16], shared_plane=True)
+    r = diagnose(store)
+    ridge = r["baselines"]["predictors"]["ridge"]
+    for direction in ("forward", "backward"):
+        assert ridge[direction]["cos_target"]["mean"] == pytest.approx(1.0, abs=1e-4)
+        assert ridge[direction]["cos_last"]["mean"] == pytest.approx(np.cos(THETA), abs=1e-4)
+        assert r["baselines"]["ridge"][direction]["alpha"] == 1e-6
+    X = store.vectors.numpy()
+    starts = np.flatnonzero(Dg.run_ahead(layout_of(store), 5) >= 5)
+    scored = Dg.score(X, *Dg.block_rows(starts, 5, "backward"), {"oracle": Dg.oracle})
+    np.testing.assert_allclose(scored["oracle"]["target"], 1.0, atol=1e-6)
+
+
+def test_solve_ridge_recovers_an_exact_linear_map():
+    rng = np.random.default_rng(0)
+    k, d, n = 3, 4, 200
+    W, b = rng.standard_normal((k * d, d)), rng.standard_normal(d)
+    ctx_vectors = rng.standard_normal((n * k, d))
+    targets = ctx_vectors.reshape(n, k * d) @ W + b
+    X = np.concatenate([ctx_vectors, targets]).astype(np.float32)
+    ctx, tgt = np.arange(n * k).reshape(n, k), n * k + np.arange(n)
+    g = Dg.gram(X, ctx, tgt, center=X.mean(0))
+    half = Dg.gram(X, ctx[:100], tgt[:100], X.mean(0)) + Dg.gram(X, ctx[100:], tgt[100:], X.mean(0))
+    np.testing.assert_allclose(half.xtx, g.xtx, rtol=1e-5, atol=1e-4)  # Gram statistics add up (float32 blocks)
+    fit = Dg.solve_ridge(g, 1e-8)
+    np.testing.assert_allclose(fit.W, W, atol=1e-3)
+    np.testing.assert_allclose(fit.b, b, atol=1e-3)
+
+
+def test_baseline_scores_equal_direct_computation():
+    X = unit_rows(60, 8, seed=3)
+    starts = np.array([0, 7, 20, 33, 50])
+    ctx, tgt = Dg.block_rows(starts, 5, "forward")
+    bctx, btgt = Dg.block_rows(starts, 5, "backward")
+    assert (ctx[:, -1] == starts + 4).all() and (tgt == starts + 5).all()
+    assert (bctx[:, -1] == starts + 1).all() and (bctx[:, 0] == starts + 5).all() and (btgt == starts).all()
+    scored = Dg.score(X, ctx, tgt, {"copy_last": Dg.copy_last, "mean_context": Dg.mean_context, "oracle": Dg.oracle})
+    for i, (c, t) in enumerate(zip(ctx, tgt)):
+        mean = X[c].mean(0)
+        assert scored["copy_last"]["target"][i] == pytest.approx(X[c[-1]] @ X[t], abs=1e-6)
+        assert scored["mean_context"]["target"][i] == pytest.approx(mean @ X[t] / np.linalg.norm(mean), abs=1e-6)
+        assert scored["mean_context"]["last"][i] == pytest.approx(mean @ X[c[-1]] / np.linalg.norm(mean), abs=1e-6)
+    np.testing.assert_allclose(scored["oracle"]["target"], 1.0, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- direction
+
+
+def growing_steps(lengths: list[int], seed: int = 0) -> list[np.ndarray]:
+    """Step angles that grow along every article: later pairs are less similar."""
+    return [0.1 + 0.04 * np.arange(n) + np.random.default_rng([seed, a]).uniform(0, 0.02, n) for a, n in enumerate(lengths)]
+
+
+def test_asymmetric_store_forward_differs_from_backward_by_construction():
+    lengths = [14, 17, 12, 20, 15, 16, 13, 18]
+    steps = growing_steps(lengths)
+    r = diagnose(rotation_store(lengths, steps))
+    fb = r["offset_profile"]["forward_minus_backward"]
+    m = 3
+    for d in range(1, m + 1):
+        # Brute force: anchors i with m chunks on both sides, angle between chunks = sum of steps.
+        diffs = []
+        for st, n in zip(steps, lengths):
+            phase = np.concatenate(([0.0], np.cumsum(st[1:n])))
+            diffs += [np.cos(phase[i + d] - phase[i]) - np.cos(phase[i] - phase[i - d]) for i in range(m, n - m)]
+        assert fb["mean"][d - 1] == pytest.approx(np.mean(diffs), abs=1e-5)
+        assert fb["hi"][d - 1] < 0  # the interval excludes 0
+    assert "real difference" in " ".join(Dg.findings(r))
+
+
+def test_stationary_store_interval_includes_zero():
+    rng = np.random.default_rng(5)
+    lengths = rng.integers(12, 30, 40)
+    rows, topic = [], Dg.unit(rng.standard_normal((40, 16)))
+    for a, n in enumerate(lengths):
+        rows.append(Dg.unit(topic[a] + 0.8 * rng.standard_normal((n, 16)) / 4))
+    store = ArticleStore(np.concatenate(rows).astype(np.float32), np.repeat(np.arange(40), lengths), np.concatenate([np.arange(n) for n in lengths]))
+    r = diagnose(store)
+    fb = r["offset_profile"]["forward_minus_backward"]
+    assert fb["lo"][0] <= 0 <= fb["hi"][0]
+    assert "no measurable arrow of time" in " ".join(Dg.findings(r))
+
+
+def test_matched_window_difference_is_a_boundary_term():
+    n, k = 23, 5
+    store = ArticleStore(unit_rows(n, 8, seed=2), np.zeros(n, int), np.arange(n))
+    r = diagnose(store, Dg.Settings(bootstrap=10, pairs=100, progress=False))
+    X = store.vectors.numpy()
+    pair = lambda i: float(X[i] @ X[i + 1])  # noqa: E731
+    assert r["windows"]["matched_difference"]["mean"] == pytest.approx((pair(n - 2) - pair(k - 2)) / (n - k), abs=1e-6)
+    assert r["windows"]["matched_difference"]["lo"] is None  # one article: no interval
+    assert "skipped" in r["baselines"]  # one article cannot be split
+
+
+# ----------------------------------------------------------------------------- pieces
+
+
+def test_gaps_in_chunk_indices_are_never_bridged():
+    store = ArticleStore(unit_rows(9, 4), np.array([0] * 6 + [1] * 3), np.array([0, 1, 2, 4, 5, 6, 0, 1, 2]))
+    layout = layout_of(store)
+    np.testing.assert_array_equal(Dg.run_ahead(layout, 9), [2, 1, 0, 2, 1, 0, 2, 1, 0])
+    lag = Dg.lag_cosines(store.vectors.numpy(), Dg.run_ahead(layout, 9), 2)
+    assert np.isnan(lag[1, [2, 5, 8]]).all() and np.isnan(lag[2, [1, 2, 4, 5]]).all()
+    assert lag[2, 3] == pytest.approx(float(store.vectors[3] @ store.vectors[5]), abs=1e-6)
+
+
+def test_near_duplicates_and_exact_copies():
+    base = unit_rows(10, 8, seed=4)
+    near = Dg.unit(base[2] + 0.1 * unit_rows(1, 8, seed=9)[0])  # cos ~0.995 with base[2]
+    X = np.stack([base[0], base[0], base[1], base[2], near, base[3], base[4], base[0], base[5], base[6]]).astype(np.float32)
+    store = ArticleStore(X, np.array([0] * 5 + [1] * 5), np.r_[0:5, 0:5])
+    lag1 = Dg.lag_cosines(X, Dg.run_ahead(layout_of(store), 1), 1)[1]
+    nd = Dg.near_duplicates(X, lag1, layout_of(store), Dg.Settings(examples=5, progress=False))
+    expected = sum(float(X[i] @ X[i + 1]) >= 0.95 for i in range(9) if i != 4)
+    assert nd["adjacent_pairs"] == 8 and nd["near_duplicate_pairs"] == expected == 2
+    assert nd["exact_adjacent_pairs"] == 1
+    assert nd["exact_copies_anywhere"] == {"extra_copies": 2, "groups": 1, "groups_spanning_articles": 1}
+    assert nd["examples"][0]["rows"] == [0, 1] and nd["examples"][0]["article"] == 0
+
+
+def test_anisotropy_of_known_sets():
+    e = np.eye(4, dtype=np.float32)
+    assert Dg.anisotropy(Dg.mean_vector(np.tile(e[0], (10, 1))))["mean_vector_norm"] == pytest.approx(1.0)
+    assert Dg.anisotropy(Dg.mean_vector(np.stack([e[0], -e[0]] * 5)))["mean_vector_norm"] == pytest.approx(0.0)
+    a = Dg.anisotropy(Dg.mean_vector(np.stack([e[0], e[1]] * 5)))
+    assert a["mean_vector_norm"] == pytest.approx(np.sqrt(0.5)) and a["mean_vector_norm_squared"] == pytest.approx(0.5)
+
+
+def test_pair_samples_are_uniform_over_eligible_pairs():
+    store = ArticleStore(unit_rows(17, 4), np.array([0] * 9 + [1] * 3 + [2] * 5), np.r_[0:9, 0:3, 0:10:2])
+    layout = layout_of(store)
+    a, b = Dg.far_pairs(layout, 3, 60_000, np.random.default_rng(0))
+    art, chunk = layout.row_article, layout.chunk_indices.astype(int)
+    assert (art[a] == art[b]).all() and (np.abs(chunk[a] - chunk[b]) > 3).all()
+    eligible = {(i, j) for i in range(17) for j in range(17) if art[i] == art[j] and abs(chunk[i] - chunk[j]) > 3}
+    counts = np.array([np.sum((a == i) & (b == j)) for i, j in sorted(eligible)])
+    assert len(np.unique(list(zip(a, b)), axis=0)) == len(eligible)
+    assert counts.min() > 0.8 * counts.mean() and counts.max() < 1.2 * counts.mean()
+    a, b = Dg.cross_pairs(layout, 5000, np.random.default_rng(1))
+    assert (art[a] != art[b]).all()
+
+
+def test_article_bootstrap():
+    values = np.array([1.0, 1.0, 1.0, 3.0, 5.0])
+    groups = np.array([7, 7, 7, 2, 2])
+    boot = Dg.article_bootstrap(values, groups, 500, seed=0)
+    assert boot["mean"] == pytest.approx(11 / 5) and boot["articles"] == 2 and boot["items"] == 5
+    assert 1.0 <= boot["lo"] <= boot["mean"] <= boot["hi"] <= 4.0  # article means are 1 and 4
+    assert Dg.article_bootstrap(values, np.zeros(5), 500, 0)["lo"] is None
+
+
+def test_settings_are_checked():
+    with pytest.raises(ConfigError, match="max_offset"):
+        Dg.Settings(max_offset=0)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def write_store(path: Path, store_lengths: list[int] | None = None, **arrays) -> Path:
+    if not arrays:
+        lengths = store_lengths or [12, 15, 9, 20, 14, 11, 18, 10, 16, 13]
+        store = rotation_store(lengths)
+        arrays = {"vectors": store.vectors.numpy(), "article_indices": store.article_ids, "chunk_indices": store.chunk_indices}
+    np.savez(path, **arrays)
+    return path
+
+
+def cfg(*overrides: str):
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        return compose("diagnose", overrides=[*overrides, "progress=false", "bootstrap=50", "pairs=2000"])
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "lvm.data.diagnose", *args, "progress=false", "bootstrap=50", "pairs=2000"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_cli_end_to_end(tmp_path):
+    path = write_store(tmp_path / "my store.npz")
+    proc = cli(str(path), "max_offset=2")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = tmp_path / "diagnose"
+    report = json.loads((out / "diagnose.json").read_text(), parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
+    assert report["store"]["path"] == str(path) and report["settings"]["max_offset"] == 2
+    assert report["windows"]["decay"]["mean"][0] == pytest.approx(np.cos(THETA), abs=1e-5)
+    md = (out / "diagnose.md").read_text()
+    assert "MISMATCHED" in md and "## Baselines on held-out articles" in md
+    assert (out / "diagnose.png").read_bytes()[:4] == b"\x89PNG"
+    assert str(out / "diagnose.md") in proc.stdout
+
+
+def test_cli_bad_input_exits_2_naming_the_file(tmp_path):
+    missing = tmp_path / "nope.npz"
+    proc = cli(str(missing))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().count("\n") == 0 and str(missing) in proc.stderr
+
+
+def test_bad_inputs_name_the_file(tmp_path):
+    no_key = write_store(tmp_path / "nokey.npz", vectors=unit_rows(10, 4), chunk_indices=np.arange(10))
+    short = write_store(tmp_path / "short.npz", vectors=unit_rows(8, 4), article_indices=np.repeat([0, 1], 4), chunk_indices=np.r_[0:4, 0:4])
+    for path, words in ((tmp_path / "nope.npz", "no such file"), (no_key, "article_indices"), (short, "no window")):
+        with pytest.raises(LvmError) as e:
+            run(cfg(f"store={path}", f"out_dir={tmp_path / 'o'}"))
+        assert str(path) in str(e.value) and words in str(e.value), str(e.value)
+    with pytest.raises(ConfigError, match="no store given"):
+        run(cfg())
+    with pytest.raises(ConfigError, match="split.val"):
+        run(cfg(f"store={short}", "split.val=1.5"))
+    assert isinstance(DataError("x"), LvmError)
+
+
+def test_store_argument_rewrites_a_bare_path():
+    assert store_argument(["prog", "a/b.npz", "seed=1"]) == ["prog", "store='a/b.npz'", "seed=1"]
+    assert store_argument(["prog", "it's.npz"]) == ["prog", "store='it\\'s.npz'"]
+    assert store_argument(["prog", "store=x.npz"]) == ["prog", "store=x.npz"]
+    assert store_argument(["prog", "--help"]) == ["prog", "--help"]
