@@ -5,7 +5,11 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 ARGS    ?=
 
-.PHONY: setup train test test-full sweep tensorboard bench clean
+TEXT_STAMP := $(VENV)/.installed-text
+WHEELS  := data/cache
+WIKI_MEMBER := gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2
+
+.PHONY: setup setup-text train test test-full sweep tensorboard bench data-wiki clean
 
 setup: $(STAMP)
 
@@ -15,6 +19,21 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
+
+# The optional text extra (sentence-transformers, MiniLM weights, wordllama) for lvm.data.build.
+setup-text: $(TEXT_STAMP)
+
+$(TEXT_STAMP): $(STAMP)
+	$(BIN)/pip install --quiet -e '.[dev,text]'
+	touch $(TEXT_STAMP)
+
+# The Wikipedia excerpt inside the gensim 4.4.0 wheel (106 real articles), read straight from the
+# wheel (gensim itself is not installed), embedded with MiniLM into data/wiki_minilm/.
+data-wiki: $(TEXT_STAMP)
+	ls $(WHEELS)/gensim-4.4.0-*.whl >/dev/null 2>&1 || \
+		$(BIN)/pip download --quiet --no-deps --only-binary=:all: gensim==4.4.0 -d $(WHEELS)
+	$(BIN)/python -m lvm.data.build input=$$(ls $(WHEELS)/gensim-4.4.0-*.whl | head -n 1) \
+		input_member=$(WIKI_MEMBER) encoder=minilm out_dir=data/wiki_minilm $(ARGS)
 
 train: setup
 	$(BIN)/python -m lvm.train +experiment=p6b_v2 $(ARGS)

@@ -89,7 +89,8 @@ def _problems(cfg: DictConfig) -> list[str]:
     need(d.source in ("synthetic", "store_npz", "windows_npz"),
          f"data.source must be synthetic, store_npz or windows_npz (got {d.source!r})")
     if d.source != "synthetic":
-        need(bool(d.path) and Path(str(d.path)).is_file(), f"data.path must be an existing NPZ file (got {d.path!r})")
+        hint = f" ({d.hint})" if d.get("hint") else ""
+        need(bool(d.path) and Path(str(d.path)).is_file(), f"data.path must be an existing NPZ file (got {d.path!r}){hint}")
     need(d.normalize in ("renormalize", "error"), f"data.normalize must be renormalize or error (got {d.normalize!r})")
     need(d.batch_size >= 1 and d.eval_batch_size >= 1, "data.batch_size and data.eval_batch_size must be >= 1")
     need(d.num_workers >= 0, f"data.num_workers must be >= 0 (got {d.num_workers})")

@@ -1,0 +1,344 @@
+"""`python -m lvm.data.build input=PATH out_dir=DIR [encoder=minilm]`: real text into an article store.
+
+Reads a MediaWiki dump, a folder of .txt files or JSONL (lvm/data/text.py), chunks each document,
+embeds the chunks (lvm/data/encoders.py) and writes into `out_dir`:
+- `store.npz`: the reference's article-store keys `vectors` [N, D] float32 (unit rows),
+  `article_indices` [N], `chunk_indices` [N], plus `titles` [A] and `doc_ids` [A] per article;
+- `chunks.jsonl`: one line per row of the store with its article, chunk index and text;
+- `build_info.json`: source, encoder, dim, counts, throughput.
+Resumable: embedded documents are kept in `out_dir/parts/` (one NPZ + JSONL per part and a
+manifest); re-running the same command skips every document already embedded. A build with
+different settings in the same `out_dir` is refused rather than mixed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import hydra
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
+
+from lvm.cli import positional_override
+from lvm.data.encoders import Encoder, make_encoder
+from lvm.data.text import Chunker, Document, read_documents
+from lvm.errors import ConfigError, DataError, LvmError
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+COUNTS = (
+    "documents_read", "documents_kept", "documents_embedded_earlier", "documents_embedded_this_run",
+    "chunks_embedded_this_run", "words", "paragraphs_dropped_not_prose", "words_dropped_not_prose",
+)
+EXIT_OK, EXIT_BAD_INPUT = 0, 2
+
+
+@dataclass
+class Pending:
+    """Documents chunked but not yet embedded."""
+
+    docs: list[tuple[Document, list[str]]] = field(default_factory=list)
+
+    @property
+    def chunks(self) -> int:
+        return sum(len(c) for _, c in self.docs)
+
+
+class Parts:
+    """The resumable state of a build: embedded parts on disk and the manifest that lists them."""
+
+    def __init__(self, folder: Path, settings: dict[str, Any]) -> None:
+        self.folder = folder
+        self.settings = settings
+        self.manifest: dict[str, Any] = {"settings": settings, "encoder": None, "parts": []}
+        path = folder / MANIFEST
+        if path.is_file():
+            try:
+                self.manifest = json.loads(path.read_text())
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}: corrupt build manifest ({e.msg}); delete {folder} to start over") from None
+            self._check_settings(path)
+        self.done = {doc[0] for part in self.manifest["parts"] for doc in part["docs"]}
+
+    def _check_settings(self, path: Path) -> None:
+        theirs = self.manifest.get("settings", {})
+        diff = sorted(k for k in set(theirs) | set(self.settings) if theirs.get(k) != self.settings.get(k))
+        if diff:
+            detail = "; ".join(f"{k}: {theirs.get(k)!r} there vs {self.settings.get(k)!r} now" for k in diff)
+            raise ConfigError(
+                f"{path}: out_dir holds a build made with other settings ({detail}); use another out_dir, "
+                f"or delete {self.folder} to start over"
+            )
+
+    @property
+    def encoder_dtype(self) -> str | None:
+        return (self.manifest.get("encoder") or {}).get("dtype")
+
+    def write(self, pending: Pending, vectors: np.ndarray, encoder: dict[str, Any], seconds: float) -> None:
+        """Store one embedded part, then record it in the manifest (each write atomic)."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        name = f"part-{len(self.manifest['parts']):05d}"
+        _atomic_savez(self.folder / f"{name}.npz", vectors=vectors)
+        lines = [
+            json.dumps({"doc_id": doc.id, "title": doc.title, "chunk_index": i, "words": len(text.split()), "text": text}, ensure_ascii=False)
+            for doc, chunks in pending.docs
+            for i, text in enumerate(chunks)
+        ]
+        _atomic_write(self.folder / f"{name}.jsonl", "\n".join(lines) + "\n")
+        self.manifest["encoder"] = encoder
+        self.manifest["parts"].append({
+            "name": name,
+            "docs": [[doc.id, doc.title, len(chunks)] for doc, chunks in pending.docs],
+            "chunks": len(lines),
+            "encode_seconds": round(seconds, 3),
+        })
+        _atomic_write(self.folder / MANIFEST, json.dumps(self.manifest, ensure_ascii=False, indent=1))
+        self.done.update(doc.id for doc, _ in pending.docs)
+
+    def assemble(self, out_dir: Path, context: int) -> dict[str, Any]:
+        """Write store.npz and chunks.jsonl from every part, in part order; return their counts."""
+        if not self.manifest["parts"]:
+            raise DataError(f"{self.settings['input']}: no document was kept, so there is nothing to store (see the skipped counts above)")
+        vectors, article, chunk, titles, doc_ids = [], [], [], [], []
+        row = 0
+        with _atomic_open(out_dir / "chunks.jsonl") as out:
+            for part in self.manifest["parts"]:
+                part_vectors = self._part_vectors(part)
+                texts = (self.folder / f"{part['name']}.jsonl").read_text(encoding="utf-8").splitlines()
+                if len(texts) != len(part_vectors):
+                    raise DataError(f"{self.folder / part['name']}.jsonl: {len(texts)} chunk texts for {len(part_vectors)} vectors")
+                vectors.append(part_vectors)
+                lines = iter(texts)
+                for doc_id, title, n in part["docs"]:
+                    article.append(np.full(n, len(titles), dtype=np.int32))
+                    chunk.append(np.arange(n, dtype=np.int32))
+                    for _ in range(n):
+                        out.write(json.dumps({"row": row, "article_index": len(titles), **json.loads(next(lines))}, ensure_ascii=False) + "\n")
+                        row += 1
+                    titles.append(title)
+                    doc_ids.append(doc_id)
+        dims = {v.shape[1] for v in vectors}
+        if len(dims) > 1:
+            raise DataError(f"{self.folder}: parts have different dimensions {sorted(dims)}; delete {self.folder} and rebuild")
+        _atomic_savez(
+            out_dir / "store.npz",
+            vectors=np.concatenate(vectors),
+            article_indices=np.concatenate(article),
+            chunk_indices=np.concatenate(chunk),
+            titles=np.array(titles, dtype=str),
+            doc_ids=np.array(doc_ids, dtype=str),
+        )
+        lengths = np.array([len(c) for c in chunk])
+        return {"articles": len(titles), "chunks": row, "dim": dims.pop()} | window_counts(lengths, context)
+
+    def _part_vectors(self, part: Mapping[str, Any]) -> np.ndarray:
+        path = self.folder / f"{part['name']}.npz"
+        try:
+            with np.load(path) as npz:
+                v = npz["vectors"]
+        except (OSError, KeyError, ValueError) as e:
+            raise DataError(f"{path}: cannot read this part ({e}); delete it and its manifest entry, or {self.folder}, and re-run") from None
+        if len(v) != part["chunks"]:
+            raise DataError(f"{path}: {len(v)} vectors but the manifest lists {part['chunks']} chunks")
+        return v
+
+
+def window_counts(lengths: np.ndarray, context: int) -> dict[str, int]:
+    """How many next-chunk windows of `context` chunks the articles hold (each inside one article)."""
+    return {
+        f"windows_context{context}_next": int(np.clip(lengths - context, 0, None).sum()),
+        f"articles_with_a_window_context{context}": int((lengths > context).sum()),
+    }
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    with _atomic_open(path) as f:
+        f.write(text)
+
+
+class _atomic_open:
+    """A text file that appears under its name only once it is completely written."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.tmp = path.with_name(f".{path.name}.tmp")
+
+    def __enter__(self):
+        self.file = self.tmp.open("w", encoding="utf-8")
+        return self.file
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.file.close()
+        if exc_type is None:
+            os.replace(self.tmp, self.path)
+        else:
+            self.tmp.unlink(missing_ok=True)
+
+
+def _atomic_savez(path: Path, **arrays: np.ndarray) -> None:
+    tmp = path.with_name(f".{path.stem}.tmp.npz")
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
+
+
+def settings_of(cfg: DictConfig) -> dict[str, Any]:
+    """What decides the content of a build: a resumed build must have the same."""
+    return {
+        "input": str(Path(cfg.input).resolve()),
+        "input_member": cfg.input_member,
+        "input_format": cfg.input_format,
+        "namespaces": list(cfg.namespaces),
+        "chunk": OmegaConf.to_container(cfg.chunk, resolve=True),
+        "min_article_words": int(cfg.min_article_words),
+        "encoder": OmegaConf.to_container(cfg.encoder, resolve=True),
+    }
+
+
+def validate(cfg: DictConfig) -> None:
+    """Impossible settings, named, before any model is loaded or any text read."""
+    for key in ("input", "out_dir"):
+        if OmegaConf.is_missing(cfg, key) or not cfg[key]:
+            raise ConfigError(f"{key} must be set: python -m lvm.data.build input=PATH out_dir=DIR [encoder=minilm]")
+    if int(cfg.min_article_words) < 0:
+        raise ConfigError(f"min_article_words must be >= 0 (got {cfg.min_article_words})")
+    if int(cfg.part_chunks) < 1:
+        raise ConfigError(f"part_chunks must be >= 1 (got {cfg.part_chunks})")
+    if cfg.max_documents is not None and int(cfg.max_documents) < 1:
+        raise ConfigError(f"max_documents must be null or >= 1 (got {cfg.max_documents})")
+    if int(cfg.windows_context) < 1:
+        raise ConfigError(f"windows_context must be >= 1 (got {cfg.windows_context})")
+
+
+def build(cfg: DictConfig) -> dict[str, Any]:
+    """Run a build (or finish an interrupted one) and return its build info."""
+    validate(cfg)
+    start = time.perf_counter()
+    out_dir = Path(cfg.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    chunker = Chunker(int(cfg.chunk.min_words), int(cfg.chunk.max_words), bool(cfg.chunk.prose_only))
+    settings = settings_of(cfg)
+    parts = Parts(out_dir / "parts", settings)
+    documents = read_documents(cfg.input, cfg.input_format, cfg.input_member)
+    encoder_cfg = dict(settings["encoder"])
+    if encoder_cfg.get("dtype") == "auto" and parts.encoder_dtype:
+        encoder_cfg["dtype"] = parts.encoder_dtype  # a resumed build keeps the precision it chose
+    encoder = make_encoder(encoder_cfg)
+    counts, encode_seconds = _embed_all(cfg, documents, chunker, encoder, parts)
+    stored = parts.assemble(out_dir, int(cfg.windows_context))
+    wall = time.perf_counter() - start
+    info = {
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "input": {k: settings[k] for k in ("input", "input_member", "input_format", "namespaces")},
+        "encoder": parts.manifest["encoder"] or encoder.describe(),
+        "chunk": settings["chunk"] | {"min_article_words": settings["min_article_words"]},
+        "dim": stored["dim"],
+        "counts": counts | {k: v for k, v in stored.items() if k != "dim"},
+        "throughput": {
+            "wall_seconds": round(wall, 2),
+            "encode_seconds_this_run": round(encode_seconds, 2),
+            "chunks_embedded_this_run": counts["chunks_embedded_this_run"],
+            "chunks_per_second": round(counts["chunks_embedded_this_run"] / encode_seconds, 1) if encode_seconds else None,
+        },
+        "outputs": {name: str(out_dir / name) for name in ("store.npz", "chunks.jsonl", "build_info.json")},
+    }
+    _atomic_write(out_dir / "build_info.json", json.dumps(info, indent=2, ensure_ascii=False) + "\n")
+    return info
+
+
+def _embed_all(cfg: DictConfig, documents: Iterator, chunker: Chunker, encoder: Encoder, parts: Parts) -> tuple[dict[str, Any], float]:
+    """Read, chunk and embed every document not embedded yet; returns counts and encoding time."""
+    counts: Counter[str] = Counter({k: 0 for k in COUNTS})
+    skipped: Counter[str] = Counter()
+    seen: set[str] = set()
+    pending = Pending()
+    encode_seconds = 0.0
+    limit = cfg.max_documents
+
+    def flush() -> None:
+        nonlocal pending, encode_seconds
+        if not pending.docs:
+            return
+        t0 = time.perf_counter()
+        vectors = encoder.encode([text for _, chunks in pending.docs for text in chunks])
+        seconds = time.perf_counter() - t0
+        encode_seconds += seconds
+        parts.write(pending, vectors, encoder.describe(), seconds)
+        counts["chunks_embedded_this_run"] += len(vectors)
+        pending = Pending()
+
+    bar = tqdm(documents, desc="documents", unit="doc", disable=not cfg.progress, dynamic_ncols=True, mininterval=1.0)
+    for record in bar:
+        if not isinstance(record, Document):
+            skipped[record.reason] += 1
+            continue
+        if record.id in seen:
+            raise DataError(f"{cfg.input}: document id {record.id!r} appears twice; ids must be unique")
+        seen.add(record.id)
+        counts["documents_read"] += 1
+        if limit is not None and counts["documents_kept"] >= limit:
+            skipped["over max_documents"] += 1
+            continue
+        kept, dropped = chunker.kept_paragraphs(record.text)
+        words = sum(len(p.split()) for p in kept)
+        counts["paragraphs_dropped_not_prose"] += len(dropped)
+        counts["words_dropped_not_prose"] += sum(len(p.split()) for p in dropped)
+        if words < int(cfg.min_article_words) or words == 0:
+            skipped[f"fewer than {cfg.min_article_words} words"] += 1
+            continue
+        counts["documents_kept"] += 1
+        counts["words"] += words
+        if record.id in parts.done:
+            counts["documents_embedded_earlier"] += 1
+            continue
+        pending.docs.append((record, chunker.chunks(kept)))
+        if pending.chunks >= int(cfg.part_chunks):
+            flush()
+        bar.set_postfix(kept=counts["documents_kept"], embedded=counts["chunks_embedded_this_run"], refresh=False)
+    flush()
+    bar.close()
+    counts["documents_embedded_this_run"] = counts["documents_kept"] - counts["documents_embedded_earlier"]
+    result = dict(counts) | {"skipped": dict(skipped)}
+    for reason, n in sorted(skipped.items()):
+        log.info("skipped %d records: %s", n, reason)
+    return result, encode_seconds
+
+
+@hydra.main(version_base="1.3", config_path="../../conf", config_name="build")
+def main(cfg: DictConfig) -> None:
+    global _exit_code
+    try:
+        info = build(cfg)
+    except LvmError as e:
+        print(f"lvm.data.build: {e}", file=sys.stderr)
+        _exit_code = EXIT_BAD_INPUT
+        return
+    c, t = info["counts"], info["throughput"]
+    log.info(
+        "built %s: %d articles, %d chunks, D=%d, %d windows (context %d, next chunk); %d chunks embedded this run "
+        "in %.1f s (%s chunks/s)",
+        info["outputs"]["store.npz"], c["articles"], c["chunks"], info["dim"], c[f"windows_context{cfg.windows_context}_next"],
+        cfg.windows_context, t["chunks_embedded_this_run"], t["encode_seconds_this_run"], t["chunks_per_second"],
+    )
+
+
+_exit_code = EXIT_OK
+
+if __name__ == "__main__":
+    sys.argv = positional_override(sys.argv, "input")
+    try:
+        main()
+    except SystemExit as e:  # Hydra's own errors (unknown key, bad override)
+        raise SystemExit(EXIT_BAD_INPUT if e.code not in (None, 0) else 0) from None
+    raise SystemExit(_exit_code)
