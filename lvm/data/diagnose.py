@@ -29,6 +29,7 @@ from lvm.fivecat import strict_json
 log = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_BAD_INPUT = 0, 2
+PRIOR_TEXT = {"mean_context": "the mean-of-context weights (a large alpha gives the mean of context plus an intercept)", "zero": "zero"}
 NAMES = {"copy_last": "copy-last", "mean_context": "mean of context", "ridge": "ridge"}
 
 
@@ -44,7 +45,7 @@ def settings_of(cfg: DictConfig) -> Dg.Settings:
             context=int(cfg.context), max_offset=int(cfg.max_offset), far_gap=int(cfg.far_gap),
             near_duplicate=float(cfg.near_duplicate), position_bins=int(cfg.position_bins),
             edge_pairs=int(cfg.edge_pairs), pairs=int(cfg.pairs), bootstrap=int(cfg.bootstrap),
-            level=float(cfg.level), alphas=tuple(float(a) for a in cfg.ridge.alphas),
+            level=float(cfg.level), alphas=tuple(float(a) for a in cfg.ridge.alphas), prior=str(cfg.ridge.prior),
             max_train=int(cfg.ridge.max_train), max_eval=int(cfg.max_eval), examples=int(cfg.examples),
             seed=int(cfg.seed), progress=bool(cfg.progress),
         )
@@ -139,16 +140,16 @@ def markdown(r: dict[str, Any]) -> str:
             ["different articles", _f(sim["different_articles"]["mean"])],
             ["norm of the mean vector", _f(r["anisotropy"]["mean_vector_norm"])],
             [f"adjacent near duplicates (cos >= {s['near_duplicate']})", _f(r["near_duplicates"]["near_duplicate_fraction"], 4)]]
-    if "predictors" in b:
-        p = b["predictors"]
+    if "next" in b:
+        p = b["next"]["predictors"]
         rows.append(["held-out cos(pred, next): copy-last / mean of context / ridge",
-                     " / ".join(_f(p[n]["forward"]["cos_target"]["mean"]) for n in NAMES)])
-        rows.append(["ridge cos(pred, ctx[-1])", _f(p["ridge"]["forward"]["cos_last"]["mean"])])
+                     " / ".join(_f(p[n]["next"]["cos_target"]["mean"]) for n in NAMES)])
+        rows.append(["ridge cos(pred, ctx[-1])", _f(p["ridge"]["next"]["cos_last"]["mean"])])
     lines += _table(["statistic", "value"], rows)
     lines += _adjacent_md(r["adjacent"])
     lines += _direction_md(r, pct)
     lines += _similarity_md(r)
-    lines += _baselines_md(b, pct)
+    lines += _baselines_md(b, pct, k)
     return "\n".join(lines)
 
 
@@ -176,7 +177,10 @@ def _direction_md(r: dict[str, Any], pct: int) -> list[str]:
     else:
         out += [f"Offset profile: mean cos(c_i, c_(i+k)) over the SAME {prof['anchors']} anchors i ({prof['articles']} articles) "
                 "for every k, so the two sides compare like with like. Forward minus backward at distance d is "
-                "cos(c_i, c_(i+d)) - cos(c_i, c_(i-d)) over those anchors.", ""]
+                "cos(c_i, c_(i+d)) - cos(c_i, c_(i-d)) over those anchors. Per article its sum telescopes to the d pairs at the "
+                "end of the anchor range minus the d pairs at its start: a non-zero value means similarity drifts along the "
+                "article (see the position table), not that text has a direction. The prediction test on the same targets "
+                "(Baselines) is the direction test.", ""]
         m = len(prof["distances"])
         rows = [[str(d), _ci(prof["profile"], m + d), _ci(prof["profile"], m - d), _ci(prof["forward_minus_backward"], d - 1)]
                 for d in prof["distances"]]
@@ -196,7 +200,8 @@ def _similarity_md(r: dict[str, Any]) -> list[str]:
     rows = [[f"same article, more than {sim['far_gap']} apart", str(sim["same_article_far"]["pairs"]), _f(sim["same_article_far"]["mean"]), _f(sim["same_article_far"]["std"])],
             ["different articles", str(sim["different_articles"]["pairs"]), _f(sim["different_articles"]["mean"]), _f(sim["different_articles"]["std"])]]
     out = ["## Within against across articles", "",
-           "Pairs drawn uniformly (seeded sample) from all pairs of each kind.", ""]
+           "A seeded sample of pairs: a uniform chunk, then a uniform partner of the kind (so every chunk weighs the same, "
+           "as in training, rather than every pair).", ""]
     out += _table(["pairs", "sampled", "mean cos", "std"], rows)
     out += ["## Anisotropy", "",
             f"Norm of the mean vector: {_f(a['mean_vector_norm'])} (0 = directions spread evenly). Its square, "
@@ -211,19 +216,30 @@ def _similarity_md(r: dict[str, Any]) -> list[str]:
     return out
 
 
-def _baselines_md(b: dict[str, Any], pct: int) -> list[str]:
+def _baselines_md(b: dict[str, Any], pct: int, k: int) -> list[str]:
     out = ["## Baselines on held-out articles", ""]
-    if "predictors" not in b:
+    if "next" not in b:
         return out + [f"Skipped: {b['skipped']}.", ""]
-    out += [f"Forward: predict the next chunk from the previous ones. Backward: predict the chunk before from the ones after, "
-            f"time-reversed so ctx[-1] is again the nearest. Same blocks both ways; {b['heldout_scored']} of {b['windows']['heldout']} "
-            f"held-out windows scored ({b['heldout_articles']} articles). Ridge: closed form on flattened contexts with an intercept, "
-            f"fitted on {b['train_sampled']} training windows (uniform sample when more), alpha chosen by mean cos on the tune articles, "
-            f"then refitted on fit + tune; predictions are normalised.", ""]
-    p = b["predictors"]
-    rows = [[NAMES[n], _ci(p[n]["forward"]["cos_target"]), _ci(p[n]["backward"]["cos_target"]), _ci(p[n]["forward_minus_backward"]),
-             _f(p[n]["forward"]["cos_last"]["mean"]), _f(p[n]["backward"]["cos_last"]["mean"])] for n in NAMES]
-    out += _table(["predictor", f"forward cos(pred, target) [{pct}% CI]", "backward", "forward - backward", "fwd cos(pred, ctx[-1])", "bwd cos(pred, ctx[-1])"], rows)
+    nxt, p = b["next"], b["next"]["predictors"]
+    out += [f"Next chunk: {nxt['scored']} of {b['windows']['heldout']} held-out windows scored ({nxt['articles']} articles; "
+            "a uniform sample when more than max_eval).", ""]
+    rows = [[NAMES[n], _ci(p[n]["next"]["cos_target"]), _f(p[n]["next"]["cos_last"]["mean"])] for n in NAMES]
+    out += _table(["predictor", f"cos(pred, next) [{pct}% CI]", "cos(pred, ctx[-1])"], rows)
+    d = b["direction"]
+    if d is None:
+        out += [f"Forward against backward: no held-out chunk has {k} chunks on both sides.", ""]
+    else:
+        p = d["predictors"]
+        out += [f"Forward against backward on the same {d['scored']} held-out target chunks ({d['articles']} articles; of "
+                f"{b['direction_targets']} with {k} chunks on both sides): forward predicts each from the chunks before it, backward "
+                "from the chunks after it, time-reversed so ctx[-1] is again the nearest. Same targets, so the difference is paired.", ""]
+        rows = [[NAMES[n], _ci(p[n]["forward"]["cos_target"]), _ci(p[n]["backward"]["cos_target"]), _ci(p[n]["forward_minus_backward"]),
+                 _f(p[n]["forward"]["cos_last"]["mean"]), _f(p[n]["backward"]["cos_last"]["mean"])] for n in NAMES]
+        out += _table(["predictor", f"forward cos(pred, target) [{pct}% CI]", "backward", "forward - backward", "fwd cos(pred, ctx[-1])", "bwd cos(pred, ctx[-1])"], rows)
+    ridge = b["ridge"]["forward"]
+    out.append(f"Ridge: closed form on the flattened context with an intercept, one model per direction, shrunk toward "
+               f"{PRIOR_TEXT[ridge['prior']]}; fitted on {b['train_sampled']} training windows (a uniform sample when more than "
+               "ridge.max_train), alpha chosen by mean cos on the tune articles, then refitted on fit + tune; predictions are normalised.")
     for direction, info in b["ridge"].items():
         tried = ", ".join(f"{a}: {_f(v)}" for a, v in info["tune_cos_by_alpha"].items())
         out.append(f"- ridge {direction}: alpha {info['alpha']:g} (tune cos by alpha: {tried}; {info['fit_windows']} fit, {info['tune_windows']} tune windows)")
@@ -314,19 +330,25 @@ def _plot_similarity(ax: Any, sim: dict[str, Any]) -> None:
 
 
 def _plot_baselines(ax: Any, b: dict[str, Any]) -> None:
-    if "predictors" not in b:
+    if "next" not in b:
         ax.text(0.5, 0.5, "baselines skipped", ha="center", transform=ax.transAxes)
         return
-    x = np.arange(len(NAMES))
-    for i, direction in enumerate(("forward", "backward")):
-        stats = [b["predictors"][n][direction]["cos_target"] for n in NAMES]
-        mean = np.array([s["mean"] for s in stats])
-        err = None if stats[0]["lo"] is None else np.abs(np.array([[m - s["lo"], s["hi"] - m] for m, s in zip(mean, stats)]).T)
-        ax.bar(x + (i - 0.5) * 0.38, mean, 0.38, yerr=err, capsize=3, label=direction)
-        for xi, m in zip(x, mean):
-            ax.text(xi + (i - 0.5) * 0.38, m, f"{m:.3f}", ha="center", va="bottom", fontsize=8)
+    bars = [("next chunk (all windows)", b["next"]["predictors"], "next")]
+    if b["direction"]:
+        bars += [(f"{d} (same targets)", b["direction"]["predictors"], d) for d in ("forward", "backward")]
+    x, width = np.arange(len(NAMES)), 0.8 / len(bars)
+    for i, (label, preds, key) in enumerate(bars):
+        stats = [preds[n][key]["cos_target"] for n in NAMES]
+        mean = np.array([st["mean"] for st in stats])
+        err = None if stats[0]["lo"] is None else np.abs(np.array([[m - st["lo"], st["hi"] - m] for m, st in zip(mean, stats)]).T)
+        pos = x + (i - (len(bars) - 1) / 2) * width
+        ax.bar(pos, mean, width, yerr=err, capsize=3, label=label)
+        for xi, m in zip(pos, mean):
+            ax.text(xi, m, f"{m:.3f}", ha="center", va="bottom", fontsize=7)
+    values = [v for _, preds, key in bars for n in NAMES for v in (preds[n][key]["cos_target"]["mean"], preds[n][key]["cos_target"]["hi"]) if v is not None]
+    ax.set_ylim(max(0.0, np.floor((min(values) - 0.1) * 10) / 10), max(values) + 0.02 + 0.03 * len(bars))  # room for the legend
     ax.set(title="baselines on held-out articles", xticks=x, xticklabels=[NAMES[n] for n in NAMES], ylabel="mean cos(pred, target)")
-    ax.legend(loc="lower right")
+    ax.legend(loc="upper left", fontsize=8)
 
 
 # ----------------------------------------------------------------------------- entry point

@@ -38,6 +38,10 @@ _DUPLICATE_NOTE = 0.01
 # Split codes of `diagnose(split_of_article=...)`.
 FIT, TUNE, HELDOUT = 0, 1, 2
 
+# What ridge shrinks its weights toward: zero, or the weights of the mean-of-context predictor.
+PRIORS = ("mean_context", "zero")
+BASELINES = ("copy_last", "mean_context", "ridge")
+
 Predictor = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 
@@ -69,7 +73,8 @@ class Settings:
     pairs: int = 100_000
     bootstrap: int = 1000
     level: float = 0.95
-    alphas: tuple[float, ...] = (1.0, 10.0, 100.0, 1000.0, 10000.0)
+    alphas: tuple[float, ...] = (1.0, 10.0, 30.0, 100.0, 300.0, 1000.0, 10000.0)
+    prior: str = "mean_context"
     max_train: int = 20_000
     max_eval: int = 50_000
     examples: int = 5
@@ -89,6 +94,7 @@ class Settings:
                 (self.bootstrap >= 10, f"bootstrap must be >= 10 resamples (got {self.bootstrap})"),
                 (0.5 <= self.level < 1.0, f"level must be in [0.5, 1) (got {self.level})"),
                 (len(self.alphas) >= 1 and all(a > 0 for a in self.alphas), f"ridge.alphas must be a non-empty list of numbers > 0 (got {list(self.alphas)})"),
+                (self.prior in PRIORS, f"ridge.prior must be one of {list(PRIORS)} (got {self.prior!r})"),
                 (self.max_train >= 1, f"ridge.max_train must be >= 1 (got {self.max_train})"),
                 (self.max_eval >= 1, f"max_eval must be >= 1 (got {self.max_eval})"),
                 (self.examples >= 0, f"examples must be >= 0 (got {self.examples})"),
@@ -261,6 +267,12 @@ def window_stats(lag: np.ndarray, starts: np.ndarray, layout: Layout, k: int, s:
     }
 
 
+def centred_rows(run: np.ndarray, m: int) -> np.ndarray:
+    """Rows with m consecutive chunks of their article on both sides (run_ahead capped at >= 2m)."""
+    idx = np.arange(len(run))
+    return idx[(idx >= m) & (run[np.maximum(idx - m, 0)] >= 2 * m)]
+
+
 def offset_profile(lag: np.ndarray, run: np.ndarray, layout: Layout, s: Settings) -> dict[str, Any] | None:
     """Mean cos(c_i, c_{i+k}) for k = -m..m over ONE set of anchors (every k uses the same i),
     and forward minus backward at matched distances d: cos(c_i, c_{i+d}) - cos(c_i, c_{i-d}).
@@ -268,8 +280,7 @@ def offset_profile(lag: np.ndarray, run: np.ndarray, layout: Layout, s: Settings
     Anchors: rows with m consecutive chunks on both sides in their article. None without anchors.
     """
     m = s.max_offset
-    idx = np.arange(len(run))
-    anchors = idx[(idx >= m) & (run[np.maximum(idx - m, 0)] >= 2 * m)]
+    anchors = centred_rows(run, m)
     if not len(anchors):
         return None
     prof = np.empty((len(anchors), 2 * m + 1), np.float32)
@@ -288,7 +299,8 @@ def offset_profile(lag: np.ndarray, run: np.ndarray, layout: Layout, s: Settings
 
 
 def far_pairs(layout: Layout, gap: int, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """`n` row pairs drawn uniformly from all pairs of one article more than `gap` chunks apart."""
+    """`n` row pairs of one article more than `gap` chunks apart: a uniform row (among rows that
+    have such a partner), then a uniform partner. Every chunk weighs the same, as in training."""
     art = layout.row_article.astype(np.int64)
     chunk = layout.chunk_indices.astype(np.int64)
     scale = int(chunk.max()) + gap + 1  # keeps key +- gap inside the row's own article
@@ -299,17 +311,18 @@ def far_pairs(layout: Layout, gap: int, n: int, rng: np.random.Generator) -> tup
     end = start + layout.article_lengths[art]
     n_before = before_end - start
     n_after = end - after_start
-    weight = (n_before + n_after).astype(np.float64)
-    if weight.sum() == 0:
+    partners = n_before + n_after
+    eligible = np.flatnonzero(partners > 0)
+    if not len(eligible):
         return np.empty(0, np.int64), np.empty(0, np.int64)
-    first = rng.choice(len(key), size=n, p=weight / weight.sum())
-    u = (rng.random(n) * weight[first]).astype(np.int64)
+    first = rng.choice(eligible, size=n)
+    u = (rng.random(n) * partners[first]).astype(np.int64)
     second = np.where(u < n_before[first], start[first] + u, after_start[first] + u - n_before[first])
     return first, second
 
 
 def cross_pairs(layout: Layout, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """`n` row pairs drawn uniformly from all pairs of rows in different articles."""
+    """`n` row pairs of different articles: a uniform row, then a uniform row of another article."""
     rows = len(layout.row_article)
     if layout.num_articles < 2:
         return np.empty(0, np.int64), np.empty(0, np.int64)
@@ -469,12 +482,27 @@ def gram(X: np.ndarray, ctx: np.ndarray, tgt: np.ndarray, center: np.ndarray, de
     return g
 
 
-def solve_ridge(g: Gram, alpha: float) -> Ridge:
-    """Ridge with an unpenalised intercept: argmin |Y - XW - b|^2 + alpha |W|^2 (closed form)."""
+def prior_weights(kind: str, k: int, d: int) -> np.ndarray | None:
+    """W0 of `solve_ridge`: None (shrink to zero) or the map x -> mean of the k context vectors."""
+    return None if kind == "zero" else np.tile(np.eye(d), (k, 1)) / k
+
+
+def solve_ridge(g: Gram, alpha: float, prior: np.ndarray | None = None) -> Ridge:
+    """Ridge with an unpenalised intercept, closed form: argmin |Y - XW - b|^2 + alpha |W - W0|^2.
+
+    W0 = `prior` (None: zero). Shrinking toward the mean of context instead of zero means a
+    large alpha falls back to about that baseline (plus the intercept) rather than to a constant,
+    which matters when windows are few for K*D features.
+    """
     mx, my = g.xs / g.n, g.ys / g.n
     a = g.xtx - g.n * np.outer(mx, mx)
+    rhs = g.xty - g.n * np.outer(mx, my)
+    if prior is not None:
+        rhs -= a @ prior  # ridge on the residual Y - X W0, then W = W0 + V
     a[np.diag_indices_from(a)] += alpha
-    w = np.linalg.solve(a, g.xty - g.n * np.outer(mx, my))
+    w = np.linalg.solve(a, rhs)
+    if prior is not None:
+        w += prior
     b = g.cy + my - (g.cx + mx) @ w
     return Ridge(w.astype(np.float32), b.astype(np.float32))
 
@@ -496,20 +524,26 @@ def tune_ridge(X: np.ndarray, fit: tuple[np.ndarray, np.ndarray], tune: tuple[np
     """Pick alpha by mean cos on the tuning articles, then refit on fit + tune with that alpha."""
     g_fit = gram(X, *fit, center, f"ridge {label} fit", s.progress)
     g_tune = gram(X, *tune, center, f"ridge {label} tune", s.progress)
+    prior = prior_weights(s.prior, fit[0].shape[1], X.shape[1])
     scores = {}
-    for alpha in s.alphas:
-        scores[alpha] = float(score(X, *tune, {"r": solve_ridge(g_fit, alpha)})["r"]["target"].mean())
+    for alpha in tqdm(s.alphas, desc=f"ridge {label} alphas", unit="alpha", disable=not s.progress):
+        scores[alpha] = float(score(X, *tune, {"r": solve_ridge(g_fit, alpha, prior)})["r"]["target"].mean())
     best = max(scores, key=scores.get)
-    info = {"alpha": best, "tune_cos_by_alpha": {str(a): v for a, v in scores.items()}, "fit_windows": int(len(fit[1])), "tune_windows": int(len(tune[1]))}
-    return solve_ridge(g_fit + g_tune, best), info
+    info = {"alpha": best, "prior": s.prior, "tune_cos_by_alpha": {str(a): v for a, v in scores.items()},
+            "fit_windows": int(len(fit[1])), "tune_windows": int(len(tune[1]))}
+    return solve_ridge(g_fit + g_tune, best, prior), info
 
 
-def baselines(X: np.ndarray, starts: np.ndarray, layout: Layout, split_of_article: np.ndarray, center: np.ndarray, s: Settings) -> dict[str, Any]:
-    """copy-last, mean of context and ridge, forward and backward, on held-out articles.
+def baselines(X: np.ndarray, starts: np.ndarray, centred: np.ndarray, layout: Layout, split_of_article: np.ndarray, center: np.ndarray, s: Settings) -> dict[str, Any]:
+    """copy-last, mean of context and ridge on held-out articles.
 
-    Ridge is fitted on the FIT articles with alpha chosen on the TUNE articles (both outside the
-    held-out split), then refitted on both. Forward and backward use the same blocks, so their
-    difference is paired; its CI is a bootstrap over held-out articles.
+    - next: every held-out next-chunk window (ctx = the K chunks before, target = the next one).
+    - direction: the SAME held-out target chunks (`centred`: K chunks on both sides), predicted
+      from the K chunks before (forward) or the K after (backward, time-reversed so ctx[-1] is the
+      nearest). Same targets, so forward minus backward is paired: the arrow-of-time test.
+
+    Ridge (one per direction) is fitted on the FIT articles' windows with alpha chosen on the TUNE
+    articles (both outside the held-out split), then refitted on both. CIs: bootstrap over articles.
     """
     k = s.context
     split = split_of_article[layout.row_article[starts]]
@@ -518,31 +552,52 @@ def baselines(X: np.ndarray, starts: np.ndarray, layout: Layout, split_of_articl
         return {"skipped": f"needs windows in every split, got {counts} (more articles, or another split.val/seed)", "windows": counts}
     rng = np.random.default_rng([s.seed, 4])
     train = _sample(starts[split != HELDOUT], s.max_train, rng)
-    heldout = _sample(starts[split == HELDOUT], s.max_eval, rng)
     in_fit = split_of_article[layout.row_article[train]] == FIT
     if in_fit.all() or not in_fit.any():
         return {"skipped": "the ridge training sample has no window in the fit or the tune articles", "windows": counts}
-    result: dict[str, Any] = {"windows": counts, "train_sampled": int(len(train)), "heldout_scored": int(len(heldout)), "ridge": {}}
-    columns, names = [], []
+    models, info = {}, {}
     for direction in ("forward", "backward"):
-        model, info = tune_ridge(X, block_rows(train[in_fit], k, direction), block_rows(train[~in_fit], k, direction), center, s, direction)
-        result["ridge"][direction] = info
-        scored = score(X, *block_rows(heldout, k, direction), {"copy_last": copy_last, "mean_context": mean_context, "ridge": model}, f"score {direction}", s.progress)
+        models[direction], info[direction] = tune_ridge(X, block_rows(train[in_fit], k, direction), block_rows(train[~in_fit], k, direction), center, s, direction)
+    nxt = _sample(starts[split == HELDOUT], s.max_eval, rng)
+    targets = centred[split_of_article[layout.row_article[centred]] == HELDOUT]
+    chosen = _sample(targets, s.max_eval, rng)
+    direction = None
+    if len(chosen):
+        sets = {"forward": (*block_rows(chosen - k, k, "forward"), models["forward"]), "backward": (*block_rows(chosen, k, "backward"), models["backward"])}
+        direction = _score_sets(X, sets, layout.row_article[chosen], s, s.seed + 6)
+    return {
+        "windows": counts,
+        "train_sampled": int(len(train)),
+        "ridge": info,
+        "next": _score_sets(X, {"next": (*block_rows(nxt, k, "forward"), models["forward"])}, layout.row_article[nxt], s, s.seed + 5),
+        "direction_targets": int(len(targets)),
+        "direction": direction,
+    }
+
+
+def _score_sets(X: np.ndarray, sets: Mapping[str, tuple[np.ndarray, np.ndarray, Ridge]], groups: np.ndarray, s: Settings, seed: int) -> dict[str, Any]:
+    """Bootstrap means of cos(pred, target) and cos(pred, ctx[-1]) per set (ctx rows, target rows,
+    ridge model) and predictor; for two sets on the same targets also their paired difference."""
+    columns, names = [], []
+    for label, (ctx, tgt, ridge) in sets.items():
+        scored = score(X, ctx, tgt, {"copy_last": copy_last, "mean_context": mean_context, "ridge": ridge}, f"score {label}", s.progress)
         for name, cos in scored.items():
             for what, values in cos.items():
                 columns.append(values)
-                names.append((name, direction, what))
-    table = np.column_stack(columns)
-    fwd_bwd = [table[:, names.index((p, "forward", "target"))] - table[:, names.index((p, "backward", "target"))] for p in ("copy_last", "mean_context", "ridge")]
-    boot = article_bootstrap(np.column_stack([table, *fwd_bwd]), layout.row_article[heldout], s.bootstrap, s.seed + 5, s.level)
-    predictors: dict[str, Any] = {}
-    for i, (name, direction, what) in enumerate(names):
-        predictors.setdefault(name, {}).setdefault(direction, {})[f"cos_{what}"] = _listed(boot, i)
-    for j, name in enumerate(("copy_last", "mean_context", "ridge")):
-        predictors[name]["forward_minus_backward"] = _listed(boot, len(names) + j)
-    result["predictors"] = predictors
-    result["heldout_articles"] = boot["articles"]
-    return result
+                names.append((name, label, f"cos_{what}"))
+    if len(sets) == 2:
+        a, b = sets
+        for name in BASELINES:
+            columns.append(columns[names.index((name, a, "cos_target"))] - columns[names.index((name, b, "cos_target"))])
+            names.append((name, f"{a}_minus_{b}", ""))
+    boot = article_bootstrap(np.column_stack(columns), groups, s.bootstrap, seed, s.level)
+    out: dict[str, Any] = {}
+    for i, (name, label, what) in enumerate(names):
+        if what:
+            out.setdefault(name, {}).setdefault(label, {})[what] = _listed(boot, i)
+        else:
+            out.setdefault(name, {})[label] = _listed(boot, i)
+    return {"scored": boot["items"], "articles": boot["articles"], "predictors": out}
 
 
 def _sample(rows: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
@@ -569,7 +624,7 @@ def diagnose(X: np.ndarray, layout: Layout, split_of_article: np.ndarray, s: Set
         return value
 
     k = s.context
-    run = run_ahead(layout, max(k, 2 * s.max_offset))
+    run = run_ahead(layout, 2 * max(k, s.max_offset))
     starts = np.flatnonzero(run >= k)
     if not len(starts):
         longest = int(run.max()) + 1
@@ -583,7 +638,7 @@ def diagnose(X: np.ndarray, layout: Layout, split_of_article: np.ndarray, s: Set
         "similarity": timed("within vs cross article", lambda: similarity_pairs(X, layout, s)),
         "anisotropy": anisotropy(center),
         "near_duplicates": timed("near duplicates", lambda: near_duplicates(X, lag[1], layout, s)),
-        "baselines": timed("baselines", lambda: baselines(X, starts, layout, split_of_article, center, s)),
+        "baselines": timed("baselines", lambda: baselines(X, starts, centred_rows(run, k), layout, split_of_article, center, s)),
         "seconds": seconds,
     }
 
@@ -595,23 +650,22 @@ def findings(r: Mapping[str, Any]) -> list[str]:
     """Plain-language reading of a report: what the data can teach, and what it cannot."""
     out = []
     b = r["baselines"]
-    if "predictors" in b:
-        p = b["predictors"]
-        copy, mean, ridge = (p[n]["forward"]["cos_target"]["mean"] for n in ("copy_last", "mean_context", "ridge"))
+    if "next" in b:
+        p = b["next"]["predictors"]
+        copy, mean, ridge = (p[n]["next"]["cos_target"]["mean"] for n in BASELINES)
         best = max(mean, ridge)
         if best > copy:
             out.append(f"Headroom: the best baseline ({best:.3f}) beats copy-last ({copy:.3f}) by {best - copy:+.3f} on held-out "
                        "articles; a model has to beat these, not copy-last alone.")
         else:
             out.append(f"No headroom: neither mean of context ({mean:.3f}) nor ridge ({ridge:.3f}) beats copy-last ({copy:.3f}).")
-        gap = p["ridge"]["forward"]["cos_last"]["mean"] - ridge
+        gap = p["ridge"]["next"]["cos_last"]["mean"] - ridge
         out.append(f"Margin: ridge sits {gap:+.3f} closer to ctx[-1] than to the target, so a negative margin against ctx[-1] "
                    "is expected of a good predictor here.")
-        out.append(_direction_finding("Forward against backward prediction (ridge)", p["ridge"]["forward_minus_backward"]))
-    prof = r["offset_profile"]
-    if prof is not None:
-        first = {key: (v if v is None else v[0]) for key, v in prof["forward_minus_backward"].items()}
-        out.append(_direction_finding("Forward against backward similarity at distance 1, same anchors", first))
+    if b.get("direction"):
+        out.append(_direction_finding("Forward against backward prediction of the same chunks (ridge)", b["direction"]["predictors"]["ridge"]["forward_minus_backward"]))
+    if r["offset_profile"] is not None:
+        out.append(_profile_finding(r["offset_profile"], r["adjacent"]))
     delta = r["windows"]["mismatched_delta"]["mean"]
     out.append(f"The mismatched 2-vs-1 delta is {delta:+.3f}: similarity decays with distance; it is not a direction.")
     sim = r["similarity"]
@@ -627,6 +681,26 @@ def findings(r: Mapping[str, Any]) -> list[str]:
         out.append(f"Near duplicates: {nd['near_duplicate_fraction']:.1%} of adjacent pairs have cos >= {nd['threshold']}; "
                    "copy-last is flattered on them; consider deduplicating.")
     return out
+
+
+def _profile_finding(prof: Mapping[str, Any], adjacent: Mapping[str, Any]) -> str:
+    """One line on forward minus backward similarity at matched distances, read as what it is."""
+    fb = prof["forward_minus_backward"]
+    i = int(np.argmax(np.abs(fb["mean"])))
+    d, mean, lo, hi = prof["distances"][i], fb["mean"][i], fb["lo"], fb["hi"]
+    what = f"Forward against backward similarity at matched distances (same anchors): largest at d={d}, {mean:+.3f}"
+    if lo is None:
+        return what + " (no interval: fewer than two articles)."
+    if lo[i] <= 0 <= hi[i]:
+        return what + f" [{lo[i]:+.3f}, {hi[i]:+.3f}]: no measurable difference at any distance."
+    rel = adjacent["relative"]["mean"]
+    return (what + f" [{lo[i]:+.3f}, {hi[i]:+.3f}]. Per article it telescopes to the d pairs at the end minus the d pairs at the "
+            f"start of the anchor range: drift along the article (adjacent cos {_num(rel[0])} in the first bin, {_num(rel[-1])} "
+            "in the last), not an arrow of time.")
+
+
+def _num(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.3f}"
 
 
 def _direction_finding(what: str, stat: Mapping[str, Any]) -> str:
