@@ -53,12 +53,17 @@ def settings_of(cfg: DictConfig) -> Dg.Settings:
         raise ConfigError(f"invalid diagnose settings: a value has the wrong type ({e})") from None
 
 
-def split_codes(store: ArticleStore, val: float, tune: float, seed: int) -> tuple[np.ndarray, dict[str, int]]:
-    """FIT / TUNE / HELDOUT per article: `val` of the articles held out (split_articles, `seed`),
-    `tune` of the rest choosing ridge's alpha (split_articles, `seed` + 1)."""
+def check_fractions(val: float, tune: float) -> None:
+    """split.val and ridge.tune must be fractions strictly between 0 and 1."""
     for name, value in (("split.val", val), ("ridge.tune", tune)):
         if not 0 < value < 1:
             raise ConfigError(f"{name} must be a fraction in (0, 1) (got {value})")
+
+
+def split_codes(store: ArticleStore, val: float, tune: float, seed: int) -> tuple[np.ndarray, dict[str, int]]:
+    """FIT / TUNE / HELDOUT per article: `val` of the articles held out (split_articles, `seed`),
+    `tune` of the rest choosing ridge's alpha (split_articles, `seed` + 1)."""
+    check_fractions(val, tune)
     ids = store.unique_articles()
     outer = split_articles(ids, val, 0.0, seed)
     inner = split_articles(outer["train"], tune, 0.0, seed + 1)
@@ -73,6 +78,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if OmegaConf.is_missing(cfg, "store") or not cfg.store:
         raise ConfigError("no store given: python -m lvm.data.diagnose <store.npz> (or store=PATH)")
     settings = settings_of(cfg)
+    check_fractions(float(cfg.split.val), float(cfg.ridge.tune))  # before loading a large store
     path = Path(str(cfg.store))
     t0 = time.perf_counter()
     store = load_store_npz(path, cfg.normalize)

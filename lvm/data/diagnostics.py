@@ -148,6 +148,14 @@ def pair_cos(X: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return out
 
 
+def equal_rows(X: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Whether X[a[i]] and X[b[i]] are bitwise equal, gathering at most BLOCK rows at a time."""
+    out = np.empty(len(a), bool)
+    for s in range(0, len(a), BLOCK):
+        out[s : s + BLOCK] = np.all(X[a[s : s + BLOCK]] == X[b[s : s + BLOCK]], axis=1)
+    return out
+
+
 def unit(x: np.ndarray) -> np.ndarray:
     """Rows of `x` scaled to unit length (zero rows stay zero)."""
     norm = np.linalg.norm(x, axis=-1, keepdims=True)
@@ -369,7 +377,7 @@ def near_duplicates(X: np.ndarray, lag1: np.ndarray, layout: Layout, s: Settings
     rows = np.flatnonzero(np.isfinite(lag1))
     near = rows[lag1[rows] >= s.near_duplicate]
     almost = rows[lag1[rows] >= _EXACT_CANDIDATE]  # exact copies have cos 1 up to float rounding
-    exact = int(np.all(X[almost] == X[almost + 1], axis=1).sum()) if len(almost) else 0
+    exact = int(equal_rows(X, almost, almost + 1).sum())
     top = near[np.argsort(-lag1[near], kind="stable")[: s.examples]]
     art = layout.row_article
     return {
@@ -400,7 +408,7 @@ def exact_copies(X: np.ndarray, layout: Layout) -> dict[str, int]:
         h[s : s + BLOCK] = (bits[s : s + BLOCK].astype(np.uint64) * weights).sum(1, dtype=np.uint64)
     order = np.argsort(h, kind="stable")
     cand = np.flatnonzero(h[order][1:] == h[order][:-1])
-    links = cand[np.all(X[order[cand]] == X[order[cand + 1]], axis=1)] if len(cand) else cand
+    links = cand[equal_rows(X, order[cand], order[cand + 1])]
     if not len(links):
         return {"extra_copies": 0, "groups": 0, "groups_spanning_articles": 0}
     # A group of c copies is a chain of c-1 links between neighbours in hash order.
@@ -675,7 +683,7 @@ def findings(r: Mapping[str, Any]) -> list[str]:
                    f"{diff:.3f}; article identity is {'strong' if same - diff > 0.1 else 'weak'} ({same - diff:+.3f}).")
     norm = r["anisotropy"]["mean_vector_norm"]
     if norm > _ANISOTROPY_NOTE:
-        out.append(f"Anisotropy: the mean vector has norm {norm:.3f}; every cosine carries a floor of about {norm**2:.3f}.")
+        out.append(f"Anisotropy: the mean vector has norm {norm:.3f}, so two random chunks have mean cos about {norm**2:.3f}.")
     nd = r["near_duplicates"]
     if nd["near_duplicate_fraction"] and nd["near_duplicate_fraction"] > _DUPLICATE_NOTE:
         out.append(f"Near duplicates: {nd['near_duplicate_fraction']:.1%} of adjacent pairs have cos >= {nd['threshold']}; "
@@ -686,13 +694,16 @@ def findings(r: Mapping[str, Any]) -> list[str]:
 def _profile_finding(prof: Mapping[str, Any], adjacent: Mapping[str, Any]) -> str:
     """One line on forward minus backward similarity at matched distances, read as what it is."""
     fb = prof["forward_minus_backward"]
-    i = int(np.argmax(np.abs(fb["mean"])))
-    d, mean, lo, hi = prof["distances"][i], fb["mean"][i], fb["lo"], fb["hi"]
-    what = f"Forward against backward similarity at matched distances (same anchors): largest at d={d}, {mean:+.3f}"
+    mean, lo, hi = np.array(fb["mean"]), fb["lo"], fb["hi"]
+    what = "Forward against backward similarity at matched distances (same anchors)"
     if lo is None:
-        return what + " (no interval: fewer than two articles)."
-    if lo[i] <= 0 <= hi[i]:
-        return what + f" [{lo[i]:+.3f}, {hi[i]:+.3f}]: no measurable difference at any distance."
+        i = int(np.argmax(np.abs(mean)))
+        return what + f": largest at d={prof['distances'][i]}, {mean[i]:+.3f} (no interval: fewer than two articles)."
+    outside = [i for i in range(len(mean)) if not lo[i] <= 0 <= hi[i]]
+    if not outside:
+        return what + f": no measurable difference at any distance 1..{len(mean)} (largest |mean| {np.abs(mean).max():.3f})."
+    i = max(outside, key=lambda j: abs(mean[j]))
+    what += f": largest at d={prof['distances'][i]}, {mean[i]:+.3f}"
     rel = adjacent["relative"]["mean"]
     return (what + f" [{lo[i]:+.3f}, {hi[i]:+.3f}]. Per article it telescopes to the d pairs at the end minus the d pairs at the "
             f"start of the anchor range: drift along the article (adjacent cos {_num(rel[0])} in the first bin, {_num(rel[-1])} "
@@ -708,5 +719,7 @@ def _direction_finding(what: str, stat: Mapping[str, Any]) -> str:
     mean, lo, hi = stat["mean"], stat["lo"], stat["hi"]
     if lo is None:
         return f"{what}: {mean:+.3f} (no interval: fewer than two articles)."
-    verdict = "no measurable arrow of time" if lo <= 0 <= hi else "a real difference between the directions"
-    return f"{what}: {mean:+.3f} [{lo:+.3f}, {hi:+.3f}]: {verdict}."
+    if lo <= 0 <= hi:
+        return f"{what}: {mean:+.3f} [{lo:+.3f}, {hi:+.3f}]: no measurable arrow of time."
+    better = "forward" if mean > 0 else "backward"
+    return f"{what}: {mean:+.3f} [{lo:+.3f}, {hi:+.3f}]: the interval excludes 0; {better} is better on these targets by {abs(mean):.3f}."
