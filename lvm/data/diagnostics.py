@@ -101,7 +101,7 @@ class Settings:
             ) if not ok
         ]
         if problems:
-            raise ConfigError("invalid diagnose settings:\n  - " + "\n  - ".join(problems))
+            raise ConfigError("invalid diagnose settings: " + "; ".join(problems))
 
 
 # ----------------------------------------------------------------------------- row geometry
