@@ -194,7 +194,7 @@ def _direction_md(r: dict[str, Any], pct: int) -> list[str]:
     out += ["Two single numbers, for comparison with earlier reports:", "",
             f"- matched distances, windows: cos(ctx[-1], next) - cos(ctx[-1], ctx[-2]) = {_ci(w['matched_difference'])}. "
             "Both pairs are one chunk apart; per article this difference is exactly "
-            "[cos(last adjacent pair) - cos(pair at chunk k-2)] / windows, a boundary term, not a direction.",
+            f"[cos(last adjacent pair) - cos(c{k - 2}, c{k - 1})] / windows (chunks numbered from 0), a boundary term, not a direction.",
             f"- MISMATCHED distances (the original's \"delta\"): cos(next, ctx[-2]) - cos(next, ctx[-1]) = {_ci(w['mismatched_delta'])}. "
             "It compares a pair two chunks apart with a pair one chunk apart, so it measures the decay above; "
             "its sign says nothing about an arrow of time, however narrow its interval.", ""]
