@@ -14,7 +14,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from lvm.data import diagnostics as Dg
-from lvm.data.diagnose import layout_of, run, split_codes, store_argument
+from lvm.data.diagnose import layout_of, run, split_codes
 from lvm.data.store import ArticleStore
 from lvm.errors import ConfigError, DataError
 from tests.helpers import STANDARD, unit_rows
@@ -322,10 +322,3 @@ def test_bad_inputs_name_the_file(tmp_path):
         run(cfg())
     with pytest.raises(ConfigError, match="split.val"):
         run(cfg(f"store={short}", "split.val=1.5"))
-
-
-def test_store_argument_rewrites_a_bare_path():
-    assert store_argument(["prog", "a/b.npz", "seed=1"]) == ["prog", "store='a/b.npz'", "seed=1"]
-    assert store_argument(["prog", "it's.npz"]) == ["prog", "store='it\\'s.npz'"]
-    assert store_argument(["prog", "store=x.npz"]) == ["prog", "store=x.npz"]
-    assert store_argument(["prog", "--help"]) == ["prog", "--help"]

@@ -19,6 +19,7 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
+from lvm.cli import positional_override
 from lvm.data import diagnostics as Dg
 from lvm.data.loaders import load_store_npz
 from lvm.data.splits import split_articles
@@ -375,16 +376,8 @@ def main(cfg: DictConfig) -> None:
     _exit_code = EXIT_OK
 
 
-def store_argument(argv: list[str]) -> list[str]:
-    """`<store.npz> k=v ...` -> `store='<store.npz>' k=v ...` (a first argument without '=' is the store)."""
-    if len(argv) > 1 and "=" not in argv[1] and not argv[1].startswith("-"):
-        quoted = argv[1].replace("'", "\\'")  # Hydra's quoted strings escape only quotes
-        return [argv[0], f"store='{quoted}'", *argv[2:]]
-    return argv
-
-
 if __name__ == "__main__":
-    sys.argv = store_argument(sys.argv)
+    sys.argv = positional_override(sys.argv, "store")
     try:
         main()
     except SystemExit as e:  # Hydra's own errors (unknown key, bad override) exit 1: bad input
