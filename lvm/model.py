@@ -10,6 +10,11 @@ Two scales, 1.0 in the original: `input_scale` multiplies the embedded input bef
 are added (Vaswani et al. use sqrt(d_model): at default init the unit-vector content is ~20x
 smaller than the sinusoids, and a short run spends its first thousand steps growing it);
 `out_init_scale` scales the output layer's initial weights.
+
+`context_skip` (off in the original) adds a learned weighted sum of the context vectors to raw,
+starting as their mean: the network then learns a correction to the mean-of-context baseline
+instead of rebuilding an identity-like map from data, which small real corpora cannot teach
+(on the 4k-window Wikipedia excerpt a plain model stays at cos ~0.40 against mean-of-context 0.57).
 """
 
 from __future__ import annotations
@@ -49,6 +54,7 @@ class P6Transformer(nn.Module):
         block: Block,
         input_scale: float = 1.0,
         out_init_scale: float = 1.0,
+        context_skip: bool = False,
     ) -> None:
         super().__init__()
         if d_model % heads:
@@ -72,6 +78,7 @@ class P6Transformer(nn.Module):
         self.head = nn.Sequential(
             nn.Linear(d_model, d_model), nn.GELU(), nn.LayerNorm(d_model), nn.Linear(d_model, dim)
         )
+        self.skip_weights = nn.Parameter(torch.full((max_context,), 1.0 / max_context)) if context_skip else None
         if out_init_scale != 1.0:
             # Default init makes |raw| ~ sqrt(d_model / 3) against unit targets; the first steps of
             # raw-MSE then only shrink it. A smaller start lets short runs learn direction at once.
@@ -89,6 +96,8 @@ class P6Transformer(nn.Module):
         else:
             h = self.blocks(x, mask=mask, is_causal=True)
         raw = self.head(h[:, -1])
+        if self.skip_weights is not None:
+            raw = raw + torch.einsum("bkd,k->bd", context, self.skip_weights[-k:])
         return raw, F.normalize(raw, dim=-1)
 
 

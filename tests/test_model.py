@@ -50,3 +50,20 @@ def test_sinusoidal_positions():
     pe = sinusoidal_positions(5, 8)
     assert torch.allclose(pe[0, 0::2], torch.zeros(4)) and torch.allclose(pe[0, 1::2], torch.ones(4))
     assert pe[3, 0].item() == pytest.approx(torch.sin(torch.tensor(3.0)).item())
+
+
+def test_context_skip_starts_at_the_mean_of_context_and_learns_slot_weights():
+    torch.manual_seed(0)
+    m = P6Transformer(16, 32, 1, 4, 64, 0.0, 5, "decoder", context_skip=True).eval()
+    assert count_parameters(m) == count_parameters(P6Transformer(16, 32, 1, 4, 64, 0.0, 5, "decoder")) + 5
+    with torch.no_grad():
+        m.head[-1].weight.zero_()
+        m.head[-1].bias.zero_()
+    ctx = torch.nn.functional.normalize(torch.randn(3, 5, 16), dim=-1)
+    raw, pred = m(ctx)
+    torch.testing.assert_close(raw, ctx.mean(1))  # head silent: exactly the mean-of-context baseline
+    raw.sum().backward()
+    torch.testing.assert_close(m.skip_weights.grad, ctx.sum(dim=(0, 2)))  # d sum(raw) / d w_k = sum of slot k
+    with torch.no_grad():
+        m.skip_weights.copy_(torch.tensor([0.0, 0.0, 0.0, 0.0, 1.0]))
+    torch.testing.assert_close(m(ctx)[0], ctx[:, -1])  # all weight on the last slot: copy-last
