@@ -6,12 +6,14 @@ every epoch), tb/ (TensorBoard events), config.yaml (resolved), metrics.jsonl an
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
+import sys
 import time
 from pathlib import Path
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import hydra
@@ -21,6 +23,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
@@ -33,7 +36,8 @@ from lvm.data.store import ShuffleSampler, Windows, WindowSpec, collate_batch
 from lvm.errors import LvmError
 from lvm.evaluate import evaluate_after_fit
 from lvm.module import LVMModule
-from lvm.sweep import refuse_ddp_multirun
+from lvm.sweep import (JOBLIB_LAUNCHER, SUBMITIT_PREFIX, claim_gpu, launcher_choice, missing_launcher_plugin,
+                       refuse_ddp_multirun, wants_one_gpu)
 
 log = logging.getLogger(__name__)
 
@@ -124,14 +128,23 @@ def dashboard_hparams(cfg: DictConfig, choices: dict[str, str]) -> dict[str, Any
 
 def resolve_checkpoint(ckpt_path: str | None, run_dir: Path) -> tuple[str, dict[str, Any]] | None:
     """Checkpoint to resume from and its hyper-parameters, checked to load under torch's default
-    weights_only rules."""
+    weights_only rules.
+
+    `last`: <run dir>/checkpoints/last.ckpt, which must exist. `auto`: the same file when it exists,
+    else a fresh start (what a requeued SLURM job needs: the slurm_* launcher presets set it)."""
     if not ckpt_path:
         return None
-    path = run_dir / "checkpoints" / "last.ckpt" if ckpt_path == "last" else Path(ckpt_path)
-    if ckpt_path == "last" and not path.is_file():
+    own = ckpt_path in ("last", "auto")
+    path = run_dir / "checkpoints" / "last.ckpt" if own else Path(ckpt_path)
+    if own and not path.is_file():
+        if ckpt_path == "auto":
+            log.info("ckpt_path=auto: no %s yet, starting fresh", path)
+            return None
         raise LvmError(f"checkpoint {path}: no such file (ckpt_path=last looks in this run's own directory; "
-                       "set hydra.run.dir to the earlier run's)")
+                       "set hydra.run.dir to the earlier run's, or use ckpt_path=auto to start fresh when it is missing)")
     ckpt = read_checkpoint(path)
+    if ckpt_path == "auto":
+        log.info("ckpt_path=auto: resuming from %s (epoch %s, step %s)", path, ckpt.get("epoch"), ckpt.get("global_step"))
     return str(path), ckpt["hyper_parameters"]
 
 
@@ -184,7 +197,8 @@ def run(
     validate(cfg)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(to_plain(cfg)))
+    if rank_zero_only.rank == 0:  # the rank from the environment (DDP children, SLURM tasks)
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(to_plain(cfg)))
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     ckpt = resolve_checkpoint(cfg.ckpt_path, run_dir)
     splits = build_data(cfg)
@@ -199,12 +213,18 @@ def run(
         "run_dir": str(run_dir),
         "epochs_completed": trainer.current_epoch,
         "global_step": trainer.global_step,
+        "world_size": trainer.world_size,
         "best_checkpoint": best.best_model_path,
         "best_val_cos": float(best.best_model_score) if best.best_model_score is not None else None,
         "last_checkpoint": last.best_model_path,
         "final": {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("val/", "ood/", "mini5cat/"))},
         "params": sum(p.numel() for p in module.parameters()),
     }
+    if trainer.world_size > 1:  # every rank says what it saw: their validation metrics must agree
+        log.info("Rank %d of %d finished: best val cos %r, final val cos %r", trainer.global_rank, trainer.world_size,
+                 results["best_val_cos"], results["final"].get("val/cos"))
+    if not trainer.is_global_zero:
+        return results
     # eval.after_fit: full 5CAT of the best-by-val-cosine and the last checkpoint, with their epochs.
     if cfg.eval.after_fit:
         results["5cat"] = evaluate_after_fit(cfg, splits, {"best": best.best_model_path, "last": last.best_model_path}, run_dir)
@@ -228,11 +248,35 @@ def main(cfg: DictConfig) -> float | None:
     return results["best_val_cos"]
 
 
+@contextlib.contextmanager
+def own_gpu(cfg: DictConfig, hc: Any) -> Iterator[None]:
+    """Under the joblib launcher, a single-GPU job gets a GPU of its own: trainer.devices=[k], k the
+    first free GPU from job_num % GPUs on (held by a file lock until the job ends). A device index,
+    not CUDA_VISIBLE_DEVICES: loky reuses worker processes, whose CUDA may already be initialised."""
+    if hc.launcher._target_ != JOBLIB_LAUNCHER or not wants_one_gpu(cfg):
+        yield
+        return
+    count = torch.cuda.device_count()
+    with claim_gpu(Path(hc.sweep.dir) / ".gpu_locks", hc.job.num % count, count) as gpu:
+        cfg.trainer.devices = [gpu]
+        log.info("Job %s runs on GPU %d of %d", hc.job.num, gpu, count)
+        yield
+
+
+def resume_on_requeue(cfg: DictConfig, hc: Any) -> None:
+    """Under a submitit launcher a job without ckpt_path runs with ckpt_path=auto: a requeued job
+    starts again in its own directory and must resume from its last.ckpt, not overwrite it."""
+    if cfg.ckpt_path is None and str(hc.launcher._target_).startswith(SUBMITIT_PREFIX):
+        cfg.ckpt_path = "auto"
+
+
 def run_sweep_job(cfg: DictConfig, hc: Any) -> float | None:
     """One multirun job: a failure is logged and recorded in results.json, and the sweep goes on."""
     start = time.perf_counter()
+    resume_on_requeue(cfg, hc)
     try:
-        return run(cfg, hc.runtime.output_dir, dict(hc.runtime.choices))["best_val_cos"]
+        with own_gpu(cfg, hc):
+            return run(cfg, hc.runtime.output_dir, dict(hc.runtime.choices))["best_val_cos"]
     except Exception as e:
         error = str(e) if isinstance(e, LvmError) else f"{type(e).__name__}: {e}"
         log.error("Job %s failed: %s", hc.job.num, error, exc_info=not isinstance(e, LvmError))
@@ -242,5 +286,13 @@ def run_sweep_job(cfg: DictConfig, hc: Any) -> float | None:
         return None
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """`python -m lvm.train`: a missing launcher plugin is named with its pip extra before Hydra starts."""
+    problem = missing_launcher_plugin(launcher_choice(sys.argv[1:]))
+    if problem:
+        raise SystemExit(f"lvm: {problem}")
     main()
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,4 +1,5 @@
-"""Sweeps summarise themselves: summary.csv / .md / heatmap per multirun, failed jobs reported, DDP refused."""
+"""Sweeps summarise themselves: summary.csv / .md / heatmap per multirun, one TensorBoard run and
+hparams session per job, failed jobs reported, DDP refused."""
 
 from __future__ import annotations
 
@@ -7,6 +8,10 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+
+from omegaconf import OmegaConf
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams import plugin_data_pb2
 
 from tests.test_train import ROOT, TINY, cli
 
@@ -18,6 +23,28 @@ def rows(sweep: Path) -> list[dict[str, str]]:
 
 def job_dirs(sweep: Path) -> list[Path]:
     return sorted(p for p in sweep.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def hparams_session(tb_dir: Path) -> tuple[dict[str, float | str], list[str]]:
+    """The hparams tab's data of one TensorBoard run: its session's hparams and the experiment's metric tags."""
+    acc = EventAccumulator(str(tb_dir))
+    acc.Reload()
+    content = acc.PluginTagToContent("hparams")
+    start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"]).session_start_info
+    experiment = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"]).experiment
+    values = {k: getattr(v, v.WhichOneof("kind")) for k, v in start.hparams.items()}
+    return values, [m.name.tag for m in experiment.metric_infos]
+
+
+def check_tensorboard_runs(sweep: Path) -> None:
+    """`tensorboard --logdir <sweep dir>`: one run per job (its tb/), each with its own hparams session."""
+    runs = sorted({p.parent for p in sweep.rglob("events.out.tfevents.*")})
+    assert runs == [job / "tb" for job in job_dirs(sweep)]
+    for job in job_dirs(sweep):
+        values, metrics = hparams_session(job / "tb")
+        cfg = OmegaConf.load(job / "config.yaml")
+        assert values["loss.gamma"] == cfg.loss.gamma and abs(values["loss.lambda_max"] - cfg.loss.lambda_max) < 1e-9
+        assert {"hparams/best_val_cos", "hparams/val/cos", "hparams/mini5cat/margin_last", "hparams/mini5cat/r5"} <= set(metrics)
 
 
 def test_grid_sweep_summarised_and_regenerated(tmp_path):
@@ -39,6 +66,8 @@ def test_grid_sweep_summarised_and_regenerated(tmp_path):
     assert md.count("| ok |") == 4 and all(e in md for e in expected)
     png = sweep / "summary_heatmap.png"
     assert png.read_bytes()[:4] == b"\x89PNG"
+    check_tensorboard_runs(sweep)
+    assert len({tuple(hparams_session(job / "tb")[0][k] for k in ("loss.gamma", "loss.lambda_max")) for job in job_dirs(sweep)}) == 4
 
     for name in ("summary.csv", "summary.md", "summary_heatmap.png"):
         (sweep / name).unlink()
@@ -68,5 +97,6 @@ def test_ddp_multirun_refused(tmp_path):
                f"hydra.sweep.dir={sweep}", cwd=ROOT)
     assert proc.returncode != 0
     assert "relaunch the whole sweep" in proc.stderr and "trainer.strategy=ddp" in proc.stderr
+    assert "without -m" in proc.stderr and "hydra/launcher=slurm_gpu" in proc.stderr  # the two ways that work
     assert "Traceback" not in proc.stderr
-    assert not list(sweep.glob("*/checkpoints"))
+    assert not sweep.exists()  # refused in the parent, before any job
