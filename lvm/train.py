@@ -131,7 +131,7 @@ def resolve_checkpoint(ckpt_path: str | None, run_dir: Path) -> tuple[str, dict[
     weights_only rules.
 
     `last`: <run dir>/checkpoints/last.ckpt, which must exist. `auto`: the same file when it exists,
-    else a fresh start (what a requeued SLURM job needs: the slurm_* launcher presets set it)."""
+    else a fresh start (what a requeued SLURM job needs: the default under a submitit launcher)."""
     if not ckpt_path:
         return None
     own = ckpt_path in ("last", "auto")
