@@ -15,6 +15,7 @@ from hydra import compose, initialize_config_dir
 
 import lvm.data.encoders as encoders
 from lvm.data.build import build
+from lvm.data.diagnose import run as diagnose_run
 from lvm.data.encoders import hashed_bow
 from lvm.data.loaders import load_store_npz
 from lvm.data.text import Chunker, Document, read_documents
@@ -145,10 +146,18 @@ def test_bad_input_is_one_clear_line(tmp_path):
         build(cfg_for(f"input={FIXTURE}", f"out_dir={tmp_path / 'e'}", "min_article_words=100000"))
 
 
-def test_built_store_trains(tmp_path):
-    """A built store is a `data=store_npz` source: one short epoch trains on it."""
+def test_built_store_is_diagnosed_and_trains(tmp_path):
+    """The whole pipeline on real pages: build, diagnose, then one short epoch as `data=store_npz`."""
     out = tmp_path / "store"
     build(cfg_for(f"input={FIXTURE}", f"out_dir={out}", "chunk.min_words=20", "chunk.max_words=40", "min_article_words=0"))
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        dcfg = compose("diagnose", overrides=[f"store={out / 'store.npz'}", "progress=false", "bootstrap=50"])
+    report = diagnose_run(dcfg)
+    z = np.load(out / "store.npz")
+    v, a = z["vectors"], z["article_indices"]
+    same = a[1:] == a[:-1]
+    assert report["adjacent"]["mean"] == pytest.approx(float((v[1:] * v[:-1]).sum(1)[same].mean()), abs=1e-5)
+    assert all((out / "diagnose" / f"diagnose.{ext}").is_file() for ext in ("json", "md", "png"))
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(
         [sys.executable, "-m", "lvm.train", "+experiment=p6b_v2", "data=store_npz", f"data.path={out / 'store.npz'}",
