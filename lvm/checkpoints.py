@@ -14,6 +14,8 @@ from lvm.errors import LvmError
 
 # What every lvm training checkpoint holds (Lightning's keys plus the run config in hyper_parameters).
 TRAINING_KEYS = ("state_dict", "epoch", "global_step", "optimizer_states", "hyper_parameters")
+# Model options added after checkpoints were first written, with the value that reproduces those.
+MODEL_OPTIONS_ADDED = {"context_skip": False}
 
 
 def read_checkpoint(path: str | Path, keys: Iterable[str] = TRAINING_KEYS, map_location: Any = "cpu") -> dict[str, Any]:
@@ -31,6 +33,10 @@ def read_checkpoint(path: str | Path, keys: Iterable[str] = TRAINING_KEYS, map_l
     hp = ckpt.get("hyper_parameters", {})
     if "hyper_parameters" in keys and ("config" not in hp or "dim" not in hp):
         raise LvmError(f"checkpoint {path}: hyper_parameters lack 'config' or 'dim' (not an lvm checkpoint)")
+    model = hp.get("config", {}).get("model")
+    if isinstance(model, dict):
+        for key, value in MODEL_OPTIONS_ADDED.items():
+            model.setdefault(key, value)
     return ckpt
 
 

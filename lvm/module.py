@@ -44,7 +44,7 @@ class LVMModule(L.LightningModule):
             block=m["block"],
             input_scale=m["input_scale"],
             out_init_scale=m["out_init_scale"],
-            context_skip=m.get("context_skip", False),  # absent in checkpoints older than the option
+            context_skip=m["context_skip"],
         )
         self.knobs = DirectionalKnobs(
             margin=loss["margin"],

@@ -15,6 +15,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from lvm import evaluate as E
+from lvm.checkpoints import read_checkpoint
 from lvm.data.synthetic import synthetic_corpus
 from lvm.errors import ConfigError
 from lvm.train import run as train_run
@@ -89,6 +90,13 @@ def test_checkpoint_after_fit_and_cli(tmp_path):
     cfg = eval_cfg(f"ckpt={last['path']}", "data.synthetic.dim=24", f"out_dir={tmp_path / 'bad'}")
     with pytest.raises(E.LvmError, match="D=16 vectors, the data has D=24"):
         E.run(cfg, ["data.synthetic.dim=24"])
+    # A checkpoint written before model.context_skip existed reads as context_skip=false.
+    old = torch.load(last["path"], weights_only=True)
+    del old["hyper_parameters"]["config"]["model"]["context_skip"]
+    torch.save(old, tmp_path / "old.ckpt")
+    assert read_checkpoint(tmp_path / "old.ckpt")["hyper_parameters"]["config"]["model"]["context_skip"] is False
+    report = E.run(eval_cfg(f"ckpt={tmp_path / 'old.ckpt'}", "sample=10", f"out_dir={tmp_path / 'old'}"), [])
+    assert report["checkpoint"]["epoch"] == 1
 
 
 @pytest.mark.parametrize("window,last_k", [("p6", -2), ("next", -1)])
