@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 import lvm.data.encoders as encoders
 from lvm.data.build import build
@@ -160,7 +161,7 @@ def test_built_store_is_diagnosed_and_trains(tmp_path):
     assert all((out / "diagnose" / f"diagnose.{ext}").is_file() for ext in ("json", "md", "png"))
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(
-        [sys.executable, "-m", "lvm.train", "+experiment=p6b_v2", "data=store_npz", f"data.path={out / 'store.npz'}",
+        [sys.executable, "-m", "lvm.train", "+experiment=p6b_v2_wiki", f"data.path={out / 'store.npz'}",
          "data.split.val=0.34", "data.split.ood=0", "model.d_model=16", "model.ffn=32", "model.layers=1", "model.heads=2",
          "trainer.max_epochs=1", f"hydra.run.dir={tmp_path / 'run'}"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
@@ -168,6 +169,8 @@ def test_built_store_is_diagnosed_and_trains(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = read_jsonl(tmp_path / "run" / "metrics.jsonl")
     assert len(rows) == 1 and -1 <= rows[0]["val/cos"] <= 1
+    config = OmegaConf.load(tmp_path / "run" / "config.yaml")
+    assert (config.name, config.model.context_skip, config.optim.lr) == ("p6b_v2_wiki", True, 1.0e-4)
 
 
 @pytest.mark.skipif(not HAVE_TEXT, reason=NEEDS_TEXT)
