@@ -36,7 +36,7 @@ from lvm.data.store import ShuffleSampler, Windows, WindowSpec, collate_batch
 from lvm.errors import LvmError
 from lvm.evaluate import evaluate_after_fit
 from lvm.module import LVMModule
-from lvm.sweep import (JOBLIB_LAUNCHER, SUBMITIT_PREFIX, claim_gpu, launcher_choice, missing_launcher_plugin,
+from lvm.launchers import (JOBLIB_LAUNCHER, SUBMITIT_PREFIX, claim_gpu, launcher_choice, missing_launcher_plugin,
                        refuse_ddp_multirun, wants_one_gpu)
 
 log = logging.getLogger(__name__)

@@ -21,7 +21,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from lvm import sweep
+from lvm import launchers
 from lvm.errors import ConfigError
 from lvm.train import own_gpu, resume_on_requeue, run
 from tests.test_sweep import check_tensorboard_runs, job_dirs, rows
@@ -57,9 +57,9 @@ def test_auto_resume_starts_fresh_then_continues(tmp_path, caplog):
 
 def test_submitit_jobs_default_to_auto_resume():
     cfg = OmegaConf.create({"ckpt_path": None})
-    resume_on_requeue(cfg, SimpleNamespace(launcher=SimpleNamespace(_target_=sweep.SLURM_LAUNCHER)))
+    resume_on_requeue(cfg, SimpleNamespace(launcher=SimpleNamespace(_target_=launchers.SLURM_LAUNCHER)))
     assert cfg.ckpt_path == "auto"
-    for target, given, expected in [(sweep.BASIC_LAUNCHER, None, None), (sweep.SLURM_LAUNCHER, "/x.ckpt", "/x.ckpt")]:
+    for target, given, expected in [(launchers.BASIC_LAUNCHER, None, None), (launchers.SLURM_LAUNCHER, "/x.ckpt", "/x.ckpt")]:
         cfg = OmegaConf.create({"ckpt_path": given})
         resume_on_requeue(cfg, SimpleNamespace(launcher=SimpleNamespace(_target_=target)))
         assert cfg.ckpt_path == expected
@@ -69,29 +69,29 @@ def test_submitit_jobs_default_to_auto_resume():
 
 
 @pytest.mark.parametrize("trainer", [{"strategy": "ddp"}, {"devices": 2}, {"devices": "0,1"}, {"num_nodes": 2}])
-@pytest.mark.parametrize("launcher", [sweep.BASIC_LAUNCHER, sweep.JOBLIB_LAUNCHER])
+@pytest.mark.parametrize("launcher", [launchers.BASIC_LAUNCHER, launchers.JOBLIB_LAUNCHER])
 def test_ddp_refused_under_local_launchers(trainer, launcher):
     with pytest.raises(ConfigError, match="hydra/launcher=slurm_gpu") as e:
-        sweep.refuse_ddp_multirun(trainer_cfg(**trainer), launcher)
+        launchers.refuse_ddp_multirun(trainer_cfg(**trainer), launcher)
     assert "without -m" in str(e.value) and launcher.rsplit(".", 1)[-1] in str(e.value)
-    sweep.refuse_ddp_multirun(trainer_cfg(**trainer), sweep.SLURM_LAUNCHER)  # one allocation per job: allowed
-    sweep.refuse_ddp_multirun(trainer_cfg(), launcher)  # single device: allowed
+    launchers.refuse_ddp_multirun(trainer_cfg(**trainer), launchers.SLURM_LAUNCHER)  # one allocation per job: allowed
+    launchers.refuse_ddp_multirun(trainer_cfg(), launcher)  # single device: allowed
 
 
 def test_devices_auto_is_ddp_only_with_several_gpus(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
-    assert sweep.is_ddp(trainer_cfg(devices="auto")) and not sweep.is_ddp(trainer_cfg(devices="auto", accelerator="cpu"))
+    assert launchers.is_ddp(trainer_cfg(devices="auto")) and not launchers.is_ddp(trainer_cfg(devices="auto", accelerator="cpu"))
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    assert not sweep.is_ddp(trainer_cfg(devices="auto")) and not sweep.is_ddp(trainer_cfg(devices=[3]))
+    assert not launchers.is_ddp(trainer_cfg(devices="auto")) and not launchers.is_ddp(trainer_cfg(devices=[3]))
 
 
 def test_slurm_tasks_must_follow_the_trainer():
-    launcher = OmegaConf.create({"_target_": sweep.SLURM_LAUNCHER, "tasks_per_node": 4, "nodes": 2})
-    sweep.check_slurm_tasks(trainer_cfg(strategy="ddp", devices=4, num_nodes=2), launcher)
+    launcher = OmegaConf.create({"_target_": launchers.SLURM_LAUNCHER, "tasks_per_node": 4, "nodes": 2})
+    launchers.check_slurm_tasks(trainer_cfg(strategy="ddp", devices=4, num_nodes=2), launcher)
     with pytest.raises(ConfigError, match=r"tasks_per_node=4 .* trainer\.devices=2"):
-        sweep.check_slurm_tasks(trainer_cfg(strategy="ddp", devices=2, num_nodes=2), launcher)
+        launchers.check_slurm_tasks(trainer_cfg(strategy="ddp", devices=2, num_nodes=2), launcher)
     with pytest.raises(ConfigError, match=r"trainer\.devices=auto"):
-        sweep.check_slurm_tasks(trainer_cfg(devices="auto"), launcher)
+        launchers.check_slurm_tasks(trainer_cfg(devices="auto"), launcher)
 
 
 def test_ddp_preset_composes():
@@ -104,17 +104,17 @@ def test_ddp_preset_composes():
 
 
 def test_launcher_choice_read_from_the_command_line():
-    assert sweep.launcher_choice(["-m", "hydra/launcher=joblib", "loss.gamma=4,8"]) == "joblib"
-    assert sweep.launcher_choice(["+experiment=p6b_v2"]) is None
+    assert launchers.launcher_choice(["-m", "hydra/launcher=joblib", "loss.gamma=4,8"]) == "joblib"
+    assert launchers.launcher_choice(["+experiment=p6b_v2"]) is None
 
 
 def test_missing_plugin_named_with_its_extra(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if "launcher" in name else real(name, *a))
     for choice, extra in [("joblib", "sweep"), ("parallel", "sweep"), ("slurm_gpu", "slurm"), ("submitit_slurm", "slurm")]:
-        msg = sweep.missing_launcher_plugin(choice)
+        msg = launchers.missing_launcher_plugin(choice)
         assert f"hydra/launcher={choice}" in msg and f"pip install -e '.[{extra}]'" in msg
-    assert sweep.missing_launcher_plugin("basic") is None and sweep.missing_launcher_plugin(None) is None
+    assert launchers.missing_launcher_plugin("basic") is None and launchers.missing_launcher_plugin(None) is None
 
 
 @pytest.mark.skipif(HAS_JOBLIB, reason="the plugin is installed")
@@ -132,7 +132,7 @@ def test_parallel_jobs_get_a_gpu_each(monkeypatch, tmp_path):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
 
     def hc(num):
-        return SimpleNamespace(launcher=SimpleNamespace(_target_=sweep.JOBLIB_LAUNCHER), sweep=SimpleNamespace(dir=str(tmp_path)),
+        return SimpleNamespace(launcher=SimpleNamespace(_target_=launchers.JOBLIB_LAUNCHER), sweep=SimpleNamespace(dir=str(tmp_path)),
                                job=SimpleNamespace(num=num))
 
     a, b = trainer_cfg(), trainer_cfg()
@@ -145,18 +145,18 @@ def test_parallel_jobs_get_a_gpu_each(monkeypatch, tmp_path):
     with own_gpu(cpu, hc(1)):
         assert cpu.trainer.devices == 1  # CPU jobs are left alone
     basic = trainer_cfg()
-    with own_gpu(basic, SimpleNamespace(launcher=SimpleNamespace(_target_=sweep.BASIC_LAUNCHER))):
+    with own_gpu(basic, SimpleNamespace(launcher=SimpleNamespace(_target_=launchers.BASIC_LAUNCHER))):
         assert basic.trainer.devices == 1  # sequential jobs keep the default device
 
 
 def test_default_parallel_jobs(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
-    assert sweep.default_jobs() == 3
+    assert launchers.default_jobs() == 3
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
     monkeypatch.setattr(os, "cpu_count", lambda: 16)
-    assert sweep.default_jobs() == 4
+    assert launchers.default_jobs() == 4
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
-    assert sweep.default_jobs() == 1
+    assert launchers.default_jobs() == 1
 
 
 @needs_joblib
@@ -185,7 +185,7 @@ def sbatch_script(monkeypatch, tmp_path: Path, *overrides: str) -> str:
     monkeypatch.setattr(slurm.SlurmExecutor, "affinity", classmethod(lambda cls: 1))  # pretend srun exists
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=[*overrides, f"hydra.sweep.dir={tmp_path}"], return_hydra_config=True)
-    sweep.check_multirun(cfg)
+    launchers.check_multirun(cfg)
     params = dict(instantiate(cfg.hydra.launcher).params)
     executor = submitit.AutoExecutor(folder=params.pop("submitit_folder"), cluster="slurm",
                                      slurm_max_num_timeout=params.pop("max_num_timeout"))
