@@ -1,6 +1,23 @@
-"""Command-line conventions shared by lvm's entry points (kept free of heavy imports)."""
+"""Command-line conventions shared by lvm's entry points (kept free of heavy imports).
+
+Every `python -m lvm.<tool>` is a Hydra app whose first argument may be given bare, that prints one
+line on stderr for bad input (never a traceback) and exits 0 (done / pass), 1 (fail: a verdict) or
+2 (no result: bad input, configuration or checkpoint; Hydra's own override errors too).
+"""
 
 from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from typing import Any, NoReturn
+
+from omegaconf import DictConfig
+
+from lvm.errors import LvmError
+
+EXIT_OK, EXIT_FAIL, EXIT_BAD_INPUT = 0, 1, 2
+_outcome = {"code": EXIT_OK}  # set by the task function: hydra.main does not return its result
 
 
 def positional_override(argv: list[str], key: str) -> list[str]:
@@ -10,3 +27,32 @@ def positional_override(argv: list[str], key: str) -> list[str]:
         quoted = argv[1].replace("'", "\\'")  # Hydra's quoted strings escape only quotes
         return [argv[0], f"{key}='{quoted}'", *argv[2:]]
     return argv
+
+
+def entry_point(prog: str) -> Callable[[Callable[[DictConfig], int | None]], Callable[[DictConfig], None]]:
+    """Wrap a Hydra task function (apply under @hydra.main): what it returns is the exit code
+    (None: 0); an LvmError becomes `prog: message` on stderr and exit code 2."""
+
+    def wrap(task: Callable[[DictConfig], int | None]) -> Callable[[DictConfig], None]:
+        @functools.wraps(task)
+        def guarded(cfg: DictConfig) -> None:
+            try:
+                _outcome["code"] = task(cfg) or EXIT_OK
+            except LvmError as e:
+                print(f"{prog}: {e}", file=sys.stderr)
+                _outcome["code"] = EXIT_BAD_INPUT
+
+        return guarded
+
+    return wrap
+
+
+def run_entry_point(main: Callable[[], Any], positional: str | None = None) -> NoReturn:
+    """Run a Hydra main (the first argument bare for `positional`) and exit with its outcome."""
+    if positional:
+        sys.argv = positional_override(sys.argv, positional)
+    try:
+        main()
+    except SystemExit as e:  # Hydra's own errors (unknown key, bad override) exit 1: no result
+        raise SystemExit(EXIT_BAD_INPUT if e.code not in (None, 0) else EXIT_OK) from None
+    raise SystemExit(_outcome["code"])

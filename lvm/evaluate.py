@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import math
-import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -25,6 +24,7 @@ from tqdm.auto import tqdm
 
 from lvm import metrics as M
 from lvm.checkpoints import check_dim, read_checkpoint
+from lvm.cli import EXIT_FAIL, EXIT_OK, entry_point, run_entry_point
 from lvm.config import to_plain
 from lvm.data.loaders import load_store
 from lvm.data.splits import make_splits, stratified_sample
@@ -36,7 +36,6 @@ from lvm.report import write_outputs
 
 log = logging.getLogger(__name__)
 
-EXIT_PASS, EXIT_FAIL, EXIT_BAD_INPUT = 0, 1, 2
 REFERENCES: dict[str, Predictor] = {
     "oracle": lambda b: b["target"],
     "copy_last": lambda b: M.copy_last(b["context"]),
@@ -247,29 +246,18 @@ def run(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict[str, Any]:
     return report
 
 
-_exit_code = EXIT_BAD_INPUT
-
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
-def main(cfg: DictConfig) -> None:
-    global _exit_code
-    try:
-        report = run(cfg, HydraConfig.get().overrides.task)
-    except LvmError as e:
-        print(f"lvm.evaluate: {e}", file=sys.stderr)
-        _exit_code = EXIT_BAD_INPUT
-        return
+@entry_point("lvm.evaluate")
+def main(cfg: DictConfig) -> int:
+    report = run(cfg, HydraConfig.get().overrides.task)
     v = report["verdict"]
     ck = report["checkpoint"]
     what = f"{ck['path']} (epoch {ck['epoch']}, step {ck['global_step']})" if ck else report["subject"]
     log.info("5CAT %s: %s, %d/%d gates (%s) in %.1f s; %s", what, "PASS" if v["passed"] else "FAIL",
              v["gates_passed"], v["gates_total"], v["rule"], report["seconds"], report["outputs"]["md"])
-    _exit_code = EXIT_PASS if v["passed"] else EXIT_FAIL
+    return EXIT_OK if v["passed"] else EXIT_FAIL
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except SystemExit as e:  # Hydra's own errors (unknown key, bad override) exit 1: no verdict
-        raise SystemExit(EXIT_BAD_INPUT if e.code not in (None, 0) else 0) from None
-    raise SystemExit(_exit_code)
+    run_entry_point(main)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -11,14 +12,21 @@ from lvm.fivecat import ABLATIONS, BINS, OFFSETS, strict_json
 LABELS = {"model": "model", "oracle": "oracle", "copy_last": "copy-last", "mean_context": "mean-ctx"}
 
 
-def write_outputs(report: dict[str, Any], out_dir: Path) -> dict[str, str]:
-    """Write the three files into `out_dir`; returns their paths."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out_dir / "5cat.json", "md": out_dir / "5cat.md", "png": out_dir / "5cat_offsets.png"}
+def write_files(report: dict[str, Any], paths: dict[str, Path], markdown: Callable[[dict[str, Any]], str],
+                plot: Callable[[dict[str, Any], Path], None]) -> dict[str, str]:
+    """A report as strict JSON, markdown and a PNG at paths["json"], ["md"], ["png"] (their folder
+    is created); returns the paths. Shared by 5CAT and the dataset diagnosis."""
+    paths["json"].parent.mkdir(parents=True, exist_ok=True)
     paths["json"].write_text(json.dumps(strict_json(report), indent=2, allow_nan=False) + "\n")
     paths["md"].write_text(markdown(report))
-    plot_offsets(report, paths["png"])
+    plot(report, paths["png"])
     return {k: str(v) for k, v in paths.items()}
+
+
+def write_outputs(report: dict[str, Any], out_dir: Path) -> dict[str, str]:
+    """5cat.json, 5cat.md and 5cat_offsets.png in `out_dir`; returns their paths."""
+    paths = {"json": out_dir / "5cat.json", "md": out_dir / "5cat.md", "png": out_dir / "5cat_offsets.png"}
+    return write_files(report, paths, markdown, plot_offsets)
 
 
 def _f(v: Any, digits: int = 3) -> str:

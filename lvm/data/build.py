@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 import time
 from collections import Counter
 from collections.abc import Iterator, Mapping
@@ -30,10 +29,10 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from lvm.cli import positional_override
+from lvm.cli import entry_point, run_entry_point
 from lvm.data.encoders import Encoder, make_encoder
 from lvm.data.text import Chunker, Document, read_documents
-from lvm.errors import ConfigError, DataError, LvmError
+from lvm.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +41,6 @@ COUNTS = (
     "documents_read", "documents_kept", "documents_embedded_earlier", "documents_embedded_this_run",
     "chunks_embedded_this_run", "words", "paragraphs_dropped_not_prose", "words_dropped_not_prose",
 )
-EXIT_OK, EXIT_BAD_INPUT = 0, 2
 
 
 @dataclass
@@ -316,14 +314,9 @@ def _embed_all(cfg: DictConfig, documents: Iterator, chunker: Chunker, encoder: 
 
 
 @hydra.main(version_base="1.3", config_path="../../conf", config_name="build")
+@entry_point("lvm.data.build")
 def main(cfg: DictConfig) -> None:
-    global _exit_code
-    try:
-        info = build(cfg)
-    except LvmError as e:
-        print(f"lvm.data.build: {e}", file=sys.stderr)
-        _exit_code = EXIT_BAD_INPUT
-        return
+    info = build(cfg)
     c, t = info["counts"], info["throughput"]
     log.info(
         "built %s: %d articles, %d chunks, D=%d, %d windows (context %d, next chunk); %d chunks embedded this run "
@@ -333,12 +326,5 @@ def main(cfg: DictConfig) -> None:
     )
 
 
-_exit_code = EXIT_OK
-
 if __name__ == "__main__":
-    sys.argv = positional_override(sys.argv, "input")
-    try:
-        main()
-    except SystemExit as e:  # Hydra's own errors (unknown key, bad override)
-        raise SystemExit(EXIT_BAD_INPUT if e.code not in (None, 0) else 0) from None
-    raise SystemExit(_exit_code)
+    run_entry_point(main, positional="input")

@@ -8,9 +8,7 @@ with one line on stderr for bad input or configuration.
 
 from __future__ import annotations
 
-import json
 import logging
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -19,17 +17,16 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from lvm.cli import positional_override
+from lvm.cli import entry_point, run_entry_point
 from lvm.data import diagnostics as Dg
 from lvm.data.loaders import load_store_npz
 from lvm.data.splits import split_articles
 from lvm.data.store import ArticleStore
-from lvm.errors import ConfigError, LvmError
-from lvm.fivecat import strict_json
+from lvm.errors import ConfigError
+from lvm.report import write_files
 
 log = logging.getLogger(__name__)
 
-EXIT_OK, EXIT_BAD_INPUT = 0, 2
 PRIOR_TEXT = {"mean_context": "the mean-of-context weights (a large alpha gives the mean of context plus an intercept)", "zero": "zero"}
 NAMES = {"copy_last": "copy-last", "mean_context": "mean of context", "ridge": "ridge"}
 
@@ -103,12 +100,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
 def write_outputs(report: dict[str, Any], out_dir: Path) -> dict[str, str]:
     """diagnose.json, diagnose.md and diagnose.png in `out_dir`; returns their paths."""
-    out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"json": out_dir / "diagnose.json", "md": out_dir / "diagnose.md", "png": out_dir / "diagnose.png"}
-    paths["json"].write_text(json.dumps(strict_json(report), indent=2, allow_nan=False) + "\n")
-    paths["md"].write_text(markdown(report))
-    plot(report, paths["png"])
-    return {k: str(v) for k, v in paths.items()}
+    return write_files(report, paths, markdown, plot)
 
 
 def _f(v: Any, digits: int = 3) -> str:
@@ -360,26 +353,12 @@ def _plot_baselines(ax: Any, b: dict[str, Any]) -> None:
 
 # ----------------------------------------------------------------------------- entry point
 
-_exit_code = EXIT_BAD_INPUT
-
-
 @hydra.main(version_base="1.3", config_path="../../conf", config_name="diagnose")
+@entry_point("lvm.data.diagnose")
 def main(cfg: DictConfig) -> None:
-    global _exit_code
-    try:
-        report = run(cfg)
-    except LvmError as e:
-        print(f"lvm.data.diagnose: {e}", file=sys.stderr)
-        _exit_code = EXIT_BAD_INPUT
-        return
+    report = run(cfg)
     print(f"lvm.data.diagnose: wrote {', '.join(report['outputs'].values())}")
-    _exit_code = EXIT_OK
 
 
 if __name__ == "__main__":
-    sys.argv = positional_override(sys.argv, "store")
-    try:
-        main()
-    except SystemExit as e:  # Hydra's own errors (unknown key, bad override) exit 1: bad input
-        raise SystemExit(EXIT_BAD_INPUT if e.code not in (None, 0) else 0) from None
-    raise SystemExit(_exit_code)
+    run_entry_point(main, positional="store")
