@@ -29,7 +29,8 @@ def write_outputs(report: dict[str, Any], out_dir: Path) -> dict[str, str]:
     return write_files(report, paths, markdown, plot_offsets)
 
 
-def _f(v: Any, digits: int = 3) -> str:
+def fmt(v: Any, digits: int = 3) -> str:
+    """A number for a markdown table: fixed digits, a sign only when negative, n/a for missing or NaN."""
     if v is None or (isinstance(v, float) and v != v):
         return "n/a"
     if isinstance(v, bool):
@@ -63,7 +64,7 @@ def markdown(report: dict[str, Any]) -> str:
         f"- offsets: {report['offset_convention']}",
         f"- rollout: {report['rollout_convention']}",
         f"- pass rule: {v['rule']}; gates passed {v['gates_passed']}/{v['gates_total']} (needed {v['gates_needed']}),"
-        f" non-negative margin: {_f(v['nonnegative_margin'])}",
+        f" non-negative margin: {fmt(v['nonnegative_margin'])}",
         f"- time: {report['seconds']:.1f} s ({', '.join(f'{LABELS.get(p, p)} {s:.1f} s' for p, s in report['seconds_by_predictor'].items())})",
         "",
         "## Gates",
@@ -75,13 +76,13 @@ def markdown(report: dict[str, Any]) -> str:
     for gname, gate in verdicts[subject]["gates"].items():
         for i, c in enumerate(gate["checks"]):
             thr = f">= {c['min']}" if c["min"] is not None else f"<= {c['max']}"
-            values = [_f(verdicts[n]["gates"][gname]["checks"][i]["value"]) for n in names]
+            values = [fmt(verdicts[n]["gates"][gname]["checks"][i]["value"]) for n in names]
             label = f"{gname} {gate['title']}" if i == 0 else ""
-            lines.append(f"| {label} | {c['split']} | {c['metric']} | {thr} | " + " | ".join(values) + f" | {_f(c['passed'])} |")
+            lines.append(f"| {label} | {c['split']} | {c['metric']} | {thr} | " + " | ".join(values) + f" | {fmt(c['passed'])} |")
     lines += ["", "| verdict | " + " | ".join(LABELS.get(n, n) for n in names) + " |",
               "| --- | " + " | ".join("---" for _ in names) + " |"]
     lines.append("| gates passed | " + " | ".join(f"{verdicts[n]['gates_passed']}/{verdicts[n]['gates_total']}" for n in names) + " |")
-    lines.append("| pass | " + " | ".join(_f(verdicts[n]["passed"]) for n in names) + " |")
+    lines.append("| pass | " + " | ".join(fmt(verdicts[n]["passed"]) for n in names) + " |")
     rows = [("cos to target", "cos"), ("margin vs ctx[-1]", "margin_last"), ("A peak k", "offset.peak_k")]
     rows += [(f"A cos at k={k:+d}" if k else "A cos at k=0 (target)", f"offset.cos.{i}") for i, k in enumerate(OFFSETS)]
     rows += [("A margin", "offset.margin"), ("B R@1", "retrieval.r1"), ("B R@5", "retrieval.r5"), ("B MRR", "retrieval.mrr")]
@@ -96,22 +97,22 @@ def markdown(report: dict[str, Any]) -> str:
             for n in names:
                 res = report["results"][n]
                 if path.startswith("offset.cos."):
-                    cells.append(_f(res[split]["offset"]["cos"][int(path.rsplit(".", 1)[1])]))
+                    cells.append(fmt(res[split]["offset"]["cos"][int(path.rsplit(".", 1)[1])]))
                 elif path.startswith("coherence."):
                     b = res[split]["coherence"][path.split(".")[1]]
-                    cells.append(f"{_f(b['cos'])} ({b['windows']})")
+                    cells.append(f"{fmt(b['cos'])} ({b['windows']})")
                 else:
-                    cells.append(_f(_get(res, split, path)))
+                    cells.append(fmt(_get(res, split, path)))
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
         roll = report["results"][names[0]][split]["rollout"]
         lines.append("| D rollout per step | " + " | ".join(
-            " ".join(_f(x, 2) for x in report["results"][n][split]["rollout"]["cos"]) for n in names) + " |")
+            " ".join(fmt(x, 2) for x in report["results"][n][split]["rollout"]["cos"]) for n in names) + " |")
         lines.append(f"\nTest windows: A {report['results'][names[0]][split]['offset']['windows']}, "
                      f"B {report['results'][names[0]][split]['retrieval']['windows']}, D {roll['windows']}.")
     cross = {n: report["results"][n].get("val_vs_ood", {}).get("coherence_normal_gap") for n in names}
     lines += ["", "## VAL vs OOD", "", "| metric | " + " | ".join(LABELS.get(n, n) for n in names) + " |",
               "| --- | " + " | ".join("---" for _ in names) + " |",
-              "| E normal-bin cos, abs(VAL - OOD) | " + " | ".join(_f(cross[n]) for n in names) + " |", ""]
+              "| E normal-bin cos, abs(VAL - OOD) | " + " | ".join(fmt(cross[n]) for n in names) + " |", ""]
     return "\n".join(lines)
 
 

@@ -23,7 +23,7 @@ from lvm.data.loaders import load_store_npz
 from lvm.data.splits import split_articles
 from lvm.data.store import ArticleStore
 from lvm.errors import ConfigError
-from lvm.report import write_files
+from lvm.report import fmt, write_files
 
 log = logging.getLogger(__name__)
 
@@ -104,20 +104,12 @@ def write_outputs(report: dict[str, Any], out_dir: Path) -> dict[str, str]:
     return write_files(report, paths, markdown, plot)
 
 
-def _f(v: Any, digits: int = 3) -> str:
-    if v is None or (isinstance(v, float) and v != v):
-        return "n/a"
-    if isinstance(v, float):
-        return f"{v:+.{digits}f}" if v < 0 else f"{v:.{digits}f}"
-    return str(v)
-
-
 def _ci(stat: dict[str, Any], i: int | None = None) -> str:
     """'mean [lo, hi]' of a bootstrap entry (column i of list-valued entries)."""
     pick = (lambda v: v if i is None or v is None else v[i])
     lo, hi = pick(stat["lo"]), pick(stat["hi"])
-    ci = f" [{_f(lo)}, {_f(hi)}]" if lo is not None else ""
-    return _f(pick(stat["mean"])) + ci
+    ci = f" [{fmt(lo)}, {fmt(hi)}]" if lo is not None else ""
+    return fmt(pick(stat["mean"])) + ci
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -135,16 +127,16 @@ def markdown(r: dict[str, Any]) -> str:
              "## Findings", "", *(f"- {f}" for f in r["findings"]), "", "## Summary", ""]
     sim, b = r["similarity"], r["baselines"]
     rows = [["cos(ctx[-1], next)", _ci(w["decay"], 0)], ["cos(ctx[-1], ctx[-2])", _ci(w["cos_last_prev"])],
-            [f"cos(next, ctx[-j]), j = 1..{k}", ", ".join(_f(v) for v in w["decay"]["mean"])],
-            [f"same article, more than {s['far_gap']} chunks apart", _f(sim["same_article_far"]["mean"])],
-            ["different articles", _f(sim["different_articles"]["mean"])],
-            ["norm of the mean vector", _f(r["anisotropy"]["mean_vector_norm"])],
-            [f"adjacent near duplicates (cos >= {s['near_duplicate']})", _f(r["near_duplicates"]["near_duplicate_fraction"], 4)]]
+            [f"cos(next, ctx[-j]), j = 1..{k}", ", ".join(fmt(v) for v in w["decay"]["mean"])],
+            [f"same article, more than {s['far_gap']} chunks apart", fmt(sim["same_article_far"]["mean"])],
+            ["different articles", fmt(sim["different_articles"]["mean"])],
+            ["norm of the mean vector", fmt(r["anisotropy"]["mean_vector_norm"])],
+            [f"adjacent near duplicates (cos >= {s['near_duplicate']})", fmt(r["near_duplicates"]["near_duplicate_fraction"], 4)]]
     if "next" in b:
         p = b["next"]["predictors"]
         rows.append(["held-out cos(pred, next): copy-last / mean of context / ridge",
-                     " / ".join(_f(p[n]["next"]["cos_target"]["mean"]) for n in NAMES)])
-        rows.append(["ridge cos(pred, ctx[-1])", _f(p["ridge"]["next"]["cos_last"]["mean"])])
+                     " / ".join(fmt(p[n]["next"]["cos_target"]["mean"]) for n in NAMES)])
+        rows.append(["ridge cos(pred, ctx[-1])", fmt(p["ridge"]["next"]["cos_last"]["mean"])])
     lines += _table(["statistic", "value"], rows)
     lines += _adjacent_md(r["adjacent"])
     lines += _direction_md(r, pct)
@@ -156,13 +148,13 @@ def markdown(r: dict[str, Any]) -> str:
 def _adjacent_md(a: dict[str, Any]) -> list[str]:
     rel = a["relative"]
     edges = rel["bin_edges"]
-    rows = [[f"{edges[i]:.1f}-{edges[i + 1]:.1f}", _f(m), str(c)] for i, (m, c) in enumerate(zip(rel["mean"], rel["count"]))]
+    rows = [[f"{edges[i]:.1f}-{edges[i + 1]:.1f}", fmt(m), str(c)] for i, (m, c) in enumerate(zip(rel["mean"], rel["count"]))]
     out = ["## Adjacent chunks by position in the article", "",
-           f"Mean cos of chunks i and i+1 ({a['pairs']} pairs, mean {_f(a['mean'])}), by the pair's relative position "
+           f"Mean cos of chunks i and i+1 ({a['pairs']} pairs, mean {fmt(a['mean'])}), by the pair's relative position "
            "(0 = first pair of the article, 1 = last). A rise or fall at the ends means article openings or endings "
            "behave differently from the body.", ""]
     out += _table(["relative position", "mean cos", "pairs"], rows)
-    edge = [[str(i), _f(a["from_start"]["mean"][i]), _f(a["from_end"]["mean"][i])] for i in range(len(a["from_start"]["mean"]))]
+    edge = [[str(i), fmt(a["from_start"]["mean"][i]), fmt(a["from_end"]["mean"][i])] for i in range(len(a["from_start"]["mean"]))]
     return out + _table(["pair from the edge", "from the start", "from the end"], edge)
 
 
@@ -197,18 +189,18 @@ def _direction_md(r: dict[str, Any], pct: int) -> list[str]:
 
 def _similarity_md(r: dict[str, Any]) -> list[str]:
     sim, a, nd = r["similarity"], r["anisotropy"], r["near_duplicates"]
-    rows = [[f"same article, more than {sim['far_gap']} apart", str(sim["same_article_far"]["pairs"]), _f(sim["same_article_far"]["mean"]), _f(sim["same_article_far"]["std"])],
-            ["different articles", str(sim["different_articles"]["pairs"]), _f(sim["different_articles"]["mean"]), _f(sim["different_articles"]["std"])]]
+    rows = [[f"same article, more than {sim['far_gap']} apart", str(sim["same_article_far"]["pairs"]), fmt(sim["same_article_far"]["mean"]), fmt(sim["same_article_far"]["std"])],
+            ["different articles", str(sim["different_articles"]["pairs"]), fmt(sim["different_articles"]["mean"]), fmt(sim["different_articles"]["std"])]]
     out = ["## Within against across articles", "",
            "A seeded sample of pairs: a uniform chunk, then a uniform partner of the kind (so every chunk weighs the same, "
            "as in training, rather than every pair).", ""]
     out += _table(["pairs", "sampled", "mean cos", "std"], rows)
     out += ["## Anisotropy", "",
-            f"Norm of the mean vector: {_f(a['mean_vector_norm'])} (0 = directions spread evenly). Its square, "
-            f"{_f(a['mean_vector_norm_squared'])}, is about the mean cos of two random chunks: the floor every cosine above stands on.", "",
+            f"Norm of the mean vector: {fmt(a['mean_vector_norm'])} (0 = directions spread evenly). Its square, "
+            f"{fmt(a['mean_vector_norm_squared'])}, is about the mean cos of two random chunks: the floor every cosine above stands on.", "",
             "## Near duplicates", "",
             f"{nd['near_duplicate_pairs']} of {nd['adjacent_pairs']} adjacent pairs have cos >= {nd['threshold']} "
-            f"({_f(nd['near_duplicate_fraction'], 4)}); {nd['exact_adjacent_pairs']} are exact copies. Exact copies anywhere "
+            f"({fmt(nd['near_duplicate_fraction'], 4)}); {nd['exact_adjacent_pairs']} are exact copies. Exact copies anywhere "
             f"in the store: {nd['exact_copies_anywhere']['extra_copies']} extra rows in {nd['exact_copies_anywhere']['groups']} groups "
             f"({nd['exact_copies_anywhere']['groups_spanning_articles']} spanning articles).", ""]
     if nd["examples"]:
@@ -223,7 +215,7 @@ def _baselines_md(b: dict[str, Any], pct: int, k: int) -> list[str]:
     nxt, p = b["next"], b["next"]["predictors"]
     out += [f"Next chunk: {nxt['scored']} of {b['windows']['heldout']} held-out windows scored ({nxt['articles']} articles; "
             "a uniform sample when more than max_eval).", ""]
-    rows = [[NAMES[n], _ci(p[n]["next"]["cos_target"]), _f(p[n]["next"]["cos_last"]["mean"])] for n in NAMES]
+    rows = [[NAMES[n], _ci(p[n]["next"]["cos_target"]), fmt(p[n]["next"]["cos_last"]["mean"])] for n in NAMES]
     out += _table(["predictor", f"cos(pred, next) [{pct}% CI]", "cos(pred, ctx[-1])"], rows)
     d = b["direction"]
     if d is None:
@@ -234,14 +226,14 @@ def _baselines_md(b: dict[str, Any], pct: int, k: int) -> list[str]:
                 f"{b['direction_targets']} with {k} chunks on both sides): forward predicts each from the chunks before it, backward "
                 "from the chunks after it, time-reversed so ctx[-1] is again the nearest. Same targets, so the difference is paired.", ""]
         rows = [[NAMES[n], _ci(p[n]["forward"]["cos_target"]), _ci(p[n]["backward"]["cos_target"]), _ci(p[n]["forward_minus_backward"]),
-                 _f(p[n]["forward"]["cos_last"]["mean"]), _f(p[n]["backward"]["cos_last"]["mean"])] for n in NAMES]
+                 fmt(p[n]["forward"]["cos_last"]["mean"]), fmt(p[n]["backward"]["cos_last"]["mean"])] for n in NAMES]
         out += _table(["predictor", f"forward cos(pred, target) [{pct}% CI]", "backward", "forward - backward", "fwd cos(pred, ctx[-1])", "bwd cos(pred, ctx[-1])"], rows)
     ridge = b["ridge"]["forward"]
     out.append(f"Ridge: closed form on the flattened context with an intercept, one model per direction, shrunk toward "
                f"{PRIOR_TEXT[ridge['prior']]}; fitted on {b['train_sampled']} training windows (a uniform sample when more than "
                "ridge.max_train), alpha chosen by mean cos on the tune articles, then refitted on fit + tune; predictions are normalised.")
     for direction, info in b["ridge"].items():
-        tried = ", ".join(f"{a}: {_f(v)}" for a, v in info["tune_cos_by_alpha"].items())
+        tried = ", ".join(f"{a}: {fmt(v)}" for a, v in info["tune_cos_by_alpha"].items())
         out.append(f"- ridge {direction}: alpha {info['alpha']:g} (tune cos by alpha: {tried}; {info['fit_windows']} fit, {info['tune_windows']} tune windows)")
     return out + [""]
 
