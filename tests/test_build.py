@@ -125,6 +125,16 @@ def test_interrupted_build_resumes_and_matches_a_clean_one(tmp_path, monkeypatch
     assert again["counts"]["chunks_embedded_this_run"] == 0 and again["counts"]["documents_embedded_earlier"] == 3
 
 
+def test_max_documents_stops_reading_and_a_later_run_goes_on(tmp_path):
+    first = build(cfg_for(f"input={FIXTURE}", f"out_dir={tmp_path}", "max_documents=1"))
+    assert first["counts"]["stopped_at_max_documents"] and first["counts"]["articles"] == 1
+    assert first["counts"]["skipped"] == {"redirect": 1}  # the pages after the first article were never read
+    assert np.load(tmp_path / "store.npz")["titles"].tolist() == KEPT[:1]
+    rest = build(cfg_for(f"input={FIXTURE}", f"out_dir={tmp_path}"))
+    assert rest["counts"]["documents_embedded_earlier"] == 1 and not rest["counts"]["stopped_at_max_documents"]
+    assert np.load(tmp_path / "store.npz")["titles"].tolist() == KEPT
+
+
 def test_other_settings_in_the_same_out_dir_are_refused(tmp_path):
     build(cfg_for(f"input={FIXTURE}", f"out_dir={tmp_path}"))
     with pytest.raises(ConfigError, match=r"out_dir holds a build made with other settings \(chunk: .*min_words.* use another out_dir"):

@@ -263,6 +263,7 @@ def _embed_all(cfg: DictConfig, documents: Iterator, chunker: Chunker, encoder: 
     pending = Pending()
     encode_seconds = 0.0
     limit = cfg.max_documents
+    stopped = False
 
     def flush() -> None:
         nonlocal pending, encode_seconds
@@ -285,9 +286,6 @@ def _embed_all(cfg: DictConfig, documents: Iterator, chunker: Chunker, encoder: 
             raise DataError(f"{cfg.input}: document id {record.id!r} appears twice; ids must be unique")
         seen.add(record.id)
         counts["documents_read"] += 1
-        if limit is not None and counts["documents_kept"] >= limit:
-            skipped["over max_documents"] += 1
-            continue
         kept, dropped = chunker.kept_paragraphs(record.text)
         words = sum(len(p.split()) for p in kept)
         counts["paragraphs_dropped_not_prose"] += len(dropped)
@@ -299,15 +297,19 @@ def _embed_all(cfg: DictConfig, documents: Iterator, chunker: Chunker, encoder: 
         counts["words"] += words
         if record.id in parts.done:
             counts["documents_embedded_earlier"] += 1
-            continue
-        pending.docs.append((record, chunker.chunks(kept)))
-        if pending.chunks >= int(cfg.part_chunks):
-            flush()
+        else:
+            pending.docs.append((record, chunker.chunks(kept)))
+            if pending.chunks >= int(cfg.part_chunks):
+                flush()
         bar.set_postfix(kept=counts["documents_kept"], embedded=counts["chunks_embedded_this_run"], refresh=False)
+        if limit is not None and counts["documents_kept"] >= limit:
+            log.info("max_documents=%d reached: the rest of %s is not read", limit, cfg.input)
+            stopped = True
+            break
     flush()
     bar.close()
     counts["documents_embedded_this_run"] = counts["documents_kept"] - counts["documents_embedded_earlier"]
-    result = dict(counts) | {"skipped": dict(skipped)}
+    result = dict(counts) | {"skipped": dict(skipped), "stopped_at_max_documents": stopped}
     for reason, n in sorted(skipped.items()):
         log.info("skipped %d records: %s", n, reason)
     return result, encode_seconds
