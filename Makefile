@@ -28,12 +28,14 @@ $(TEXT_STAMP): $(STAMP)
 	touch $(TEXT_STAMP)
 
 # The Wikipedia excerpt inside the gensim 4.4.0 wheel (106 real articles), read straight from the
-# wheel (gensim itself is not installed), embedded with MiniLM into data/wiki_minilm/.
+# wheel (gensim itself is not installed), embedded with MiniLM into data/wiki_minilm/, then
+# diagnosed (data/wiki_minilm/diagnose/).
 data-wiki: $(TEXT_STAMP)
 	ls $(WHEELS)/gensim-4.4.0-*.whl >/dev/null 2>&1 || \
 		$(BIN)/pip download --quiet --no-deps --only-binary=:all: gensim==4.4.0 -d $(WHEELS)
 	$(BIN)/python -m lvm.data.build input=$$(ls $(WHEELS)/gensim-4.4.0-*.whl | head -n 1) \
 		input_member=$(WIKI_MEMBER) encoder=minilm out_dir=data/wiki_minilm $(ARGS)
+	$(BIN)/python -m lvm.data.diagnose data/wiki_minilm/store.npz progress=false
 
 train: setup
 	$(BIN)/python -m lvm.train +experiment=p6b_v2 $(ARGS)
