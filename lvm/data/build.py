@@ -19,10 +19,11 @@ import os
 import time
 from collections import Counter
 from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import hydra
 import numpy as np
@@ -166,23 +167,16 @@ def _atomic_write(path: Path, text: str) -> None:
         f.write(text)
 
 
-class _atomic_open:
+@contextmanager
+def _atomic_open(path: Path) -> Iterator[TextIO]:
     """A text file that appears under its name only once it is completely written."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.tmp = path.with_name(f".{path.name}.tmp")
-
-    def __enter__(self):
-        self.file = self.tmp.open("w", encoding="utf-8")
-        return self.file
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        self.file.close()
-        if exc_type is None:
-            os.replace(self.tmp, self.path)
-        else:
-            self.tmp.unlink(missing_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with tmp.open("w", encoding="utf-8") as f:
+            yield f
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _atomic_savez(path: Path, **arrays: np.ndarray) -> None:
