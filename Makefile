@@ -6,10 +6,11 @@ STAMP   := $(VENV)/.installed
 ARGS    ?=
 
 TEXT_STAMP := $(VENV)/.installed-text
+EXTRAS_STAMP := $(VENV)/.installed-extras
 WHEELS  := data/cache
 WIKI_MEMBER := gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2
 
-.PHONY: setup setup-text train test test-full sweep tensorboard bench data-wiki clean
+.PHONY: setup setup-text setup-extras train test test-full sweep tensorboard bench data-wiki clean
 
 setup: $(STAMP)
 
@@ -26,6 +27,13 @@ setup-text: $(TEXT_STAMP)
 $(TEXT_STAMP): $(STAMP)
 	$(BIN)/pip install --quiet -e '.[dev,text]'
 	touch $(TEXT_STAMP)
+
+# Every optional extra (text, sweep: joblib launcher, slurm: submitit launcher): what CI tests with.
+setup-extras: $(EXTRAS_STAMP)
+
+$(EXTRAS_STAMP): $(STAMP)
+	$(BIN)/pip install --quiet -e '.[dev,text,sweep,slurm]'
+	touch $(EXTRAS_STAMP) $(TEXT_STAMP)
 
 # The Wikipedia excerpt inside the gensim 4.4.0 wheel (106 real articles), read straight from the
 # wheel (gensim itself is not installed), embedded with MiniLM into data/wiki_minilm/, then
