@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from lvm.data.text import Chunker, Document, Skipped, is_prose, paragraphs, read_documents, split_sentences
+from lvm.data.text import (Chunker, Document, Skipped, is_prose, paragraphs, prose_documents, read_documents,
+                           read_mediawiki, split_sentences)
 from lvm.errors import ConfigError, DataError
 
 FIXTURE = Path(__file__).parent / "fixtures" / "enwiki-sample.xml"
@@ -51,6 +52,15 @@ def test_bz2_and_zip_member_give_the_same_documents(tmp_path):
     assert list(read_documents(wheel, member="pkg/data/sample.xml.bz2")) == plain
     with pytest.raises(DataError, match="no member 'pkg/nope.bz2'"):
         list(read_documents(wheel, member="pkg/nope.bz2"))
+
+
+def test_parallel_wikitext_conversion_keeps_order_and_content(tmp_path):
+    packed = tmp_path / "sample.xml.bz2"
+    packed.write_bytes(bz2.compress(FIXTURE.read_bytes()))
+    serial = list(read_documents(packed, workers=1))
+    assert list(read_documents(packed, workers=2)) == serial
+    assert list(prose_documents(read_mediawiki(str(FIXTURE), lambda: FIXTURE.open("rb")), workers=3, batch=1)) == serial
+    assert all(d.markup == "plain" for d in docs_of(serial))
 
 
 def test_malformed_xml_names_file_and_line(tmp_path):

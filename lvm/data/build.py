@@ -209,6 +209,8 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"part_chunks must be >= 1 (got {cfg.part_chunks})")
     if cfg.max_documents is not None and int(cfg.max_documents) < 1:
         raise ConfigError(f"max_documents must be null or >= 1 (got {cfg.max_documents})")
+    if int(cfg.workers) < 1:
+        raise ConfigError(f"workers must be >= 1 (got {cfg.workers})")
     if int(cfg.windows_context) < 1:
         raise ConfigError(f"windows_context must be >= 1 (got {cfg.windows_context})")
 
@@ -222,7 +224,7 @@ def build(cfg: DictConfig) -> dict[str, Any]:
     chunker = Chunker(int(cfg.chunk.min_words), int(cfg.chunk.max_words), bool(cfg.chunk.prose_only))
     settings = settings_of(cfg)
     parts = Parts(out_dir / "parts", settings)
-    documents = read_documents(cfg.input, cfg.input_format, cfg.input_member)
+    documents = read_documents(cfg.input, cfg.input_format, cfg.input_member, int(cfg.workers))
     encoder_cfg = dict(settings["encoder"])
     if encoder_cfg.get("dtype") == "auto" and parts.encoder_dtype:
         encoder_cfg["dtype"] = parts.encoder_dtype  # a resumed build keeps the precision it chose
