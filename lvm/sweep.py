@@ -109,8 +109,31 @@ def write_md(jobs: list[Job], path: Path, sweep_dir: Path) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
+def heatmap_panels(jobs: list[Job]) -> dict[str, list[Job]]:
+    """Jobs grouped by their varying overrides other than the two axes (a swept ramp preset, say):
+    one heatmap panel each, so a third swept setting is shown, never averaged away."""
+    panels: dict[str, list[Job]] = {}
+    for job, shown in zip(jobs, varying_overrides(jobs)):
+        key = " ".join(o for o in shown if o.partition("=")[0].lstrip("+~") not in AXES)
+        panels.setdefault(key, []).append(job)
+    return panels
+
+
+def metric_grid(jobs: list[Job], metric: str, rows: list[Any], cols: list[Any]) -> Any:
+    """[rows, cols] of `metric` over loss.gamma x loss.lambda_max (NaN where the job failed)."""
+    import numpy as np
+
+    grid = np.full((len(rows), len(cols)), np.nan)
+    for j in jobs:
+        v, r, c = j.row.get(metric), j.axes[AXES[0]], j.axes[AXES[1]]
+        if v is not None and r is not None and c is not None:
+            grid[rows.index(r), cols.index(c)] = float(v)
+    return grid
+
+
 def plot_heatmap(jobs: list[Job], metric: str, path: Path) -> bool:
-    """`metric` over loss.gamma x loss.lambda_max (mean per cell); False when the two do not both vary."""
+    """`metric` over loss.gamma x loss.lambda_max, one panel per value of any other swept setting,
+    on one colour scale; False when the two axes do not both vary."""
     rows, cols = (sorted({j.axes[a] for j in jobs if j.axes[a] is not None}) for a in AXES)
     if len(rows) < 2 or len(cols) < 2:
         return False
@@ -120,27 +143,23 @@ def plot_heatmap(jobs: list[Job], metric: str, path: Path) -> bool:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    cells: dict[tuple[Any, Any], list[float]] = {}
-    for j in jobs:
-        v = j.row.get(metric)
-        if v is not None and j.axes[AXES[0]] is not None and j.axes[AXES[1]] is not None:
-            cells.setdefault((j.axes[AXES[0]], j.axes[AXES[1]]), []).append(float(v))
-    grid = np.full((len(rows), len(cols)), np.nan)
-    for (r, c), vals in cells.items():
-        grid[rows.index(r), cols.index(c)] = sum(vals) / len(vals)
-    fig, ax = plt.subplots(figsize=(1.6 * len(cols) + 2.5, 1.0 * len(rows) + 2))
-    im = ax.imshow(grid, cmap="viridis", aspect="auto")
-    ax.set_xticks(range(len(cols)), [str(c) for c in cols])
-    ax.set_yticks(range(len(rows)), [str(r) for r in rows])
-    ax.set_xlabel(AXES[1])
-    ax.set_ylabel(AXES[0])
-    ax.set_title(metric)
-    for (i, k), v in np.ndenumerate(grid):
-        ax.text(k, i, "failed" if np.isnan(v) else f"{v:.3f}", ha="center", va="center",
-                bbox={"facecolor": "white", "alpha": 0.7, "linewidth": 0})
-    fig.colorbar(im, ax=ax)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    panels = heatmap_panels(jobs)
+    grids = {key: metric_grid(group, metric, rows, cols) for key, group in panels.items()}
+    finite = np.concatenate([g[np.isfinite(g)] for g in grids.values()])
+    vmin, vmax = (finite.min(), finite.max()) if finite.size else (0.0, 1.0)
+    fig, axs = plt.subplots(1, len(grids), figsize=((1.6 * len(cols) + 2.5) * len(grids), 1.0 * len(rows) + 2), squeeze=False)
+    for ax, (key, grid) in zip(axs[0], grids.items()):
+        im = ax.imshow(grid, cmap="viridis", aspect="auto", vmin=vmin, vmax=vmax)
+        ax.set_xticks(range(len(cols)), [str(c) for c in cols])
+        ax.set_yticks(range(len(rows)), [str(r) for r in rows])
+        ax.set_xlabel(AXES[1])
+        ax.set_ylabel(AXES[0])
+        ax.set_title(f"{metric}\n{key}" if key else metric, fontsize=10)
+        for (i, k), v in np.ndenumerate(grid):
+            ax.text(k, i, "failed" if np.isnan(v) else f"{v:.3f}", ha="center", va="center",
+                    bbox={"facecolor": "white", "alpha": 0.7, "linewidth": 0})
+    fig.colorbar(im, ax=list(axs[0]))
+    fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
     return True
 

@@ -100,3 +100,27 @@ def test_ddp_multirun_refused(tmp_path):
     assert "without -m" in proc.stderr and "hydra/launcher=slurm_gpu" in proc.stderr  # the two ways that work
     assert "Traceback" not in proc.stderr
     assert not sweep.exists()  # refused in the parent, before any job
+
+
+def test_heatmap_has_a_panel_per_other_swept_setting(tmp_path):
+    """gamma x clamp x ramp: one gamma x clamp panel per ramp preset, values placed, never averaged."""
+    import math
+
+    from lvm.sweep import Job, heatmap_panels, metric_grid, plot_heatmap
+
+    jobs = []
+    for r, ramp in enumerate(("p6b_v1", "p6b_v2")):
+        for g, gamma in enumerate((4.0, 8.0)):
+            for m, lam in enumerate((0.02, 0.05)):
+                value = None if (r, g, m) == (1, 1, 1) else 0.5 + r / 10 + g / 100 + m / 1000
+                jobs.append(Job(len(jobs), [f"loss.gamma={gamma}", f"loss.lambda_max={lam}", f"ramp={ramp}", "trainer.max_epochs=1"],
+                                {}, {"loss.gamma": gamma, "loss.lambda_max": lam}, "ok", {"best_val_cos": value}))
+    panels = heatmap_panels(jobs)
+    assert list(panels) == ["ramp=p6b_v1", "ramp=p6b_v2"] and [len(p) for p in panels.values()] == [4, 4]
+    v1 = metric_grid(panels["ramp=p6b_v1"], "best_val_cos", [4.0, 8.0], [0.02, 0.05])
+    assert v1.tolist() == [[0.5, 0.501], [0.51, 0.511]]
+    v2 = metric_grid(panels["ramp=p6b_v2"], "best_val_cos", [4.0, 8.0], [0.02, 0.05])
+    assert v2[0].tolist() == [0.6, 0.601] and v2[1, 0] == 0.61 and math.isnan(v2[1, 1])  # the failed job
+    png = tmp_path / "h.png"
+    assert plot_heatmap(jobs, "best_val_cos", png) and png.read_bytes()[:4] == b"\x89PNG"
+    assert not plot_heatmap(jobs[:2], "best_val_cos", tmp_path / "none.png")  # gamma does not vary
