@@ -135,6 +135,12 @@ def test_max_documents_stops_reading_and_a_later_run_goes_on(tmp_path):
     assert np.load(tmp_path / "store.npz")["titles"].tolist() == KEPT
 
 
+def test_namespaces_setting_selects_pages(tmp_path):
+    info = build(cfg_for(f"input={FIXTURE}", f"out_dir={tmp_path}", "namespaces=[0,4]", "min_article_words=0"))
+    # The project page is no longer skipped for its namespace; it turns out to be a redirect.
+    assert info["counts"]["skipped"] == {"redirect": 2, "fewer than 0 words": 1}
+
+
 def test_other_settings_in_the_same_out_dir_are_refused(tmp_path):
     build(cfg_for(f"input={FIXTURE}", f"out_dir={tmp_path}"))
     with pytest.raises(ConfigError, match=r"out_dir holds a build made with other settings \(chunk: .*min_words.* use another out_dir"):

@@ -224,7 +224,7 @@ def build(cfg: DictConfig) -> dict[str, Any]:
     chunker = Chunker(int(cfg.chunk.min_words), int(cfg.chunk.max_words), bool(cfg.chunk.prose_only))
     settings = settings_of(cfg)
     parts = Parts(out_dir / "parts", settings)
-    documents = read_documents(cfg.input, cfg.input_format, cfg.input_member, int(cfg.workers))
+    documents = read_documents(cfg.input, cfg.input_format, cfg.input_member, int(cfg.workers), tuple(cfg.namespaces))
     encoder_cfg = dict(settings["encoder"])
     if encoder_cfg.get("dtype") == "auto" and parts.encoder_dtype:
         encoder_cfg["dtype"] = parts.encoder_dtype  # a resumed build keeps the precision it chose

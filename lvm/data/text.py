@@ -65,10 +65,11 @@ def detect_format(path: Path, member: str | None) -> str:
 
 
 def read_documents(
-    path: str | Path, fmt: str = "auto", member: str | None = None, workers: int = 1
+    path: str | Path, fmt: str = "auto", member: str | None = None, workers: int = 1, namespaces: Sequence[int] = (0,)
 ) -> Iterator[Document | Skipped]:
     """Documents of a source as plain prose, in source order, with the records that are not
-    documents. `workers` processes turn wikitext into prose (see prose_documents)."""
+    documents. `workers` processes turn wikitext into prose (see prose_documents); MediaWiki
+    pages outside `namespaces` are Skipped."""
     path = Path(path)
     if not path.exists():
         raise DataError(f"input={path}: no such file or folder")
@@ -83,7 +84,7 @@ def read_documents(
     name = f"{path}!{member}" if member else str(path)
     if fmt == "jsonl":
         return read_jsonl(name, lambda: open_stream(path, member))
-    return prose_documents(read_mediawiki(name, lambda: open_stream(path, member)), workers)
+    return prose_documents(read_mediawiki(name, lambda: open_stream(path, member), namespaces), workers)
 
 
 def as_prose(record: Document | Skipped) -> Document | Skipped:
