@@ -27,7 +27,6 @@ from lvm.errors import ConfigError, DataError
 log = logging.getLogger(__name__)
 
 TEXT_EXTRA = "pip install -e '.[text]'"
-KINDS = ("sentence_transformers", "wordllama", "callable")
 
 
 class Encoder(Protocol):
@@ -41,13 +40,9 @@ class Encoder(Protocol):
 def make_encoder(cfg: Mapping[str, Any]) -> Encoder:
     """The encoder an `encoder` config describes."""
     kind = cfg.get("kind")
-    if kind == "sentence_transformers":
-        return SentenceTransformerEncoder(cfg)
-    if kind == "wordllama":
-        return WordLlamaEncoder(cfg)
-    if kind == "callable":
-        return CallableEncoder(cfg)
-    raise ConfigError(f"encoder.kind must be one of {list(KINDS)} (got {kind!r})")
+    if kind not in ENCODERS:
+        raise ConfigError(f"encoder.kind must be one of {list(ENCODERS)} (got {kind!r})")
+    return ENCODERS[kind](cfg)
 
 
 def unit_rows(raw: Any, n: int, name: str) -> np.ndarray:
@@ -235,3 +230,10 @@ def hashed_bow(texts: Sequence[str], dim: int = 64, seed: int = 0) -> np.ndarray
             h = int.from_bytes(digest, "little")
             out[row, h % dim] += 1.0 if (h >> 32) & 1 else -1.0
     return out
+
+
+ENCODERS: dict[str, Callable[[Mapping[str, Any]], Encoder]] = {
+    "sentence_transformers": SentenceTransformerEncoder,
+    "wordllama": WordLlamaEncoder,
+    "callable": CallableEncoder,
+}

@@ -80,7 +80,10 @@ def read_documents(
     if fmt == "text_dir":
         if member is not None or not path.is_dir():
             raise ConfigError(f"input_format=text_dir needs a folder of .txt files (got {path})")
-        return read_text_dir(path)
+        files = sorted(path.rglob("*.txt"))
+        if not files:
+            raise DataError(f"input={path}: the folder holds no .txt file")
+        return read_text_files(path, files)
     name = f"{path}!{member}" if member else str(path)
     if fmt == "jsonl":
         return read_jsonl(name, lambda: open_stream(path, member))
@@ -135,11 +138,8 @@ def _open_raw(path: Path, member: str | None) -> Iterator[IO[bytes]]:
             yield f
 
 
-def read_text_dir(folder: Path) -> Iterator[Document]:
-    """One document per `.txt` file under `folder`, in sorted path order."""
-    files = sorted(folder.rglob("*.txt"))
-    if not files:
-        raise DataError(f"input={folder}: the folder holds no .txt file")
+def read_text_files(folder: Path, files: Sequence[Path]) -> Iterator[Document]:
+    """One document per file (id = path relative to `folder`, title = stem)."""
     for f in files:
         try:
             text = f.read_text(encoding="utf-8")
@@ -302,7 +302,11 @@ class Chunker:
         paras = paragraphs(text)
         if not self.prose_only:
             return paras, []
-        return [p for p in paras if is_prose(p)], [p for p in paras if not is_prose(p)]
+        kept: list[str] = []
+        dropped: list[str] = []
+        for p in paras:
+            (kept if is_prose(p) else dropped).append(p)
+        return kept, dropped
 
     def chunks(self, kept: list[str]) -> list[str]:
         """Chunks of the kept paragraphs, in order."""
