@@ -26,8 +26,8 @@ from lvm import metrics as M
 from lvm.checkpoints import check_dim, read_checkpoint
 from lvm.cli import EXIT_FAIL, EXIT_OK, entry_point, run_entry_point
 from lvm.config import to_plain
-from lvm.data.loaders import load_store
-from lvm.data.splits import make_splits, stratified_sample
+from lvm.data.loaders import load_splits
+from lvm.data.splits import stratified_sample
 from lvm.data.store import Windows, WindowSpec
 from lvm.errors import ConfigError, LvmError
 from lvm.fivecat import CROSS, SPLIT_NAMES, Predictor, compare_splits, judge, make_perturbation, parse_eval, score_windows, summarize
@@ -163,9 +163,11 @@ def evaluate_checkpoint(
     seed: int = 0,
     batch_size: int = 1024,
     progress: bool = True,
+    ckpt: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """5CAT of one checkpoint beside the oracle and baselines; writes the outputs, returns the report."""
-    ckpt = read_checkpoint(path)
+    """5CAT of one checkpoint beside the oracle and baselines; writes the outputs, returns the report.
+    `ckpt`: the checkpoint already read from `path`, if the caller has it."""
+    ckpt = ckpt or read_checkpoint(path)
     module = load_model(ckpt, path, splits["val"].store.dim)
     evaluation = evaluate(splits, {"model": model_predictor(module, batch_size), **REFERENCES}, eval_cfg, sample, seed, batch_size, progress)
     info = {"path": str(path), "epoch": int(ckpt["epoch"]), "global_step": int(ckpt["global_step"])}
@@ -211,13 +213,6 @@ def group_config(group: str, composed: DictConfig, stored: Mapping[str, Any] | N
     return OmegaConf.to_container(out, resolve=True)  # type: ignore[return-value]
 
 
-def load_splits(data_cfg: Mapping[str, Any], spec: WindowSpec) -> dict[str, Windows]:
-    """Windows of the train / val / ood splits the data settings define (as in training)."""
-    store = load_store(data_cfg, spec)
-    s = data_cfg["split"]
-    return make_splits(store, spec, s["val"], s["ood"], s["seed"], s.get("ranges") or None)
-
-
 def run(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict[str, Any]:
     """The CLI's work: pick data and predictor, evaluate, write outputs; returns the report."""
     if cfg.predictor not in PREDICTORS:
@@ -232,14 +227,16 @@ def run(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict[str, Any]:
         raise ConfigError(f"batch_size must be an integer >= 1 (got {cfg.batch_size!r})")
     eval_cfg = to_plain(cfg.eval)
     parse_eval(eval_cfg)  # fail before loading anything
-    stored = read_checkpoint(cfg.ckpt)["hyper_parameters"]["config"] if cfg.ckpt else None
+    ckpt = read_checkpoint(cfg.ckpt) if cfg.ckpt else None
+    stored = ckpt["hyper_parameters"]["config"] if ckpt else None
     data_cfg = group_config("data", cfg, stored, overrides)
     window_cfg = group_config("window", cfg, stored, overrides)
     spec = WindowSpec(**window_cfg)
     splits = load_splits(data_cfg, spec)
     out_dir = Path(cfg.out_dir) if cfg.out_dir else None
     if cfg.ckpt:
-        return evaluate_checkpoint(cfg.ckpt, splits, data_cfg, spec, eval_cfg, out_dir, cfg.sample, cfg.seed, cfg.batch_size, cfg.progress)
+        return evaluate_checkpoint(cfg.ckpt, splits, data_cfg, spec, eval_cfg, out_dir, cfg.sample, cfg.seed, cfg.batch_size,
+                                   cfg.progress, ckpt)
     evaluation = evaluate(splits, REFERENCES, eval_cfg, cfg.sample, cfg.seed, cfg.batch_size, cfg.progress)
     report = build_report(cfg.predictor, evaluation, splits, data_cfg, spec, None, cfg.sample, cfg.seed)
     report["outputs"] = write_outputs(report, out_dir or Path("outputs") / "eval" / cfg.predictor)

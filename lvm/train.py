@@ -30,8 +30,7 @@ from torch.utils.data import DataLoader
 from callbacks import FaultInjection, Mini5CAT, RampSchedule, RollbackGuard, SkipGuard, TensorBoardDashboard
 from lvm.checkpoints import check_dim, read_checkpoint
 from lvm.config import to_plain, validate
-from lvm.data.loaders import load_store
-from lvm.data.splits import make_splits
+from lvm.data.loaders import load_splits
 from lvm.data.store import ShuffleSampler, Windows, WindowSpec, collate_batch
 from lvm.errors import LvmError
 from lvm.evaluate import evaluate_after_fit
@@ -57,11 +56,7 @@ OmegaConf.register_new_resolver("lvm_dirname", short_dirname, replace=True)
 
 def build_data(cfg: DictConfig) -> dict[str, Windows]:
     """Windows of train / val / ood, all views of one article store."""
-    spec = WindowSpec(**cfg.window)
-    store = load_store(cfg.data, spec)
-    s = cfg.data.split
-    ranges = OmegaConf.to_container(s.ranges) if s.ranges else None
-    return make_splits(store, spec, s.val, s.ood, s.seed, ranges)
+    return load_splits(to_plain(cfg.data), WindowSpec(**cfg.window))
 
 
 def make_loader(windows: Windows, batch_size: int, shuffle: bool, num_workers: int, seed: int) -> DataLoader:

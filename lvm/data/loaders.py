@@ -19,7 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from lvm.data.store import ArticleStore, NormalizePolicy, WindowSpec
+from lvm.data.splits import make_splits
+from lvm.data.store import ArticleStore, NormalizePolicy, Windows, WindowSpec
 from lvm.data.synthetic import synthetic_corpus
 from lvm.errors import DataError
 
@@ -46,6 +47,13 @@ def load_store(data_cfg: Mapping[str, Any], spec: WindowSpec) -> ArticleStore:
     if source == "store_npz":
         return load_store_npz(path, normalize)
     return load_windows_npz(path, spec, normalize, data_cfg.get("dedupe", "auto"))
+
+
+def load_splits(data_cfg: Mapping[str, Any], spec: WindowSpec) -> dict[str, Windows]:
+    """Windows of the train / val / ood splits the data settings define (training and evaluation)."""
+    store = load_store(data_cfg, spec)
+    s = data_cfg["split"]
+    return make_splits(store, spec, s["val"], s["ood"], s["seed"], s.get("ranges") or None)
 
 
 def load_store_npz(path: str | Path, normalize: NormalizePolicy = "renormalize") -> ArticleStore:
