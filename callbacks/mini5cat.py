@@ -17,6 +17,7 @@ import torch
 from lvm import metrics as M
 from lvm.data.splits import stratified_sample
 from lvm.data.store import Windows
+from lvm.module import predict_units
 
 log = logging.getLogger(__name__)
 
@@ -61,11 +62,8 @@ class Mini5CAT(L.Callback):
             self.baselines["copy_last"]["cos"], self.baselines["mean_context"]["cos"],
         )
 
-    @torch.no_grad()
     def predict(self, pl_module: L.LightningModule) -> torch.Tensor:
-        ctx = self.batch["context"]
-        preds = [pl_module(ctx[s : s + self.batch_size].to(pl_module.device))[1].cpu() for s in range(0, len(ctx), self.batch_size)]
-        return torch.cat(preds)
+        return predict_units(pl_module, self.batch["context"], self.batch_size)
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking:

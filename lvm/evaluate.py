@@ -31,7 +31,7 @@ from lvm.data.splits import stratified_sample
 from lvm.data.store import Windows, WindowSpec
 from lvm.errors import ConfigError, LvmError
 from lvm.fivecat import CROSS, SPLIT_NAMES, Predictor, compare_splits, judge, make_perturbation, parse_eval, score_windows, summarize
-from lvm.module import LVMModule
+from lvm.module import LVMModule, predict_units
 from lvm.report import write_outputs
 
 log = logging.getLogger(__name__)
@@ -44,15 +44,9 @@ REFERENCES: dict[str, Predictor] = {
 PREDICTORS = ("model", *REFERENCES)
 
 
-def model_predictor(module: torch.nn.Module, batch_size: int) -> Predictor:
+def model_predictor(module: LVMModule, batch_size: int) -> Predictor:
     """The model's unit predictions, in forwards of at most `batch_size` windows."""
-    device = next(module.parameters()).device
-
-    def predict(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        ctx = batch["context"]
-        return torch.cat([module(ctx[s : s + batch_size].to(device))[1].float().cpu() for s in range(0, len(ctx), batch_size)])
-
-    return predict
+    return lambda batch: predict_units(module, batch["context"], batch_size)
 
 
 def load_model(ckpt: dict[str, Any], path: str | Path, dim: int) -> LVMModule:

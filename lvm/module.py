@@ -14,6 +14,7 @@ import torch
 from torchmetrics import MeanMetric, MetricCollection
 
 from lvm.losses import DirectionalKnobs, LossTerms, SkipGate, p6b_loss
+from lvm import metrics as M
 from lvm.metrics import cos
 from lvm.model import P6Transformer
 from lvm.steplog import StepLog
@@ -24,6 +25,14 @@ EVAL_SPLITS = ("val", "ood")
 # Logged every step (through StepLog, see lvm/steplog.py for why not self.log).
 STEP_STATS = ("loss", "mse", "dir", "lambda_eff", "frac_of_mse", "pos", "neg", "gap", "skipped", "raw_norm")
 KNOB_STATS = ("margin", "target_frac", "lambda_min", "lambda_max")
+
+
+@torch.no_grad()
+def predict_units(module: torch.nn.Module, context: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Unit predictions [N, D] on the CPU for contexts [N, K, D], in forwards of at most
+    `batch_size` on the module's device (`module.device`); mini-5CAT and 5CAT use it."""
+    parts = [module(context[s : s + batch_size].to(module.device))[1].float().cpu() for s in range(0, len(context), batch_size)]
+    return torch.cat(parts)
 
 
 class LVMModule(L.LightningModule):
@@ -113,7 +122,7 @@ class LVMModule(L.LightningModule):
         metrics["loss"].update(terms.loss, n)
         metrics["mse"].update(terms.mse, n)
         metrics["cos"].update(cos(pred, batch["target"]).mean(), n)
-        metrics["cos_copy_last"].update(cos(batch["context"][:, -1], batch["target"]).mean(), n)
+        metrics["cos_copy_last"].update(cos(M.copy_last(batch["context"]), batch["target"]).mean(), n)
         for name, metric in metrics.items():
             self.log(f"{split}/{name}", metric, on_step=False, on_epoch=True, add_dataloader_idx=False, batch_size=n)
 
