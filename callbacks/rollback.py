@@ -68,6 +68,10 @@ class RollbackGuard(L.Callback):
             pl_module.step_log.listeners.remove(self._on_rows)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._apply_lambda(pl_module)
+
+    def _apply_lambda(self, pl_module: L.LightningModule) -> None:
+        """The clamp after every back-off so far (also after a resume)."""
         pl_module.knobs.lambda_max = self._base_lambda_max * self.lambda_factor
 
     def _on_rows(self, steps: list[int], rows: list[dict[str, float]]) -> None:
@@ -103,11 +107,11 @@ class RollbackGuard(L.Callback):
             if t.severity == "warning":
                 self._record(trainer, t, action="warning")
         collapses = [t for t in trips if t.severity == "collapse"]
-        anywhere = self._tripped_anywhere(trainer, {t.detector for t in collapses})
+        here = {t.detector for t in collapses}
+        anywhere = self._tripped_anywhere(trainer, here)
         if not anywhere:
             return False
         if not trainer.should_stop:  # once stopping, later trips need no action (and are no good state)
-            here = {t.detector for t in collapses}
             elsewhere = [Trip(name, "collapse", {"on_another_rank": 1.0}) for name in anywhere if name not in here]
             self._act(trainer, pl_module, collapses + elsewhere, where)
             trainer.strategy.barrier()
@@ -133,7 +137,7 @@ class RollbackGuard(L.Callback):
         self.rollbacks += 1
         self._ignore_before = trainer.global_step
         self.lambda_factor *= self.lambda_scale
-        pl_module.knobs.lambda_max = self._base_lambda_max * self.lambda_factor
+        self._apply_lambda(pl_module)
         backoff = {"lambda_max": pl_module.knobs.lambda_max}
         ramp = next((c for c in trainer.callbacks if isinstance(c, RampSchedule)), None)
         if ramp is not None:
@@ -155,12 +159,16 @@ class RollbackGuard(L.Callback):
                 Path(p).unlink(missing_ok=True)
 
     def _restore(self, trainer: L.Trainer, pl_module: L.LightningModule) -> str | None:
-        """Load the newest good checkpoint that loads; returns its path (None if there is none)."""
+        """Load the newest good checkpoint that loads on every rank; returns its path (None if there
+        is none). One reduce per candidate, so all ranks load the same one."""
         for path in reversed(self.good):
             try:
                 ckpt = read_checkpoint(path, map_location=pl_module.device)
             except LvmError as e:
+                ckpt = None
                 self._record(trainer, Trip("corrupt_checkpoint", "warning", {}), action=f"skipped {path}: {e}")
+            failed = torch.tensor(float(ckpt is None), device=trainer.strategy.root_device)
+            if float(trainer.strategy.reduce(failed, reduce_op="max")) > 0:
                 continue
             pl_module.load_state_dict(ckpt["state_dict"])
             for opt, state in zip(trainer.optimizers, ckpt["optimizer_states"]):
@@ -172,11 +180,11 @@ class RollbackGuard(L.Callback):
 
     # --- record -------------------------------------------------------------------------------
     def _record(self, trainer: L.Trainer, trip: Trip, action: str, extra: dict[str, Any] | None = None) -> None:
+        if not trainer.is_global_zero:
+            return
         event = {"time": time.time(), "step": trainer.global_step, "epoch": trainer.current_epoch,
                  **asdict(trip), "action": action, **(extra or {})}
         event["values"] = {k: v if math.isfinite(v) else str(v) for k, v in trip.values.items()}  # strict JSON
-        if not trainer.is_global_zero:
-            return
         with self.events_path.open("a") as f:
             f.write(json.dumps(event) + "\n")
         values = " ".join(f"{k}={v:.3f}" for k, v in trip.values.items())
