@@ -39,8 +39,8 @@ def check_training(rows: Sequence[Mapping[str, float]], cfg: Mapping[str, Any], 
     trips: list[Trip] = []
     if not rows:
         return trips, pinned_steps
-    if cfg["nonfinite"] and any(not math.isfinite(v) for r in rows for v in r.values()):
-        bad = next(r for r in rows if any(not math.isfinite(v) for v in r.values()))
+    bad = next((r for r in rows if not all(map(math.isfinite, r.values()))), None) if cfg["nonfinite"] else None
+    if bad is not None:
         trips.append(Trip("nonfinite", "collapse", {"loss": bad["train/loss"], "mse": bad["train/mse"]}))
         return trips, pinned_steps
     pos, neg, gap = _mean(rows, "train/pos"), _mean(rows, "train/neg"), _mean(rows, "train/gap")
