@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from lvm.fivecat import ABLATIONS, BINS, OFFSETS, strict_json
+from lvm.tables import fmt, md_header
 
 LABELS = {"model": "model", "oracle": "oracle", "copy_last": "copy-last", "mean_context": "mean-ctx"}
 
@@ -27,17 +28,6 @@ def write_outputs(report: dict[str, Any], out_dir: Path) -> dict[str, str]:
     """5cat.json, 5cat.md and 5cat_offsets.png in `out_dir`; returns their paths."""
     paths = {"json": out_dir / "5cat.json", "md": out_dir / "5cat.md", "png": out_dir / "5cat_offsets.png"}
     return write_files(report, paths, markdown, plot_offsets)
-
-
-def fmt(v: Any, digits: int = 3) -> str:
-    """A number for a markdown table: fixed digits, a sign only when negative, n/a for missing or NaN."""
-    if v is None or (isinstance(v, float) and v != v):
-        return "n/a"
-    if isinstance(v, bool):
-        return "yes" if v else "no"
-    if isinstance(v, float):
-        return f"{v:+.{digits}f}" if v < 0 else f"{v:.{digits}f}"
-    return str(v)
 
 
 def _get(results: dict[str, Any], split: str, path: str) -> Any:
@@ -69,8 +59,7 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         "## Gates",
         "",
-        "| gate | split | metric | threshold | " + " | ".join(LABELS.get(n, n) for n in names) + " | pass |",
-        "| --- | --- | --- | --- | " + " | ".join("---" for _ in names) + " | --- |",
+        *md_header(["gate", "split", "metric", "threshold", *(LABELS.get(n, n) for n in names), "pass"]),
     ]
     verdicts = report["verdicts"]
     for gname, gate in verdicts[subject]["gates"].items():
@@ -79,8 +68,7 @@ def markdown(report: dict[str, Any]) -> str:
             values = [fmt(verdicts[n]["gates"][gname]["checks"][i]["value"]) for n in names]
             label = f"{gname} {gate['title']}" if i == 0 else ""
             lines.append(f"| {label} | {c['split']} | {c['metric']} | {thr} | " + " | ".join(values) + f" | {fmt(c['passed'])} |")
-    lines += ["", "| verdict | " + " | ".join(LABELS.get(n, n) for n in names) + " |",
-              "| --- | " + " | ".join("---" for _ in names) + " |"]
+    lines += ["", *md_header(["verdict", *(LABELS.get(n, n) for n in names)])]
     lines.append("| gates passed | " + " | ".join(f"{verdicts[n]['gates_passed']}/{verdicts[n]['gates_total']}" for n in names) + " |")
     lines.append("| pass | " + " | ".join(fmt(verdicts[n]["passed"]) for n in names) + " |")
     rows = [("cos to target", "cos"), ("margin vs ctx[-1]", "margin_last"), ("A peak k", "offset.peak_k")]
@@ -90,8 +78,7 @@ def markdown(report: dict[str, Any]) -> str:
     rows += [("D rollout mean", "rollout.mean")]
     rows += [(f"E {b} bin cos (windows)", f"coherence.{b}") for b in BINS]
     for split in report["splits"]:
-        lines += ["", f"## {split.upper()}", "", "| metric | " + " | ".join(LABELS.get(n, n) for n in names) + " |",
-                  "| --- | " + " | ".join("---" for _ in names) + " |"]
+        lines += ["", f"## {split.upper()}", "", *md_header(["metric", *(LABELS.get(n, n) for n in names)])]
         for label, path in rows:
             cells = []
             for n in names:
@@ -110,8 +97,7 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append(f"\nTest windows: A {report['results'][names[0]][split]['offset']['windows']}, "
                      f"B {report['results'][names[0]][split]['retrieval']['windows']}, D {roll['windows']}.")
     cross = {n: report["results"][n].get("val_vs_ood", {}).get("coherence_normal_gap") for n in names}
-    lines += ["", "## VAL vs OOD", "", "| metric | " + " | ".join(LABELS.get(n, n) for n in names) + " |",
-              "| --- | " + " | ".join("---" for _ in names) + " |",
+    lines += ["", "## VAL vs OOD", "", *md_header(["metric", *(LABELS.get(n, n) for n in names)]),
               "| E normal-bin cos, abs(VAL - OOD) | " + " | ".join(fmt(cross[n]) for n in names) + " |", ""]
     return "\n".join(lines)
 

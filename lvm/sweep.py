@@ -11,7 +11,6 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lvm.errors import ConfigError, LvmError
 from lvm.launchers import check_multirun
+from lvm.tables import fmt, md_table
 
 log = logging.getLogger(__name__)
 
@@ -87,15 +87,6 @@ def varying_overrides(jobs: list[Job]) -> list[list[str]]:
     return [[o for o in j.overrides if o.partition("=")[0] in keys] for j in jobs]
 
 
-def fmt(v: Any, column: str) -> str:
-    """A table cell: floats to 4 decimals (wall time to 2), missing values as n/a."""
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "n/a"
-    if isinstance(v, float):
-        return f"{v:.{2 if column == 'wall_time_s' else 4}f}"
-    return str(v)
-
-
 def write_csv(jobs: list[Job], path: Path) -> None:
     with path.open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=COLUMNS)
@@ -104,8 +95,8 @@ def write_csv(jobs: list[Job], path: Path) -> None:
 
 
 def write_md(jobs: list[Job], path: Path, sweep_dir: Path) -> None:
-    lines = [f"# Sweep {sweep_dir}", "", "| " + " | ".join(COLUMNS) + " |", "|" + " --- |" * len(COLUMNS)]
-    lines += ["| " + " | ".join(fmt(job.row[k], k).replace("|", "\\|").replace("\n", " ") for k in COLUMNS) + " |" for job in jobs]
+    cells = [[fmt(job.row[k], 2 if k == "wall_time_s" else 4).replace("|", "\\|").replace("\n", " ") for k in COLUMNS] for job in jobs]
+    lines = [f"# Sweep {sweep_dir}", "", *md_table(COLUMNS, cells)]
     path.write_text("\n".join(lines) + "\n")
 
 

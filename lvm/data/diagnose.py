@@ -23,7 +23,8 @@ from lvm.data.loaders import load_store_npz
 from lvm.data.splits import split_articles
 from lvm.data.store import ArticleStore
 from lvm.errors import ConfigError
-from lvm.report import fmt, write_files
+from lvm.report import write_files
+from lvm.tables import fmt, md_table
 
 log = logging.getLogger(__name__)
 
@@ -112,10 +113,6 @@ def _ci(stat: dict[str, Any], i: int | None = None) -> str:
     return fmt(pick(stat["mean"])) + ci
 
 
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-    return ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header), *("| " + " | ".join(r) + " |" for r in rows), ""]
-
-
 def markdown(r: dict[str, Any]) -> str:
     """The report as markdown: findings, a summary table, then one section per statistic."""
     st, w, s = r["store"], r["windows"], r["settings"]
@@ -137,7 +134,7 @@ def markdown(r: dict[str, Any]) -> str:
         rows.append(["held-out cos(pred, next): copy-last / mean of context / ridge",
                      " / ".join(fmt(p[n]["next"]["cos_target"]["mean"]) for n in NAMES)])
         rows.append(["ridge cos(pred, ctx[-1])", fmt(p["ridge"]["next"]["cos_last"]["mean"])])
-    lines += _table(["statistic", "value"], rows)
+    lines += [*md_table(["statistic", "value"], rows), ""]
     lines += _adjacent_md(r["adjacent"])
     lines += _direction_md(r, pct)
     lines += _similarity_md(r)
@@ -153,9 +150,9 @@ def _adjacent_md(a: dict[str, Any]) -> list[str]:
            f"Mean cos of chunks i and i+1 ({a['pairs']} pairs, mean {fmt(a['mean'])}), by the pair's relative position "
            "(0 = first pair of the article, 1 = last). A rise or fall at the ends means article openings or endings "
            "behave differently from the body.", ""]
-    out += _table(["relative position", "mean cos", "pairs"], rows)
+    out += [*md_table(["relative position", "mean cos", "pairs"], rows), ""]
     edge = [[str(i), fmt(a["from_start"]["mean"][i]), fmt(a["from_end"]["mean"][i])] for i in range(len(a["from_start"]["mean"]))]
-    return out + _table(["pair from the edge", "from the start", "from the end"], edge)
+    return out + [*md_table(["pair from the edge", "from the start", "from the end"], edge), ""]
 
 
 def _direction_md(r: dict[str, Any], pct: int) -> list[str]:
@@ -163,7 +160,7 @@ def _direction_md(r: dict[str, Any], pct: int) -> list[str]:
     k = r["settings"]["context"]
     out = ["## Similarity decay and direction", "",
            "Decay: mean cos(next, ctx[-j]) over all windows; similarity falls with distance.", ""]
-    out += _table(["j", f"cos(next, ctx[-j]) [{pct}% CI]"], [[str(j + 1), _ci(w["decay"], j)] for j in range(k)])
+    out += [*md_table(["j", f"cos(next, ctx[-j]) [{pct}% CI]"], [[str(j + 1), _ci(w["decay"], j)] for j in range(k)]), ""]
     if prof is None:
         out += [f"Offset profile: no chunk has {r['settings']['max_offset']} consecutive chunks on both sides.", ""]
     else:
@@ -176,7 +173,7 @@ def _direction_md(r: dict[str, Any], pct: int) -> list[str]:
         m = len(prof["distances"])
         rows = [[str(d), _ci(prof["profile"], m + d), _ci(prof["profile"], m - d), _ci(prof["forward_minus_backward"], d - 1)]
                 for d in prof["distances"]]
-        out += _table(["d", "forward cos(c_i, c_(i+d))", "backward cos(c_i, c_(i-d))", f"forward - backward [{pct}% CI]"], rows)
+        out += [*md_table(["d", "forward cos(c_i, c_(i+d))", "backward cos(c_i, c_(i-d))", f"forward - backward [{pct}% CI]"], rows), ""]
     out += ["Two single numbers, for comparison with earlier reports:", "",
             f"- matched distances, windows: cos(ctx[-1], next) - cos(ctx[-1], ctx[-2]) = {_ci(w['matched_difference'])}. "
             "Both pairs are one chunk apart; per article this difference is exactly "
@@ -194,7 +191,7 @@ def _similarity_md(r: dict[str, Any]) -> list[str]:
     out = ["## Within against across articles", "",
            "A seeded sample of pairs: a uniform chunk, then a uniform partner of the kind (so every chunk weighs the same, "
            "as in training, rather than every pair).", ""]
-    out += _table(["pairs", "sampled", "mean cos", "std"], rows)
+    out += [*md_table(["pairs", "sampled", "mean cos", "std"], rows), ""]
     out += ["## Anisotropy", "",
             f"Norm of the mean vector: {fmt(a['mean_vector_norm'])} (0 = directions spread evenly). Its square, "
             f"{fmt(a['mean_vector_norm_squared'])}, is about the mean cos of two random chunks: the floor every cosine above stands on.", "",
@@ -204,7 +201,7 @@ def _similarity_md(r: dict[str, Any]) -> list[str]:
             f"in the store: {nd['exact_copies_anywhere']['extra_copies']} extra rows in {nd['exact_copies_anywhere']['groups']} groups "
             f"({nd['exact_copies_anywhere']['groups_spanning_articles']} spanning articles).", ""]
     if nd["examples"]:
-        out += _table(["article", "chunks", "store rows", "cos"], [[str(e["article"]), f"{e['chunks'][0]}, {e['chunks'][1]}", f"{e['rows'][0]}, {e['rows'][1]}", f"{e['cos']:.4f}"] for e in nd["examples"]])
+        out += [*md_table(["article", "chunks", "store rows", "cos"], [[str(e["article"]), f"{e['chunks'][0]}, {e['chunks'][1]}", f"{e['rows'][0]}, {e['rows'][1]}", f"{e['cos']:.4f}"] for e in nd["examples"]]), ""]
     return out
 
 
@@ -216,7 +213,7 @@ def _baselines_md(b: dict[str, Any], pct: int, k: int) -> list[str]:
     out += [f"Next chunk: {nxt['scored']} of {b['windows']['heldout']} held-out windows scored ({nxt['articles']} articles; "
             "a uniform sample when more than max_eval).", ""]
     rows = [[NAMES[n], _ci(p[n]["next"]["cos_target"]), fmt(p[n]["next"]["cos_last"]["mean"])] for n in NAMES]
-    out += _table(["predictor", f"cos(pred, next) [{pct}% CI]", "cos(pred, ctx[-1])"], rows)
+    out += [*md_table(["predictor", f"cos(pred, next) [{pct}% CI]", "cos(pred, ctx[-1])"], rows), ""]
     d = b["direction"]
     if d is None:
         out += [f"Forward against backward: no held-out chunk has {k} chunks on both sides.", ""]
@@ -227,7 +224,7 @@ def _baselines_md(b: dict[str, Any], pct: int, k: int) -> list[str]:
                 "from the chunks after it, time-reversed so ctx[-1] is again the nearest. Same targets, so the difference is paired.", ""]
         rows = [[NAMES[n], _ci(p[n]["forward"]["cos_target"]), _ci(p[n]["backward"]["cos_target"]), _ci(p[n]["forward_minus_backward"]),
                  fmt(p[n]["forward"]["cos_last"]["mean"]), fmt(p[n]["backward"]["cos_last"]["mean"])] for n in NAMES]
-        out += _table(["predictor", f"forward cos(pred, target) [{pct}% CI]", "backward", "forward - backward", "fwd cos(pred, ctx[-1])", "bwd cos(pred, ctx[-1])"], rows)
+        out += [*md_table(["predictor", f"forward cos(pred, target) [{pct}% CI]", "backward", "forward - backward", "fwd cos(pred, ctx[-1])", "bwd cos(pred, ctx[-1])"], rows), ""]
     ridge = b["ridge"]["forward"]
     out.append(f"Ridge: closed form on the flattened context with an intercept, one model per direction, shrunk toward "
                f"{PRIOR_TEXT[ridge['prior']]}; fitted on {b['train_sampled']} training windows (a uniform sample when more than "
