@@ -35,8 +35,7 @@ from lvm.data.store import ShuffleSampler, Windows, WindowSpec, collate_batch
 from lvm.errors import LvmError
 from lvm.evaluate import evaluate_after_fit
 from lvm.module import LVMModule
-from lvm.launchers import (JOBLIB_LAUNCHER, SUBMITIT_PREFIX, claim_gpu, launcher_choice, missing_launcher_plugin,
-                       refuse_ddp_multirun, wants_one_gpu)
+from lvm.launchers import JOBLIB_LAUNCHER, SUBMITIT_PREFIX, claim_gpu, launcher_choice, missing_launcher_plugin, wants_one_gpu
 
 log = logging.getLogger(__name__)
 
@@ -234,7 +233,6 @@ def main(cfg: DictConfig) -> float | None:
     hc = HydraConfig.get()
     try:
         if hc.mode == RunMode.MULTIRUN:
-            refuse_ddp_multirun(cfg, hc.launcher._target_)
             return run_sweep_job(cfg, hc)
         results = run(cfg, hc.runtime.output_dir, dict(hc.runtime.choices))
     except LvmError as e:
