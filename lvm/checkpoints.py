@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pickle
 import zipfile
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,7 @@ TRAINING_KEYS = ("state_dict", "epoch", "global_step", "optimizer_states", "hype
 MODEL_OPTIONS_ADDED = {"context_skip": False}
 
 
-def read_checkpoint(path: str | Path, keys: Iterable[str] = TRAINING_KEYS, map_location: Any = "cpu") -> dict[str, Any]:
+def read_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
     """The checkpoint at `path`; LvmError naming the file if it is missing, corrupt or not lvm's."""
     path = Path(path)
     if not path.is_file():
@@ -27,13 +26,13 @@ def read_checkpoint(path: str | Path, keys: Iterable[str] = TRAINING_KEYS, map_l
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as e:
         raise LvmError(f"checkpoint {path}: cannot be loaded, truncated or corrupt ({type(e).__name__}: {e})") from None
-    missing = [k for k in keys if k not in ckpt]
+    missing = [k for k in TRAINING_KEYS if k not in ckpt]
     if missing:
         raise LvmError(f"checkpoint {path}: not an lvm training checkpoint (no {', '.join(repr(k) for k in missing)})")
-    hp = ckpt.get("hyper_parameters", {})
-    if "hyper_parameters" in keys and ("config" not in hp or "dim" not in hp):
+    hp = ckpt["hyper_parameters"]
+    if "config" not in hp or "dim" not in hp:
         raise LvmError(f"checkpoint {path}: hyper_parameters lack 'config' or 'dim' (not an lvm checkpoint)")
-    model = hp.get("config", {}).get("model")
+    model = hp["config"].get("model")
     if isinstance(model, dict):
         for key, value in MODEL_OPTIONS_ADDED.items():
             model.setdefault(key, value)
