@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hydra import compose, initialize_config_dir
 import torch
 from omegaconf import OmegaConf
 
@@ -200,8 +201,12 @@ def test_gates_and_pass_rules():
 
 
 def test_three_of_five_preset():
-    cfg = OmegaConf.load(ROOT / "conf" / "eval" / "three_of_five.yaml")
-    assert cfg.pass_rule.mode == "k_of_5" and cfg.pass_rule.k == 3
+    """The preset composes onto the original gates and parses to a 3-of-5 rule."""
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("evaluate", overrides=["eval=three_of_five"])
+    gates, rule = F5.parse_eval(OmegaConf.to_container(cfg.eval, resolve=True))
+    assert rule == F5.PassRule("k_of_5", 3, True)
+    assert gates == F5.parse_eval(original_eval())[0]
 
 
 @pytest.mark.parametrize(
@@ -227,4 +232,3 @@ def test_strict_json_round_trip():
     text = json.dumps(F5.strict_json(report), allow_nan=False)
     back = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
     assert back == {"a": None, "b": [1.0, None, 0.5], "c": {"d": 2.0, "e": None}, "f": 3}
-    assert json.loads(json.dumps(back, allow_nan=False)) == back

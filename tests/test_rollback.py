@@ -132,7 +132,7 @@ def test_two_process_ddp_rolls_back_together(tmp_path):
     assert rollbacks and rollbacks[0]["detector"] == "nonfinite"
     assert rollbacks[0]["checkpoint"].endswith("good-epoch00.ckpt")
     results = json.loads((run_dir / "results.json").read_text())
-    assert results["epochs_completed"] == 3 and results["final"]["val/cos"] == results["final"]["val/cos"]  # not NaN
+    assert results["epochs_completed"] == 3 and math.isfinite(results["final"]["val/cos"])
 
 
 @pytest.mark.slow
