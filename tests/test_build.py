@@ -4,14 +4,11 @@ with the toy hashing encoder (no heavy extras); resumable; refuses to mix settin
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 import lvm.data.encoders as encoders
@@ -21,22 +18,19 @@ from lvm.data.encoders import hashed_bow
 from lvm.data.loaders import load_store_npz
 from lvm.data.text import Chunker, Document, read_documents
 from lvm.errors import ConfigError, DataError
+from tests.helpers import compose_cfg, run_module
 from tests.test_encoders import HAVE_TEXT, NEEDS_TEXT
 from tests.test_text import FIXTURE
 
-ROOT = Path(__file__).resolve().parents[1]
 KEPT = ["Agricultural science", "Astronomer", "Arithmetic mean"]  # Alien (18 words) and Ada (0) are too short
 
 
 def cfg_for(*overrides: str):
-    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        return compose("build", overrides=["encoder=hashing", "progress=false", *overrides])
+    return compose_cfg("build", "encoder=hashing", "progress=false", *overrides)
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "lvm.data.build", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
+    return run_module("lvm.data.build", *args, timeout=300)
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -167,20 +161,16 @@ def test_built_store_is_diagnosed_and_trains(tmp_path):
     """The whole pipeline on real pages: build, diagnose, then one short epoch as `data=store_npz`."""
     out = tmp_path / "store"
     build(cfg_for(f"input={FIXTURE}", f"out_dir={out}", "chunk.min_words=20", "chunk.max_words=40", "min_article_words=0"))
-    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        dcfg = compose("diagnose", overrides=[f"store={out / 'store.npz'}", "progress=false", "bootstrap=50"])
-    report = diagnose_run(dcfg)
+    report = diagnose_run(compose_cfg("diagnose", f"store={out / 'store.npz'}", "progress=false", "bootstrap=50"))
     z = np.load(out / "store.npz")
     v, a = z["vectors"], z["article_indices"]
     same = a[1:] == a[:-1]
     assert report["adjacent"]["mean"] == pytest.approx(float((v[1:] * v[:-1]).sum(1)[same].mean()), abs=1e-5)
     assert all((out / "diagnose" / f"diagnose.{ext}").is_file() for ext in ("json", "md", "png"))
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run(
-        [sys.executable, "-m", "lvm.train", "+experiment=p6b_v2_wiki", f"data.path={out / 'store.npz'}",
-         "data.split.val=0.34", "data.split.ood=0", "model.d_model=16", "model.ffn=32", "model.layers=1", "model.heads=2",
-         "trainer.max_epochs=1", f"hydra.run.dir={tmp_path / 'run'}"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    proc = run_module(
+        "lvm.train", "+experiment=p6b_v2_wiki", f"data.path={out / 'store.npz'}",
+        "data.split.val=0.34", "data.split.ood=0", "model.d_model=16", "model.ffn=32", "model.layers=1", "model.heads=2",
+        "trainer.max_epochs=1", f"hydra.run.dir={tmp_path / 'run'}", timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = read_jsonl(tmp_path / "run" / "metrics.jsonl")

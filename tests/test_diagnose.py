@@ -4,22 +4,18 @@ hand-made stores (closed forms, brute force), the CLI end to end, and bad inputs
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from hydra import compose, initialize_config_dir
 
 from lvm.data import diagnostics as Dg
 from lvm.data.diagnose import layout_of, run, split_codes
 from lvm.data.store import ArticleStore
 from lvm.errors import ConfigError, DataError
-from tests.helpers import STANDARD, unit_rows
+from tests.helpers import STANDARD, compose_cfg, run_module, unit_rows
 
-ROOT = Path(__file__).resolve().parents[1]
 FAST = Dg.Settings(max_offset=3, pairs=20_000, bootstrap=200, alphas=(1e-6, 1.0), progress=False)
 THETA = 0.4  # rotation per chunk: cos 0.921, below the near-duplicate threshold
 
@@ -280,14 +276,11 @@ def write_store(path: Path, store_lengths: list[int] | None = None, **arrays) ->
 
 
 def cfg(*overrides: str):
-    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        return compose("diagnose", overrides=[*overrides, "progress=false", "bootstrap=50", "pairs=2000"])
+    return compose_cfg("diagnose", *overrides, "progress=false", "bootstrap=50", "pairs=2000")
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "lvm.data.diagnose", *args, "progress=false", "bootstrap=50", "pairs=2000"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    return run_module("lvm.data.diagnose", *args, "progress=false", "bootstrap=50", "pairs=2000", timeout=120, threads=1)
 
 
 def test_cli_end_to_end(tmp_path):

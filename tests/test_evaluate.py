@@ -4,37 +4,31 @@ NPZ, eval.after_fit, outputs and exit codes."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
 from lvm import evaluate as E
 from lvm.checkpoints import read_checkpoint
 from lvm.data.synthetic import synthetic_corpus
 from lvm.errors import ConfigError
 from lvm.train import run as train_run
+from tests.helpers import compose_cfg, run_module
 from tests.test_train import TINY, cfg_for
 
-ROOT = Path(__file__).resolve().parents[1]
 # Articles long enough for a P6 rollout (target + 4 * 2 must exist: 15 chunks from the context start).
 TINY_DATA = [o for o in TINY if o.startswith("data.")] + ["data.synthetic.max_chunks=20"]
 
 
 def eval_cfg(*overrides: str):
-    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        return compose("evaluate", overrides=[*overrides, "progress=false"])
+    return compose_cfg("evaluate", *overrides, "progress=false")
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "lvm.evaluate", *args, "progress=false"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
+    return run_module("lvm.evaluate", *args, "progress=false", timeout=300, threads=1)
 
 
 def strict_load(path: Path) -> dict:

@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
-from hydra import compose, initialize_config_dir
 import torch
 from omegaconf import OmegaConf
 
@@ -18,9 +16,8 @@ from lvm import metrics as M
 from lvm.data.store import ArticleStore
 from lvm.data.synthetic import synthetic_corpus
 from lvm.errors import ConfigError
-from tests.helpers import P6, STANDARD
+from tests.helpers import P6, ROOT, STANDARD, compose_cfg
 
-ROOT = Path(__file__).resolve().parents[1]
 ORACLE = lambda b: b["target"]  # noqa: E731
 COPY_LAST = lambda b: M.copy_last(b["context"])  # noqa: E731
 MEAN_CTX = lambda b: M.mean_context(b["context"])  # noqa: E731
@@ -202,8 +199,7 @@ def test_gates_and_pass_rules():
 
 def test_three_of_five_preset():
     """The preset composes onto the original gates and parses to a 3-of-5 rule."""
-    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("evaluate", overrides=["eval=three_of_five"])
+    cfg = compose_cfg("evaluate", "eval=three_of_five")
     gates, rule = F5.parse_eval(OmegaConf.to_container(cfg.eval, resolve=True))
     assert rule == F5.PassRule("k_of_5", 3, True)
     assert gates == F5.parse_eval(original_eval())[0]

@@ -18,14 +18,14 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from lvm import launchers
 from lvm.errors import ConfigError
 from lvm.train import own_gpu, resume_on_requeue, run
 from tests.test_sweep import check_tensorboard_runs, job_dirs, rows
-from tests.test_train import ROOT, TINY, cfg_for, cli, history
+from tests.helpers import ROOT, compose_cfg
+from tests.test_train import TINY, cfg_for, cli, history
 
 HAS_JOBLIB = importlib.util.find_spec("hydra_plugins") is not None and importlib.util.find_spec("hydra_plugins.hydra_joblib_launcher") is not None
 HAS_SUBMITIT = (importlib.util.find_spec("hydra_plugins") is not None
@@ -183,8 +183,7 @@ def sbatch_script(monkeypatch, tmp_path: Path, *overrides: str) -> str:
     from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
 
     monkeypatch.setattr(slurm.SlurmExecutor, "affinity", classmethod(lambda cls: 1))  # pretend srun exists
-    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=[*overrides, f"hydra.sweep.dir={tmp_path}"], return_hydra_config=True)
+    cfg = compose_cfg("train", *overrides, f"hydra.sweep.dir={tmp_path}", return_hydra_config=True)
     launchers.check_multirun(cfg)
     params = dict(instantiate(cfg.hydra.launcher).params)
     executor = submitit.AutoExecutor(folder=params.pop("submitit_folder"), cluster="slurm",

@@ -1,20 +1,15 @@
 """Ramp stage boundaries for the v1 and v2 tables as they live in conf/, and the callback."""
 
-import os
 
 import pytest
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from callbacks.ramp import RampSchedule, parse_stages, stage_index
 from lvm.losses import DirectionalKnobs
-
-CONF = os.path.join(os.path.dirname(__file__), "..", "conf")
-
+from tests.helpers import compose_cfg
 
 def ramp_table(name):
-    with initialize_config_dir(os.path.abspath(CONF), version_base="1.3"):
-        cfg = compose("train", overrides=[f"ramp={name}"])
+    cfg = compose_cfg("train", f"ramp={name}")
     return OmegaConf.to_container(cfg.ramp, resolve=True)
 
 

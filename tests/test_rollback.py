@@ -9,10 +9,10 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
 from callbacks.fault import FaultInjection
 from lvm.train import run
+from tests.helpers import ROOT, compose_cfg
 from tests.test_train import TINY, cfg_for, cli
 
 GUARDED = [
@@ -124,7 +124,7 @@ def test_two_process_ddp_rolls_back_together(tmp_path):
         "guard.detectors.start_step=0", "guard.detectors.negative_cosines=false", *off,
         "callbacks.fault_injection.nan_at_steps=[3]",
         "trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp", f"hydra.run.dir={run_dir}",
-        cwd=Path(__file__).resolve().parents[1],
+        cwd=ROOT,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     ev = events(run_dir)
@@ -141,9 +141,8 @@ def test_collapse_drill(tmp_path):
     def val_cos(run_dir):
         return [json.loads(line)["val/cos"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
-    with initialize_config_dir(str(Path(__file__).resolve().parents[1] / "conf"), version_base="1.3"):
-        none = compose("train", overrides=["+experiment=p6b_v1_stress", "guard=none", "trainer.max_epochs=4", "trainer.enable_progress_bar=false"])
-        guarded = compose("train", overrides=["+experiment=p6b_v1_stress", "guard=rollback", "trainer.max_epochs=4", "trainer.enable_progress_bar=false"])
+    none = compose_cfg("train", "+experiment=p6b_v1_stress", "guard=none", "trainer.max_epochs=4", "trainer.enable_progress_bar=false")
+    guarded = compose_cfg("train", "+experiment=p6b_v1_stress", "guard=rollback", "trainer.max_epochs=4", "trainer.enable_progress_bar=false")
     run(none, tmp_path / "none")
     assert min(val_cos(tmp_path / "none")) < 0.1  # collapsed: below the guard's val floor
     results = run(guarded, tmp_path / "rollback")

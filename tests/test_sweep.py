@@ -5,15 +5,14 @@ from __future__ import annotations
 
 import csv
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
-from tests.test_train import ROOT, TINY, cli
+from tests.helpers import ROOT, run_module
+from tests.test_train import TINY, cli
 
 
 def rows(sweep: Path) -> list[dict[str, str]]:
@@ -71,8 +70,7 @@ def test_grid_sweep_summarised_and_regenerated(tmp_path):
 
     for name in ("summary.csv", "summary.md", "summary_heatmap.png"):
         (sweep / name).unlink()
-    report = subprocess.run([sys.executable, "-m", "lvm.sweep_report", str(sweep), "--metric", "final_val_cos"],
-                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    report = run_module("lvm.sweep_report", str(sweep), "--metric", "final_val_cos", timeout=120)
     assert report.returncode == 0, report.stderr[-3000:]
     assert rows(sweep) == table and png.is_file() and (sweep / "summary.md").is_file()
 

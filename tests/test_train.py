@@ -3,21 +3,18 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lvm.errors import ConfigError, LvmError
 from lvm.train import run
+from tests.helpers import ROOT, compose_cfg, run_module
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY = [
     "data.synthetic.articles=60",
     "data.synthetic.dim=16",
@@ -38,8 +35,7 @@ TINY = [
 
 
 def cfg_for(*overrides: str):
-    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        return compose("train", overrides=[*TINY, *overrides])
+    return compose_cfg("train", *TINY, *overrides)
 
 
 def history(run_dir: Path) -> list[dict]:
@@ -149,10 +145,7 @@ def test_checkpoint_from_other_model_or_dim_named(tmp_path):
 
 
 def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run(
-        [sys.executable, "-m", "lvm.train", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
-    )
+    return run_module("lvm.train", *args, cwd=cwd)
 
 
 def test_cli_errors_are_one_clear_line(tmp_path):
