@@ -108,6 +108,11 @@ class LVMModule(L.LightningModule):
             self._knobs_cached = (values, torch.tensor(values, dtype=torch.float32, device=device))
         return self._knobs_cached[1]
 
+    def on_validation_start(self) -> None:
+        # Lightning validates before on_train_epoch_end: flush the epoch's last partial window now,
+        # so the guard's decision at validation end sees every step it is about to call good.
+        self.step_log.flush(self.loggers)
+
     def on_train_epoch_end(self) -> None:
         self.step_log.flush(self.loggers)
 

@@ -51,6 +51,20 @@ def test_nan_injection_rolls_back_and_recovers(tmp_path):
     assert guard_state["rollbacks"] == 1 and guard_state["lambda_factor"] == 0.5
 
 
+def test_guard_decides_on_every_step_of_the_epoch(tmp_path):
+    """Lightning validates before on_train_epoch_end: the last partial window of per-step rows must
+    reach the guard's detectors before it decides at validation end and saves a good checkpoint."""
+    seen: list[tuple[int, int]] = []
+
+    class Probe(L.Callback):
+        def on_validation_end(self, trainer, pl_module):
+            if not trainer.sanity_checking:
+                seen.append((trainer.global_step, len(pl_module.step_log._steps)))
+
+    run(cfg_for("+experiment=p6b_v2", "trainer.max_epochs=2", "logger.flush_every=1000"), tmp_path, extra_callbacks=[Probe()])
+    assert [unflushed for _, unflushed in seen] == [0, 0] and seen[0][0] > 0
+
+
 def test_corrupt_good_checkpoint_falls_back_to_older(tmp_path):
     run(cfg_for(*GUARDED, "trainer.max_epochs=1"), tmp_path / "probe")
     n = steps_per_epoch(tmp_path / "probe")
