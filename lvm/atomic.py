@@ -1,0 +1,43 @@
+"""Atomic file writes: a file appears under its name only once it is completely written.
+
+A kill at any moment leaves either the old file or the new one, never a truncated mix: the
+content goes to a hidden temporary file beside the target, is flushed to disk, then renamed over
+it (`os.replace` is atomic within one filesystem).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A temporary path to write to; renamed to `path` when the block ends without error."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        yield tmp
+        with tmp.open("rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def atomic_open(path: str | Path, mode: str = "w") -> Iterator[IO]:
+    """`open(path, mode)` for writing, with the rename of `atomic_path` at the end."""
+    with atomic_path(path) as tmp:
+        encoding = None if "b" in mode else "utf-8"
+        with tmp.open(mode, encoding=encoding) as f:
+            yield f
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write `text` to `path` atomically (UTF-8)."""
+    with atomic_open(path) as f:
+        f.write(text)
