@@ -4,8 +4,11 @@ with the toy hashing encoder (no heavy extras); resumable; refuses to mix settin
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -35,6 +38,30 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def kept_docs() -> list[Document]:
+    """The fixture's three kept articles, as plain-text documents."""
+    return [d for d in read_documents(FIXTURE) if isinstance(d, Document) and d.title in KEPT]
+
+
+def write_jsonl(path: Path, docs: list[Document]) -> Path:
+    path.write_text("".join(json.dumps({"id": d.id, "title": d.title, "text": d.text}) + "\n" for d in docs), encoding="utf-8")
+    return path
+
+
+def unit_hashed(texts: list[str]) -> np.ndarray:
+    raw = hashed_bow(texts, dim=64)
+    return raw / np.linalg.norm(raw, axis=1, keepdims=True)
+
+
+def assert_same_build(a: Path, b: Path) -> None:
+    """Two out_dirs hold the same store and the same chunks.jsonl."""
+    x, y = np.load(a / "store.npz"), np.load(b / "store.npz")
+    assert sorted(x.files) == sorted(y.files)
+    for key in x.files:
+        np.testing.assert_array_equal(x[key], y[key])
+    assert (a / "chunks.jsonl").read_text() == (b / "chunks.jsonl").read_text()
 
 
 def test_mediawiki_build_end_to_end(tmp_path):
@@ -117,6 +144,141 @@ def test_interrupted_build_resumes_and_matches_a_clean_one(tmp_path, monkeypatch
 
     again = build(cfg_for(f"input={FIXTURE}", f"out_dir={tmp_path / 'run'}", "part_chunks=5"))
     assert again["counts"]["chunks_embedded_this_run"] == 0 and again["counts"]["documents_embedded_earlier"] == 3
+
+
+def edited(docs: list[Document]) -> list[Document]:
+    """The same documents with the second one's text and the third one's title changed."""
+    astronomer = Document(docs[1].id, docs[1].title, docs[1].text + "\n\nAstronomers also teach the history of their field to students.")
+    mean = Document(docs[2].id, "Arithmetic mean (statistics)", docs[2].text)
+    return [docs[0], astronomer, mean]
+
+
+def test_changed_document_is_reembedded_and_replaces_its_old_rows(tmp_path, caplog):
+    docs = kept_docs()
+    source = write_jsonl(tmp_path / "docs.jsonl", docs)
+    out = tmp_path / "run"
+    build(cfg_for(f"input={source}", f"out_dir={out}", "part_chunks=5"))
+    new = edited(docs)
+    write_jsonl(source, new)  # same path, so the same settings: the build resumes
+    with caplog.at_level(logging.INFO, logger="lvm.data.build"):
+        info = build(cfg_for(f"input={source}", f"out_dir={out}", "part_chunks=5"))
+    chunker = Chunker()
+    new_chunks = [chunker.chunks(chunker.kept_paragraphs(d.text)[0]) for d in new]
+    c = info["counts"]
+    assert (c["documents_changed_reembedded"], c["documents_embedded_earlier"], c["documents_embedded_this_run"]) == (2, 1, 2)
+    assert c["chunks_embedded_this_run"] == len(new_chunks[1]) + len(new_chunks[2])
+    assert "re-embedded 2 documents whose title or text changed" in caplog.text
+
+    z = np.load(out / "store.npz")
+    assert z["doc_ids"].tolist() == [d.id for d in docs] and z["titles"].tolist() == [d.title for d in new]
+    rows = [(a, i, t) for a, chunks in enumerate(new_chunks) for i, t in enumerate(chunks)]
+    assert [(r["article_index"], r["chunk_index"], r["text"]) for r in read_jsonl(out / "chunks.jsonl")] == rows
+    np.testing.assert_allclose(z["vectors"], unit_hashed([t for _, _, t in rows]), atol=1e-6)
+    build(cfg_for(f"input={source}", f"out_dir={tmp_path / 'clean'}"))
+    assert_same_build(out, tmp_path / "clean")
+
+    again = build(cfg_for(f"input={source}", f"out_dir={out}", "part_chunks=5"))
+    assert again["counts"]["documents_changed_reembedded"] == 0 and again["counts"]["chunks_embedded_this_run"] == 0
+    assert_same_build(out, tmp_path / "clean")
+
+
+def test_manifest_without_content_hashes_is_hashed_from_its_parts(tmp_path, caplog):
+    """A build made before content hashes: unchanged documents are not re-embedded, changed ones are."""
+    docs = kept_docs()
+    source = write_jsonl(tmp_path / "docs.jsonl", docs)
+    out = tmp_path / "run"
+    build(cfg_for(f"input={source}", f"out_dir={out}"))
+    path = out / "parts" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    for part in manifest["parts"]:
+        part["docs"] = [doc[:3] for doc in part["docs"]]  # [id, title, chunks]: the old format
+    path.write_text(json.dumps(manifest))
+    write_jsonl(source, edited(docs))
+    with caplog.at_level(logging.INFO, logger="lvm.data.build"):
+        info = build(cfg_for(f"input={source}", f"out_dir={out}"))
+    assert "no content hashes" in caplog.text
+    assert (info["counts"]["documents_changed_reembedded"], info["counts"]["documents_embedded_earlier"]) == (2, 1)
+    build(cfg_for(f"input={source}", f"out_dir={tmp_path / 'clean'}"))
+    assert_same_build(out, tmp_path / "clean")
+
+
+class StubSentenceTransformer:
+    """Stands in for sentence_transformers.SentenceTransformer: hashed vectors, and float32 slower
+    than bfloat16, so that encoder.dtype=auto measures and picks bfloat16."""
+
+    dtypes: list[str] = []  # the model's dtype at each encode call
+
+    def __init__(self, path: str, device: str) -> None:
+        self.dtype = "float32"
+        self.max_seq_length = 128
+
+    def eval(self) -> None:
+        pass
+
+    def to(self, dtype) -> None:
+        self.dtype = str(dtype).removeprefix("torch.")
+
+    def get_embedding_dimension(self) -> int:
+        return 64
+
+    def encode(self, texts, **kwargs) -> np.ndarray:
+        self.dtypes.append(self.dtype)
+        time.sleep(0.02 if self.dtype == "float32" else 0.0)
+        return hashed_bow(texts)
+
+
+def test_resumed_build_keeps_the_dtype_measurement(tmp_path, monkeypatch):
+    monkeypatch.setattr(encoders, "_import_extra", lambda module: SimpleNamespace(SentenceTransformer=StubSentenceTransformer))
+    monkeypatch.setattr(StubSentenceTransformer, "dtypes", [])
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    (tmp_path / "model").mkdir()
+    source = write_jsonl(tmp_path / "docs.jsonl", kept_docs())
+    args = (f"input={source}", f"out_dir={tmp_path / 'out'}", "encoder=sentence_transformers", f"encoder.path={tmp_path / 'model'}")
+    first = build(compose_cfg("build", "progress=false", "max_documents=1", *args))
+    measured = first["encoder"]["dtype_calibration"]
+    assert first["encoder"]["dtype"] == measured["chosen"] == "bfloat16" and measured["seconds_float32"] > measured["seconds_bfloat16"]
+    assert "float32" in StubSentenceTransformer.dtypes
+
+    StubSentenceTransformer.dtypes.clear()
+    resumed = build(compose_cfg("build", "progress=false", *args))
+    assert resumed["counts"]["documents_embedded_this_run"] == 2
+    assert set(StubSentenceTransformer.dtypes) == {"bfloat16"}  # the earlier choice, not measured again
+    assert resumed["encoder"]["dtype"] == "bfloat16" and resumed["encoder"]["dtype_calibration"] == measured
+    assert json.loads((tmp_path / "out" / "build_info.json").read_text())["encoder"]["dtype_calibration"] == measured
+    manifest = json.loads((tmp_path / "out" / "parts" / "manifest.json").read_text())
+    assert manifest["encoder"]["dtype_calibration"] == measured
+
+
+def test_store_without_a_window_warns_and_says_why(tmp_path, caplog):
+    source = write_jsonl(tmp_path / "docs.jsonl", kept_docs())
+    ok = build(cfg_for(f"input={source}", f"out_dir={tmp_path / 'ok'}"))
+    assert ok["counts"]["windows_context5_next"] > 0 and ok["warnings"] == []
+    longest = int(np.bincount(np.load(tmp_path / "ok" / "store.npz")["article_indices"]).max())
+    with caplog.at_level(logging.WARNING, logger="lvm.data.build"):
+        info = build(cfg_for(f"input={source}", f"out_dir={tmp_path / 'none'}", f"windows_context={longest}"))
+    assert info["counts"][f"windows_context{longest}_next"] == 0 and info["counts"]["longest_article_chunks"] == longest
+    expected = f"no article has more than {longest} chunks (the longest has {longest})"
+    assert len(info["warnings"]) == 1 and expected in info["warnings"][0]
+    assert [r.getMessage() for r in caplog.records if r.name == "lvm.data.build" and r.levelno == logging.WARNING] == [f"WARNING: {w}" for w in info["warnings"]]
+    assert json.loads((tmp_path / "none" / "build_info.json").read_text())["warnings"] == info["warnings"]
+
+
+def test_a_failed_write_keeps_the_old_store_and_leaves_no_temporary_file(tmp_path, monkeypatch):
+    build(cfg_for(f"input={FIXTURE}", f"out_dir={tmp_path}"))
+    before = (tmp_path / "store.npz").read_bytes()
+    listing = sorted(p.name for p in tmp_path.iterdir())
+
+    def disk_full(file, **arrays):
+        with open(file, "wb") if isinstance(file, (str, Path)) else file as f:
+            f.write(b"PK partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(np, "savez", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        build(cfg_for(f"input={FIXTURE}", f"out_dir={tmp_path}"))
+    assert (tmp_path / "store.npz").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == listing
 
 
 def test_max_documents_stops_reading_and_a_later_run_goes_on(tmp_path):

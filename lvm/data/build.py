@@ -5,31 +5,32 @@ embeds the chunks (lvm/data/encoders.py) and writes into `out_dir`:
 - `store.npz`: the reference's article-store keys `vectors` [N, D] float32 (unit rows),
   `article_indices` [N], `chunk_indices` [N], plus `titles` [A] and `doc_ids` [A] per article;
 - `chunks.jsonl`: one line per row of the store with its article, chunk index and text;
-- `build_info.json`: source, encoder, dim, counts, throughput.
+- `build_info.json`: source, encoder, dim, counts, throughput, warnings.
 Resumable: embedded documents are kept in `out_dir/parts/` (one NPZ + JSONL per part and a
-manifest); re-running the same command skips every document already embedded. A build with
-different settings in the same `out_dir` is refused rather than mixed.
+manifest with a content hash per document); re-running the same command skips every document
+already embedded unchanged, and re-embeds one whose title or text changed (the store then holds
+only its new rows). A build with different settings in the same `out_dir` is refused rather than mixed.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
-import os
 import time
 from collections import Counter
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 import hydra
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
+from lvm.atomic import atomic_open, atomic_write_text
 from lvm.cli import entry_point, run_entry_point
 from lvm.data.encoders import Encoder, make_encoder
 from lvm.data.text import Chunker, Document, read_documents
@@ -40,19 +41,26 @@ log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 COUNTS = (
     "documents_read", "documents_kept", "documents_embedded_earlier", "documents_embedded_this_run",
-    "chunks_embedded_this_run", "words", "paragraphs_dropped_not_prose", "words_dropped_not_prose",
+    "documents_changed_reembedded", "chunks_embedded_this_run", "words", "paragraphs_dropped_not_prose",
+    "words_dropped_not_prose",
 )
+
+
+def content_hash(title: str, chunks: Sequence[str]) -> str:
+    """sha256 of what a document puts into the store (its title and chunk texts): when it differs
+    from the manifest's, the document's stored rows are stale."""
+    return hashlib.sha256(json.dumps([title, list(chunks)], ensure_ascii=False).encode()).hexdigest()
 
 
 @dataclass
 class Pending:
-    """Documents chunked but not yet embedded."""
+    """Documents chunked but not yet embedded, with their content hashes."""
 
-    docs: list[tuple[Document, list[str]]] = field(default_factory=list)
+    docs: list[tuple[Document, list[str], str]] = field(default_factory=list)
 
     @property
     def chunks(self) -> int:
-        return sum(len(c) for _, c in self.docs)
+        return sum(len(c) for _, c, _ in self.docs)
 
 
 class Parts:
@@ -69,7 +77,10 @@ class Parts:
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}: corrupt build manifest ({e.msg}); delete {folder} to start over") from None
             self._check_settings(path)
-        self.done = {doc[0] for part in self.manifest["parts"] for doc in part["docs"]}
+            if any(len(doc) < 4 for part in self.manifest["parts"] for doc in part["docs"]):
+                self._add_content_hashes(path)
+        # doc id -> content hash of its newest rows (a re-embedded document is listed again, later)
+        self.done = {doc[0]: doc[3] for part in self.manifest["parts"] for doc in part["docs"]}
 
     def _check_settings(self, path: Path) -> None:
         theirs = self.manifest.get("settings", {})
@@ -81,6 +92,17 @@ class Parts:
                 f"or delete {self.folder} to start over"
             )
 
+    def _add_content_hashes(self, path: Path) -> None:
+        """A manifest written before content hashes: hash each document from the chunk texts its part
+        holds (exactly what was embedded), so that only documents changed since are re-embedded."""
+        for part in self.manifest["parts"]:
+            lines = iter(self._part_texts(part))
+            for doc in part["docs"]:
+                chunks = [json.loads(next(lines))["text"] for _ in range(doc[2])]
+                doc[3:] = [content_hash(doc[1], chunks)]
+        atomic_write_text(path, json.dumps(self.manifest, ensure_ascii=False, indent=1))
+        log.info("%s had no content hashes (written before they were kept): added them from the chunk texts in its parts", path)
+
     @property
     def encoder_dtype(self) -> str | None:
         return (self.manifest.get("encoder") or {}).get("dtype")
@@ -89,58 +111,80 @@ class Parts:
         """Store one embedded part, then record it in the manifest (each write atomic)."""
         self.folder.mkdir(parents=True, exist_ok=True)
         name = f"part-{len(self.manifest['parts']):05d}"
-        _atomic_savez(self.folder / f"{name}.npz", vectors=vectors)
+        with atomic_open(self.folder / f"{name}.npz", "wb") as f:
+            np.savez(f, vectors=vectors)
         lines = [
             json.dumps({"doc_id": doc.id, "title": doc.title, "chunk_index": i, "words": len(text.split()), "text": text}, ensure_ascii=False)
-            for doc, chunks in pending.docs
+            for doc, chunks, _ in pending.docs
             for i, text in enumerate(chunks)
         ]
-        _atomic_write(self.folder / f"{name}.jsonl", "\n".join(lines) + "\n")
+        atomic_write_text(self.folder / f"{name}.jsonl", "\n".join(lines) + "\n")
+        earlier = (self.manifest["encoder"] or {}).get("dtype_calibration")
+        if earlier and not encoder.get("dtype_calibration"):
+            encoder = encoder | {"dtype_calibration": earlier}  # the measurement behind the dtype a resumed build reuses
         self.manifest["encoder"] = encoder
         self.manifest["parts"].append({
             "name": name,
-            "docs": [[doc.id, doc.title, len(chunks)] for doc, chunks in pending.docs],
+            "docs": [[doc.id, doc.title, len(chunks), digest] for doc, chunks, digest in pending.docs],
             "chunks": len(lines),
             "encode_seconds": round(seconds, 3),
         })
-        _atomic_write(self.folder / MANIFEST, json.dumps(self.manifest, ensure_ascii=False, indent=1))
-        self.done.update(doc.id for doc, _ in pending.docs)
+        atomic_write_text(self.folder / MANIFEST, json.dumps(self.manifest, ensure_ascii=False, indent=1))
+        self.done.update((doc.id, digest) for doc, _, digest in pending.docs)
 
     def assemble(self, out_dir: Path, context: int) -> dict[str, Any]:
-        """Write store.npz and chunks.jsonl from every part, in part order; return their counts."""
-        if not self.manifest["parts"]:
+        """Write store.npz and chunks.jsonl from the parts: each document once, with its newest rows,
+        at the place it was first embedded (input order); return their counts."""
+        parts = self.manifest["parts"]
+        if not parts:
             raise DataError(f"{self.settings['input']}: no document was kept, so there is nothing to store (see the skipped counts above)")
-        vectors, article, chunk, titles, doc_ids = [], [], [], [], []
-        row = 0
-        with _atomic_open(out_dir / "chunks.jsonl") as out:
-            for part in self.manifest["parts"]:
-                part_vectors = self._part_vectors(part)
-                texts = (self.folder / f"{part['name']}.jsonl").read_text(encoding="utf-8").splitlines()
-                if len(texts) != len(part_vectors):
-                    raise DataError(f"{self.folder / part['name']}.jsonl: {len(texts)} chunk texts for {len(part_vectors)} vectors")
-                vectors.append(part_vectors)
-                lines = iter(texts)
-                for doc_id, title, n in part["docs"]:
-                    article.append(np.full(n, len(titles), dtype=np.int32))
-                    chunk.append(np.arange(n, dtype=np.int32))
-                    for _ in range(n):
-                        out.write(json.dumps({"row": row, "article_index": len(titles), **json.loads(next(lines))}, ensure_ascii=False) + "\n")
-                        row += 1
-                    titles.append(title)
-                    doc_ids.append(doc_id)
-        dims = {v.shape[1] for v in vectors}
+        newest: dict[str, tuple[int, int, str, int]] = {}  # doc id -> (part, first row in it, title, chunks)
+        for p, part in enumerate(parts):
+            first = 0
+            for doc_id, title, n, _ in part["docs"]:
+                newest[doc_id] = (p, first, title, n)  # a later entry replaces the value, the key keeps its place
+                first += n
+        used = sorted({p for p, *_ in newest.values()})
+        part_vectors = {p: self._part_vectors(parts[p]) for p in used}
+        dims = {v.shape[1] for v in part_vectors.values()}
         if len(dims) > 1:
             raise DataError(f"{self.folder}: parts have different dimensions {sorted(dims)}; delete {self.folder} and rebuild")
-        _atomic_savez(
-            out_dir / "store.npz",
-            vectors=np.concatenate(vectors),
-            article_indices=np.concatenate(article),
-            chunk_indices=np.concatenate(chunk),
-            titles=np.array(titles, dtype=str),
-            doc_ids=np.array(doc_ids, dtype=str),
-        )
+        part_texts = {p: self._part_texts(parts[p]) for p in used}
+        vectors, article, chunk, titles, doc_ids = [], [], [], [], []
+        row = 0
+        with atomic_open(out_dir / "chunks.jsonl") as out:
+            for doc_id, (p, first, title, n) in newest.items():
+                vectors.append(part_vectors[p][first:first + n])
+                article.append(np.full(n, len(titles), dtype=np.int32))
+                chunk.append(np.arange(n, dtype=np.int32))
+                for line in part_texts[p][first:first + n]:
+                    out.write(json.dumps({"row": row, "article_index": len(titles), **json.loads(line)}, ensure_ascii=False) + "\n")
+                    row += 1
+                titles.append(title)
+                doc_ids.append(doc_id)
+        with atomic_open(out_dir / "store.npz", "wb") as f:
+            np.savez(
+                f,
+                vectors=np.concatenate(vectors),
+                article_indices=np.concatenate(article),
+                chunk_indices=np.concatenate(chunk),
+                titles=np.array(titles, dtype=str),
+                doc_ids=np.array(doc_ids, dtype=str),
+            )
         lengths = np.array([len(c) for c in chunk])
-        return {"articles": len(titles), "chunks": row, "dim": dims.pop()} | window_counts(lengths, context)
+        longest = int(lengths.max())
+        return {"articles": len(titles), "chunks": row, "dim": dims.pop(), "longest_article_chunks": longest} | window_counts(lengths, context)
+
+    def _part_texts(self, part: Mapping[str, Any]) -> list[str]:
+        """The JSONL lines of a part, one per chunk."""
+        path = self.folder / f"{part['name']}.jsonl"
+        try:
+            texts = path.read_text(encoding="utf-8").splitlines()
+        except OSError as e:
+            raise DataError(f"{path}: cannot read this part ({e}); delete {self.folder} and re-run") from None
+        if len(texts) != part["chunks"]:
+            raise DataError(f"{path}: {len(texts)} chunk texts but the manifest lists {part['chunks']} chunks")
+        return texts
 
     def _part_vectors(self, part: Mapping[str, Any]) -> np.ndarray:
         path = self.folder / f"{part['name']}.npz"
@@ -162,27 +206,15 @@ def window_counts(lengths: np.ndarray, context: int) -> dict[str, int]:
     }
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    with _atomic_open(path) as f:
-        f.write(text)
-
-
-@contextmanager
-def _atomic_open(path: Path) -> Iterator[TextIO]:
-    """A text file that appears under its name only once it is completely written."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with tmp.open("w", encoding="utf-8") as f:
-            yield f
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _atomic_savez(path: Path, **arrays: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.stem}.tmp.npz")
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
+def window_warnings(stored: Mapping[str, Any], context: int) -> list[str]:
+    """Why a store is unusable for next-chunk training, if it is: it holds no window."""
+    if stored[f"windows_context{context}_next"]:
+        return []
+    return [
+        f"the store holds no next-chunk window of context {context}: no article has more than {context} chunks "
+        f"(the longest has {stored['longest_article_chunks']}); lower chunk.min_words and chunk.max_words "
+        "(more, shorter chunks) or windows_context, or add longer documents"
+    ]
 
 
 def settings_of(cfg: DictConfig) -> dict[str, Any]:
@@ -232,6 +264,7 @@ def build(cfg: DictConfig) -> dict[str, Any]:
     counts, encode_seconds = _embed_all(cfg, documents, chunker, encoder, parts)
     stored = parts.assemble(out_dir, int(cfg.windows_context))
     wall = time.perf_counter() - start
+    warnings = window_warnings(stored, int(cfg.windows_context))
     info = {
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "input": {k: settings[k] for k in ("input", "input_member", "input_format", "namespaces")},
@@ -239,6 +272,7 @@ def build(cfg: DictConfig) -> dict[str, Any]:
         "chunk": settings["chunk"] | {"min_article_words": settings["min_article_words"]},
         "dim": stored["dim"],
         "counts": counts | {k: v for k, v in stored.items() if k != "dim"},
+        "warnings": warnings,
         "throughput": {
             "wall_seconds": round(wall, 2),
             "encode_seconds_this_run": round(encode_seconds, 2),
@@ -247,7 +281,16 @@ def build(cfg: DictConfig) -> dict[str, Any]:
         },
         "outputs": {name: str(out_dir / name) for name in ("store.npz", "chunks.jsonl", "build_info.json")},
     }
-    _atomic_write(out_dir / "build_info.json", json.dumps(info, indent=2, ensure_ascii=False) + "\n")
+    atomic_write_text(out_dir / "build_info.json", json.dumps(info, indent=2, ensure_ascii=False) + "\n")
+    c, t = info["counts"], info["throughput"]
+    log.info(
+        "built %s: %d articles, %d chunks, D=%d, %d windows (context %d, next chunk); %d chunks embedded this run "
+        "in %.1f s (%s chunks/s)",
+        info["outputs"]["store.npz"], c["articles"], c["chunks"], info["dim"], c[f"windows_context{cfg.windows_context}_next"],
+        cfg.windows_context, t["chunks_embedded_this_run"], t["encode_seconds_this_run"], t["chunks_per_second"],
+    )
+    for warning in warnings:  # last, after the summary, and named (the CLI's log format shows no level)
+        log.warning("WARNING: %s", warning)
     return info
 
 
@@ -266,7 +309,7 @@ def _embed_all(cfg: DictConfig, documents: Iterator, chunker: Chunker, encoder: 
         if not pending.docs:
             return
         t0 = time.perf_counter()
-        vectors = encoder.encode([text for _, chunks in pending.docs for text in chunks])
+        vectors = encoder.encode([text for _, chunks, _ in pending.docs for text in chunks])
         seconds = time.perf_counter() - t0
         encode_seconds += seconds
         parts.write(pending, vectors, encoder.describe(), seconds)
@@ -291,10 +334,15 @@ def _embed_all(cfg: DictConfig, documents: Iterator, chunker: Chunker, encoder: 
             continue
         counts["documents_kept"] += 1
         counts["words"] += words
-        if record.id in parts.done:
+        chunks = chunker.chunks(kept)
+        digest = content_hash(record.title, chunks)
+        earlier = parts.done.get(record.id)
+        if earlier == digest:
             counts["documents_embedded_earlier"] += 1
         else:
-            pending.docs.append((record, chunker.chunks(kept)))
+            if earlier is not None:
+                counts["documents_changed_reembedded"] += 1
+            pending.docs.append((record, chunks, digest))
             if pending.chunks >= int(cfg.part_chunks):
                 flush()
         bar.set_postfix(kept=counts["documents_kept"], embedded=counts["chunks_embedded_this_run"], refresh=False)
@@ -308,20 +356,16 @@ def _embed_all(cfg: DictConfig, documents: Iterator, chunker: Chunker, encoder: 
     result = dict(counts) | {"skipped": dict(skipped), "stopped_at_max_documents": stopped}
     for reason, n in sorted(skipped.items()):
         log.info("skipped %d records: %s", n, reason)
+    if counts["documents_changed_reembedded"]:
+        log.info("re-embedded %d documents whose title or text changed since they were embedded into %s",
+                 counts["documents_changed_reembedded"], cfg.out_dir)
     return result, encode_seconds
 
 
 @hydra.main(version_base="1.3", config_path="../../conf", config_name="build")
 @entry_point("lvm.data.build")
 def main(cfg: DictConfig) -> None:
-    info = build(cfg)
-    c, t = info["counts"], info["throughput"]
-    log.info(
-        "built %s: %d articles, %d chunks, D=%d, %d windows (context %d, next chunk); %d chunks embedded this run "
-        "in %.1f s (%s chunks/s)",
-        info["outputs"]["store.npz"], c["articles"], c["chunks"], info["dim"], c[f"windows_context{cfg.windows_context}_next"],
-        cfg.windows_context, t["chunks_embedded_this_run"], t["encode_seconds_this_run"], t["chunks_per_second"],
-    )
+    build(cfg)
 
 
 if __name__ == "__main__":
