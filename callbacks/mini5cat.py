@@ -3,7 +3,8 @@
 Reports val cosine, margins against ctx[-1] and against the loss's prev slot, within-article
 retrieval (R@1, R@5, MRR of the target among all chunks of its article), the original's 6-vector
 bank R@5 under its own name (it reads 1.0 for a collapsed model), and the copy-last and
-mean-of-context baselines on the same sample.
+mean-of-context baselines on the same sample. `nonfinite` is the share of predictions holding a
+NaN/inf component: their cos and margins are NaN and retrieval ranks them last, never first.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ def health_metrics(
         pred, windows.store.vectors, rows, torch.from_numpy(start), torch.from_numpy(length)
     )
     return {
+        "nonfinite": M.nonfinite(pred).float().mean().item(),
         "cos": M.cos(pred, target).mean().item(),
         "margin_last": M.margin(pred, target, context[:, -1]).mean().item(),
         "margin_prev": M.margin(pred, target, context[:, prev_slot]).mean().item(),
@@ -76,6 +78,9 @@ class Mini5CAT(L.Callback):
         pl_module.log_dict(logged, on_step=False, on_epoch=True)
         if trainer.is_global_zero:
             m, b = self.last, self.baselines
+            if m["nonfinite"]:
+                log.warning("[Mini-5CAT] %.1f%% of predictions hold NaN/inf: cos and margins are NaN, "
+                            "retrieval ranks them last | epoch %d", 100 * m["nonfinite"], trainer.current_epoch)
             log.info(
                 "[Mini-5CAT] Margin: %.3f | R@5: %.3f | cos %.3f (copy-last %.3f, mean-ctx %.3f) | "
                 "margin_prev %.3f | R@1 %.3f | R@5_bank6 %.3f | epoch %d",

@@ -24,6 +24,10 @@ out of that test.
   P6: t+2, t+4, ...).
 - E coherence bins: windows binned by mean adjacent-context cosine (low / normal / high), mean
   cos(pred, target) per bin; the gate compares the VAL and OOD normal bins.
+
+No wrong number: `nonfinite` is the share of windows whose prediction holds a NaN/inf component;
+every mean over such a prediction is NaN (null in 5cat.json, a failed check in `judge`), and
+retrieval ranks it last. Ties count against the prediction (lvm.metrics.within_article_ranks).
 """
 
 from __future__ import annotations
@@ -50,7 +54,7 @@ SPLIT_NAMES = ("val", "ood")
 CROSS = "val_vs_ood"
 # Metrics a gate check may name: per split (dotted path into `summarize`'s output) and across splits.
 SPLIT_METRICS = (
-    "cos", "margin_last", "offset.cos_at_target", "offset.margin", "retrieval.r1", "retrieval.r5",
+    "nonfinite", "cos", "margin_last", "offset.cos_at_target", "offset.margin", "retrieval.r1", "retrieval.r5",
     "retrieval.mrr", *(f"ablation.{a}" for a in ABLATIONS), "rollout.mean",
     *(f"coherence.{b}.cos" for b in BINS),
 )
@@ -153,6 +157,7 @@ def score_batch(
     pred = preds[:b]
     base = cos_all[0]
     out: dict[str, torch.Tensor] = {
+        "nonfinite": M.nonfinite(pred),
         "cos": base,
         "margin_last": M.margin(pred, target, context[:, -1]),
         "coherence": coherence(context),
@@ -226,7 +231,11 @@ def summarize(scores: dict[str, torch.Tensor], bins: Mapping[str, float]) -> dic
     off = scores["offset.cos"][ok].double().mean(dim=0) if ok.any() else torch.full((len(OFFSETS),), math.nan)
     at = OFFSETS.index(0)
     others = torch.cat([off[:at], off[at + 1 :]])
-    peak = int(torch.argmax(torch.nan_to_num(off, nan=-math.inf))) if ok.any() else None
+    # The peak is the one offset with the highest mean; none when all are NaN (no window, NaN
+    # predictions) or the highest is tied (a zero prediction scores 0 everywhere).
+    best = torch.nan_to_num(off, nan=-math.inf)
+    top = (best == best.max()).nonzero()
+    peak = int(top[0]) if len(top) == 1 else None
     ranks = scores["retrieval.rank"][scores["retrieval.valid"]]
     roll = scores["rollout.cos"][scores["rollout.valid"]]
     coh = scores["coherence"]
@@ -235,6 +244,7 @@ def summarize(scores: dict[str, torch.Tensor], bins: Mapping[str, float]) -> dic
     drop = scores["ablation.drop_slot"]
     return {
         "windows": n,
+        "nonfinite": _mean(scores["nonfinite"]),
         "cos": _mean(scores["cos"]),
         "margin_last": _mean(scores["margin_last"]),
         "offset": {

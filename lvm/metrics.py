@@ -34,10 +34,29 @@ def mean_context(context: torch.Tensor) -> torch.Tensor:
     return F.normalize(context.mean(dim=1), dim=-1)
 
 
+def nonfinite(pred: torch.Tensor) -> torch.Tensor:
+    """Per sample: whether the [B, D] prediction holds any NaN or inf component."""
+    return ~torch.isfinite(pred).all(dim=-1)
+
+
+def _rank(scores: torch.Tensor, own_slot: torch.Tensor, valid: torch.Tensor, bad: torch.Tensor) -> torch.Tensor:
+    """1 + the valid candidates other than `own_slot` [B, 1] that score >= the target's own score
+    (ties count against the prediction); the worst rank (valid candidates) where `bad` [B]."""
+    own = scores.gather(1, own_slot)
+    ahead = (scores >= own) & valid
+    ahead.scatter_(1, own_slot, False)  # the target does not count against itself
+    return torch.where(bad, valid.sum(dim=1), ahead.sum(dim=1) + 1)
+
+
 def ranks_in_bank(pred: torch.Tensor, bank: torch.Tensor, true_slot: int) -> torch.Tensor:
-    """1-based rank of bank[:, true_slot] among the [B, M, D] bank by cosine with pred."""
+    """1-based rank of bank[:, true_slot] among the [B, M, D] bank by cosine with pred.
+
+    Rank = 1 + other bank vectors scoring >= the true one, so ties count against the prediction
+    (a zero prediction ties everywhere and ranks M); a prediction with a NaN/inf component ranks M.
+    """
     scores = torch.einsum("bd,bmd->bm", F.normalize(pred, dim=-1), F.normalize(bank, dim=-1))
-    return (scores > scores[:, true_slot : true_slot + 1]).sum(dim=1) + 1
+    slot = torch.full((len(scores), 1), true_slot, dtype=torch.long, device=scores.device)
+    return _rank(scores, slot, torch.ones_like(scores, dtype=torch.bool), nonfinite(pred))
 
 
 def six_bank_ranks(pred: torch.Tensor, context: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -58,10 +77,16 @@ def within_article_ranks(
 ) -> torch.Tensor:
     """1-based rank of each target among all chunks of its own article (store rows), by cosine.
 
+    Rank = 1 + other chunks of the article scoring >= the target: ties count against the
+    prediction, so a zero prediction (every score 0) ranks last, and an oracle ranks 1 unless the
+    article holds a duplicate of the target vector (then 2). A prediction with a NaN/inf component
+    ranks last (the article length): no comparison with NaN may read as a win.
+
     Retrieval by padded matrix products over each sample's article (hand-rolled: torchmetrics'
     retrieval metrics take flat (query, score) lists, which would mean materialising the same
-    scores plus index tensors); a chunk scoring exactly the target's score does not outrank it.
+    scores plus index tensors); padding slots never count.
     """
+    bad = nonfinite(pred)
     pred = F.normalize(pred, dim=-1)
     out = torch.empty(len(pred), dtype=torch.long, device=pred.device)
     longest = int(article_len.max()) if len(article_len) else 0
@@ -74,10 +99,8 @@ def within_article_ranks(
         valid = offs < article_len[sl, None]
         rows = torch.where(valid, rows, article_start[sl, None])
         scores = torch.einsum("bd,bld->bl", pred[sl], vectors[rows])
-        scores = scores.masked_fill(~valid, float("-inf"))
-        # The target's own score, taken from the same product so rounding cannot separate them.
-        own = scores.gather(1, (target_rows[sl] - article_start[sl]).unsqueeze(1))
-        out[sl] = (scores > own).sum(dim=1) + 1
+        # The target's own score comes from the same product, so rounding cannot separate them.
+        out[sl] = _rank(scores, (target_rows[sl] - article_start[sl]).unsqueeze(1), valid, bad[sl])
     return out
 
 

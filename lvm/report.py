@@ -71,7 +71,7 @@ def markdown(report: dict[str, Any]) -> str:
     lines += ["", *md_header(["verdict", *(LABELS.get(n, n) for n in names)])]
     lines.append("| gates passed | " + " | ".join(f"{verdicts[n]['gates_passed']}/{verdicts[n]['gates_total']}" for n in names) + " |")
     lines.append("| pass | " + " | ".join(fmt(verdicts[n]["passed"]) for n in names) + " |")
-    rows = [("cos to target", "cos"), ("margin vs ctx[-1]", "margin_last"), ("A peak k", "offset.peak_k")]
+    rows = [("non-finite predictions", "nonfinite"), ("cos to target", "cos"), ("margin vs ctx[-1]", "margin_last"), ("A peak k", "offset.peak_k")]
     rows += [(f"A cos at k={k:+d}" if k else "A cos at k=0 (target)", f"offset.cos.{i}") for i, k in enumerate(OFFSETS)]
     rows += [("A margin", "offset.margin"), ("B R@1", "retrieval.r1"), ("B R@5", "retrieval.r5"), ("B MRR", "retrieval.mrr")]
     rows += [(f"C {a}", f"ablation.{a}") for a in ABLATIONS]

@@ -17,6 +17,7 @@ from lvm.data.synthetic import synthetic_corpus
 from lvm.errors import ConfigError
 from lvm.train import run as train_run
 from tests.helpers import compose_cfg, run_module
+from tests.test_fivecat import CONSTANT, DEGENERATE, numpy_r1_of_constant
 from tests.test_train import TINY, cfg_for
 
 # Articles long enough for a P6 rollout (target + 4 * 2 must exist: 15 chunks from the context start).
@@ -143,3 +144,31 @@ def test_group_config_prefers_checkpoint_settings():
     assert E.group_config("data", cfg, stored, []) == stored["data"]
     assert E.group_config("window", eval_cfg("window=next"), stored, ["window=next"])["target_offset"] == 1
     assert E.group_config("window", cfg, None, [])["target_offset"] == 3
+
+
+def test_nan_zero_and_constant_models_fail_and_are_reported(tmp_path):
+    """Predictors as functions through the whole 5CAT: NaN, zero and constant models get no perfect
+    retrieval and FAIL; the report shows the non-finite share and writes NaN as null."""
+    cfg = eval_cfg("predictor=oracle", *TINY_DATA)
+    data_cfg, spec = E.to_plain(cfg.data), E.WindowSpec(**cfg.window)
+    splits = E.load_splits(data_cfg, spec)
+    predictors = {"model": DEGENERATE["nan"], "zero": DEGENERATE["zero"], "constant": DEGENERATE["constant"], **E.REFERENCES}
+    evaluation = E.evaluate(splits, predictors, E.to_plain(cfg.eval), progress=False)
+    res, verdicts = evaluation["results"], evaluation["verdicts"]
+    for split in ("val", "ood"):
+        assert res["oracle"][split]["retrieval"]["r1"] == 1.0 and res["oracle"][split]["nonfinite"] == 0.0
+        for name in ("model", "zero"):  # worst rank; every article has >= 8 chunks
+            assert res[name][split]["retrieval"]["r1"] == res[name][split]["retrieval"]["r5"] == 0.0
+        # Chance level (numpy), far below the oracle's 1.0.
+        chance = numpy_r1_of_constant(splits[split].store, splits[split], CONSTANT.numpy())
+        assert res["constant"][split]["retrieval"]["r1"] == pytest.approx(chance) and chance < 0.2
+        assert res["model"][split]["nonfinite"] == 1.0 and res["constant"][split]["nonfinite"] == 0.0
+    for name in ("model", "zero", "constant"):
+        assert not verdicts[name]["passed"] and not verdicts[name]["gates"]["B"]["passed"]
+    report = E.build_report("model", evaluation, splits, data_cfg, spec, None, None, 0)
+    outputs = E.write_outputs(report, tmp_path)
+    saved = strict_load(Path(outputs["json"]))
+    assert saved["results"]["model"]["val"]["cos"] is None and saved["results"]["model"]["val"]["nonfinite"] == 1.0
+    md = Path(outputs["md"]).read_text()
+    assert md.startswith("# 5CAT: FAIL (model)")
+    assert "| non-finite predictions | 1.000 | 0.000 | 0.000 | 0.000 | 0.000 | 0.000 |" in md

@@ -16,7 +16,7 @@ from lvm import metrics as M
 from lvm.data.store import ArticleStore
 from lvm.data.synthetic import synthetic_corpus
 from lvm.errors import ConfigError
-from tests.helpers import P6, ROOT, STANDARD, compose_cfg
+from tests.helpers import P6, ROOT, STANDARD, compose_cfg, unit_rows
 
 ORACLE = lambda b: b["target"]  # noqa: E731
 COPY_LAST = lambda b: M.copy_last(b["context"])  # noqa: E731
@@ -228,3 +228,49 @@ def test_strict_json_round_trip():
     text = json.dumps(F5.strict_json(report), allow_nan=False)
     back = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
     assert back == {"a": None, "b": [1.0, None, 0.5], "c": {"d": 2.0, "e": None}, "f": 3}
+
+
+CONSTANT = torch.from_numpy(unit_rows(1, 16, seed=5)[0])
+DEGENERATE = {
+    "nan": lambda b: torch.full_like(b["target"], math.nan),
+    "zero": lambda b: torch.zeros_like(b["target"]),
+    "constant": lambda b: CONSTANT.expand_as(b["target"]),
+}
+
+
+def numpy_r1_of_constant(store, windows, u):
+    """R@1 of predicting `u` for every window of articles with >= MIN_RETRIEVAL_CHUNKS chunks:
+    the target is first when no other chunk of its article scores >= u . target."""
+    vec, hits = store.vectors.numpy(), []
+    for row in windows.targets.numpy():
+        start, n = store.article_span(np.array([row]))
+        if n[0] < F5.MIN_RETRIEVAL_CHUNKS:
+            continue
+        scores = vec[start[0] : start[0] + n[0]] @ u
+        hits.append(np.sum(np.delete(scores, row - start[0]) >= scores[row - start[0]]) == 0)
+    return float(np.mean(hits))
+
+
+@pytest.mark.parametrize("name", list(DEGENERATE))
+def test_degenerate_predictors_score_low_and_fail(store, name):
+    windows, _, s = evaluate(store, P6, DEGENERATE[name])
+    r = s["retrieval"]
+    if name == "constant":
+        # One chunk per article scores highest against a fixed vector, so R@1 sits at chance level
+        # (about one target per article), far below the oracle's 1.0.
+        expected = numpy_r1_of_constant(store, windows, CONSTANT.numpy())
+        assert r["r1"] == pytest.approx(expected) and expected < 0.2
+    else:
+        assert r["r1"] == r["r5"] == 0.0  # worst rank: every retrieval article has >= 8 chunks
+    gates, rule = F5.parse_eval(original_eval())
+    metrics = {"val": s, "ood": s, "val_vs_ood": F5.compare_splits({"val": s, "ood": s})}
+    for pass_rule in (rule, F5.PassRule("k_of_5", 3, True)):
+        v = F5.judge(metrics, gates, pass_rule)
+        assert not v["passed"] and not v["gates"]["B"]["passed"] and v["gates_passed"] <= 1
+    strict = json.loads(json.dumps(F5.strict_json(s), allow_nan=False))
+    if name != "constant":  # every offset mean is NaN or 0: no peak, not k = -3
+        assert s["offset"]["peak_k"] is None
+    if name == "nan":  # reported as NaN (null in JSON), never as a number
+        assert s["nonfinite"] == 1.0 and strict["cos"] is None and strict["offset"]["margin"] is None
+    else:
+        assert s["nonfinite"] == 0.0 and strict["cos"] == pytest.approx(s["cos"])

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 import torch
 
-from lvm.data.loaders import load_store, load_store_npz, load_windows_npz
+from lvm.data import loaders
+from lvm.data.loaders import load_splits, load_store, load_store_npz, load_windows_npz
 from lvm.data.store import ArticleStore, Windows, WindowSpec
 from lvm.errors import DataError
 
@@ -384,3 +387,35 @@ def test_load_store_missing_path(source, path):
     with pytest.raises(DataError, match="data.path") as e:
         load_store(data_cfg(source=source, path=path), P6)
     assert source in str(e.value)
+
+
+def test_split_with_identical_targets_warns(tmp_path, caplog):
+    """Val (article 2) holds one vector repeated: a warning names the split and the file."""
+    v, a, c = store_arrays()
+    v[a == 2] = v[a == 2][0]
+    path = tmp_path / "store.npz"
+    np.savez(path, vectors=v, article_indices=a, chunk_indices=c)
+    ranges = {"train": [3, 10], "val": [0, 3]}
+    with caplog.at_level(logging.WARNING, logger="lvm.data.loaders"):
+        splits = load_splits(data_cfg(source="store_npz", path=str(path), split={"val": 0, "ood": 0, "seed": 0, "ranges": ranges}), P6)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(splits["val"]) == 6 and len(warnings) == 1, warnings
+    assert "split 'val'" in warnings[0] and str(path) in warnings[0] and "variance" in warnings[0]
+
+
+def test_ordinary_splits_do_not_warn(caplog):
+    with caplog.at_level(logging.WARNING, logger="lvm.data.loaders"):
+        splits = load_splits(data_cfg(split={"val": 0.25, "ood": 0.25, "seed": 0}), P6)
+    assert all(len(w) > 1 for w in splits.values())
+    assert not [r for r in caplog.records if r.levelno == logging.WARNING]
+
+
+def test_target_variance_matches_numpy_and_stops_early_with_a_lower_bound(monkeypatch):
+    monkeypatch.setattr(loaders, "_BLOCK", 5)
+    v, a, c = store_arrays()
+    windows = ArticleStore(v, a, c).windows(P6)
+    targets = v[np.lexsort((c, a))][windows.targets.numpy()].astype(np.float64)
+    exact = targets.var(axis=0).sum()  # numpy: mean squared distance to the mean vector
+    assert loaders.target_variance(windows) == pytest.approx(exact, rel=1e-9)
+    bound = loaders.target_variance(windows, enough=1e-4)
+    assert 1e-4 <= bound < exact  # stopped after the first block of 5 targets

@@ -28,7 +28,8 @@ def setup():
 
 
 def numpy_within_article_rank(pred, store, target_row):
-    """Naive loop: rank of the target among its article's chunks by cosine."""
+    """Naive loop: rank of the target among its article's chunks by cosine; ties count against
+    the prediction (1 + other chunks scoring >= the target)."""
     out = []
     vec = store.vectors.numpy()
     for p, r in zip(pred, target_row):
@@ -36,7 +37,7 @@ def numpy_within_article_rank(pred, store, target_row):
         rows = np.flatnonzero(store.article_ids == art)
         p = p / np.linalg.norm(p)
         scores = vec[rows] @ p
-        out.append(1 + int(np.sum(scores > scores[rows == r][0])))
+        out.append(1 + int(np.sum(scores[rows != r] >= scores[rows == r][0])))
     return np.array(out)
 
 
@@ -89,3 +90,54 @@ def test_six_bank_reads_perfect_for_collapsed_model(setup):
     collapsed = -b["context"].mean(1)
     assert M.recall_at(M.six_bank_ranks(collapsed, b["context"], b["target"]), 5).item() == 1.0
     assert M.cos(collapsed, b["target"]).mean().item() < 0.1
+
+
+# Hand-built store for the tie rule (D = 2). Article 0 holds a duplicate (rows 0 and 2); article 1
+# is shorter, so its batch row is padded to article 0's length.
+TIE_VECTORS = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [-1.0, 0.0],  # article 0: rows 0-3
+                            [1.0, 0.0], [0.6, 0.8], [0.0, -1.0]])  # article 1: rows 4-6
+NAN, INF = float("nan"), float("inf")
+# (prediction, target row, expected rank by hand: 1 + other chunks of the article scoring >= the target)
+TIE_CASES = [
+    ([1.0, 0.0], 0, 2),  # oracle, but row 2 duplicates the target: the tie counts against it
+    ([0.0, 1.0], 1, 1),  # oracle of a unique vector: rank 1 (scores 0, 1, 0, 0)
+    ([1.0, 1.0], 0, 3),  # scores .707, .707, .707, -.707: rows 1 and 2 tie the target row 0
+    ([1.0, 1.0], 3, 4),  # ... and all three beat the target row 3
+    ([0.6, 0.8], 5, 1),  # oracle in the shorter article
+    ([-1.0, 0.0], 4, 3),  # target scores -1, rows 5 (-.6) and 6 (0) beat it; padding must not count
+    ([0.0, 0.0], 5, 3),  # zero prediction: every score is 0, all tie: last of 3
+    ([0.0, 0.0], 0, 4),  # ... last of 4
+    ([NAN, 0.0], 4, 3),  # any NaN component: last
+    ([INF, 0.0], 0, 4),  # any inf component: last
+    ([1.0, -INF], 6, 3),
+]
+
+
+def test_ties_and_degenerate_predictions_rank_against_the_model():
+    pred = torch.tensor([c[0] for c in TIE_CASES])
+    rows = torch.tensor([c[1] for c in TIE_CASES])
+    start = torch.where(rows < 4, 0, 4)
+    length = torch.where(rows < 4, 4, 3)
+    ranks = M.within_article_ranks(pred, TIE_VECTORS, rows, start, length)
+    assert ranks.tolist() == [c[2] for c in TIE_CASES]
+
+
+def test_ties_and_degenerate_predictions_in_a_bank():
+    bank = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]]).expand(5, 3, 2)  # slot 0 duplicates the true slot 1
+    pred = torch.tensor([[1.0, 0.0], [1.0, 0.1], [0.0, 1.0], [0.0, 0.0], [NAN, NAN]])
+    # scores (1, 1, 0), (.995, .995, .0995), (0, 0, 1), (0, 0, 0), NaN: by hand 2, 2, 3, 3, 3.
+    assert M.ranks_in_bank(pred, bank, true_slot=1).tolist() == [2, 2, 3, 3, 3]
+    unique = torch.tensor([[0.0, -1.0], [1.0, 0.0], [0.0, 1.0]]).expand(1, 3, 2)
+    assert M.ranks_in_bank(torch.tensor([[1.0, 0.0]]), unique, true_slot=1).tolist() == [1]  # oracle
+
+
+@pytest.mark.parametrize("fill", [float("nan"), float("inf"), 0.0], ids=["nan", "inf", "zero"])
+def test_degenerate_predictions_rank_last(setup, fill):
+    store, _, b, start, length = setup
+    pred = torch.full_like(b["target"], fill)
+    ranks = M.within_article_ranks(pred, store.vectors, b["target_row"], start, length)
+    worst = store.article_lengths[store.row_article[b["target_row"].numpy()]]  # article length of each target
+    assert np.array_equal(ranks.numpy(), worst)
+    assert M.recall_at(ranks, 1).item() == 0.0 and M.recall_at(ranks, 5).item() == 0.0  # every article has > 5 chunks
+    assert M.mrr(ranks).item() == pytest.approx(np.mean(1.0 / worst))
+    assert (M.six_bank_ranks(pred, b["context"], b["target"]) == 6).all()

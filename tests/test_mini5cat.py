@@ -1,6 +1,9 @@
 """Mini-5CAT sampling and health figures, including a collapsed predictor."""
 
+from types import SimpleNamespace
+
 import numpy as np
+import pytest
 import torch
 
 from callbacks.mini5cat import Mini5CAT, health_metrics
@@ -52,3 +55,33 @@ def test_collapse_is_visible_while_six_bank_is_perfect():
     assert m["cos"] < cat.baselines["copy_last"]["cos"] - 0.1
     assert m["margin_prev"] > 0.5  # the "good" gap of two negatives
     assert m["r1"] < oracle["r1"]
+
+
+class Recorder(Oracle):
+    """An `Oracle` that also records what the callback logs, as a LightningModule would."""
+
+    def log_dict(self, metrics, **kwargs):
+        self.logged = metrics
+
+
+@pytest.mark.parametrize("fill", [float("nan"), 0.0], ids=["nan", "zero"])
+def test_nan_and_zero_predictions_score_worst_not_perfect(fill):
+    """A NaN (or zero: every score ties at 0) prediction ranks its target last in its article."""
+    corpus = synthetic_corpus(dim=16, articles=10, min_chunks=10, max_chunks=16, topic_weight=1.0,
+                              drift_weight=1.0, drift_step=0.5, noise=1.2, seed=1)
+    store = ArticleStore(*corpus, source="synthetic")
+    windows = store.windows(WindowSpec(5, 2, -2))
+    cat = Mini5CAT(windows, n_windows=30, seed=0, prev_slot=-2, batch_size=8)
+    module = Recorder(cat.batch, lambda b: torch.full_like(b["target"], fill))
+    trainer = SimpleNamespace(sanity_checking=False, is_global_zero=True, current_epoch=0)
+    cat.on_validation_epoch_end(trainer, module)
+    m = cat.last
+    # Worst rank = the length of the target's article (all > 5 chunks here), by numpy.
+    worst = store.article_lengths[store.row_article[cat.batch["target_row"].numpy()]]
+    assert m["r1"] == 0.0 and m["r5"] == 0.0 and m["r5_bank6"] == 0.0
+    assert m["mrr"] == pytest.approx(np.mean(1.0 / worst))
+    assert module.logged["mini5cat/nonfinite"] == m["nonfinite"] == (1.0 if np.isnan(fill) else 0.0)
+    if np.isnan(fill):
+        assert np.isnan(m["cos"]) and np.isnan(m["margin_last"])
+    else:
+        assert m["cos"] == 0.0

@@ -399,3 +399,21 @@ def test_shuffle_sampler_is_a_seeded_permutation():
     assert sorted(order) == data and order != data
     assert order == list(ShuffleSampler(data, generator=torch.Generator().manual_seed(3)))
     assert order != list(ShuffleSampler(data, generator=torch.Generator().manual_seed(4)))
+
+
+def test_rejects_store_of_identical_vectors():
+    """One vector repeated (also up to scale, which renormalising removes) leaves nothing to predict."""
+    v, a, c = simple()
+    same = np.tile(v[:1], (8, 1))
+    raises(same, a, c, "all 8 vectors are identical", "expected distinct chunk embeddings")
+    scaled = same * np.linspace(0.5, 2.0, 8, dtype=np.float32)[:, None]
+    raises(scaled, a, c, "all 8 vectors are identical")
+
+
+def test_identical_check_scans_every_block(monkeypatch):
+    monkeypatch.setattr(store_mod, "_SCAN_ROWS", 3)
+    v, a, c = simple()
+    same = np.tile(v[:1], (8, 1))
+    raises(same, a, c, "identical")
+    same[7] = v[7]  # one distinct row, in the last block: accepted
+    assert len(ArticleStore(same, a, c)) == 8

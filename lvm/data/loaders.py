@@ -12,12 +12,14 @@
 from __future__ import annotations
 
 import logging
+import math
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from lvm.data.splits import make_splits
 from lvm.data.store import ArticleStore, NormalizePolicy, Windows, WindowSpec
@@ -28,6 +30,9 @@ log = logging.getLogger(__name__)
 
 # Two copies of one chunk (from overlapping windows) must agree to this absolute tolerance.
 DEDUPE_ATOL = 1e-5
+# A split whose target vectors have a smaller total variance (mean squared distance to their mean
+# vector; about 1 for unrelated unit vectors) is warned about: its targets are (nearly) one vector.
+MIN_TARGET_VARIANCE = 1e-4
 _BLOCK = 4096
 
 
@@ -50,10 +55,44 @@ def load_store(data_cfg: Mapping[str, Any], spec: WindowSpec) -> ArticleStore:
 
 
 def load_splits(data_cfg: Mapping[str, Any], spec: WindowSpec) -> dict[str, Windows]:
-    """Windows of the train / val / ood splits the data settings define (training and evaluation)."""
+    """Windows of the train / val / ood splits the data settings define (training and evaluation);
+    warns about any split whose targets are (nearly) all one vector."""
     store = load_store(data_cfg, spec)
     s = data_cfg["split"]
-    return make_splits(store, spec, s["val"], s["ood"], s["seed"], s.get("ranges") or None)
+    splits = make_splits(store, spec, s["val"], s["ood"], s["seed"], s.get("ranges") or None)
+    for name, windows in splits.items():
+        if len(windows) < 2:  # one target has no variance to speak of
+            continue
+        var = target_variance(windows, enough=MIN_TARGET_VARIANCE)
+        if var < MIN_TARGET_VARIANCE:
+            log.warning(
+                "%s: split '%s' has near-zero target variance (%.3g over %d windows; unrelated unit "
+                "vectors give about 1): its targets are (nearly) one vector, so cosine and retrieval figures "
+                "on it say nothing about the model", store.source, name, var, len(windows),
+            )
+    return splits
+
+
+def target_variance(windows: Windows, enough: float = math.inf) -> float:
+    """Total variance of the windows' target vectors (mean squared distance to their mean vector),
+    gathered in blocks so no [N, D] copy exists. Stops early, returning a lower bound, once that
+    bound reaches `enough`: the blocks' own variances weighted by their share of the windows add up
+    to at most the total (the between-block part is never negative), so on ordinary data the first
+    block decides."""
+    vectors, rows = windows.store.vectors, windows.targets
+    n = len(rows)
+    total = torch.zeros(vectors.shape[1], dtype=torch.float64)
+    squares = bound = 0.0
+    for s in range(0, n, _BLOCK):
+        block = vectors[rows[s : s + _BLOCK]].double()
+        block_total, block_squares = block.sum(dim=0), float(torch.einsum("ij,ij->", block, block))
+        bound += (block_squares - float(block_total @ block_total) / len(block)) / n
+        if bound >= enough:
+            return bound
+        total += block_total
+        squares += block_squares
+    mean = total / n
+    return squares / n - float(mean @ mean)
 
 
 def load_store_npz(path: str | Path, normalize: NormalizePolicy = "renormalize") -> ArticleStore:

@@ -24,6 +24,9 @@ NormalizePolicy = Literal["renormalize", "error"]
 # Vectors whose L2 norm is further than this from 1 count as "not unit" (float32 rounding of a
 # normalised 768-D vector stays below 1e-6).
 UNIT_NORM_TOLERANCE = 1e-3
+# Rows whose cosine with row 0 reaches this count as the same direction (float32 rounding of one
+# direction stays far closer; distinct text embeddings stay far below).
+SAME_DIRECTION_COS = 1 - 1e-6
 # Rows checked at a time when scanning vectors, so checks never allocate a full [N, D] temporary.
 _SCAN_ROWS = 65536
 
@@ -58,7 +61,8 @@ class ArticleStore:
 
     Construction validates everything a bad file can get wrong, so the rest of lvm can trust it.
     Non-unit vectors are renormalised (logged with their count and norm range) or rejected,
-    by `normalize`; zero or non-finite vectors are always rejected.
+    by `normalize`; zero or non-finite vectors are always rejected, and so is a store whose
+    vectors all point the same way (every prediction would tie, every metric be meaningless).
     """
 
     def __init__(
@@ -75,6 +79,7 @@ class ArticleStore:
         # Before sorting, so errors name the caller's row numbers; renormalising writes in place,
         # never into the caller's array.
         vectors = _check_and_normalize(vectors, source, normalize, copy_on_write=np.may_share_memory(vectors, raw))
+        _check_not_constant(vectors, source)
         a, c = article_ids, chunk_indices
         if not np.all((a[1:] > a[:-1]) | ((a[1:] == a[:-1]) & (c[1:] >= c[:-1]))):
             order = np.lexsort((chunk_indices, article_ids))
@@ -304,3 +309,26 @@ def _check_and_normalize(
             )
         log.warning("%s: renormalised %d non-unit vectors (norms %.4g..%.4g)", source, off_unit, lo, hi)
     return vectors
+
+
+def _check_not_constant(vectors: np.ndarray, source: str) -> None:
+    """Reject a store (of 2+ rows) whose rows all point the way row 0 does.
+
+    Scans in blocks and stops at the first block holding another direction: on real data that is
+    the first block, so the check costs one block's matrix-vector product.
+    """
+    if len(vectors) < 2:
+        return
+    first = vectors[0].astype(np.float64)
+    first /= np.linalg.norm(first)
+    for s in range(0, len(vectors), _SCAN_ROWS):
+        block = vectors[s : s + _SCAN_ROWS]
+        dots = np.einsum("ij,j->i", block, first, dtype=np.float64)
+        norms = np.sqrt(np.einsum("ij,ij->i", block, block, dtype=np.float64))
+        if (dots < SAME_DIRECTION_COS * norms).any():
+            return
+    raise DataError(
+        f"{source}: all {len(vectors)} vectors are identical (one direction: cosine with row 0 >= "
+        f"{SAME_DIRECTION_COS}); expected distinct chunk embeddings, one per chunk: with a single vector "
+        "every prediction ties and no metric means anything"
+    )
