@@ -1,10 +1,13 @@
-"""Lightning callbacks of lvm, one concern per module: ramp, guard, mini-5CAT, dashboard."""
+"""Lightning callbacks of lvm, one concern per module: ramp, guard, mini-5CAT, dashboard, checkpoints, resume."""
 
+from callbacks.checkpoint import FiniteModelCheckpoint
 from callbacks.dashboard import TensorBoardDashboard
 from callbacks.fault import FaultInjection
 from callbacks.guard import SkipGuard
 from callbacks.mini5cat import Mini5CAT
 from callbacks.ramp import RampSchedule, RampStage
+from callbacks.resume import ExactResume
 from callbacks.rollback import RollbackGuard
 
-__all__ = ["FaultInjection", "Mini5CAT", "RampSchedule", "RampStage", "RollbackGuard", "SkipGuard", "TensorBoardDashboard"]
+__all__ = ["ExactResume", "FaultInjection", "FiniteModelCheckpoint", "Mini5CAT", "RampSchedule", "RampStage", "RollbackGuard",
+           "SkipGuard", "TensorBoardDashboard"]

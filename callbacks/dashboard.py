@@ -10,6 +10,8 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.loggers import TensorBoardLogger
 
+from lvm.atomic import drop_rows_after
+
 LAYOUT = {
     "P6b directional": {
         "pos / neg / gap": ["Multiline", ["train/pos", "train/neg", "train/gap"]],
@@ -37,25 +39,37 @@ class TensorBoardDashboard(L.Callback):
     def __init__(self, hparams: Mapping[str, Any], history: str | Path) -> None:
         self.hparams = dict(hparams)
         self.history = Path(history)
+        self._validated: int | None = None  # the epoch of the newest validation
 
     @staticmethod
     def _tensorboards(trainer: L.Trainer) -> list[TensorBoardLogger]:
         return [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self._validated = trainer.current_epoch
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # At the epoch's end, after validation and after the epoch-level values the other callbacks
+        # log (ramp stage, skips), and before last.ckpt is written (checkpoints come last), so the
+        # checkpoint at this step comes after its row.
+        if not trainer.is_global_zero or self._validated != trainer.current_epoch:
+            return  # an epoch cut short (the guard stopped the run) has no validation to record
+        row = {"epoch": trainer.current_epoch, "step": trainer.global_step}
+        row.update({k: float(v) for k, v in trainer.callback_metrics.items() if "/" in k and not k.startswith("train/")})
+        with self.history.open("a") as f:
+            f.write(json.dumps(row) + "\n")
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.is_global_zero:
             for lg in self._tensorboards(trainer):
                 lg.experiment.add_custom_scalars(LAYOUT)
 
-    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # Validation end (where checkpoints are taken), not train-epoch end: a resumed run
-        # replays the end of its checkpoint's epoch, which must not add a second row.
-        if not trainer.is_global_zero or trainer.sanity_checking:
-            return
-        row = {"epoch": trainer.current_epoch, "step": trainer.global_step}
-        row.update({k: float(v) for k, v in trainer.callback_metrics.items() if "/" in k and not k.startswith("train/")})
-        with self.history.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # After a checkpoint is restored: a resumed run drops the rows written after its checkpoint
+        # (a kill between a row and the checkpoint), so that every epoch has exactly one row.
+        if trainer.is_global_zero:
+            drop_rows_after(self.history, trainer.global_step)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.is_global_zero:

@@ -62,8 +62,14 @@ class RampSchedule(L.Callback):
         self.hold_until: int | None = None
         self.frac_scale = 1.0
 
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # A run resumed mid-epoch does not start that epoch again: set its knobs here.
+        self.apply(trainer.current_epoch, pl_module)
+
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.apply(trainer.current_epoch, pl_module)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         pl_module.log("ramp/stage", float(self.stage), on_step=False, on_epoch=True)
 
     def apply(self, epoch: int, pl_module: L.LightningModule) -> None:

@@ -2,12 +2,16 @@
 
 - Detection: `lvm.detectors` on every flushed window of per-step statistics (in-epoch, at most
   `logger.flush_every` steps late) and on each validation.
-- Good checkpoints: after a validation with no trip, the guard saves `good-epochNN.ckpt` (the
-  newest `keep_good` are kept). Rollback takes the newest one that loads, never blindly last.ckpt;
-  a corrupt one is recorded and skipped.
+- Good checkpoints: the weights a run starts from are its first rollback point
+  (`good-initial.ckpt`), so a NaN before the first validation rolls back too; after each
+  validation with no trip the guard saves `good-epochNN.ckpt` (the newest `keep_good` are kept).
+  They are named relative to the run's own checkpoints/ folder: a copied or moved run finds its
+  own and never deletes another directory's. Rollback takes the newest one that loads, never
+  blindly last.ckpt; an unreadable one is recorded and skipped for the next older one.
 - Rollback: model weights, optimizer and LR-scheduler state from that checkpoint; then back-off
   (the ramp holds the previous stage for `hold_epochs` and scales target_frac; lambda_max is
-  scaled) and training continues. After `max_rollbacks`, training stops cleanly.
+  scaled) and training continues. After `max_rollbacks`, training stops cleanly (`stopped`; the
+  run's status is `stopped: max_rollbacks`).
 - Every decision is reduced across ranks (a trip on any rank counts on all) and followed by a
   barrier, so all ranks restore the same checkpoint at the same step.
 - Record: events.jsonl in the run directory, a TensorBoard text entry, a `[P6b GUARD]` line.
@@ -29,8 +33,9 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from callbacks.ramp import RampSchedule
-from lvm.checkpoints import read_checkpoint
-from lvm.detectors import COLLAPSE_DETECTORS, Trip, check_training, check_validation
+from lvm.atomic import drop_rows_after
+from lvm.checkpoints import finite_weights, read_checkpoint
+from lvm.detectors import COLLAPSE_DETECTORS, Trip, check_nonfinite, check_training, check_validation
 from lvm.errors import LvmError
 
 log = logging.getLogger(__name__)
@@ -49,7 +54,8 @@ class RollbackGuard(L.Callback):
         self.keep_good = keep_good
         # State kept in checkpoints, so a restarted run takes the same decisions.
         self.rollbacks = 0
-        self.good: list[str] = []
+        self.stopped = False  # max_rollbacks reached: training was stopped
+        self.good: list[str] = []  # file names in ckpt_dir, oldest first
         self.best_val_cos: float | None = None
         self.lambda_factor = 1.0
         self.pinned_steps = 0
@@ -68,7 +74,18 @@ class RollbackGuard(L.Callback):
             pl_module.step_log.listeners.remove(self._on_rows)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # After a checkpoint is restored: forget records written after it by an interrupted run,
+        # keep only the good checkpoints this directory holds, and make sure there is a rollback
+        # point before the first validation.
         self._apply_lambda(pl_module)
+        if trainer.is_global_zero:
+            drop_rows_after(self.events_path, trainer.global_step)
+        missing = [name for name in self.good if not (self.ckpt_dir / name).is_file()]
+        if missing:
+            log.warning("[P6b GUARD] good checkpoints not in %s (a run resumed from elsewhere): %s", self.ckpt_dir, ", ".join(missing))
+            self.good = [name for name in self.good if name not in missing]
+        if not self.good:
+            self._save_good(trainer, "good-initial.ckpt")
 
     def _apply_lambda(self, pl_module: L.LightningModule) -> None:
         """The clamp after every back-off so far (also after a resume)."""
@@ -76,9 +93,12 @@ class RollbackGuard(L.Callback):
 
     def _on_rows(self, steps: list[int], rows: list[dict[str, float]]) -> None:
         self._flushed = True
-        start = max(self.detectors["start_step"], self._ignore_before)
-        rows = [r for s, r in zip(steps, rows) if s >= start]
-        trips, self.pinned_steps = check_training(rows, self.detectors, self.pinned_steps)
+        current = [(s, r) for s, r in zip(steps, rows) if s >= self._ignore_before]
+        # start_step spares an untrained model's cosines, not a NaN: that is a collapse from step 0.
+        warm = [r for s, r in current if s >= self.detectors["start_step"]]
+        trips, self.pinned_steps = check_training(warm, self.detectors, self.pinned_steps)
+        if not trips and len(warm) < len(current):
+            trips = check_nonfinite([r for _, r in current], self.detectors)
         self._pending += trips
 
     # --- decisions ----------------------------------------------------------------------------
@@ -99,7 +119,7 @@ class RollbackGuard(L.Callback):
         self._pending = []
         if not self._decide(trainer, pl_module, trips, where="validation"):
             self.best_val_cos = val_cos if self.best_val_cos is None else max(self.best_val_cos, val_cos)
-            self._save_good(trainer)
+            self._save_good(trainer, f"good-epoch{trainer.current_epoch:02d}.ckpt")
 
     def _decide(self, trainer: L.Trainer, pl_module: L.LightningModule, trips: list[Trip], where: str) -> bool:
         """Record warnings; if any rank saw a collapse, every rank acts on it (True)."""
@@ -129,6 +149,7 @@ class RollbackGuard(L.Callback):
             self._record(trainer, collapses[0], action="stop", extra={"rollbacks": self.rollbacks, "others": [t.detector for t in collapses[1:]]})
             log.error("[P6b GUARD] max_rollbacks (%d) reached: stopping; the best checkpoint is kept", self.max_rollbacks)
             trainer.should_stop = True
+            self.stopped = True
             return
         restored = self._restore(trainer, pl_module)
         if restored is None:
@@ -149,24 +170,29 @@ class RollbackGuard(L.Callback):
         })
 
     # --- checkpoints --------------------------------------------------------------------------
-    def _save_good(self, trainer: L.Trainer) -> None:
-        path = str(self.ckpt_dir / f"good-epoch{trainer.current_epoch:02d}.ckpt")
-        self.good = [p for p in self.good if p != path] + [path]
+    def _save_good(self, trainer: L.Trainer, name: str) -> None:
+        """Save a rollback point `name` in ckpt_dir and drop the oldest beyond keep_good (never a
+        file outside ckpt_dir). A model with a non-finite weight is never a rollback point."""
+        if not finite_weights(trainer):
+            log.warning("[P6b GUARD] not saving %s: the model has non-finite weights", name)
+            return
+        self.good = [n for n in self.good if n != name] + [name]
         stale, self.good = self.good[:-self.keep_good], self.good[-self.keep_good:]
-        trainer.save_checkpoint(path)
+        trainer.save_checkpoint(self.ckpt_dir / name)
         if trainer.is_global_zero:
-            for p in stale:
-                Path(p).unlink(missing_ok=True)
+            for n in stale:
+                (self.ckpt_dir / n).unlink(missing_ok=True)
 
     def _restore(self, trainer: L.Trainer, pl_module: L.LightningModule) -> str | None:
         """Load the newest good checkpoint that loads on every rank; returns its path (None if there
         is none). One reduce per candidate, so all ranks load the same one."""
-        for path in reversed(self.good):
+        for name in reversed(self.good):
+            path = self.ckpt_dir / name
             try:
                 ckpt = read_checkpoint(path, map_location=pl_module.device)
             except LvmError as e:
                 ckpt = None
-                self._record(trainer, Trip("corrupt_checkpoint", "warning", {}), action=f"skipped {path}: {e}")
+                self._record(trainer, Trip("corrupt_checkpoint", "warning", {}), action=f"skipped {name}: {e}")
             failed = torch.tensor(float(ckpt is None), device=trainer.strategy.root_device)
             if float(trainer.strategy.reduce(failed, reduce_op="max")) > 0:
                 continue
@@ -175,7 +201,7 @@ class RollbackGuard(L.Callback):
                 opt.load_state_dict(state)
             for cfg, state in zip(trainer.lr_scheduler_configs, ckpt.get("lr_schedulers", [])):
                 cfg.scheduler.load_state_dict(state)
-            return path
+            return f"{self.ckpt_dir.name}/{name}"
         return None
 
     # --- record -------------------------------------------------------------------------------
@@ -196,11 +222,15 @@ class RollbackGuard(L.Callback):
 
     def state_dict(self) -> dict[str, Any]:
         return {"rollbacks": self.rollbacks, "good": list(self.good), "best_val_cos": self.best_val_cos,
-                "lambda_factor": self.lambda_factor, "pinned_steps": self.pinned_steps}
+                "lambda_factor": self.lambda_factor, "pinned_steps": self.pinned_steps,
+                "ignore_before": self._ignore_before, "stopped": self.stopped}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.rollbacks = state_dict["rollbacks"]
-        self.good = list(state_dict["good"])
+        # Names in this run's ckpt_dir (checkpoints written before names were relative held paths).
+        self.good = [Path(p).name for p in state_dict["good"]]
+        self._ignore_before = state_dict.get("ignore_before", 0)
+        self.stopped = state_dict.get("stopped", False)
         self.best_val_cos = state_dict["best_val_cos"]
         self.lambda_factor = state_dict["lambda_factor"]
         self.pinned_steps = state_dict["pinned_steps"]

@@ -7,6 +7,7 @@ it (`os.replace` is atomic within one filesystem).
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -41,3 +42,26 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     """Write `text` to `path` atomically (UTF-8)."""
     with atomic_open(path) as f:
         f.write(text)
+
+
+
+def drop_rows_after(path: str | Path, step: int) -> int:
+    """Drop the rows of the JSON-lines record at `path` whose "step" is above `step` (rewritten
+    atomically); returns how many were dropped. A resumed run calls it with its checkpoint's step,
+    so rows written after the checkpoint by the interrupted run are not kept twice. A line cut
+    short by a kill is dropped too."""
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    kept = [line for line in lines if _step_of(line) <= step]
+    if len(kept) < len(lines):
+        atomic_write_text(path, "".join(kept))
+    return len(lines) - len(kept)
+
+
+def _step_of(line: str) -> float:
+    try:
+        return float(json.loads(line).get("step", 0))
+    except (ValueError, AttributeError):
+        return float("inf")

@@ -1,14 +1,16 @@
-"""Reading lvm checkpoints: torch's default weights_only loading, with errors that name the file."""
+"""lvm checkpoints: reading (torch's default weights_only loading, errors that name the file),
+atomic writing, and the finite-weights rule (a non-finite model is never saved as a checkpoint)."""
 
 from __future__ import annotations
 
-import pickle
-import zipfile
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from lvm.atomic import atomic_path
 from lvm.errors import LvmError
 
 # What every lvm training checkpoint holds (Lightning's keys plus the run config in hyper_parameters).
@@ -24,13 +26,15 @@ def read_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, An
         raise LvmError(f"checkpoint {path}: no such file")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as e:
+    except Exception as e:  # noqa: BLE001 - any bytes can be in the file: a text file raises KeyError
         raise LvmError(f"checkpoint {path}: cannot be loaded, truncated or corrupt ({type(e).__name__}: {e})") from None
+    if not isinstance(ckpt, dict):
+        raise LvmError(f"checkpoint {path}: not an lvm training checkpoint (holds a {type(ckpt).__name__}, not a dict)")
     missing = [k for k in TRAINING_KEYS if k not in ckpt]
     if missing:
         raise LvmError(f"checkpoint {path}: not an lvm training checkpoint (no {', '.join(repr(k) for k in missing)})")
     hp = ckpt["hyper_parameters"]
-    if "config" not in hp or "dim" not in hp:
+    if not isinstance(hp, dict) or "config" not in hp or "dim" not in hp:
         raise LvmError(f"checkpoint {path}: hyper_parameters lack 'config' or 'dim' (not an lvm checkpoint)")
     model = hp["config"].get("model")
     if isinstance(model, dict):
@@ -43,3 +47,21 @@ def check_dim(path: str | Path, hyper_parameters: dict[str, Any], dim: int) -> N
     """The checkpoint's model must have been trained on D = `dim` vectors."""
     if hyper_parameters.get("dim") != dim:
         raise LvmError(f"checkpoint {path}: model was trained on D={hyper_parameters.get('dim')} vectors, the data has D={dim}")
+
+
+def finite_weights(trainer: L.Trainer) -> bool:
+    """Whether every parameter of the trainer's module is finite, agreed on by every rank."""
+    finite = all(bool(torch.isfinite(p).all()) for p in trainer.lightning_module.parameters())
+    return trainer.strategy.reduce_boolean_decision(finite, all=True)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoint files written to a temporary file beside the target, fsynced, then renamed:
+    kill -9 at any moment leaves the old file or the new one. (Lightning's own transaction
+    writes its temporary file in the system temp folder, which can be another filesystem.)"""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as tmp:
+            torch.save(checkpoint, tmp)

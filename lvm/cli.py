@@ -1,8 +1,10 @@
 """Command-line conventions shared by lvm's entry points (kept free of heavy imports).
 
 Every `python -m lvm.<tool>` is a Hydra app whose first argument may be given bare, that prints one
-line on stderr for bad input (never a traceback) and exits 0 (done / pass), 1 (fail: a verdict) or
-2 (no result: bad input, configuration or checkpoint; Hydra's own override errors too).
+line on stderr for bad input (never a traceback) and exits 0 (done / pass), 1 (fail: a verdict, or
+a training run that failed) or 2 (no result: bad input, configuration or checkpoint; Hydra's own
+override errors too). Training adds 3 (stopped by the guard after max_rollbacks) and 4 (preempted
+by SIGTERM/SIGUSR1 after saving a resumable last.ckpt).
 """
 
 from __future__ import annotations
@@ -16,8 +18,24 @@ from omegaconf import DictConfig
 
 from lvm.errors import LvmError
 
-EXIT_OK, EXIT_FAIL, EXIT_BAD_INPUT = 0, 1, 2
+EXIT_OK, EXIT_FAIL, EXIT_BAD_INPUT, EXIT_STOPPED, EXIT_PREEMPTED = 0, 1, 2, 3, 4
 _outcome = {"code": EXIT_OK}  # set by the task function: hydra.main does not return its result
+
+
+def set_exit_code(code: int) -> None:
+    """The exit code `run_entry_point` ends with (for a task that returns something else)."""
+    _outcome["code"] = code
+
+
+def exit_code_of(status: str) -> int:
+    """Exit code of a training run's status (results.json)."""
+    if status == "completed":
+        return EXIT_OK
+    if status.startswith("stopped"):
+        return EXIT_STOPPED
+    if status == "preempted":
+        return EXIT_PREEMPTED
+    return EXIT_FAIL
 
 
 def positional_override(argv: list[str], key: str) -> list[str]:
@@ -37,10 +55,10 @@ def entry_point(prog: str) -> Callable[[Callable[[DictConfig], int | None]], Cal
         @functools.wraps(task)
         def guarded(cfg: DictConfig) -> None:
             try:
-                _outcome["code"] = task(cfg) or EXIT_OK
+                set_exit_code(task(cfg) or EXIT_OK)
             except LvmError as e:
                 print(f"{prog}: {e}", file=sys.stderr)
-                _outcome["code"] = EXIT_BAD_INPUT
+                set_exit_code(EXIT_BAD_INPUT)
 
         return guarded
 

@@ -39,9 +39,8 @@ def check_training(rows: Sequence[Mapping[str, float]], cfg: Mapping[str, Any], 
     trips: list[Trip] = []
     if not rows:
         return trips, pinned_steps
-    bad = next((r for r in rows if not all(map(math.isfinite, r.values()))), None) if cfg["nonfinite"] else None
-    if bad is not None:
-        trips.append(Trip("nonfinite", "collapse", {"loss": bad["train/loss"], "mse": bad["train/mse"]}))
+    trips = check_nonfinite(rows, cfg)
+    if trips:
         return trips, pinned_steps
     pos, neg, gap = _mean(rows, "train/pos"), _mean(rows, "train/neg"), _mean(rows, "train/gap")
     if cfg["negative_cosines"] and pos < 0 and neg < 0:
@@ -61,6 +60,12 @@ def check_training(rows: Sequence[Mapping[str, float]], cfg: Mapping[str, Any], 
     if limit is not None and pinned_steps > limit:
         trips.append(Trip("lambda_pinned", "warning", {"steps": float(pinned_steps), "lambda_max": rows[-1]["train/lambda_max"]}))
     return trips, pinned_steps
+
+
+def check_nonfinite(rows: Sequence[Mapping[str, float]], cfg: Mapping[str, Any]) -> list[Trip]:
+    """A NaN or inf in any row (no warm-up: a non-finite model is collapsed from step 0)."""
+    bad = next((r for r in rows if not all(map(math.isfinite, r.values()))), None) if cfg["nonfinite"] else None
+    return [] if bad is None else [Trip("nonfinite", "collapse", {"loss": bad["train/loss"], "mse": bad["train/mse"]})]
 
 
 def check_validation(val_cos: float, copy_last_cos: float, best_cos: float | None, cfg: Mapping[str, Any]) -> list[Trip]:

@@ -108,6 +108,13 @@ class LVMModule(L.LightningModule):
             self._knobs_cached = (values, torch.tensor(values, dtype=torch.float32, device=device))
         return self._knobs_cached[1]
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["step_log"] = self.step_log.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "step_log" in checkpoint:
+            self.step_log.load_state_dict(checkpoint["step_log"])
+
     def on_validation_start(self) -> None:
         # Lightning validates before on_train_epoch_end: flush the epoch's last partial window now,
         # so the guard's decision at validation end sees every step it is about to call good.

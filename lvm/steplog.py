@@ -30,11 +30,13 @@ class StepLog:
 
     def record(self, step: int, row: torch.Tensor, loggers: Iterable[Logger]) -> None:
         """Buffer one step's values (1-D, in `names` order); flush when the buffer is full."""
-        if self._buf is None or self._buf.device != row.device:
+        if self._buf is None:
             self._buf = torch.empty(self.flush_every, len(self.names), device=row.device)
+        elif self._buf.device != row.device:
+            self._buf = self._buf.to(row.device)
         self._buf[len(self._steps)] = row
         self._steps.append(step)
-        if len(self._steps) == self.flush_every:
+        if len(self._steps) >= self.flush_every:
             self.flush(loggers)
 
     def flush(self, loggers: Iterable[Logger]) -> None:
@@ -48,3 +50,16 @@ class StepLog:
                 lg.log_metrics(metrics, step=step)
         for listener in self.listeners:
             listener(steps, rows)
+
+    def state_dict(self) -> dict[str, list]:
+        """The rows not flushed yet: a checkpoint carries them so that a resumed run logs and
+        flushes (and the guard decides) at the same steps as the uninterrupted one."""
+        n = len(self._steps)
+        rows = self._buf[:n].tolist() if n and self._buf is not None else []
+        return {"steps": list(self._steps), "rows": rows}
+
+    def load_state_dict(self, state: dict[str, list]) -> None:
+        self._steps = list(state["steps"])
+        self._buf = torch.zeros(max(self.flush_every, len(self._steps) + 1), len(self.names))
+        if self._steps:
+            self._buf[: len(self._steps)] = torch.tensor(state["rows"], dtype=self._buf.dtype)

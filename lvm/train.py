@@ -1,7 +1,12 @@
 """`python -m lvm.train +experiment=p6b_v2`: compose the config, build data, model and callbacks, fit.
 
-Each run writes into its own Hydra directory: checkpoints/ (best by val cosine, last, optionally
-every epoch), tb/ (TensorBoard events), config.yaml (resolved), metrics.jsonl and results.json.
+Each run writes into its own Hydra directory and nowhere else: checkpoints/ (best by val cosine,
+last, optionally every epoch), tb/ (TensorBoard events), config.yaml (resolved), metrics.jsonl and
+results.json. A directory that already holds a run is resumed (ckpt_path) or refused.
+
+Every ending is written to results.json as `status` and gives the exit code (lvm/cli.py):
+completed 0; failed: <error> 1; bad input, configuration or checkpoint (nothing written) 2;
+stopped: max_rollbacks 3; preempted (SIGTERM/SIGUSR1: last.ckpt saved, resume with ckpt_path=last) 4.
 """
 
 from __future__ import annotations
@@ -10,8 +15,10 @@ import contextlib
 import hashlib
 import json
 import logging
+import shutil
 import sys
 import time
+import traceback
 from pathlib import Path
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -21,23 +28,34 @@ import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
-from callbacks import FaultInjection, Mini5CAT, RampSchedule, RollbackGuard, SkipGuard, TensorBoardDashboard
-from lvm.checkpoints import check_dim, read_checkpoint
+from callbacks import (ExactResume, FaultInjection, FiniteModelCheckpoint, Mini5CAT, RampSchedule, RollbackGuard, SkipGuard,
+                       TensorBoardDashboard)
+from lvm.atomic import atomic_write_text
+from lvm.checkpoints import AtomicCheckpointIO, check_dim, read_checkpoint
+from lvm.cli import EXIT_BAD_INPUT, EXIT_FAIL, exit_code_of, run_entry_point, set_exit_code
 from lvm.config import to_plain, validate
 from lvm.data.loaders import load_splits
-from lvm.data.store import ShuffleSampler, Windows, WindowSpec, collate_batch
-from lvm.errors import LvmError
+from lvm.data.sampler import EpochSampler
+from lvm.data.store import Windows, WindowSpec, collate_batch
+from lvm.errors import ConfigError, LvmError, Preempted, RunFailed
 from lvm.evaluate import evaluate_after_fit
+from lvm.fivecat import strict_json
 from lvm.module import LVMModule
 from lvm.launchers import JOBLIB_LAUNCHER, SUBMITIT_PREFIX, claim_gpu, launcher_choice, missing_launcher_plugin, wants_one_gpu
+from lvm.signals import StopSignals
+from lvm.threads import set_threads, usable_cpus
 
 log = logging.getLogger(__name__)
+
+# What a run writes into its directory (Hydra's own .hydra/ and train.log aside).
+RUN_OUTPUTS = ("checkpoints", "tb", "eval", "metrics.jsonl", "events.jsonl", "results.json", "config.yaml")
 
 # Longest job directory name a sweep uses as is; longer ones (many overrides) are cut and hashed.
 MAX_DIRNAME = 120
@@ -59,18 +77,22 @@ def build_data(cfg: DictConfig) -> dict[str, Windows]:
 
 
 def make_loader(windows: Windows, batch_size: int, shuffle: bool, num_workers: int, seed: int) -> DataLoader:
-    sampler = ShuffleSampler(windows, generator=torch.Generator().manual_seed(seed)) if shuffle else None
+    """Batches of `windows`; shuffled by (seed, epoch) alone when `shuffle` (lvm/data/sampler.py)."""
     return DataLoader(
         windows,
         batch_size=batch_size,
-        sampler=sampler,
+        sampler=EpochSampler(windows, seed) if shuffle else None,
         num_workers=num_workers,
         collate_fn=collate_batch,
         persistent_workers=num_workers > 0,
+        # Its own generator: starting an iterator must not draw from the global RNG, or a resumed
+        # run's dropout masks would differ from the uninterrupted run's.
+        generator=torch.Generator().manual_seed(seed),
     )
 
 
-def build_callbacks(cfg: DictConfig, splits: dict[str, Windows], run_dir: Path, hparams: dict[str, Any]) -> list[L.Callback]:
+def build_callbacks(cfg: DictConfig, splits: dict[str, Windows], run_dir: Path, hparams: dict[str, Any],
+                    sampler: EpochSampler, signals: StopSignals | None) -> list[L.Callback]:
     cb = cfg.callbacks
     out: list[L.Callback] = []
     if cb.ramp:
@@ -87,15 +109,14 @@ def build_callbacks(cfg: DictConfig, splits: dict[str, Windows], run_dir: Path, 
         out.append(Mini5CAT(splits["val"], cb.mini5cat.windows, cb.mini5cat.seed, cfg.window.prev_slot, cfg.data.eval_batch_size))
     ckpt_dir = run_dir / "checkpoints"
     # Best by val cosine first: trainer.checkpoint_callback is the first ModelCheckpoint.
-    out.append(ModelCheckpoint(dirpath=ckpt_dir, filename="best-epoch{epoch:02d}", monitor="val/cos", mode="max",
-                               save_top_k=1, auto_insert_metric_name=False))
-    # last.ckpt by its own checkpointer: Lightning's save_last only refreshes it in epochs that
-    # also saved a new best, which would resume from a stale epoch.
-    out.append(ModelCheckpoint(dirpath=ckpt_dir, filename="last", monitor=None, save_top_k=1, enable_version_counter=False))
+    out.append(FiniteModelCheckpoint(dirpath=ckpt_dir, filename="best-epoch{epoch:02d}", monitor="val/cos", mode="max",
+                                     save_top_k=1, auto_insert_metric_name=False))
     if cb.checkpoint.every_epoch:
-        out.append(ModelCheckpoint(dirpath=ckpt_dir, filename="epoch{epoch:02d}", monitor="epoch", mode="max",
-                                   save_top_k=-1, auto_insert_metric_name=False))
+        out.append(FiniteModelCheckpoint(dirpath=ckpt_dir, filename="epoch{epoch:02d}", monitor="epoch", mode="max",
+                                         save_top_k=-1, auto_insert_metric_name=False))
     out.append(TensorBoardDashboard(hparams, run_dir / "metrics.jsonl"))
+    # After the guard and the dashboard: last.ckpt holds their decisions and rows of its step.
+    out.append(ExactResume(sampler, cfg.data.batch_size, ckpt_dir / "last.ckpt", cb.checkpoint.every_n_steps, signals))
     if cfg.trainer.get("enable_progress_bar", True):
         out.append(TQDMProgressBar(refresh_rate=cb.progress_refresh_rate))
     return out
@@ -121,7 +142,7 @@ def dashboard_hparams(cfg: DictConfig, choices: dict[str, str]) -> dict[str, Any
 
 
 def resolve_checkpoint(ckpt_path: str | None, run_dir: Path) -> tuple[str, dict[str, Any]] | None:
-    """Checkpoint to resume from and its hyper-parameters, checked to load under torch's default
+    """Checkpoint to resume from (path, contents), checked to load under torch's default
     weights_only rules.
 
     `last`: <run dir>/checkpoints/last.ckpt, which must exist. `auto`: the same file when it exists,
@@ -139,12 +160,12 @@ def resolve_checkpoint(ckpt_path: str | None, run_dir: Path) -> tuple[str, dict[
     ckpt = read_checkpoint(path)
     if ckpt_path == "auto":
         log.info("ckpt_path=auto: resuming from %s (epoch %s, step %s)", path, ckpt.get("epoch"), ckpt.get("global_step"))
-    return str(path), ckpt["hyper_parameters"]
+    return str(path), ckpt
 
 
 def check_compatible(ckpt: tuple[str, dict[str, Any]], cfg: DictConfig, dim: int) -> None:
     """The checkpoint's model must be the one this config builds on this data."""
-    path, hp = ckpt
+    path, hp = ckpt[0], ckpt[1]["hyper_parameters"]
     check_dim(path, hp, dim)
     theirs, ours = hp["config"]["model"], to_plain(cfg)["model"]
     diff = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k) and k not in ("dropout",))
@@ -162,9 +183,12 @@ def build_fit(
     choices: dict[str, str] | None = None,
     lvm_callbacks: bool = True,
     extra_callbacks: Sequence[L.Callback] = (),
+    signals: StopSignals | None = None,
+    resume: dict[str, Any] | None = None,
     **trainer_overrides: Any,
 ) -> tuple[L.Trainer, LVMModule, DataLoader, list[DataLoader]]:
-    """Trainer, module and loaders of a run (also used by the benchmark, with overrides)."""
+    """Trainer, module and loaders of a run (also used by the benchmark, with overrides).
+    `resume`: the checkpoint the run resumes from (TensorBoard hides what the killed run logged after it)."""
     plain = to_plain(cfg)
     module = LVMModule(plain, dim=splits["train"].store.dim)
     d = cfg.data
@@ -172,12 +196,48 @@ def build_fit(
     val_loaders = [make_loader(splits[s], d.eval_batch_size, False, d.num_workers, cfg.seed) for s in ("val", "ood") if len(splits[s])]
     logger: TensorBoardLogger | bool = False
     if lvm_callbacks and cfg.logger.tensorboard:
-        logger = TensorBoardLogger(save_dir=str(run_dir), name="tb", version="", default_hp_metric=False)
+        purge = {"purge_step": first_unlogged_step(resume)} if resume else {}
+        logger = TensorBoardLogger(save_dir=str(run_dir), name="tb", version="", default_hp_metric=False, **purge)
     callbacks = [*extra_callbacks]
     if lvm_callbacks:
-        callbacks += build_callbacks(cfg, splits, run_dir, dashboard_hparams(cfg, choices or {}))
-    trainer = L.Trainer(**{**plain["trainer"], **trainer_overrides}, callbacks=callbacks, logger=logger, default_root_dir=str(run_dir))
+        callbacks += build_callbacks(cfg, splits, run_dir, dashboard_hparams(cfg, choices or {}), train_loader.sampler, signals)
+    trainer = L.Trainer(**{**plain["trainer"], **trainer_overrides}, callbacks=callbacks, logger=logger,
+                        default_root_dir=str(run_dir), plugins=[AtomicCheckpointIO()])
     return trainer, module, train_loader, val_loaders
+
+
+def first_unlogged_step(ckpt: dict[str, Any]) -> int:
+    """The first step whose per-step row a checkpoint has not seen logged (its unflushed rows
+    are logged again after the resume)."""
+    pending = ckpt.get("step_log", {}).get("steps", [])
+    return min(pending, default=int(ckpt["global_step"]))
+
+
+def claim_run_dir(run_dir: Path, ckpt_path: str | None, overwrite: bool) -> None:
+    """A run owns its directory: one that already holds a run is resumed (the checkpoint lies in
+    it), cleared (`overwrite=true`) or refused, before anything is written."""
+    found = [name for name in RUN_OUTPUTS if (run_dir / name).exists()]
+    if not found:
+        return
+    inside = ckpt_path is not None and Path(ckpt_path).resolve().is_relative_to(run_dir.resolve())
+    if inside and overwrite:
+        raise ConfigError(f"overwrite=true would delete the checkpoint this run resumes from ({ckpt_path}); drop one of them")
+    if inside:
+        return
+    if not overwrite:
+        raise ConfigError(
+            f"run directory {run_dir} already holds a run ({', '.join(found)}): resume it with ckpt_path=last "
+            "(or ckpt_path=auto), pick another hydra.run.dir, or start over with overwrite=true (deletes those files)")
+    log.warning("overwrite=true: deleting %s from %s", ", ".join(found), run_dir)
+    for name in found:
+        path = run_dir / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def auto_start_fresh(cfg: DictConfig, run_dir: Path) -> bool:
+    """ckpt_path=auto found no last.ckpt: an earlier attempt that never wrote a checkpoint left
+    only partial records, which a fresh start replaces (no checkpoint is deleted)."""
+    return cfg.ckpt_path == "auto" and not list((run_dir / "checkpoints").glob("*.ckpt"))
 
 
 def run(
@@ -185,59 +245,103 @@ def run(
     run_dir: str | Path,
     choices: dict[str, str] | None = None,
     extra_callbacks: Sequence[L.Callback] = (),
+    jobs: int = 1,
 ) -> dict[str, Any]:
-    """Train one run into `run_dir`; returns the results written to results.json."""
+    """Train one run into `run_dir`; returns the results written to results.json (with `status`).
+
+    Bad input raises LvmError before anything is written; a failure after the start is recorded
+    in results.json (`failed: <error>`, with the traceback) and raised as RunFailed. `jobs`: runs side by side on this
+    machine (threads=auto divides the CPUs among them)."""
     start = time.perf_counter()
     validate(cfg)
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if rank_zero_only.rank == 0:  # the rank from the environment (DDP children, SLURM tasks)
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(to_plain(cfg)))
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    set_threads(cfg.threads, jobs)
     ckpt = resolve_checkpoint(cfg.ckpt_path, run_dir)
+    is_zero = rank_zero_only.rank == 0  # the rank from the environment (DDP children, SLURM tasks)
+    if is_zero:  # the other ranks start once rank 0 has claimed the directory
+        claim_run_dir(run_dir, ckpt[0] if ckpt else None, bool(cfg.overwrite) or (ckpt is None and auto_start_fresh(cfg, run_dir)))
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
     splits = build_data(cfg)
     if ckpt:
         check_compatible(ckpt, cfg, splits["train"].store.dim)
-    trainer, module, train_loader, val_loaders = build_fit(cfg, splits, run_dir, choices, extra_callbacks=extra_callbacks)
-    trainer.fit(module, train_loader, val_loaders, ckpt_path=ckpt[0] if ckpt else None)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if is_zero:
+        atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(to_plain(cfg)))
+    try:
+        with StopSignals() as signals:
+            trainer, module, train_loader, val_loaders = build_fit(
+                cfg, splits, run_dir, choices, extra_callbacks=extra_callbacks, signals=signals,
+                resume=ckpt[1] if ckpt else None)
+            try:
+                trainer.fit(module, train_loader, val_loaders, ckpt_path=ckpt[0] if ckpt else None)
+                guard = next((c for c in trainer.callbacks if isinstance(c, RollbackGuard)), None)
+                status = "stopped: max_rollbacks" if guard is not None and guard.stopped else "completed"
+            except (Preempted, SIGTERMException) as e:
+                status = "preempted"
+                log.warning("Run preempted (%s): resume with ckpt_path=last", e)
+        results = summarize_run(cfg, trainer, module, run_dir, status)
+        if trainer.is_global_zero and status != "preempted" and cfg.eval.after_fit:
+            # Full 5CAT of the best-by-val-cosine and the last checkpoint, with their epochs.
+            results["5cat"] = evaluate_after_fit(cfg, splits, {"best": results["best_checkpoint"], "last": results["last_checkpoint"]}, run_dir)
+    except Exception as e:
+        error = str(e) if isinstance(e, LvmError) else f"{type(e).__name__}: {e}"
+        if is_zero:
+            write_results(run_dir, {"name": cfg.name, "run_dir": str(run_dir), "status": f"failed: {error}", "error": error,
+                                    "traceback": traceback.format_exc(), "wall_time_s": round(time.perf_counter() - start, 2)})
+        raise RunFailed(error) from e
+    results["wall_time_s"] = round(time.perf_counter() - start, 2)
+    if trainer.is_global_zero:
+        write_results(run_dir, results)
+        log.info("Run %s: best val cos %s at %s", results["status"], results["best_val_cos"], results["best_checkpoint"])
+    return results
 
-    best, last = (c for c in trainer.callbacks if isinstance(c, ModelCheckpoint) and c.monitor in ("val/cos", None))
+
+def summarize_run(cfg: DictConfig, trainer: L.Trainer, module: LVMModule, run_dir: Path, status: str) -> dict[str, Any]:
+    """What results.json says of a finished, stopped or preempted fit."""
+    best = trainer.checkpoint_callback
+    last = next(c for c in trainer.callbacks if isinstance(c, ExactResume)).last_path
     results = {
         "name": cfg.name,
+        "status": status,
         "run_dir": str(run_dir),
         "epochs_completed": trainer.current_epoch,
         "global_step": trainer.global_step,
         "world_size": trainer.world_size,
-        "best_checkpoint": best.best_model_path,
+        "best_checkpoint": best.best_model_path or None,
         "best_val_cos": float(best.best_model_score) if best.best_model_score is not None else None,
-        "last_checkpoint": last.best_model_path,
+        "last_checkpoint": str(last) if last.is_file() else None,
         "final": {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("val/", "ood/", "mini5cat/"))},
         "params": sum(p.numel() for p in module.parameters()),
     }
     if trainer.world_size > 1:  # every rank says what it saw: their validation metrics must agree
         log.info("Rank %d of %d finished: best val cos %r, final val cos %r", trainer.global_rank, trainer.world_size,
                  results["best_val_cos"], results["final"].get("val/cos"))
-    if not trainer.is_global_zero:
-        return results
-    # eval.after_fit: full 5CAT of the best-by-val-cosine and the last checkpoint, with their epochs.
-    if cfg.eval.after_fit:
-        results["5cat"] = evaluate_after_fit(cfg, splits, {"best": best.best_model_path, "last": last.best_model_path}, run_dir)
-    results["wall_time_s"] = round(time.perf_counter() - start, 2)
-    (run_dir / "results.json").write_text(json.dumps(results, indent=2))
-    log.info("Run finished: best val cos %s at %s", results["best_val_cos"], results["best_checkpoint"])
     return results
+
+
+def write_results(run_dir: Path, results: dict[str, Any]) -> None:
+    """results.json, strict JSON (a NaN metric is written as null), atomically."""
+    atomic_write_text(run_dir / "results.json", json.dumps(strict_json(results), indent=2, allow_nan=False))
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
+    """Returns the best val cosine (what a Hydra sweeper optimises); the exit code follows the
+    run's status (see the module docstring)."""
     hc = HydraConfig.get()
+    if hc.mode == RunMode.MULTIRUN:
+        return run_sweep_job(cfg, hc)
     try:
-        if hc.mode == RunMode.MULTIRUN:
-            return run_sweep_job(cfg, hc)
         results = run(cfg, hc.runtime.output_dir, dict(hc.runtime.choices))
     except LvmError as e:
-        log.error("%s", e)
-        raise SystemExit(f"lvm: {e}") from None
+        print(f"lvm.train: {e}", file=sys.stderr)
+        set_exit_code(EXIT_BAD_INPUT)
+        return None
+    except RunFailed as e:
+        print(f"lvm.train: run failed: {e} (traceback in {hc.runtime.output_dir}/results.json)", file=sys.stderr)
+        set_exit_code(EXIT_FAIL)
+        return None
+    set_exit_code(exit_code_of(results["status"]))
     return results["best_val_cos"]
 
 
@@ -263,28 +367,37 @@ def resume_on_requeue(cfg: DictConfig, hc: Any) -> None:
         cfg.ckpt_path = "auto"
 
 
+def sweep_jobs(hc: Any) -> int:
+    """Jobs that run side by side on this machine: joblib's n_jobs (negative: CPUs + 1 + n_jobs)."""
+    if hc.launcher._target_ != JOBLIB_LAUNCHER:
+        return 1
+    n = int(hc.launcher.n_jobs)
+    return n if n > 0 else max(1, usable_cpus() + 1 + n)
+
+
 def run_sweep_job(cfg: DictConfig, hc: Any) -> float | None:
     """One multirun job: a failure is logged and recorded in results.json, and the sweep goes on."""
     start = time.perf_counter()
     resume_on_requeue(cfg, hc)
     try:
         with own_gpu(cfg, hc):
-            return run(cfg, hc.runtime.output_dir, dict(hc.runtime.choices))["best_val_cos"]
-    except Exception as e:
-        error = str(e) if isinstance(e, LvmError) else f"{type(e).__name__}: {e}"
-        log.error("Job %s failed: %s", hc.job.num, error, exc_info=not isinstance(e, LvmError))
-        failed = {"name": cfg.name, "run_dir": hc.runtime.output_dir, "status": "failed", "error": error,
-                  "wall_time_s": round(time.perf_counter() - start, 2)}
-        Path(hc.runtime.output_dir, "results.json").write_text(json.dumps(failed, indent=2))
-        return None
+            return run(cfg, hc.runtime.output_dir, dict(hc.runtime.choices), jobs=sweep_jobs(hc))["best_val_cos"]
+    except RunFailed as e:  # run() has written results.json
+        log.error("Job %s failed: %s", hc.job.num, e)
+    except LvmError as e:  # refused at start: record it in the job's own directory
+        log.error("Job %s failed: %s", hc.job.num, e)
+        write_results(Path(hc.runtime.output_dir), {"name": cfg.name, "run_dir": hc.runtime.output_dir, "status": f"failed: {e}",
+                                                    "error": str(e), "wall_time_s": round(time.perf_counter() - start, 2)})
+    return None
 
 
 def cli() -> None:
     """`python -m lvm.train`: a missing launcher plugin is named with its pip extra before Hydra starts."""
     problem = missing_launcher_plugin(launcher_choice(sys.argv[1:]))
     if problem:
-        raise SystemExit(f"lvm: {problem}")
-    main()
+        print(f"lvm.train: {problem}", file=sys.stderr)
+        raise SystemExit(EXIT_BAD_INPUT)
+    run_entry_point(main)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from tests.helpers import ROOT, compose_cfg
 from tests.test_train import TINY, cfg_for, cli
 
 GUARDED = [
-    "guard=rollback", "guard.detectors.start_step=0", "logger.flush_every=5", "trainer.max_epochs=4",
+    "guard=rollback", "logger.flush_every=5", "trainer.max_epochs=4",
     # A tiny model this young scores below any sensible val floor: only the injected faults trip.
     "guard.detectors.val_floor=null", "guard.detectors.val_drop=null", "guard.detectors.below_copy_last=null",
 ]
@@ -117,7 +117,7 @@ def test_recovery_experiment_resumes_a_v1_checkpoint_under_v2(tmp_path, caplog):
     v1_weights = torch.load(epoch0, weights_only=True)["state_dict"]
     caplog.clear()
     with caplog.at_level("INFO"):
-        results = run(cfg_for("+experiment=p6b_v2_recovery", f"ckpt={epoch0}", "trainer.max_epochs=4"), tmp_path / "rec")
+        results = run(cfg_for("+experiment=p6b_v2_recovery", f"ckpt={epoch0}", "trainer.max_epochs=4", *GUARDED[3:]), tmp_path / "rec")
     rows = [json.loads(line) for line in (tmp_path / "rec" / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2, 3]  # continues after the checkpoint's epoch
     assert "Restored all states from the checkpoint" in caplog.text

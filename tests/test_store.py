@@ -391,16 +391,6 @@ def test_float64_becomes_float32():
     assert f16.vectors.dtype == torch.float32
 
 
-def test_shuffle_sampler_is_a_seeded_permutation():
-    from lvm.data.store import ShuffleSampler
-
-    data = list(range(10000))
-    order = list(ShuffleSampler(data, generator=torch.Generator().manual_seed(3)))
-    assert sorted(order) == data and order != data
-    assert order == list(ShuffleSampler(data, generator=torch.Generator().manual_seed(3)))
-    assert order != list(ShuffleSampler(data, generator=torch.Generator().manual_seed(4)))
-
-
 def test_rejects_store_of_identical_vectors():
     """One vector repeated (also up to scale, which renormalising removes) leaves nothing to predict."""
     v, a, c = simple()

@@ -13,7 +13,7 @@ from typing import Literal
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, RandomSampler
+from torch.utils.data import Dataset
 
 from lvm.errors import DataError
 
@@ -214,21 +214,6 @@ class Windows(Dataset):
     def article_ids(self) -> np.ndarray:
         """Article id of each window."""
         return self.store.article_id_of[self.store.row_article[self.starts.numpy()]]
-
-
-class ShuffleSampler(RandomSampler):
-    """RandomSampler whose permutation stays a tensor, handed out in slices.
-
-    torch's RandomSampler turns the whole permutation into a Python list (~36 bytes per window,
-    measured by `make bench` as a tenth of a D=64 store); this yields the same kind of indices
-    from 4096-long slices. Still a RandomSampler, so Lightning swaps in a DistributedSampler
-    under DDP as usual.
-    """
-
-    def __iter__(self):
-        perm = torch.randperm(len(self.data_source), generator=self.generator)
-        for part in perm.split(4096):
-            yield from part.tolist()
 
 
 def collate_batch(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -1,0 +1,153 @@
+"""ExactResume: last.ckpt resumes a run exactly, at an epoch end, mid-epoch or after a preemption.
+
+- last.ckpt carries the sampler position (the epoch's order is a function of (seed, epoch), see
+  lvm/data/sampler.py) and every RNG state (torch, CUDA, numpy, python), so a resumed run draws
+  the same batches and the same dropout masks as the uninterrupted run.
+- It is written at every epoch end, every `every_n_steps` steps mid-epoch, and when SIGTERM or
+  SIGUSR1 arrives (then the run stops with `Preempted`); always atomically (lvm/atomic.py via the
+  trainer's CheckpointIO), so kill -9 at any moment loses at most `every_n_steps` steps.
+- A model with a non-finite weight is never written as last.ckpt (the older file stays).
+- Epoch-interval LR schedulers (ReduceLROnPlateau) step after an epoch's last.ckpt is written,
+  and Lightning does not step them at the end of an epoch it restarted mid-way: the values they
+  read are kept in last.ckpt and the missing step is taken on resume, where the uninterrupted run
+  took it.
+
+One writer for last.ckpt instead of Lightning's ModelCheckpoint: that writes at one kind of
+trigger only (epoch or steps), and needs neither the preemption save nor the finite check.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+
+from lvm.checkpoints import finite_weights
+from lvm.data.sampler import EpochSampler
+from lvm.errors import Preempted
+from lvm.signals import StopSignals
+
+log = logging.getLogger(__name__)
+
+
+def rng_states() -> dict[str, Any]:
+    """Every RNG state a training step can draw from (as tensors and plain containers, so that
+    checkpoints load under torch's weights_only rules)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    states: dict[str, Any] = {"torch": torch.get_rng_state(), "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+                              "python": random.getstate()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    torch.set_rng_state(states["torch"])
+    kind, keys, pos, has_gauss, gauss = states["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    random.setstate(states["python"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def scheduler_inputs(trainer: L.Trainer) -> dict[str, float]:
+    """The monitored values the epoch-interval schedulers are about to step on."""
+    keys = {c.monitor for c in trainer.lr_scheduler_configs if c.interval == "epoch" and c.reduce_on_plateau}
+    return {k: float(trainer.callback_metrics[k]) for k in keys if k in trainer.callback_metrics}
+
+
+def step_epoch_schedulers(trainer: L.Trainer, inputs: dict[str, float]) -> None:
+    """The epoch-end step Lightning takes (lvm's schedulers step every epoch: frequency 1)."""
+    for c in trainer.lr_scheduler_configs:
+        if c.interval != "epoch":
+            continue
+        if not c.reduce_on_plateau:
+            c.scheduler.step()
+        elif c.monitor in inputs:
+            c.scheduler.step(inputs[c.monitor])
+
+
+class ExactResume(L.Callback):
+    def __init__(self, sampler: EpochSampler, batch_size: int, last_path: str | Path,
+                 every_n_steps: int | None, signals: StopSignals | None = None) -> None:
+        self.sampler = sampler
+        self.batch_size = batch_size
+        self.last_path = Path(last_path)
+        self.every_n_steps = every_n_steps
+        self.signals = signals
+        self.epoch = 0
+        self.batches_done = 0  # batches of `epoch` trained so far
+        self.saved_step: int | None = None  # global step of the newest last.ckpt written by this run
+        # Between an epoch's end and the next epoch's start: the values its epoch schedulers step on.
+        self.scheduler_inputs: dict[str, float] | None = None
+        self._restored_inputs: dict[str, float] | None = None  # from a checkpoint written at an epoch end
+        self._step_at_next_epoch = False  # Lightning restarted this epoch mid-way: it will not step them
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # After the trainer restored a checkpoint.
+        if self._restored_inputs is not None:
+            step_epoch_schedulers(trainer, self._restored_inputs)
+            self._restored_inputs = None
+        self._step_at_next_epoch = trainer.fit_loop.restarting
+
+    # --- position -----------------------------------------------------------------------------
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._catch_up(trainer)
+        self.epoch, self.batches_done = trainer.current_epoch, 0
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._catch_up(trainer)
+
+    def _catch_up(self, trainer: L.Trainer) -> None:
+        if self._step_at_next_epoch and self.scheduler_inputs is not None:
+            step_epoch_schedulers(trainer, self.scheduler_inputs)
+        self._step_at_next_epoch = False
+        self.scheduler_inputs = None
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.epoch, self.batches_done = trainer.current_epoch, batch_idx + 1
+        stop = self._stop_requested(trainer)
+        # Not at the epoch's last batch: the epoch-end save follows, after that epoch's row.
+        due = (self.every_n_steps and trainer.global_step % self.every_n_steps == 0
+               and not trainer.fit_loop.epoch_loop.batch_progress.is_last_batch)
+        if stop or due:
+            self.save(trainer)
+        if stop:
+            raise Preempted(self.signals.received or "a signal on another rank")
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.scheduler_inputs = scheduler_inputs(trainer)
+        self.save(trainer)
+
+    def _stop_requested(self, trainer: L.Trainer) -> bool:
+        """A stop signal on any rank (a collective only when there are several ranks)."""
+        here = self.signals is not None and self.signals.received is not None
+        if trainer.world_size > 1:
+            return trainer.strategy.reduce_boolean_decision(here, all=False)
+        return here
+
+    # --- last.ckpt ----------------------------------------------------------------------------
+    def save(self, trainer: L.Trainer) -> None:
+        """Write last.ckpt (atomically), unless the model has a non-finite weight."""
+        if not finite_weights(trainer):
+            log.warning("Not writing %s at step %d: the model has non-finite weights (the older file is kept)",
+                        self.last_path, trainer.global_step)
+            return
+        trainer.save_checkpoint(self.last_path)
+        self.saved_step = trainer.global_step
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "batches_done": self.batches_done, "rng": rng_states(),
+                "scheduler_inputs": self.scheduler_inputs}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # Called while the trainer restores a checkpoint, before the training data is iterated.
+        self.epoch, self.batches_done = state_dict["epoch"], state_dict["batches_done"]
+        self._restored_inputs = state_dict.get("scheduler_inputs")
+        self.sampler.resume(self.epoch, self.batches_done * self.batch_size)
+        set_rng_states(state_dict["rng"])

@@ -1,0 +1,106 @@
+"""Exact resume: a run killed at any point and resumed ends exactly where the uninterrupted run ends.
+
+A kill is simulated by an exception no lvm code handles (like kill -9, nothing is saved on the way
+out): mid-epoch, and between an epoch's metrics row and its checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from callbacks.resume import ExactResume
+from lvm.train import run
+from tests.test_train import cfg_for
+
+# Deterministic CPU run with dropout, a plateau scheduler that acts every epoch (patience 0), the
+# guard on, and a mid-epoch last.ckpt every 4 steps: anything that a resume could replay
+# differently shows up in the metrics or the weights.
+EXACT = ["+experiment=p6b_v2", "trainer.deterministic=true", "trainer.max_epochs=3", "model.dropout=0.1",
+         "optim.scheduler.patience=0", "callbacks.checkpoint.every_n_steps=4", "logger.flush_every=3",
+         "guard.detectors.val_floor=null", "guard.detectors.val_drop=null", "guard.detectors.below_copy_last=null"]
+
+
+class Kill(BaseException):
+    """Stands for kill -9: not an Exception, so nothing in lvm or Lightning saves on its way out."""
+
+
+class KillAtStep(L.Callback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            raise Kill
+
+
+def rows(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def final_state(run_dir: Path) -> dict:
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    return {"weights": ckpt["state_dict"], "optimizer": ckpt["optimizer_states"][0]["state"],
+            "scheduler": ckpt["lr_schedulers"], "step": ckpt["global_step"]}
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    assert rows(a) == rows(b)
+    fa, fb = final_state(a), final_state(b)
+    assert fa["step"] == fb["step"] and fa["scheduler"] == fb["scheduler"]
+    for k, v in fa["weights"].items():
+        assert torch.equal(v, fb["weights"][k]), k
+    for i, state in fa["optimizer"].items():
+        assert all(torch.equal(state[k], fb["optimizer"][i][k]) for k in ("exp_avg", "exp_avg_sq"))
+
+
+@pytest.fixture(scope="module")
+def whole(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("whole")
+    run(cfg_for(*EXACT), d)
+    return d
+
+
+def steps_per_epoch(run_dir: Path) -> int:
+    return rows(run_dir)[0]["step"]
+
+
+def test_mid_epoch_kill_resumes_exactly(whole, tmp_path):
+    n = steps_per_epoch(whole)
+    assert n == 6  # so epoch 1 runs steps 6..12 and writes a mid-epoch last.ckpt at step 8
+    with pytest.raises(Kill):
+        run(cfg_for(*EXACT), tmp_path, extra_callbacks=[KillAtStep(n + 4)])  # two steps after it
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == n + 2
+    run(cfg_for(*EXACT, "ckpt_path=last"), tmp_path)
+    assert_same_run(whole, tmp_path)
+
+
+def test_kill_between_metrics_row_and_checkpoint(whole, tmp_path, monkeypatch):
+    n = steps_per_epoch(whole)
+    save = ExactResume.save
+
+    def killing_save(self, trainer):
+        if trainer.global_step == 2 * n:  # epoch 1's end: its row is written, its last.ckpt not yet
+            raise Kill
+        save(self, trainer)
+
+    with monkeypatch.context() as m:
+        m.setattr(ExactResume, "save", killing_save)
+        with pytest.raises(Kill):
+            run(cfg_for(*EXACT), tmp_path)
+    assert [r["epoch"] for r in rows(tmp_path)] == [0, 1]  # the row of the epoch whose checkpoint is lost
+    run(cfg_for(*EXACT, "ckpt_path=last"), tmp_path)
+    assert [r["epoch"] for r in rows(tmp_path)] == [0, 1, 2]  # epoch 1 replayed, its row not doubled
+    assert_same_run(whole, tmp_path)
+
+
+def test_resume_at_epoch_end_continues_the_shuffle(whole, tmp_path):
+    """Stopping after 2 epochs and extending to 3 equals 3 epochs (the third epoch's order is not
+    epoch 0's again, which a sampler re-seeded at start-up would give)."""
+    run(cfg_for(*EXACT, "trainer.max_epochs=2"), tmp_path)
+    run(cfg_for(*EXACT, "ckpt_path=last"), tmp_path)
+    assert_same_run(whole, tmp_path)
