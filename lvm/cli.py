@@ -72,5 +72,7 @@ def run_entry_point(main: Callable[[], Any], positional: str | None = None) -> N
     try:
         main()
     except SystemExit as e:  # Hydra's own errors (unknown key, bad override) exit 1: no result
+        if isinstance(e.code, str):  # SystemExit("message"), as raised by a Hydra callback
+            print(e.code, file=sys.stderr)
         raise SystemExit(EXIT_BAD_INPUT if e.code not in (None, 0) else EXIT_OK) from None
     raise SystemExit(_outcome["code"])

@@ -41,6 +41,13 @@ class Job:
     row: dict[str, Any] = field(default_factory=dict)
 
 
+def job_status(results: dict[str, Any]) -> str:
+    """The run's status from results.json: completed, stopped: ..., preempted or failed: <error>
+    (results.json from before statuses had none when completed, and "failed" beside an error)."""
+    status = results.get("status", "completed")
+    return f"failed: {results.get('error', 'unknown error')}" if status == "failed" else status
+
+
 def read_job(job_dir: Path) -> Job:
     """Job number, overrides, metrics and status from a job directory (results.json may be missing)."""
     hydra_dir = job_dir / ".hydra"
@@ -49,7 +56,7 @@ def read_job(job_dir: Path) -> Job:
     cfg = OmegaConf.load(hydra_dir / "config.yaml")
     axes = {k: OmegaConf.select(cfg, k, default=None) for k in AXES}
     results_path = job_dir / "results.json"
-    results = json.loads(results_path.read_text()) if results_path.is_file() else {"status": "failed", "error": "no results.json"}
+    results = json.loads(results_path.read_text()) if results_path.is_file() else {"status": "failed: no results.json"}
     events = read_events(job_dir / "events.jsonl")
     final = results.get("final", {})
     values = {
@@ -61,7 +68,7 @@ def read_job(job_dir: Path) -> Job:
         "events": len(events),
         "wall_time_s": results.get("wall_time_s"),
     }
-    status = f"failed: {results.get('error', 'unknown error')}" if results.get("status") == "failed" else "ok"
+    status = job_status(results)
     return Job(num, overrides, values, axes, status)
 
 

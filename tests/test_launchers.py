@@ -166,7 +166,7 @@ def test_joblib_sweep_runs_in_workers_and_is_summarised(tmp_path):
                "trainer.max_epochs=1", f"hydra.sweep.dir={sweep_dir}", cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Joblib.Parallel(n_jobs=2" in proc.stdout + proc.stderr
-    assert [r["status"] for r in rows(sweep_dir)] == ["ok", "ok"]  # written by on_multirun_end in the parent
+    assert [r["status"] for r in rows(sweep_dir)] == ["completed", "completed"]  # written by on_multirun_end in the parent
     check_tensorboard_runs(sweep_dir)
     pids = {int(p.name.split(".")[-2]) for p in sweep_dir.glob("*/tb/events.out.tfevents.*")}
     assert len(pids) == 2  # two loky workers

@@ -65,15 +65,16 @@ def test_guard_decides_on_every_step_of_the_epoch(tmp_path):
     assert [unflushed for _, unflushed in seen] == [0, 0] and seen[0][0] > 0
 
 
-def test_corrupt_good_checkpoint_falls_back_to_older(tmp_path):
+@pytest.mark.parametrize("damage", ["truncated", "text"])
+def test_corrupt_good_checkpoint_falls_back_to_older(tmp_path, damage):
     run(cfg_for(*GUARDED, "trainer.max_epochs=1"), tmp_path / "probe")
     n = steps_per_epoch(tmp_path / "probe")
 
     class CorruptNewestGood(L.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             if trainer.global_step == 2 * n + 1:
-                newest = sorted((tmp_path / "run" / "checkpoints").glob("good-*.ckpt"))[-1]
-                newest.write_bytes(newest.read_bytes()[:1000])
+                newest = tmp_path / "run" / "checkpoints" / "good-epoch01.ckpt"
+                newest.write_bytes(newest.read_bytes()[:1000] if damage == "truncated" else b"hello")
 
     run(cfg_for(*GUARDED), tmp_path / "run", extra_callbacks=[CorruptNewestGood(), FaultInjection([2 * n + 1])])
     ev = events(tmp_path / "run")
@@ -90,8 +91,21 @@ def test_max_rollbacks_stops_cleanly(tmp_path):
                   extra_callbacks=[FaultInjection([n + 1, 2 * n + 1])])
     actions = [e["action"] for e in events(tmp_path / "run") if e["severity"] == "collapse"]
     assert actions == ["rollback", "stop"]
-    assert results["epochs_completed"] < 6
+    assert results["epochs_completed"] < 6 and results["status"] == "stopped: max_rollbacks"
     assert Path(results["best_checkpoint"]).is_file()
+    last = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert all(torch.isfinite(v).all() for v in last["state_dict"].values())  # never the NaN model
+
+
+def test_nan_before_the_first_validation_rolls_back_to_the_start(tmp_path):
+    """The weights a run starts from are its first rollback point (before: "no good checkpoint
+    yet", and the run trained on NaN weights to the end)."""
+    results = run(cfg_for(*GUARDED, "trainer.max_epochs=2"), tmp_path, extra_callbacks=[FaultInjection([2])])
+    rollback = [e for e in events(tmp_path) if e["action"] == "rollback"]
+    assert len(rollback) == 1 and rollback[0]["detector"] == "nonfinite" and rollback[0]["epoch"] == 0
+    assert rollback[0]["checkpoint"] == "checkpoints/good-initial.ckpt"
+    assert results["status"] == "completed" and math.isfinite(results["final"]["val/cos"])
+    assert all(torch.isfinite(v).all() for v in torch.load(results["last_checkpoint"], weights_only=True)["state_dict"].values())
 
 
 def test_restart_after_kill_takes_the_same_decisions(tmp_path):

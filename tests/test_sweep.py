@@ -57,12 +57,12 @@ def test_grid_sweep_summarised_and_regenerated(tmp_path):
     expected = [f"loss.gamma={g} loss.lambda_max={m}" for g in (4, 8) for m in (0.02, 0.05)]
     assert [r["overrides"] for r in table] == expected
     for r in table:
-        assert r["status"] == "ok"
+        assert r["status"] == "completed"
         assert -1 <= float(r["best_val_cos"]) <= 1 and float(r["wall_time_s"]) >= 0
         for key in ("final_val_cos", "margin_last", "r5", "rollbacks", "events"):
             float(r[key])
     md = (sweep / "summary.md").read_text()
-    assert md.count("| ok |") == 4 and all(e in md for e in expected)
+    assert md.count("| completed |") == 4 and all(e in md for e in expected)
     png = sweep / "summary_heatmap.png"
     assert png.read_bytes()[:4] == b"\x89PNG"
     check_tensorboard_runs(sweep)
@@ -81,11 +81,11 @@ def test_failed_job_reported_and_sweep_goes_on(tmp_path):
                f"hydra.sweep.dir={sweep}", cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ok, failed = rows(sweep)
-    assert ok["overrides"] == "loss.gamma=4" and ok["status"] == "ok"
+    assert ok["overrides"] == "loss.gamma=4" and ok["status"] == "completed"
     assert failed["overrides"] == "loss.gamma=-1" and failed["status"].startswith("failed: ")
     assert "loss.gamma must be > 0" in failed["status"] and failed["best_val_cos"] == ""
     results = json.loads((job_dirs(sweep)[1] / "results.json").read_text())
-    assert results["status"] == "failed" and "loss.gamma" in results["error"]
+    assert results["status"].startswith("failed: ") and "loss.gamma" in results["error"]
     assert not (sweep / "summary_heatmap.png").exists()  # only gamma varies
 
 

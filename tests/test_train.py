@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from lvm.errors import ConfigError, LvmError
+from lvm.errors import ConfigError, LvmError, RunFailed
 from lvm.train import run
 from tests.helpers import ROOT, compose_cfg, run_module
 
@@ -128,9 +130,10 @@ def test_impossible_configs_rejected_at_startup(override, setting, tmp_path):
 
 def test_corrupt_checkpoint_named(tmp_path):
     bad = tmp_path / "broken.ckpt"
-    bad.write_bytes(b"not a checkpoint at all")
-    with pytest.raises(LvmError, match="broken.ckpt"):
-        run(cfg_for(f"ckpt_path={bad}"), tmp_path / "run")
+    for content in (b"not a checkpoint at all", b"hello"):  # b"hello" was a bare KeyError
+        bad.write_bytes(content)
+        with pytest.raises(LvmError, match="broken.ckpt: cannot be loaded"):
+            run(cfg_for(f"ckpt_path={bad}"), tmp_path / "run")
     with pytest.raises(LvmError, match="no such file"):
         run(cfg_for("ckpt_path=last"), tmp_path / "fresh")
 
@@ -166,3 +169,77 @@ def test_multirun_two_jobs(tmp_path):
         assert list((job / "tb").glob("events.out.tfevents.*"))
         assert json.loads((job / "results.json").read_text())["best_val_cos"] is not None
         assert OmegaConf.load(job / "config.yaml").loss.gamma == gamma
+
+
+def files(d: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(d.iterdir()) if p.is_file()}
+
+
+def test_resume_elsewhere_never_touches_the_source_run(tmp_path):
+    """The README's `ckpt_path=<old>/last.ckpt hydra.run.dir=<new>` and a copied run directory:
+    the source's good checkpoints (rollback points) survive the new run's pruning."""
+    guarded = ("+experiment=p6b_v2", "guard.detectors.val_floor=null", "guard.detectors.val_drop=null",
+               "guard.detectors.below_copy_last=null", "guard.keep_good=1")
+    src = tmp_path / "src"
+    run(cfg_for(*guarded), src)
+    before = files(src / "checkpoints")
+    assert "good-epoch01.ckpt" in before
+    run(cfg_for(*guarded, "trainer.max_epochs=4", f"ckpt_path={src / 'checkpoints' / 'last.ckpt'}"), tmp_path / "new")
+    copy = tmp_path / "copy"
+    shutil.copytree(src, copy)
+    run(cfg_for(*guarded, "trainer.max_epochs=4", "ckpt_path=last"), copy)
+    assert files(src / "checkpoints") == before
+    assert "good-epoch03.ckpt" in files(copy / "checkpoints")
+    state = torch.load(copy / "checkpoints" / "last.ckpt", weights_only=True)["callbacks"]
+    guard = next(v for k, v in state.items() if k.startswith("RollbackGuard"))
+    assert guard["good"] == ["good-epoch03.ckpt"]  # names in its own directory, not paths
+
+
+def test_a_run_directory_holding_a_run_is_refused_and_left_untouched(tmp_path):
+    run(cfg_for("trainer.max_epochs=1"), tmp_path)
+    before = files(tmp_path / "checkpoints") | {"config.yaml": (tmp_path / "config.yaml").read_bytes()}
+    with pytest.raises(ConfigError, match="already holds a run .*ckpt_path=last.*overwrite=true"):
+        run(cfg_for("trainer.max_epochs=1", "seed=1"), tmp_path)
+    # A resume refused for a D mismatch writes nothing either.
+    with pytest.raises(LvmError, match="D=16 vectors, the data has D=24"):
+        run(cfg_for("trainer.max_epochs=2", "ckpt_path=last", "data.synthetic.dim=24"), tmp_path)
+    assert files(tmp_path / "checkpoints") | {"config.yaml": (tmp_path / "config.yaml").read_bytes()} == before
+    results = run(cfg_for("trainer.max_epochs=1", "seed=1", "overwrite=true"), tmp_path)
+    assert results["status"] == "completed" and OmegaConf.load(tmp_path / "config.yaml").seed == 1
+    assert [r["epoch"] for r in history(tmp_path)] == [0]  # the old run's rows went with it
+
+
+def test_auto_resumes_or_starts_fresh(tmp_path):
+    fresh = run(cfg_for("trainer.max_epochs=1", "ckpt_path=auto"), tmp_path)
+    assert fresh["status"] == "completed" and fresh["epochs_completed"] == 1
+    again = run(cfg_for("trainer.max_epochs=2", "ckpt_path=auto"), tmp_path)
+    assert again["epochs_completed"] == 2 and [r["epoch"] for r in history(tmp_path)] == [0, 1]
+
+
+def test_a_failure_during_training_is_recorded(tmp_path):
+    class Boom(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == 3:
+                raise RuntimeError("disk on fire")
+
+    with pytest.raises(RunFailed, match="disk on fire"):
+        run(cfg_for(), tmp_path, extra_callbacks=[Boom()])
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["status"] == "failed: RuntimeError: disk on fire"
+    assert "Traceback" in results["traceback"] and "on_train_batch_start" in results["traceback"]
+
+
+def test_cli_exit_codes_follow_the_status(tmp_path):
+    """0 completed, 2 refused (nothing written), 3 stopped by the guard; results.json says which."""
+    ok = cli(*TINY, "trainer.max_epochs=1", f"hydra.run.dir={tmp_path / 'ok'}", cwd=ROOT)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert json.loads((tmp_path / "ok" / "results.json").read_text())["status"] == "completed"
+    again = cli(*TINY, "trainer.max_epochs=1", f"hydra.run.dir={tmp_path / 'ok'}", cwd=ROOT)
+    assert again.returncode == 2 and "already holds a run" in again.stderr and "Traceback" not in again.stderr
+    stop = cli("+experiment=p6b_v2", *TINY, "guard.max_rollbacks=0", "callbacks.fault_injection.nan_at_steps=[8]",
+               "logger.flush_every=1", f"hydra.run.dir={tmp_path / 'stop'}", cwd=ROOT)
+    assert stop.returncode == 3, stop.stderr[-2000:]
+    results = json.loads((tmp_path / "stop" / "results.json").read_text())
+    assert results["status"] == "stopped: max_rollbacks"
+    last = torch.load(tmp_path / "stop" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["epoch"] == 0 and all(torch.isfinite(v).all() for v in last["state_dict"].values())  # not the NaN model

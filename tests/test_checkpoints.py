@@ -1,0 +1,78 @@
+"""Checkpoints: any unreadable file is one clear line naming it; writes are atomic; no NaN model is saved."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from callbacks.fault import FaultInjection
+from lvm.atomic import drop_rows_after
+from lvm.checkpoints import AtomicCheckpointIO, read_checkpoint
+from lvm.errors import LvmError
+from lvm.train import run
+from tests.test_train import cfg_for
+
+UNREADABLE = {
+    "text": b"hello",  # torch's weights_only unpickler raised a bare KeyError on this
+    "garbage": b"not a checkpoint at all",
+    "empty": b"",
+}
+
+
+@pytest.mark.parametrize("content", UNREADABLE.values(), ids=UNREADABLE.keys())
+def test_unreadable_file_is_an_lvm_error_naming_it(tmp_path, content):
+    bad = tmp_path / "bad.ckpt"
+    bad.write_bytes(content)
+    with pytest.raises(LvmError, match=r"checkpoint .*bad\.ckpt: cannot be loaded"):
+        read_checkpoint(bad)
+
+
+def test_a_tensor_or_foreign_dict_is_not_an_lvm_checkpoint(tmp_path):
+    torch.save(torch.zeros(3), tmp_path / "t.ckpt")
+    with pytest.raises(LvmError, match="t.ckpt: not an lvm training checkpoint"):
+        read_checkpoint(tmp_path / "t.ckpt")
+    torch.save({"state_dict": {}, "epoch": 0, "global_step": 0, "optimizer_states": [], "hyper_parameters": [1]}, tmp_path / "f.ckpt")
+    with pytest.raises(LvmError, match="f.ckpt: hyper_parameters lack"):
+        read_checkpoint(tmp_path / "f.ckpt")
+
+
+def test_atomic_checkpoint_io_leaves_the_old_file_when_a_write_fails(tmp_path):
+    path = tmp_path / "last.ckpt"
+    io = AtomicCheckpointIO()
+    io.save_checkpoint({"a": torch.ones(2)}, path)
+    before = path.read_bytes()
+    with pytest.raises(Exception):
+        io.save_checkpoint({"a": lambda: None}, path)  # torch.save cannot pickle a lambda
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no temporary file left behind
+
+
+def test_drop_rows_after_keeps_earlier_rows_and_drops_a_cut_line(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"epoch": e, "step": 6 * (e + 1)}) + "\n" for e in range(3)) + '{"epoch": 3, "st')
+    assert drop_rows_after(path, 12) == 2
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [6, 12]
+    assert drop_rows_after(tmp_path / "missing.jsonl", 0) == 0
+
+
+def finite(path: Path) -> bool:
+    return all(torch.isfinite(v).all() for v in torch.load(path, weights_only=True)["state_dict"].values())
+
+
+def test_nan_model_is_never_saved_as_last_or_best(tmp_path, caplog):
+    """Unguarded, a NaN at epoch 1 trains on: last.ckpt and best-*.ckpt keep epoch 0's finite model."""
+    probe = run(cfg_for("guard=none", "trainer.max_epochs=1"), tmp_path / "probe")
+    n = probe["global_step"]
+    with caplog.at_level("WARNING"):
+        results = run(cfg_for("guard=none", "trainer.max_epochs=3"), tmp_path / "run", extra_callbacks=[FaultInjection([n + 1])])
+    ckpts = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert ckpts == ["best-epoch00.ckpt", "last.ckpt"]
+    assert all(finite(tmp_path / "run" / "checkpoints" / name) for name in ckpts)
+    assert torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 0
+    assert "non-finite weights" in caplog.text
+    assert results["status"] == "completed" and math.isnan(results["final"]["val/cos"])
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["final"]["val/cos"] is None  # strict JSON
