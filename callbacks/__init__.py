@@ -1,4 +1,4 @@
-"""Lightning callbacks of lvm, one concern per module: ramp, guard, mini-5CAT, dashboard, checkpoints, resume."""
+"""Lightning callbacks of lvm, one concern per module: ramp, guard, mini-5CAT, dashboard, checkpoints, resume, CPU sharing."""
 
 from callbacks.checkpoint import FiniteModelCheckpoint
 from callbacks.dashboard import TensorBoardDashboard
@@ -8,6 +8,7 @@ from callbacks.mini5cat import Mini5CAT
 from callbacks.ramp import RampSchedule, RampStage
 from callbacks.resume import ExactResume
 from callbacks.rollback import RollbackGuard
+from callbacks.threads import ShareCPUs
 
 __all__ = ["ExactResume", "FaultInjection", "FiniteModelCheckpoint", "Mini5CAT", "RampSchedule", "RampStage", "RollbackGuard",
-           "SkipGuard", "TensorBoardDashboard"]
+           "ShareCPUs", "SkipGuard", "TensorBoardDashboard"]

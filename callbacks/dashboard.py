@@ -25,6 +25,7 @@ LAYOUT = {
         "mini-5CAT margins": ["Multiline", ["mini5cat/margin_last", "mini5cat/margin_prev"]],
         "within-article retrieval": ["Multiline", ["mini5cat/r1", "mini5cat/r5", "mini5cat/mrr", "mini5cat/copy_last_r5", "mini5cat/r5_bank6"]],
         "loss": ["Multiline", ["val/loss", "val/mse", "ood/loss", "ood/mse"]],
+        "non-finite predictions (share)": ["Multiline", ["mini5cat/nonfinite"]],
     },
 }
 

@@ -3,9 +3,10 @@
 - last.ckpt carries the sampler position (the epoch's order is a function of (seed, epoch), see
   lvm/data/sampler.py) and every RNG state (torch, CUDA, numpy, python), so a resumed run draws
   the same batches and the same dropout masks as the uninterrupted run.
-- It is written at every epoch end, every `every_n_steps` steps mid-epoch, and when SIGTERM or
-  SIGUSR1 arrives (then the run stops with `Preempted`); always atomically (lvm/atomic.py via the
-  trainer's CheckpointIO), so kill -9 at any moment loses at most `every_n_steps` steps.
+- It is written at every epoch end, every `every_n_steps` steps mid-epoch (`auto`: the steps of
+  about `every_minutes`, timed on this run's first steps), and when SIGTERM or SIGUSR1 arrives
+  (then the run stops with `Preempted`); always atomically (lvm/atomic.py via the trainer's
+  CheckpointIO), so kill -9 at any moment loses at most `every_n_steps` steps.
 - A model with a non-finite weight is never written as last.ckpt (the older file stays).
 - Epoch-interval LR schedulers (ReduceLROnPlateau) step after an epoch's last.ckpt is written,
   and Lightning does not step them at the end of an epoch it restarted mid-way: the values they
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 from pathlib import Path
 from typing import Any
 
@@ -72,13 +74,20 @@ def step_epoch_schedulers(trainer: L.Trainer, inputs: dict[str, float]) -> None:
             c.scheduler.step(inputs[c.monitor])
 
 
+# every_n_steps: auto times this many steps, after this many warm-up steps.
+_WARMUP_STEPS, _TIMED_STEPS = 10, 50
+
+
 class ExactResume(L.Callback):
     def __init__(self, sampler: EpochSampler, batch_size: int, last_path: str | Path,
-                 every_n_steps: int | None, signals: StopSignals | None = None) -> None:
+                 every_n_steps: int | str | None, every_minutes: float = 5.0, signals: StopSignals | None = None) -> None:
         self.sampler = sampler
         self.batch_size = batch_size
         self.last_path = Path(last_path)
-        self.every_n_steps = every_n_steps
+        self.every_n_steps = None if every_n_steps == "auto" else every_n_steps
+        self._timer: tuple[int, float] | None = None  # (steps seen, start time) while timing for `auto`
+        self._timing = every_n_steps == "auto"
+        self.every_minutes = every_minutes
         self.signals = signals
         self.epoch = 0
         self.batches_done = 0  # batches of `epoch` trained so far
@@ -111,6 +120,8 @@ class ExactResume(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         self.epoch, self.batches_done = trainer.current_epoch, batch_idx + 1
+        if self._timing:
+            self._time_steps(trainer)
         stop = self._stop_requested(trainer)
         # Not at the epoch's last batch: the epoch-end save follows, after that epoch's row.
         due = (self.every_n_steps and trainer.global_step % self.every_n_steps == 0
@@ -123,6 +134,22 @@ class ExactResume(L.Callback):
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.scheduler_inputs = scheduler_inputs(trainer)
         self.save(trainer)
+
+    def _time_steps(self, trainer: L.Trainer) -> None:
+        """`every_n_steps: auto`: time steps 10..60 of this run, then save every ~every_minutes
+        (rank 0's count on every rank)."""
+        if self._timer is None:
+            self._timer = (0, 0.0)
+        seen, t0 = self._timer
+        seen += 1
+        if seen == _WARMUP_STEPS:
+            t0 = time.perf_counter()
+        elif seen == _WARMUP_STEPS + _TIMED_STEPS:
+            per_step = (time.perf_counter() - t0) / _TIMED_STEPS
+            n = trainer.strategy.broadcast(max(1, round(self.every_minutes * 60 / per_step)))
+            self.every_n_steps, self._timing = n, False
+            log.info("Mid-epoch last.ckpt every %d steps (%.0f ms/step: about %.1f min)", n, 1000 * per_step, self.every_minutes)
+        self._timer = (seen, t0)
 
     def _stop_requested(self, trainer: L.Trainer) -> bool:
         """A stop signal on any rank (a collective only when there are several ranks)."""

@@ -12,6 +12,9 @@ i.e. the built-in synthetic data and the small model; CPU):
 (c) data_mem: peak RSS growth of the data path (load a store NPZ, make the splits, one epoch of the
     train loader) over the bytes of the raw vector array, in fresh processes (Linux: reads
     /proc/self/status). Goal <= 1.1x.
+(d) side_by_side: training steps/s of each of two `python -m lvm.train` runs started together on
+    this machine, over one such run alone, with the default threads=auto (read from each run's
+    per-step TensorBoard rows, start-up excluded; the slower of the two counts). Goal >= 0.40.
 
 What a Lightning timing includes: the wall time from the start of the first measured training
 batch to the end of the last (everything the loop, the module and the callbacks do per step,
@@ -29,6 +32,9 @@ from __future__ import annotations
 import argparse
 import logging
 import multiprocessing
+import os
+import subprocess
+import sys
 import tempfile
 import time
 import warnings
@@ -57,7 +63,7 @@ log = logging.getLogger("lvm.bench")
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 VARIANTS = ("raw", "lightning_bare", "lightning_full")
-GOALS = {"lightning/raw": ">= 0.95", "callbacks_overhead": "<= +3%", "data_mem": "<= 1.1x"}
+GOALS = {"lightning/raw": ">= 0.95", "callbacks_overhead": "<= +3%", "data_mem": "<= 1.1x", "side_by_side": ">= 0.40"}
 
 
 @dataclass(frozen=True)
@@ -244,6 +250,39 @@ def measure_data_memory(cfg: DictConfig, rows: int, work_dir: Path) -> float:
     return max(peaks.values()) / raw_bytes
 
 
+def train_steps_per_s(run_dir: Path) -> float:
+    """Training steps/s of a finished run, from the wall times of its per-step TensorBoard rows
+    (flushed every logger.flush_every steps: first flush to last)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0})
+    acc.Reload()
+    events = acc.Scalars("train/loss")
+    flushed = [e for e, nxt in zip(events, events[1:]) if nxt.wall_time - e.wall_time > 0.01] or events
+    first, last = flushed[0], events[-1]
+    return (last.step - first.step) / (last.wall_time - first.wall_time)
+
+
+def measure_side_by_side(overrides: list[str], work_dir: Path) -> tuple[float, list[float]]:
+    """Steps/s of a lone training, and of each of two started together (default threads=auto)."""
+    args = [sys.executable, "-m", "lvm.train", "+experiment=p6b_v2", "trainer.max_epochs=1", "eval.after_fit=false",
+            "trainer.enable_progress_bar=false", *overrides]
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+
+    def start(name: str) -> subprocess.Popen:
+        return subprocess.Popen([*args, f"hydra.run.dir={work_dir / name}"], cwd=root, env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def finish(procs: list[subprocess.Popen]) -> None:
+        if any(p.wait() != 0 for p in procs):
+            raise SystemExit(f"bench: a side-by-side training failed; see {work_dir}/*/train.log")
+
+    finish([start("lone")])
+    finish([start("pair0"), start("pair1")])
+    return train_steps_per_s(work_dir / "lone"), [train_steps_per_s(work_dir / f"pair{i}") for i in range(2)]
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m lvm.bench", description=__doc__.split("\n\n")[0])
     p.add_argument("overrides", nargs="*", help="extra Hydra overrides, as for lvm.train")
@@ -260,7 +299,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     # Quiet the per-run chatter (console lines every print_every steps, per-epoch summaries,
     # Lightning's start-up info): emitting it costs next to nothing but would bury the results.
-    for name in ("lvm.module", "callbacks", "lightning.pytorch", "lightning.fabric"):
+    for name in ("lvm.module", "callbacks", "lightning.pytorch", "lightning.fabric", "tensorboard"):
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     warnings.filterwarnings("ignore", ".*LeafSpec.*")
@@ -274,10 +313,13 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="lvm-bench-") as tmp:
         best = measure_loops(cfg, args.steps, args.warmup, args.repeats, Path(tmp))
         data_mem = measure_data_memory(cfg, args.mem_rows, Path(tmp))
+        lone, pair = measure_side_by_side(args.overrides, Path(tmp) / "side_by_side")
+    log.info("side by side: lone %.1f steps/s, together %.1f and %.1f steps/s", lone, *pair)
     ratio = best["raw"] / best["lightning_full"]
     overhead = 100 * (best["lightning_full"] / best["lightning_bare"] - 1)
     log.info("goals: %s; took %.0f s", ", ".join(f"{k} {v}" for k, v in GOALS.items()), time.perf_counter() - started)
-    print(f"bench: lightning/raw={ratio:.2f} callbacks_overhead={overhead:+.1f}% data_mem={data_mem:.2f}x", flush=True)
+    print(f"bench: lightning/raw={ratio:.2f} callbacks_overhead={overhead:+.1f}% data_mem={data_mem:.2f}x "
+          f"side_by_side={min(pair) / lone:.2f}", flush=True)
 
 
 if __name__ == "__main__":

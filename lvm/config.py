@@ -116,6 +116,15 @@ def _problems(cfg: DictConfig) -> list[str]:
             need(finite(g.backoff[k]) and 0 < g.backoff[k] <= 1, f"guard.backoff.{k} must be in (0, 1] (got {g.backoff[k]})")
     if g.policy in ("skip", "rollback"):
         need(finite(g.pos_below) and finite(g.neg_below), "guard.pos_below and guard.neg_below must be finite numbers")
+    ck = cfg.callbacks.checkpoint
+    n = ck.every_n_steps
+    need(n is None or n == "auto" or (isinstance(n, int) and not isinstance(n, bool) and n >= 1),
+         f"callbacks.checkpoint.every_n_steps must be auto, null or an integer >= 1 (got {n!r})")
+    need(finite(ck.every_minutes) and ck.every_minutes > 0, f"callbacks.checkpoint.every_minutes must be > 0 (got {ck.every_minutes})")
+    th = cfg.threads
+    need(th == "auto" or (isinstance(th, int) and not isinstance(th, bool) and th >= 1),
+         f"threads must be auto or an integer >= 1 (got {th!r})")
+    need(isinstance(cfg.overwrite, bool), f"overwrite must be true or false (got {cfg.overwrite!r})")
     mc = cfg.callbacks.mini5cat
     need(cfg.callbacks.progress_refresh_rate >= 1, f"callbacks.progress_refresh_rate must be >= 1 (got {cfg.callbacks.progress_refresh_rate})")
     need(mc.windows >= 1, f"callbacks.mini5cat.windows must be >= 1 (got {mc.windows})")

@@ -35,8 +35,8 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
-from callbacks import (ExactResume, FaultInjection, FiniteModelCheckpoint, Mini5CAT, RampSchedule, RollbackGuard, SkipGuard,
-                       TensorBoardDashboard)
+from callbacks import (ExactResume, FaultInjection, FiniteModelCheckpoint, Mini5CAT, RampSchedule, RollbackGuard, ShareCPUs,
+                       SkipGuard, TensorBoardDashboard)
 from lvm.atomic import atomic_write_text
 from lvm.checkpoints import AtomicCheckpointIO, check_dim, read_checkpoint
 from lvm.cli import EXIT_BAD_INPUT, EXIT_FAIL, exit_code_of, run_entry_point, set_exit_code
@@ -50,7 +50,7 @@ from lvm.fivecat import strict_json
 from lvm.module import LVMModule
 from lvm.launchers import JOBLIB_LAUNCHER, SUBMITIT_PREFIX, claim_gpu, launcher_choice, missing_launcher_plugin, wants_one_gpu
 from lvm.signals import StopSignals
-from lvm.threads import set_threads, usable_cpus
+from lvm.threads import ThreadShare, set_threads, usable_cpus
 
 log = logging.getLogger(__name__)
 
@@ -116,9 +116,12 @@ def build_callbacks(cfg: DictConfig, splits: dict[str, Windows], run_dir: Path, 
                                          save_top_k=-1, auto_insert_metric_name=False))
     out.append(TensorBoardDashboard(hparams, run_dir / "metrics.jsonl"))
     # After the guard and the dashboard: last.ckpt holds their decisions and rows of its step.
-    out.append(ExactResume(sampler, cfg.data.batch_size, ckpt_dir / "last.ckpt", cb.checkpoint.every_n_steps, signals))
+    out.append(ExactResume(sampler, cfg.data.batch_size, ckpt_dir / "last.ckpt", cb.checkpoint.every_n_steps,
+                           cb.checkpoint.every_minutes, signals))
     if cfg.trainer.get("enable_progress_bar", True):
         out.append(TQDMProgressBar(refresh_rate=cb.progress_refresh_rate))
+    if cfg.threads == "auto" and not cfg.trainer.deterministic:  # a deterministic run keeps its thread count
+        out.append(ShareCPUs(ThreadShare(limit=usable_cpus())))
     return out
 
 

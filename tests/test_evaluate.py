@@ -59,6 +59,11 @@ def test_cli_oracle_outputs_and_exit_codes(tmp_path):
         proc = cli(*args, *TINY_DATA, f"out_dir={tmp_path / 'x'}")
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert "needs ckpt=PATH" in cli("predictor=model").stderr
+    # A checkpoint holding a few bytes of text (a bare KeyError traceback before): one line naming it.
+    (tmp_path / "hello.ckpt").write_text("hello")
+    proc = cli(f"ckpt={tmp_path / 'hello.ckpt'}")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert f"checkpoint {tmp_path / 'hello.ckpt'}: cannot be loaded" in proc.stderr
 
 
 def test_checkpoint_after_fit_and_cli(tmp_path):

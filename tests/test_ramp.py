@@ -49,8 +49,19 @@ def test_callback_sets_knobs_with_epoch_base(base, epoch, expected):
     module = FakeModule()
     ramp.on_train_epoch_start(FakeTrainer(epoch), module)
     assert module.knobs.margin == expected
+    ramp.on_train_epoch_end(FakeTrainer(epoch), module)  # logged at the epoch's end, with its row
     assert module.logged["ramp/stage"] == float(ramp.stage)
     assert ramp.state_dict()["stage"] == ramp.stage
+
+
+def test_knobs_are_set_when_a_run_resumes_mid_epoch():
+    """A run resumed mid-epoch does not start that epoch again (no on_train_epoch_start): the knobs
+    of its stage are set at train start (before, they stayed at the loss config's values)."""
+    ramp = RampSchedule(ramp_table("p6b_v1")["stages"])
+    module = FakeModule()
+    module.knobs.margin = -1.0
+    ramp.on_train_start(FakeTrainer(3), module)
+    assert module.knobs.margin == 0.04 and ramp.stage == 1
 
 
 @pytest.mark.parametrize(

@@ -104,3 +104,13 @@ def test_resume_at_epoch_end_continues_the_shuffle(whole, tmp_path):
     run(cfg_for(*EXACT, "trainer.max_epochs=2"), tmp_path)
     run(cfg_for(*EXACT, "ckpt_path=last"), tmp_path)
     assert_same_run(whole, tmp_path)
+
+
+def test_auto_interval_is_timed_on_the_first_steps(tmp_path, caplog):
+    """every_n_steps=auto: steps 10..60 are timed and last.ckpt is then written every ~every_minutes."""
+    with caplog.at_level("INFO", logger="callbacks.resume"):
+        run(cfg_for("trainer.max_epochs=12", "callbacks.checkpoint.every_n_steps=auto",
+                    "callbacks.checkpoint.every_minutes=0.002"), tmp_path)  # 0.12 s: a few steps
+    line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("Mid-epoch last.ckpt every"))
+    n, ms = int(line.split()[3]), float(line.split("(")[1].split()[0])
+    assert n == max(1, round(120 / ms))

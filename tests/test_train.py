@@ -121,6 +121,9 @@ def test_resume_continues_at_right_epoch_and_stage(tmp_path, caplog):
         ("data.split.val=0", "data.split"),
         ("ramp.stages=[{until:3,margin:0.1,target_frac:0.1},{until:2,margin:0.1,target_frac:0.1},{until:null,margin:0.1,target_frac:0.1}]", "increase"),
         ("guard.policy=maybe", "guard.policy"),
+        ("callbacks.checkpoint.every_n_steps=0", "callbacks.checkpoint.every_n_steps"),
+        ("threads=0", "threads"),
+        ("overwrite=maybe", "overwrite"),
     ],
 )
 def test_impossible_configs_rejected_at_startup(override, setting, tmp_path):
