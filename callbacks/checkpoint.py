@@ -7,6 +7,7 @@ yet it would be kept as "best". Skipping the save keeps the previous best (or no
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -17,12 +18,19 @@ log = logging.getLogger(__name__)
 
 
 class FiniteModelCheckpoint(ModelCheckpoint):
-    def _should_skip_saving_checkpoint(self, trainer: L.Trainer) -> bool:
-        # The one hook every ModelCheckpoint trigger consults before it saves (epoch, steps, time).
-        if super()._should_skip_saving_checkpoint(trainer):
-            return True
+    # The two methods every trigger (epoch, steps, time) calls once a save is due: the weights are
+    # checked only then, not at every step.
+    def _save_topk_checkpoint(self, trainer: L.Trainer, monitor_candidates: dict[str, Any]) -> None:
+        if self._finite(trainer):
+            super()._save_topk_checkpoint(trainer, monitor_candidates)
+
+    def _save_last_checkpoint(self, trainer: L.Trainer, monitor_candidates: dict[str, Any]) -> None:
+        if self.save_last and self._finite(trainer):
+            super()._save_last_checkpoint(trainer, monitor_candidates)
+
+    def _finite(self, trainer: L.Trainer) -> bool:
         if finite_weights(trainer):
-            return False
+            return True
         log.warning("Not saving a %s checkpoint at step %d: the model has non-finite weights",
                     self.filename or "best", trainer.global_step)
-        return True
+        return False

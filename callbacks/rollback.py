@@ -3,7 +3,8 @@
 - Detection: `lvm.detectors` on every flushed window of per-step statistics (in-epoch, at most
   `logger.flush_every` steps late) and on each validation.
 - Good checkpoints: the weights a run starts from are its first rollback point
-  (`good-initial.ckpt`), so a NaN before the first validation rolls back too; after each
+  (`good-initial.ckpt`), so a NaN before the first validation rolls back too (a val cosine below
+  the floors before any healthy validation is a warning: the model is still learning); after each
   validation with no trip the guard saves `good-epochNN.ckpt` (the newest `keep_good` are kept).
   They are named relative to the run's own checkpoints/ folder: a copied or moved run finds its
   own and never deletes another directory's. Rollback takes the newest one that loads, never
@@ -39,6 +40,10 @@ from lvm.detectors import COLLAPSE_DETECTORS, Trip, check_nonfinite, check_train
 from lvm.errors import LvmError
 
 log = logging.getLogger(__name__)
+
+# Validation detectors that an untrained model also trips: before the first healthy validation
+# they are warnings (the run has only its starting weights to go back to).
+STILL_LEARNING = ("val_floor", "below_copy_last")
 
 
 class RollbackGuard(L.Callback):
@@ -115,9 +120,14 @@ class RollbackGuard(L.Callback):
             return
         m = trainer.callback_metrics
         val_cos, copy_last = float(m["val/cos"]), float(m["val/cos_copy_last"])
-        trips = check_validation(val_cos, copy_last, self.best_val_cos, self.detectors) + self._pending
+        trips = check_validation(val_cos, copy_last, self.best_val_cos, self.detectors)
+        if self.best_val_cos is None:
+            # No healthy validation yet: a model still below the floors is learning, not collapsed, and
+            # rolling back to the starting weights cannot help it (it is not saved as good either).
+            trips = [Trip(t.detector, "warning", t.values) if t.detector in STILL_LEARNING else t for t in trips]
+        trips += self._pending
         self._pending = []
-        if not self._decide(trainer, pl_module, trips, where="validation"):
+        if not self._decide(trainer, pl_module, trips, where="validation") and not any(t.detector in STILL_LEARNING for t in trips):
             self.best_val_cos = val_cos if self.best_val_cos is None else max(self.best_val_cos, val_cos)
             self._save_good(trainer, f"good-epoch{trainer.current_epoch:02d}.ckpt")
 

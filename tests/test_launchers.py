@@ -269,7 +269,7 @@ def test_ddp_preset_two_processes_on_cpu(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert [p.name for p in tmp_path.iterdir()] == ["ddp"]
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) in (
-        ["best-epoch00.ckpt", "last.ckpt"], ["best-epoch01.ckpt", "last.ckpt"])
+        ["best-epoch00.ckpt", "good-initial.ckpt", "last.ckpt"], ["best-epoch01.ckpt", "good-initial.ckpt", "last.ckpt"])
     assert [r["epoch"] for r in history(run_dir)] == [0, 1]  # rank 0 only: no second row per epoch
     assert len(list((run_dir / "tb").glob("events.out.tfevents.*"))) == 1
     results = json.loads((run_dir / "results.json").read_text())

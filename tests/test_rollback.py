@@ -97,6 +97,16 @@ def test_max_rollbacks_stops_cleanly(tmp_path):
     assert all(torch.isfinite(v).all() for v in last["state_dict"].values())  # never the NaN model
 
 
+def test_a_model_still_learning_is_not_rolled_back_to_its_start(tmp_path):
+    """Below the val floor and copy-last before any healthy validation: warnings, no rollback to
+    the starting weights, and no good checkpoint of that epoch."""
+    run(cfg_for("+experiment=p6b_v2", "trainer.max_epochs=2"), tmp_path)  # a tiny model: val cos ~0.05
+    ev = events(tmp_path)
+    assert ev and {e["detector"] for e in ev} <= {"val_floor", "below_copy_last"}
+    assert all(e["severity"] == "warning" and e["action"] == "warning" for e in ev)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("good-*")) == ["good-initial.ckpt"]
+
+
 def test_nan_before_the_first_validation_rolls_back_to_the_start(tmp_path):
     """The weights a run starts from are its first rollback point (before: "no good checkpoint
     yet", and the run trained on NaN weights to the end)."""
@@ -131,7 +141,7 @@ def test_recovery_experiment_resumes_a_v1_checkpoint_under_v2(tmp_path, caplog):
     v1_weights = torch.load(epoch0, weights_only=True)["state_dict"]
     caplog.clear()
     with caplog.at_level("INFO"):
-        results = run(cfg_for("+experiment=p6b_v2_recovery", f"ckpt={epoch0}", "trainer.max_epochs=4", *GUARDED[3:]), tmp_path / "rec")
+        results = run(cfg_for("+experiment=p6b_v2_recovery", f"ckpt={epoch0}", "trainer.max_epochs=4"), tmp_path / "rec")
     rows = [json.loads(line) for line in (tmp_path / "rec" / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2, 3]  # continues after the checkpoint's epoch
     assert "Restored all states from the checkpoint" in caplog.text
