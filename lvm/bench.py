@@ -306,8 +306,9 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
 
     started = time.perf_counter()
-    # Progress bar off last, so that build_callbacks adds none either.
-    cfg = compose_config(["+experiment=p6b_v2", *args.overrides, "trainer.enable_progress_bar=false"])
+    # Progress bar off last, so that build_callbacks adds none either; a fixed thread count, so that
+    # no variant re-shares threads (ShareCPUs) while it is timed.
+    cfg = compose_config(["+experiment=p6b_v2", *args.overrides, f"threads={args.threads}", "trainer.enable_progress_bar=false"])
     log.info("loops: %d measured steps after %d warm-up, best of %d rounds, batch %d, %d torch thread(s)",
              args.steps, args.warmup, args.repeats, cfg.data.batch_size, torch.get_num_threads())
     with tempfile.TemporaryDirectory(prefix="lvm-bench-") as tmp:
