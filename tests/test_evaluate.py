@@ -16,9 +16,7 @@ from lvm.checkpoints import read_checkpoint
 from lvm.data.synthetic import synthetic_corpus
 from lvm.errors import ConfigError
 from lvm.train import run as train_run
-from tests.helpers import compose_cfg, run_module
-from tests.test_fivecat import CONSTANT, DEGENERATE, numpy_r1_of_constant
-from tests.test_train import TINY, cfg_for
+from tests.helpers import CONSTANT, DEGENERATE, TINY, cfg_for, compose_cfg, numpy_r1_of_constant, run_module
 
 # Articles long enough for a P6 rollout (target + 4 * 2 must exist: 15 chunks from the context start).
 TINY_DATA = [o for o in TINY if o.startswith("data.")] + ["data.synthetic.max_chunks=20"]

@@ -16,7 +16,7 @@ from lvm import metrics as M
 from lvm.data.store import ArticleStore
 from lvm.data.synthetic import synthetic_corpus
 from lvm.errors import ConfigError
-from tests.helpers import P6, ROOT, STANDARD, compose_cfg, unit_rows
+from tests.helpers import CONSTANT, DEGENERATE, P6, ROOT, STANDARD, compose_cfg, numpy_r1_of_constant
 
 ORACLE = lambda b: b["target"]  # noqa: E731
 COPY_LAST = lambda b: M.copy_last(b["context"])  # noqa: E731
@@ -228,27 +228,6 @@ def test_strict_json_round_trip():
     text = json.dumps(F5.strict_json(report), allow_nan=False)
     back = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
     assert back == {"a": None, "b": [1.0, None, 0.5], "c": {"d": 2.0, "e": None}, "f": 3}
-
-
-CONSTANT = torch.from_numpy(unit_rows(1, 16, seed=5)[0])
-DEGENERATE = {
-    "nan": lambda b: torch.full_like(b["target"], math.nan),
-    "zero": lambda b: torch.zeros_like(b["target"]),
-    "constant": lambda b: CONSTANT.expand_as(b["target"]),
-}
-
-
-def numpy_r1_of_constant(store, windows, u):
-    """R@1 of predicting `u` for every window of articles with >= MIN_RETRIEVAL_CHUNKS chunks:
-    the target is first when no other chunk of its article scores >= u . target."""
-    vec, hits = store.vectors.numpy(), []
-    for row in windows.targets.numpy():
-        start, n = store.article_span(np.array([row]))
-        if n[0] < F5.MIN_RETRIEVAL_CHUNKS:
-            continue
-        scores = vec[start[0] : start[0] + n[0]] @ u
-        hits.append(np.sum(np.delete(scores, row - start[0]) >= scores[row - start[0]]) == 0)
-    return float(np.mean(hits))
 
 
 @pytest.mark.parametrize("name", list(DEGENERATE))

@@ -23,9 +23,7 @@ from omegaconf import OmegaConf
 from lvm import launchers
 from lvm.errors import ConfigError
 from lvm.train import own_gpu, resume_on_requeue, run
-from tests.test_sweep import check_tensorboard_runs, job_dirs, rows
-from tests.helpers import ROOT, compose_cfg
-from tests.test_train import TINY, cfg_for, cli, history
+from tests.helpers import ROOT, TINY, cfg_for, check_tensorboard_runs, compose_cfg, history, job_dirs, sweep_rows, train_cli
 
 HAS_JOBLIB = importlib.util.find_spec("hydra_plugins") is not None and importlib.util.find_spec("hydra_plugins.hydra_joblib_launcher") is not None
 HAS_SUBMITIT = (importlib.util.find_spec("hydra_plugins") is not None
@@ -119,7 +117,7 @@ def test_missing_plugin_named_with_its_extra(monkeypatch):
 
 @pytest.mark.skipif(HAS_JOBLIB, reason="the plugin is installed")
 def test_cli_without_joblib_plugin_says_what_to_install(tmp_path):
-    proc = cli("-m", "hydra/launcher=joblib", "loss.gamma=4,8", f"hydra.sweep.dir={tmp_path / 's'}", cwd=ROOT)
+    proc = train_cli("-m", "hydra/launcher=joblib", "loss.gamma=4,8", f"hydra.sweep.dir={tmp_path / 's'}", cwd=ROOT)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert "pip install -e '.[sweep]'" in proc.stderr and "hydra-joblib-launcher" in proc.stderr
 
@@ -162,11 +160,11 @@ def test_default_parallel_jobs(monkeypatch):
 @needs_joblib
 def test_joblib_sweep_runs_in_workers_and_is_summarised(tmp_path):
     sweep_dir = tmp_path / "sweep"
-    proc = cli("-m", "hydra/launcher=parallel", "hydra.launcher.n_jobs=2", "+experiment=p6b_v2", "loss.gamma=4,8", *TINY,
+    proc = train_cli("-m", "hydra/launcher=parallel", "hydra.launcher.n_jobs=2", "+experiment=p6b_v2", "loss.gamma=4,8", *TINY,
                "trainer.max_epochs=1", f"hydra.sweep.dir={sweep_dir}", cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Joblib.Parallel(n_jobs=2" in proc.stdout + proc.stderr
-    assert [r["status"] for r in rows(sweep_dir)] == ["completed", "completed"]  # written by on_multirun_end in the parent
+    assert [r["status"] for r in sweep_rows(sweep_dir)] == ["completed", "completed"]  # written by on_multirun_end in the parent
     check_tensorboard_runs(sweep_dir)
     pids = {int(p.name.split(".")[-2]) for p in sweep_dir.glob("*/tb/events.out.tfevents.*")}
     assert len(pids) == 2  # two loky workers
@@ -210,7 +208,7 @@ def test_slurm_cpu_preset_reserves_no_gpu(monkeypatch, tmp_path):
 
 @needs_submitit
 def test_slurm_preset_refuses_mismatched_tasks(tmp_path):
-    proc = cli("-m", "hydra/launcher=slurm_gpu", "trainer=ddp", "trainer.devices=2", "hydra.launcher.tasks_per_node=1",
+    proc = train_cli("-m", "hydra/launcher=slurm_gpu", "trainer=ddp", "trainer.devices=2", "hydra.launcher.tasks_per_node=1",
                f"hydra.sweep.dir={tmp_path / 's'}", cwd=ROOT)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert "hydra.launcher.tasks_per_node=1" in proc.stderr and not (tmp_path / "s").exists()
@@ -264,7 +262,7 @@ def test_ddp_preset_two_processes_on_cpu(tmp_path):
     """trainer=ddp with two gloo processes through the CLI: one run directory, rank 0 writes every
     file once, both ranks end with the same validation metrics."""
     run_dir = tmp_path / "ddp"
-    proc = cli("+experiment=p6b_v2", *TINY, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
+    proc = train_cli("+experiment=p6b_v2", *TINY, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
                f"hydra.run.dir={run_dir}", cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert [p.name for p in tmp_path.iterdir()] == ["ddp"]

@@ -51,7 +51,21 @@ def test_callback_sets_knobs_with_epoch_base(base, epoch, expected):
     assert module.knobs.margin == expected
     ramp.on_train_epoch_end(FakeTrainer(epoch), module)  # logged at the epoch's end, with its row
     assert module.logged["ramp/stage"] == float(ramp.stage)
-    assert ramp.state_dict()["stage"] == ramp.stage
+
+
+def test_state_round_trip_keeps_stage_and_back_off():
+    """A restored schedule (a resumed run) sets the same knobs as the one it was saved from."""
+    ramp = RampSchedule(ramp_table("p6b_v1")["stages"])
+    ramp.on_train_epoch_start(FakeTrainer(3), FakeModule())
+    ramp.back_off(3, FakeModule(), hold_epochs=2, frac_scale=0.5)
+    restored = RampSchedule(ramp_table("p6b_v1")["stages"])
+    restored.load_state_dict(ramp.state_dict())
+    for epoch in (3, 4, 5, 6):
+        a, b = FakeModule(), FakeModule()
+        ramp.apply(epoch, a)
+        restored.apply(epoch, b)
+        assert (a.knobs.margin, a.knobs.target_frac) == (b.knobs.margin, b.knobs.target_frac)
+    assert restored.hold_until == 6 and restored.frac_scale == 0.5
 
 
 def test_knobs_are_set_when_a_run_resumes_mid_epoch():

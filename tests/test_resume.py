@@ -6,7 +6,6 @@ out): mid-epoch, and between an epoch's metrics row and its checkpoint.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import lightning as L
@@ -15,7 +14,7 @@ import torch
 
 from callbacks.resume import ExactResume
 from lvm.train import run
-from tests.test_train import cfg_for
+from tests.helpers import cfg_for, history, steps_per_epoch
 
 # Deterministic CPU run with dropout, a plateau scheduler that acts every epoch (patience 0), the
 # guard on, and a mid-epoch last.ckpt every 4 steps: anything that a resume could replay
@@ -38,10 +37,6 @@ class KillAtStep(L.Callback):
             raise Kill
 
 
-def rows(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
 def final_state(run_dir: Path) -> dict:
     ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
     return {"weights": ckpt["state_dict"], "optimizer": ckpt["optimizer_states"][0]["state"],
@@ -49,7 +44,7 @@ def final_state(run_dir: Path) -> dict:
 
 
 def assert_same_run(a: Path, b: Path) -> None:
-    assert rows(a) == rows(b)
+    assert history(a) == history(b)
     fa, fb = final_state(a), final_state(b)
     assert fa["step"] == fb["step"] and fa["scheduler"] == fb["scheduler"]
     for k, v in fa["weights"].items():
@@ -63,10 +58,6 @@ def whole(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("whole")
     run(cfg_for(*EXACT), d)
     return d
-
-
-def steps_per_epoch(run_dir: Path) -> int:
-    return rows(run_dir)[0]["step"]
 
 
 def test_mid_epoch_kill_resumes_exactly(whole, tmp_path):
@@ -92,9 +83,9 @@ def test_kill_between_metrics_row_and_checkpoint(whole, tmp_path, monkeypatch):
         m.setattr(ExactResume, "save", killing_save)
         with pytest.raises(Kill):
             run(cfg_for(*EXACT), tmp_path)
-    assert [r["epoch"] for r in rows(tmp_path)] == [0, 1]  # the row of the epoch whose checkpoint is lost
+    assert [r["epoch"] for r in history(tmp_path)] == [0, 1]  # the row of the epoch whose checkpoint is lost
     run(cfg_for(*EXACT, "ckpt_path=last"), tmp_path)
-    assert [r["epoch"] for r in rows(tmp_path)] == [0, 1, 2]  # epoch 1 replayed, its row not doubled
+    assert [r["epoch"] for r in history(tmp_path)] == [0, 1, 2]  # epoch 1 replayed, its row not doubled
     assert_same_run(whole, tmp_path)
 
 

@@ -12,24 +12,13 @@ import torch
 
 from callbacks.fault import FaultInjection
 from lvm.train import run
-from tests.helpers import ROOT, compose_cfg
-from tests.test_train import TINY, cfg_for, cli
+from tests.helpers import ROOT, TINY, cfg_for, compose_cfg, events, steps_per_epoch, train_cli
 
 GUARDED = [
     "guard=rollback", "logger.flush_every=5", "trainer.max_epochs=4",
     # A tiny model this young scores below any sensible val floor: only the injected faults trip.
     "guard.detectors.val_floor=null", "guard.detectors.val_drop=null", "guard.detectors.below_copy_last=null",
 ]
-
-
-def events(run_dir: Path) -> list[dict]:
-    path = run_dir / "events.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-
-
-def steps_per_epoch(run_dir: Path) -> int:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return rows[0]["step"]
 
 
 def test_nan_injection_rolls_back_and_recovers(tmp_path):
@@ -157,7 +146,7 @@ def test_two_process_ddp_rolls_back_together(tmp_path):
     """gloo DDP on CPU: a fault on rank 0 only; both ranks restore the same checkpoint and finish."""
     run_dir = tmp_path / "ddp"
     off = [f"guard.detectors.{k}=null" for k in ("val_floor", "val_drop", "below_copy_last", "orthogonal_eps")]
-    proc = cli(
+    proc = train_cli(
         "+experiment=p6b_v2", *TINY, "trainer.max_epochs=3", "logger.flush_every=2",
         "guard.detectors.start_step=0", "guard.detectors.negative_cosines=false", *off,
         "callbacks.fault_injection.nan_at_steps=[3]",

@@ -8,15 +8,13 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
 from lvm.cli import EXIT_PREEMPTED
 from lvm.signals import StopSignals
-from tests.helpers import ROOT
-from tests.test_train import TINY, cli
+from tests.helpers import ROOT, TINY, train_cli
 
 
 def test_stop_signals_are_recorded_while_entered_and_restored_after():
@@ -44,7 +42,7 @@ def test_signal_saves_a_resumable_checkpoint_and_exits_preempted(tmp_path, sig):
     assert results["status"] == "preempted" and results["epochs_completed"] < 200
     last = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
     assert last["global_step"] == results["global_step"]  # saved at the step it stopped, mid-epoch or not
-    resumed = cli(*TINY, f"trainer.max_epochs={results['epochs_completed'] + 1}", "ckpt_path=last", f"hydra.run.dir={run_dir}", cwd=ROOT)
+    resumed = train_cli(*TINY, f"trainer.max_epochs={results['epochs_completed'] + 1}", "ckpt_path=last", f"hydra.run.dir={run_dir}", cwd=ROOT)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     final = json.loads((run_dir / "results.json").read_text())
     assert final["status"] == "completed" and final["global_step"] > last["global_step"]

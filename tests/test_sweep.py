@@ -3,56 +3,18 @@ hparams session per job, failed jobs reported, DDP refused."""
 
 from __future__ import annotations
 
-import csv
 import json
-from pathlib import Path
 
-from omegaconf import OmegaConf
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from tensorboard.plugins.hparams import plugin_data_pb2
-
-from tests.helpers import ROOT, run_module
-from tests.test_train import TINY, cli
-
-
-def rows(sweep: Path) -> list[dict[str, str]]:
-    with (sweep / "summary.csv").open() as f:
-        return list(csv.DictReader(f))
-
-
-def job_dirs(sweep: Path) -> list[Path]:
-    return sorted(p for p in sweep.iterdir() if p.is_dir() and not p.name.startswith("."))
-
-
-def hparams_session(tb_dir: Path) -> tuple[dict[str, float | str], list[str]]:
-    """The hparams tab's data of one TensorBoard run: its session's hparams and the experiment's metric tags."""
-    acc = EventAccumulator(str(tb_dir))
-    acc.Reload()
-    content = acc.PluginTagToContent("hparams")
-    start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"]).session_start_info
-    experiment = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"]).experiment
-    values = {k: getattr(v, v.WhichOneof("kind")) for k, v in start.hparams.items()}
-    return values, [m.name.tag for m in experiment.metric_infos]
-
-
-def check_tensorboard_runs(sweep: Path) -> None:
-    """`tensorboard --logdir <sweep dir>`: one run per job (its tb/), each with its own hparams session."""
-    runs = sorted({p.parent for p in sweep.rglob("events.out.tfevents.*")})
-    assert runs == [job / "tb" for job in job_dirs(sweep)]
-    for job in job_dirs(sweep):
-        values, metrics = hparams_session(job / "tb")
-        cfg = OmegaConf.load(job / "config.yaml")
-        assert values["loss.gamma"] == cfg.loss.gamma and abs(values["loss.lambda_max"] - cfg.loss.lambda_max) < 1e-9
-        assert {"hparams/best_val_cos", "hparams/val/cos", "hparams/mini5cat/margin_last", "hparams/mini5cat/r5"} <= set(metrics)
+from tests.helpers import ROOT, TINY, check_tensorboard_runs, hparams_session, job_dirs, run_module, sweep_rows, train_cli
 
 
 def test_grid_sweep_summarised_and_regenerated(tmp_path):
     sweep = tmp_path / "sweep"
-    proc = cli("-m", "+experiment=p6b_v2", "loss.gamma=4,8", "loss.lambda_max=0.02,0.05", *TINY,
+    proc = train_cli("-m", "+experiment=p6b_v2", "loss.gamma=4,8", "loss.lambda_max=0.02,0.05", *TINY,
                "trainer.max_epochs=1", f"hydra.sweep.dir={sweep}", cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert len(job_dirs(sweep)) == 4
-    table = rows(sweep)
+    table = sweep_rows(sweep)
     assert [r["job"] for r in table] == ["0", "1", "2", "3"]
     expected = [f"loss.gamma={g} loss.lambda_max={m}" for g in (4, 8) for m in (0.02, 0.05)]
     assert [r["overrides"] for r in table] == expected
@@ -72,15 +34,15 @@ def test_grid_sweep_summarised_and_regenerated(tmp_path):
         (sweep / name).unlink()
     report = run_module("lvm.sweep_report", str(sweep), "--metric", "final_val_cos", timeout=120)
     assert report.returncode == 0, report.stderr[-3000:]
-    assert rows(sweep) == table and png.is_file() and (sweep / "summary.md").is_file()
+    assert sweep_rows(sweep) == table and png.is_file() and (sweep / "summary.md").is_file()
 
 
 def test_failed_job_reported_and_sweep_goes_on(tmp_path):
     sweep = tmp_path / "sweep"
-    proc = cli("-m", "+experiment=p6b_v2", "loss.gamma=4,-1", *TINY, "trainer.max_epochs=1",
+    proc = train_cli("-m", "+experiment=p6b_v2", "loss.gamma=4,-1", *TINY, "trainer.max_epochs=1",
                f"hydra.sweep.dir={sweep}", cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    ok, failed = rows(sweep)
+    ok, failed = sweep_rows(sweep)
     assert ok["overrides"] == "loss.gamma=4" and ok["status"] == "completed"
     assert failed["overrides"] == "loss.gamma=-1" and failed["status"].startswith("failed: ")
     assert "loss.gamma must be > 0" in failed["status"] and failed["best_val_cos"] == ""
@@ -91,7 +53,7 @@ def test_failed_job_reported_and_sweep_goes_on(tmp_path):
 
 def test_ddp_multirun_refused(tmp_path):
     sweep = tmp_path / "sweep"
-    proc = cli("-m", "loss.gamma=4,8", *TINY, "trainer.strategy=ddp", "trainer.devices=2",
+    proc = train_cli("-m", "loss.gamma=4,8", *TINY, "trainer.strategy=ddp", "trainer.devices=2",
                f"hydra.sweep.dir={sweep}", cwd=ROOT)
     assert proc.returncode != 0
     assert "relaunch the whole sweep" in proc.stderr and "trainer.strategy=ddp" in proc.stderr

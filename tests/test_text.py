@@ -5,15 +5,14 @@ from __future__ import annotations
 import bz2
 import json
 import zipfile
-from pathlib import Path
 
 import pytest
 
 from lvm.data.text import (Chunker, Document, Skipped, is_prose, paragraphs, prose_documents, read_documents,
                            read_mediawiki, split_sentences)
 from lvm.errors import ConfigError, DataError
+from tests.helpers import WIKI_FIXTURE
 
-FIXTURE = Path(__file__).parent / "fixtures" / "enwiki-sample.xml"
 
 
 def docs_of(records) -> list[Document]:
@@ -21,7 +20,7 @@ def docs_of(records) -> list[Document]:
 
 
 def test_mediawiki_pages_in_order_with_redirects_and_other_namespaces_skipped():
-    records = list(read_documents(FIXTURE))
+    records = list(read_documents(WIKI_FIXTURE))
     assert [r.title for r in docs_of(records)] == ["Agricultural science", "Alien", "Astronomer", "Arithmetic mean", "Ada"]
     assert [(r.id, r.reason) for r in records if isinstance(r, Skipped)] == [("10", "redirect"), ("724", "namespace 4")]
     astronomer = next(d for d in docs_of(records) if d.title == "Astronomer")
@@ -30,21 +29,21 @@ def test_mediawiki_pages_in_order_with_redirects_and_other_namespaces_skipped():
 
 
 def test_wikitext_markup_and_closing_sections_are_dropped():
-    raw = FIXTURE.read_text(encoding="utf-8")
+    raw = WIKI_FIXTURE.read_text(encoding="utf-8")
     assert "==References==" in raw or "== References ==" in raw  # the fixture does have them
-    for doc in docs_of(read_documents(FIXTURE)):
+    for doc in docs_of(read_documents(WIKI_FIXTURE)):
         for junk in ("{{", "}}", "[[", "]]", "<ref", "Category:", "File:", "'''", "==", "{|"):
             assert junk not in doc.text, (doc.title, junk)
-    mean = next(d for d in docs_of(read_documents(FIXTURE)) if d.title == "Arithmetic mean")
+    mean = next(d for d in docs_of(read_documents(WIKI_FIXTURE)) if d.title == "Arithmetic mean")
     # Link text survives, link targets and See also / References lists do not.
     assert "In mathematics and statistics, the arithmetic mean" in mean.text
     assert "See also" not in mean.text and "External links" not in mean.text
 
 
 def test_bz2_and_zip_member_give_the_same_documents(tmp_path):
-    plain = list(read_documents(FIXTURE))
+    plain = list(read_documents(WIKI_FIXTURE))
     packed = tmp_path / "sample.xml.bz2"
-    packed.write_bytes(bz2.compress(FIXTURE.read_bytes()))
+    packed.write_bytes(bz2.compress(WIKI_FIXTURE.read_bytes()))
     wheel = tmp_path / "pkg-1.0-py3-none-any.whl"
     with zipfile.ZipFile(wheel, "w") as z:
         z.write(packed, "pkg/data/sample.xml.bz2")
@@ -56,16 +55,16 @@ def test_bz2_and_zip_member_give_the_same_documents(tmp_path):
 
 def test_parallel_wikitext_conversion_keeps_order_and_content(tmp_path):
     packed = tmp_path / "sample.xml.bz2"
-    packed.write_bytes(bz2.compress(FIXTURE.read_bytes()))
+    packed.write_bytes(bz2.compress(WIKI_FIXTURE.read_bytes()))
     serial = list(read_documents(packed, workers=1))
     assert list(read_documents(packed, workers=2)) == serial
-    assert list(prose_documents(read_mediawiki(str(FIXTURE), lambda: FIXTURE.open("rb")), workers=3, batch=1)) == serial
+    assert list(prose_documents(read_mediawiki(str(WIKI_FIXTURE), lambda: WIKI_FIXTURE.open("rb")), workers=3, batch=1)) == serial
     assert all(d.markup == "plain" for d in docs_of(serial))
 
 
 def test_malformed_xml_names_file_and_line(tmp_path):
     bad = tmp_path / "bad.xml"
-    text = FIXTURE.read_text(encoding="utf-8")
+    text = WIKI_FIXTURE.read_text(encoding="utf-8")
     bad.write_text(text[: text.index("</page>") + 7] + "\n<page><title>x</title></pag>\n", encoding="utf-8")
     with pytest.raises(DataError, match=r"bad\.xml: malformed XML at line \d+"):
         list(read_documents(bad))
@@ -103,7 +102,7 @@ def test_jsonl_documents_and_errors(tmp_path):
     with pytest.raises(DataError, match=r"bad\.jsonl line 1: not valid JSON"):
         list(read_documents(bad))
     with pytest.raises(ConfigError, match="cannot tell its format"):
-        list(read_documents(FIXTURE.parent / "README.md"))
+        list(read_documents(WIKI_FIXTURE.parent / "README.md"))
 
 
 def test_sentences_respect_abbreviations_initials_and_quotes():
@@ -147,7 +146,7 @@ def test_chunker_paragraph_selection_and_settings():
 
 def test_fixture_chunks_respect_bounds():
     c = Chunker()
-    for doc in docs_of(read_documents(FIXTURE)):
+    for doc in docs_of(read_documents(WIKI_FIXTURE)):
         kept, _ = c.kept_paragraphs(doc.text)
         sizes = [len(x.split()) for x in c.chunks(kept)]
         assert all(s <= c.max_words for s in sizes)

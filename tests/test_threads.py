@@ -15,8 +15,7 @@ from lvm import threads as T
 from lvm.errors import ConfigError
 from lvm.launchers import JOBLIB_LAUNCHER
 from lvm.train import sweep_jobs
-from tests.helpers import ROOT
-from tests.test_train import TINY
+from tests.helpers import ROOT, TINY
 
 
 def test_auto_is_the_affinity_divided_among_jobs(monkeypatch):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 from pathlib import Path
 
 import lightning as L
@@ -15,34 +14,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from lvm.errors import ConfigError, LvmError, RunFailed
 from lvm.train import run
-from tests.helpers import ROOT, compose_cfg, run_module
-
-TINY = [
-    "data.synthetic.articles=60",
-    "data.synthetic.dim=16",
-    "data.synthetic.min_chunks=8",
-    "data.synthetic.max_chunks=14",
-    "data.split.val=0.2",
-    "data.split.ood=0.2",
-    "data.batch_size=32",
-    "model.d_model=16",
-    "model.heads=2",
-    "model.layers=1",
-    "model.ffn=32",
-    "trainer.max_epochs=2",
-    "trainer.enable_progress_bar=false",
-    "callbacks.mini5cat.windows=40",
-    "logger.print_every=5",
-]
-
-
-def cfg_for(*overrides: str):
-    return compose_cfg("train", *TINY, *overrides)
-
-
-def history(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
+from tests.helpers import ROOT, TINY, cfg_for, history, train_cli
 
 @pytest.mark.parametrize("experiment", ["p6_baseline", "p6b_v1", "p6b_v2"])
 def test_experiment_trains_end_to_end(experiment, tmp_path):
@@ -150,19 +122,15 @@ def test_checkpoint_from_other_model_or_dim_named(tmp_path):
         run(cfg_for(f"ckpt_path={last}", "model.d_model=32"), tmp_path / "c")
 
 
-def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return run_module("lvm.train", *args, cwd=cwd)
-
-
 def test_cli_errors_are_one_clear_line(tmp_path):
-    proc = cli("data=store_npz", f"data.path={tmp_path / 'missing.npz'}", f"hydra.run.dir={tmp_path / 'r'}", cwd=ROOT)
+    proc = train_cli("data=store_npz", f"data.path={tmp_path / 'missing.npz'}", f"hydra.run.dir={tmp_path / 'r'}", cwd=ROOT)
     assert proc.returncode != 0
     assert "data.path" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_multirun_two_jobs(tmp_path):
     sweep = tmp_path / "sweep"
-    proc = cli("-m", "+experiment=p6b_v2", "loss.gamma=4,8", *TINY, "trainer.max_epochs=1", f"hydra.sweep.dir={sweep}", cwd=ROOT)
+    proc = train_cli("-m", "+experiment=p6b_v2", "loss.gamma=4,8", *TINY, "trainer.max_epochs=1", f"hydra.sweep.dir={sweep}", cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and not p.name.startswith("."))
     assert len(jobs) == 2
@@ -234,12 +202,12 @@ def test_a_failure_during_training_is_recorded(tmp_path):
 
 def test_cli_exit_codes_follow_the_status(tmp_path):
     """0 completed, 2 refused (nothing written), 3 stopped by the guard; results.json says which."""
-    ok = cli(*TINY, "trainer.max_epochs=1", f"hydra.run.dir={tmp_path / 'ok'}", cwd=ROOT)
+    ok = train_cli(*TINY, "trainer.max_epochs=1", f"hydra.run.dir={tmp_path / 'ok'}", cwd=ROOT)
     assert ok.returncode == 0, ok.stderr[-2000:]
     assert json.loads((tmp_path / "ok" / "results.json").read_text())["status"] == "completed"
-    again = cli(*TINY, "trainer.max_epochs=1", f"hydra.run.dir={tmp_path / 'ok'}", cwd=ROOT)
+    again = train_cli(*TINY, "trainer.max_epochs=1", f"hydra.run.dir={tmp_path / 'ok'}", cwd=ROOT)
     assert again.returncode == 2 and "already holds a run" in again.stderr and "Traceback" not in again.stderr
-    stop = cli("+experiment=p6b_v2", *TINY, "guard.max_rollbacks=0", "callbacks.fault_injection.nan_at_steps=[8]",
+    stop = train_cli("+experiment=p6b_v2", *TINY, "guard.max_rollbacks=0", "callbacks.fault_injection.nan_at_steps=[8]",
                "logger.flush_every=1", f"hydra.run.dir={tmp_path / 'stop'}", cwd=ROOT)
     assert stop.returncode == 3, stop.stderr[-2000:]
     results = json.loads((tmp_path / "stop" / "results.json").read_text())
