@@ -45,22 +45,27 @@ def stage_index(epoch: int, stages: Sequence[RampStage]) -> int:
 
 
 class RampSchedule(L.Callback):
-    """Each train epoch, writes the current stage's margin and target_frac into the module's knobs.
+    """The one owner of the directional knobs: each train epoch it writes the current stage's
+    margin and target_frac, and the clamp lambda_max, into the module's knobs; after a rollback
+    the guard asks it to back off (`back_off`). `ramp=constant` is a one-stage table: no ramp.
 
     `epoch_base` states the table's numbering: 0 means Lightning's current_epoch as is (the
     original code's convention), 1 means the first epoch is epoch 1 (the seed's prose).
     """
 
-    def __init__(self, stages: Sequence[Mapping[str, Any]], epoch_base: int = 0) -> None:
+    def __init__(self, stages: Sequence[Mapping[str, Any]], epoch_base: int = 0, lambda_max: float = 0.02) -> None:
         if epoch_base not in (0, 1):
             raise ValueError(f"ramp.epoch_base must be 0 or 1 (got {epoch_base})")
         self.stages = parse_stages(stages)
         self.epoch_base = epoch_base
+        self.lambda_max = lambda_max
         self.stage: int | None = None
-        # Back-off set by the guard after a rollback: hold a lower stage until an epoch, scale target_frac.
+        # Back-off after rollbacks: hold a lower stage until an epoch; cumulative factors (the
+        # product of every rollback's scale) on target_frac and lambda_max.
         self.hold_stage: int | None = None
         self.hold_until: int | None = None
-        self.frac_scale = 1.0
+        self.target_frac_factor = 1.0
+        self.lambda_max_factor = 1.0
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # A run resumed mid-epoch does not start that epoch again: set its knobs here.
@@ -78,27 +83,35 @@ class RampSchedule(L.Callback):
         if self.hold_until is not None and epoch < self.hold_until:
             idx = min(idx, self.hold_stage)
         s = self.stages[idx]
-        pl_module.knobs.margin, pl_module.knobs.target_frac = s.margin, s.target_frac * self.frac_scale
+        k = pl_module.knobs
+        k.margin, k.target_frac = s.margin, s.target_frac * self.target_frac_factor
+        k.lambda_max = self.lambda_max * self.lambda_max_factor
         if idx != self.stage:
-            log.info(
-                "[Ramp] epoch %d (%d-based): stage %d, margin=%.3f target_frac=%.2f",
-                epoch + self.epoch_base, self.epoch_base, idx, s.margin, s.target_frac * self.frac_scale,
-            )
+            log.info("[Ramp] epoch %d (%d-based): stage %d, margin=%.3f target_frac=%.2f",
+                     epoch + self.epoch_base, self.epoch_base, idx, s.margin, k.target_frac)
         self.stage = idx
 
-    def back_off(self, epoch: int, pl_module: L.LightningModule, hold_epochs: int, frac_scale: float) -> dict[str, Any]:
-        """Hold the stage before the current one for `hold_epochs` epochs and scale target_frac."""
+    def back_off(self, epoch: int, pl_module: L.LightningModule, hold_epochs: int,
+                 target_frac_scale: float, lambda_max_scale: float) -> dict[str, Any]:
+        """After a rollback: hold the stage before the current one for `hold_epochs` more epochs and
+        scale target_frac and lambda_max by this rollback's scales; returns what now applies."""
         self.hold_stage = max((self.stage or 0) - 1, 0)
         self.hold_until = epoch + 1 + hold_epochs
-        self.frac_scale *= frac_scale
+        self.target_frac_factor *= target_frac_scale
+        self.lambda_max_factor *= lambda_max_scale
         self.apply(epoch, pl_module)
-        return {"hold_stage": self.hold_stage, "hold_until_epoch": self.hold_until, "target_frac_scale": self.frac_scale}
+        return {"hold_stage": self.hold_stage, "hold_until_epoch": self.hold_until, "target_frac_factor": self.target_frac_factor,
+                "lambda_max_factor": self.lambda_max_factor, "lambda_max": pl_module.knobs.lambda_max}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"stage": self.stage, "hold_stage": self.hold_stage, "hold_until": self.hold_until, "frac_scale": self.frac_scale}
+        return {"stage": self.stage, "hold_stage": self.hold_stage, "hold_until": self.hold_until,
+                "target_frac_factor": self.target_frac_factor, "lambda_max_factor": self.lambda_max_factor}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.stage = state_dict["stage"]
         self.hold_stage = state_dict.get("hold_stage")
         self.hold_until = state_dict.get("hold_until")
-        self.frac_scale = state_dict.get("frac_scale", 1.0)
+        # Checkpoints from before the schedule owned lambda_max: `frac_scale` (the cumulative
+        # target_frac factor); their lambda_max factor is in the guard's state (it forwards it).
+        self.target_frac_factor = state_dict.get("target_frac_factor", state_dict.get("frac_scale", 1.0))
+        self.lambda_max_factor = state_dict.get("lambda_max_factor", 1.0)

@@ -9,9 +9,10 @@
   They are named relative to the run's own checkpoints/ folder: a copied or moved run finds its
   own and never deletes another directory's. Rollback takes the newest one that loads, never
   blindly last.ckpt; an unreadable one is recorded and skipped for the next older one.
-- Rollback: model weights, optimizer and LR-scheduler state from that checkpoint; then back-off
-  (the ramp holds the previous stage for `hold_epochs` and scales target_frac; lambda_max is
-  scaled) and training continues. After `max_rollbacks`, training stops cleanly (`stopped`; the
+- Rollback: model weights, optimizer and LR-scheduler state from that checkpoint; then the
+  schedule it was handed (the knobs' one owner) backs off: it holds the previous stage for
+  `hold_epochs` and scales target_frac and lambda_max by their per-rollback scales. Training
+  continues. After `max_rollbacks`, training stops cleanly (`stopped`; the
   run's status is `stopped: max_rollbacks`).
 - Every decision is reduced across ranks (a trip on any rank counts on all) and followed by a
   barrier, so all ranks restore the same checkpoint at the same step.
@@ -47,32 +48,31 @@ STILL_LEARNING = ("val_floor", "below_copy_last")
 
 
 class RollbackGuard(L.Callback):
-    def __init__(self, run_dir: str | Path, detectors: Mapping[str, Any], max_rollbacks: int,
-                 hold_epochs: int, frac_scale: float, lambda_scale: float, keep_good: int) -> None:
+    def __init__(self, run_dir: str | Path, detectors: Mapping[str, Any], max_rollbacks: int, hold_epochs: int,
+                 target_frac_scale: float, lambda_max_scale: float, keep_good: int, schedule: RampSchedule) -> None:
         self.ckpt_dir = Path(run_dir) / "checkpoints"
         self.events_path = Path(run_dir) / "events.jsonl"
         self.detectors = dict(detectors)
         self.max_rollbacks = max_rollbacks
         self.hold_epochs = hold_epochs
-        self.frac_scale = frac_scale
-        self.lambda_scale = lambda_scale
+        # Per-rollback scales; the schedule keeps their cumulative product.
+        self.target_frac_scale = target_frac_scale
+        self.lambda_max_scale = lambda_max_scale
+        self.schedule = schedule
         self.keep_good = keep_good
         # State kept in checkpoints, so a restarted run takes the same decisions.
         self.rollbacks = 0
         self.stopped = False  # max_rollbacks reached: training was stopped
         self.good: list[str] = []  # file names in ckpt_dir, oldest first
         self.best_val_cos: float | None = None
-        self.lambda_factor = 1.0
         self.pinned_steps = 0
         self._pending: list[Trip] = []
         self._flushed = False  # a window was flushed since the last decision (same steps on every rank)
         self._ignore_before = 0  # rows from before the last rollback describe the discarded weights
-        self._base_lambda_max: float | None = None
 
     # --- wiring -------------------------------------------------------------------------------
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         pl_module.step_log.listeners.append(self._on_rows)
-        self._base_lambda_max = pl_module.knobs.lambda_max
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self._on_rows in pl_module.step_log.listeners:
@@ -82,7 +82,6 @@ class RollbackGuard(L.Callback):
         # After a checkpoint is restored: forget records written after it by an interrupted run,
         # keep only the good checkpoints this directory holds, and make sure there is a rollback
         # point before the first validation.
-        self._apply_lambda(pl_module)
         if trainer.is_global_zero:
             drop_rows_after(self.events_path, trainer.global_step)
         missing = [name for name in self.good if not (self.ckpt_dir / name).is_file()]
@@ -91,10 +90,6 @@ class RollbackGuard(L.Callback):
             self.good = [name for name in self.good if name not in missing]
         if not self.good:
             self._save_good(trainer, "good-initial.ckpt")
-
-    def _apply_lambda(self, pl_module: L.LightningModule) -> None:
-        """The clamp after every back-off so far (also after a resume)."""
-        pl_module.knobs.lambda_max = self._base_lambda_max * self.lambda_factor
 
     def _on_rows(self, steps: list[int], rows: list[dict[str, float]]) -> None:
         self._flushed = True
@@ -167,12 +162,7 @@ class RollbackGuard(L.Callback):
             return
         self.rollbacks += 1
         self._ignore_before = trainer.global_step
-        self.lambda_factor *= self.lambda_scale
-        self._apply_lambda(pl_module)
-        backoff = {"lambda_max": pl_module.knobs.lambda_max}
-        ramp = next((c for c in trainer.callbacks if isinstance(c, RampSchedule)), None)
-        if ramp is not None:
-            backoff.update(ramp.back_off(trainer.current_epoch, pl_module, self.hold_epochs, self.frac_scale))
+        backoff = self.schedule.back_off(trainer.current_epoch, pl_module, self.hold_epochs, self.target_frac_scale, self.lambda_max_scale)
         self.pinned_steps = 0
         self._record(trainer, collapses[0], action="rollback", extra={
             "where": where, "checkpoint": restored, "backoff": backoff, "rollbacks": self.rollbacks,
@@ -232,7 +222,7 @@ class RollbackGuard(L.Callback):
 
     def state_dict(self) -> dict[str, Any]:
         return {"rollbacks": self.rollbacks, "good": list(self.good), "best_val_cos": self.best_val_cos,
-                "lambda_factor": self.lambda_factor, "pinned_steps": self.pinned_steps,
+                "pinned_steps": self.pinned_steps,
                 "ignore_before": self._ignore_before, "stopped": self.stopped}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -242,5 +232,6 @@ class RollbackGuard(L.Callback):
         self._ignore_before = state_dict.get("ignore_before", 0)
         self.stopped = state_dict.get("stopped", False)
         self.best_val_cos = state_dict["best_val_cos"]
-        self.lambda_factor = state_dict["lambda_factor"]
+        if "lambda_factor" in state_dict:  # a checkpoint from before the schedule owned lambda_max
+            self.schedule.lambda_max_factor = state_dict["lambda_factor"]
         self.pinned_steps = state_dict["pinned_steps"]

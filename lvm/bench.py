@@ -123,10 +123,10 @@ def raw_loop(cfg: DictConfig, train: Windows, warmup: int, steps: int) -> Timing
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     lvm_module = LVMModule(to_plain(cfg), dim=train.store.dim)
     model, knobs = lvm_module.model, lvm_module.knobs  # the same initial weights and loss knobs
-    if cfg.callbacks.ramp:  # what RampSchedule sets for the first epoch
-        stages = parse_stages(OmegaConf.to_container(cfg.ramp.stages, resolve=True))
-        stage = stages[stage_index(cfg.ramp.epoch_base, stages)]
-        knobs.margin, knobs.target_frac = stage.margin, stage.target_frac
+    # What RampSchedule sets for the first epoch.
+    stages = parse_stages(OmegaConf.to_container(cfg.ramp.stages, resolve=True))
+    stage = stages[stage_index(cfg.ramp.epoch_base, stages)]
+    knobs.margin, knobs.target_frac = stage.margin, stage.target_frac
     g = cfg.guard
     gate = (lambda pos, neg: skip_rule(pos, neg, g.pos_below, g.neg_below)) if g.policy == "skip" else None
     o = cfg.optim

@@ -94,15 +94,14 @@ def make_loader(windows: Windows, batch_size: int, shuffle: bool, num_workers: i
 def build_callbacks(cfg: DictConfig, splits: dict[str, Windows], run_dir: Path, hparams: dict[str, Any],
                     sampler: EpochSampler, signals: StopSignals | None) -> list[L.Callback]:
     cb = cfg.callbacks
-    out: list[L.Callback] = []
-    if cb.ramp:
-        out.append(RampSchedule(OmegaConf.to_container(cfg.ramp.stages, resolve=True), cfg.ramp.epoch_base))
+    schedule = RampSchedule(OmegaConf.to_container(cfg.ramp.stages, resolve=True), cfg.ramp.epoch_base, cfg.loss.lambda_max)
+    out: list[L.Callback] = [schedule]
     g = cfg.guard
     if g.policy in ("skip", "rollback"):
         out.append(SkipGuard(g.pos_below, g.neg_below, cfg.logger.print_every))
     if g.policy == "rollback":
         out.append(RollbackGuard(run_dir, OmegaConf.to_container(g.detectors), g.max_rollbacks, g.backoff.hold_epochs,
-                                 g.backoff.target_frac_scale, g.backoff.lambda_max_scale, g.keep_good))
+                                 g.backoff.target_frac_scale, g.backoff.lambda_max_scale, g.keep_good, schedule))
     if cb.fault_injection.nan_at_steps:
         out.append(FaultInjection(cb.fault_injection.nan_at_steps))
     if cb.mini5cat.enabled:

@@ -57,15 +57,38 @@ def test_state_round_trip_keeps_stage_and_back_off():
     """A restored schedule (a resumed run) sets the same knobs as the one it was saved from."""
     ramp = RampSchedule(ramp_table("p6b_v1")["stages"])
     ramp.on_train_epoch_start(FakeTrainer(3), FakeModule())
-    ramp.back_off(3, FakeModule(), hold_epochs=2, frac_scale=0.5)
+    ramp.back_off(3, FakeModule(), hold_epochs=2, target_frac_scale=0.5, lambda_max_scale=0.25)
     restored = RampSchedule(ramp_table("p6b_v1")["stages"])
     restored.load_state_dict(ramp.state_dict())
     for epoch in (3, 4, 5, 6):
         a, b = FakeModule(), FakeModule()
         ramp.apply(epoch, a)
         restored.apply(epoch, b)
-        assert (a.knobs.margin, a.knobs.target_frac) == (b.knobs.margin, b.knobs.target_frac)
-    assert restored.hold_until == 6 and restored.frac_scale == 0.5
+        assert (a.knobs.margin, a.knobs.target_frac, a.knobs.lambda_max) == (b.knobs.margin, b.knobs.target_frac, b.knobs.lambda_max)
+    assert restored.hold_until == 6 and restored.target_frac_factor == 0.5 and restored.lambda_max_factor == 0.25
+
+
+def test_back_off_is_cumulative_and_owns_the_clamp():
+    """Each rollback multiplies target_frac and lambda_max by its scale; the schedule keeps the
+    products (factors) and writes every knob, the clamp included."""
+    ramp = RampSchedule(ramp_table("p6b_v1")["stages"], lambda_max=0.05)
+    module = FakeModule()
+    ramp.on_train_epoch_start(FakeTrainer(2), module)  # stage 1: margin 0.04, target_frac 0.20
+    assert (module.knobs.target_frac, module.knobs.lambda_max) == (0.20, 0.05)
+    first = ramp.back_off(2, module, hold_epochs=1, target_frac_scale=0.5, lambda_max_scale=0.5)
+    assert first["hold_stage"] == 0 and first["hold_until_epoch"] == 4 and module.knobs.margin == 0.02
+    assert module.knobs.target_frac == pytest.approx(0.10 * 0.5) and module.knobs.lambda_max == pytest.approx(0.025)
+    second = ramp.back_off(2, module, hold_epochs=1, target_frac_scale=0.5, lambda_max_scale=0.5)
+    assert second["target_frac_factor"] == 0.25 and second["lambda_max"] == pytest.approx(0.0125)
+    ramp.on_train_epoch_start(FakeTrainer(4), module)  # the hold is over: stage 1 with the factors
+    assert module.knobs.margin == 0.04 and module.knobs.target_frac == pytest.approx(0.20 * 0.25)
+
+
+def test_old_checkpoint_state_loads():
+    """State written before the schedule owned lambda_max (`frac_scale`; the guard held the lambda factor)."""
+    ramp = RampSchedule(ramp_table("p6b_v1")["stages"])
+    ramp.load_state_dict({"stage": 1, "hold_stage": 0, "hold_until": 5, "frac_scale": 0.5})
+    assert ramp.target_frac_factor == 0.5 and ramp.lambda_max_factor == 1.0 and ramp.hold_until == 5
 
 
 def test_knobs_are_set_when_a_run_resumes_mid_epoch():

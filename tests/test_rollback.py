@@ -11,6 +11,8 @@ import pytest
 import torch
 
 from callbacks.fault import FaultInjection
+from callbacks.ramp import RampSchedule
+from callbacks.rollback import RollbackGuard
 from lvm.train import run
 from tests.helpers import ROOT, TINY, cfg_for, compose_cfg, events, steps_per_epoch, train_cli
 
@@ -31,13 +33,14 @@ def test_nan_injection_rolls_back_and_recovers(tmp_path):
     assert rollback[0]["detector"] == "nonfinite" and rollback[0]["where"] == "train"
     assert rollback[0]["checkpoint"].endswith("good-epoch00.ckpt")
     assert rollback[0]["step"] <= n + 1 + 5  # in-epoch: within one flushed window
-    assert rollback[0]["backoff"]["target_frac_scale"] == 0.5
+    assert rollback[0]["backoff"]["target_frac_factor"] == 0.5 and rollback[0]["backoff"]["lambda_max_factor"] == 0.5
     assert results["epochs_completed"] == 4
     assert all(torch.isfinite(v).all() for v in torch.load(results["last_checkpoint"], weights_only=True)["state_dict"].values())
     assert math.isfinite(results["final"]["val/cos"])
     last = torch.load(results["last_checkpoint"], weights_only=True)
     guard_state = next(v for k, v in last["callbacks"].items() if k.startswith("RollbackGuard"))
-    assert guard_state["rollbacks"] == 1 and guard_state["lambda_factor"] == 0.5
+    ramp_state = next(v for k, v in last["callbacks"].items() if k.startswith("RampSchedule"))
+    assert guard_state["rollbacks"] == 1 and ramp_state["lambda_max_factor"] == 0.5
 
 
 def test_guard_decides_on_every_step_of_the_epoch(tmp_path):
@@ -178,3 +181,12 @@ def test_collapse_drill(tmp_path):
     assert rollback["epoch"] == 1 and rollback["checkpoint"].endswith("good-epoch00.ckpt")
     assert rollback["backoff"]["hold_stage"] == 0
     assert val_cos(tmp_path / "rollback")[-1] > 0.5 and results["best_val_cos"] > 0.5
+
+
+def test_old_guard_state_hands_its_lambda_factor_to_the_schedule(tmp_path):
+    """Checkpoints from before the schedule owned lambda_max kept its factor in the guard's state."""
+    schedule = RampSchedule([{"until": None, "margin": 0.02, "target_frac": 0.1}], lambda_max=0.02)
+    guard = RollbackGuard(tmp_path, {}, 3, 2, 0.5, 0.5, 2, schedule)
+    guard.load_state_dict({"rollbacks": 1, "good": [str(tmp_path / "elsewhere" / "good-epoch00.ckpt")], "best_val_cos": 0.5,
+                           "lambda_factor": 0.25, "pinned_steps": 0})
+    assert schedule.lambda_max_factor == 0.25 and guard.good == ["good-epoch00.ckpt"]  # a path became a name
