@@ -1,14 +1,15 @@
-"""Lightning callbacks of lvm, one concern per module: ramp, guard, mini-5CAT, dashboard, checkpoints, resume, CPU sharing."""
+"""Lightning callbacks of lvm, one concern per module: ramp, step statistics, skip count, rollback guard, mini-5CAT, dashboard, checkpoints, resume, CPU sharing."""
 
 from callbacks.checkpoint import FiniteModelCheckpoint
 from callbacks.dashboard import TensorBoardDashboard
 from callbacks.fault import FaultInjection
-from callbacks.guard import SkipGuard
 from callbacks.mini5cat import Mini5CAT
 from callbacks.ramp import RampSchedule, RampStage
 from callbacks.resume import ExactResume
 from callbacks.rollback import RollbackGuard
+from callbacks.skip import SkipReport
+from callbacks.stats import StepStatistics
 from callbacks.threads import ShareCPUs
 
 __all__ = ["ExactResume", "FaultInjection", "FiniteModelCheckpoint", "Mini5CAT", "RampSchedule", "RampStage", "RollbackGuard",
-           "ShareCPUs", "SkipGuard", "TensorBoardDashboard"]
+           "ShareCPUs", "SkipReport", "StepStatistics", "TensorBoardDashboard"]

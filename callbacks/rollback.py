@@ -1,7 +1,7 @@
 """RollbackGuard: detect a collapse, restore the last good checkpoint, back off, and keep a record.
 
-- Detection: `lvm.detectors` on every flushed window of per-step statistics (in-epoch, at most
-  `logger.flush_every` steps late) and on each validation.
+- Detection: `lvm.detectors` on every flushed window of per-step statistics (handed to `on_rows`
+  by StepStatistics, in-epoch, at most `logger.flush_every` steps late) and on each validation.
 - Good checkpoints: the weights a run starts from are its first rollback point
   (`good-initial.ckpt`), so a NaN before the first validation rolls back too (a val cosine below
   the floors before any healthy validation is a warning: the model is still learning); after each
@@ -70,14 +70,7 @@ class RollbackGuard(L.Callback):
         self._flushed = False  # a window was flushed since the last decision (same steps on every rank)
         self._ignore_before = 0  # rows from before the last rollback describe the discarded weights
 
-    # --- wiring -------------------------------------------------------------------------------
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        pl_module.step_log.listeners.append(self._on_rows)
-
-    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if self._on_rows in pl_module.step_log.listeners:
-            pl_module.step_log.listeners.remove(self._on_rows)
-
+    # --- wiring: StepStatistics hands every flushed window of rows to `on_rows` -----------------
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # After a checkpoint is restored: forget records written after it by an interrupted run,
         # keep only the good checkpoints this directory holds, and make sure there is a rollback
@@ -91,7 +84,7 @@ class RollbackGuard(L.Callback):
         if not self.good:
             self._save_good(trainer, "good-initial.ckpt")
 
-    def _on_rows(self, steps: list[int], rows: list[dict[str, float]]) -> None:
+    def on_rows(self, steps: list[int], rows: list[dict[str, float]]) -> None:
         self._flushed = True
         current = [(s, r) for s, r in zip(steps, rows) if s >= self._ignore_before]
         # start_step spares an untrained model's cosines, not a NaN: that is a collapse from step 0.

@@ -48,14 +48,13 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
-from callbacks.guard import skip_rule
 from callbacks.ramp import parse_stages, stage_index
 from lvm.config import to_plain, validate
 from lvm.data.loaders import load_store_npz
 from lvm.data.splits import make_splits
 from lvm.data.store import Windows, WindowSpec
 from lvm.data.synthetic import synthetic_corpus
-from lvm.losses import p6b_loss
+from lvm.losses import SkipRule, p6b_loss
 from lvm.module import LVMModule
 from lvm.train import build_data, build_fit, make_loader
 
@@ -128,7 +127,7 @@ def raw_loop(cfg: DictConfig, train: Windows, warmup: int, steps: int) -> Timing
     stage = stages[stage_index(cfg.ramp.epoch_base, stages)]
     knobs.margin, knobs.target_frac = stage.margin, stage.target_frac
     g = cfg.guard
-    gate = (lambda pos, neg: skip_rule(pos, neg, g.pos_below, g.neg_below)) if g.policy == "skip" else None
+    skip = SkipRule(g.pos_below, g.neg_below) if g.policy in ("skip", "rollback") else None
     o = cfg.optim
     optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, weight_decay=o.weight_decay, betas=tuple(o.betas))
     clip, prev_slot, mse_on = cfg.trainer.gradient_clip_val, cfg.window.prev_slot, cfg.loss.mse_on
@@ -141,7 +140,7 @@ def raw_loop(cfg: DictConfig, train: Windows, warmup: int, steps: int) -> Timing
         batch = next(batches)
         context = batch["context"]
         raw, _ = model(context)
-        terms = p6b_loss(raw, batch["target"], context[:, prev_slot], knobs, mse_on, gate)
+        terms = p6b_loss(raw, batch["target"], context[:, prev_slot], knobs, mse_on, skip)
         optimizer.zero_grad()
         terms.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), clip)

@@ -5,8 +5,9 @@
     lam = clamp(target_frac * mse.detach() / dir.detach(), lambda_min, lambda_max)
     loss = mse + weight * lam * dir
 
-`weight` is 1 normally and 0 when the directional term is off or skipped for the batch: the term
-stays in the graph either way, so every rank builds the same graph.
+`weight` is 1 normally and 0 when the directional term is off or skipped for the batch (the
+seed's v2 skip rule, part of the loss): the term stays in the graph either way, so every rank
+builds the same graph.
 """
 
 from __future__ import annotations
@@ -19,13 +20,14 @@ import torch
 import torch.nn.functional as F
 
 MseOn = Literal["raw", "unit"]
-# (batch mean pos, batch mean neg) -> bool tensor: skip the directional term for this batch.
-SkipGate = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# A tensor -> its mean over the ranks of a distributed run (the identity on one process).
+MeanOverRanks = Callable[[torch.Tensor], torch.Tensor]
 
 
 @dataclass
 class DirectionalKnobs:
-    """State that callbacks set: the ramp owns margin and target_frac, config owns the rest."""
+    """The directional term's settings: the ramp schedule owns margin, target_frac and lambda_max
+    (callbacks/ramp.py), config the rest."""
 
     margin: float
     target_frac: float
@@ -55,6 +57,18 @@ class LossTerms:
         return (self.weight * self.lambda_eff * self.dir / self.mse.clamp_min(torch.finfo(self.mse.dtype).tiny)).detach()
 
 
+@dataclass(frozen=True)
+class SkipRule:
+    """The seed's v2 check: skip the directional term for a batch whose mean pos is below
+    `pos_below` or whose mean neg is below `neg_below` (the seed: both 0)."""
+
+    pos_below: float
+    neg_below: float
+
+    def __call__(self, pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
+        return (pos < self.pos_below) | (neg < self.neg_below)
+
+
 def cosines(pred: torch.Tensor, target: torch.Tensor, prev: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sample cos(pred, target) and cos(pred, prev)."""
     return F.cosine_similarity(pred, target, dim=-1), F.cosine_similarity(pred, prev, dim=-1)
@@ -79,13 +93,15 @@ def p6b_loss(
     prev: torch.Tensor,
     knobs: DirectionalKnobs,
     mse_on: MseOn = "raw",
-    skip_gate: SkipGate | None = None,
+    skip: SkipRule | None = None,
+    mean_over_ranks: MeanOverRanks | None = None,
 ) -> LossTerms:
     """The combined loss of one batch. `raw` is the model's un-normalised output [B, D].
 
     mse_on="raw" reproduces the original (MSE of the raw output against the unit target);
-    "unit" takes the MSE of the normalised prediction. `skip_gate` sees this batch's mean
-    cosines and may zero the directional weight for this same batch.
+    "unit" takes the MSE of the normalised prediction. `skip` judges this batch's mean cosines,
+    averaged over ranks by `mean_over_ranks` so that every rank decides alike, and may zero the
+    directional weight for this same batch.
     """
     pred = F.normalize(raw, dim=-1)
     mse = F.mse_loss(raw if mse_on == "raw" else pred, target)
@@ -93,7 +109,12 @@ def p6b_loss(
     d = directional_term(pos, neg, knobs.margin, knobs.gamma)
     lam = adaptive_lambda(mse, d, knobs.target_frac, knobs.lambda_min, knobs.lambda_max)
     pos_m, neg_m = pos.mean().detach(), neg.mean().detach()
-    skipped = skip_gate(pos_m, neg_m) if skip_gate is not None else torch.zeros((), dtype=torch.bool, device=raw.device)
+    if skip is None:
+        skipped = torch.zeros((), dtype=torch.bool, device=raw.device)
+    else:
+        both = torch.stack([pos_m, neg_m])
+        both = mean_over_ranks(both) if mean_over_ranks is not None else both
+        skipped = skip(both[0], both[1])
     weight = (~skipped).to(mse.dtype) * float(knobs.enabled)
     return LossTerms(
         loss=mse + weight * lam * d,

@@ -1,7 +1,9 @@
 """LightningModule: the P6 transformer trained with the P6b combined loss.
 
-Thin glue: it computes and logs the loss; callbacks own the ramp (`knobs.margin`,
-`knobs.target_frac`) and the safety policy (`skip_gate`). It holds no schedule and no policy.
+Thin glue: it computes the loss (the v2 skip rule included) and returns each step's statistics
+with it, for the callbacks to read as `outputs` (callbacks/stats.py buffers and logs them). The
+ramp schedule writes `knobs`; the module holds no schedule, no policy and no attribute that
+exists only for a callback.
 """
 
 from __future__ import annotations
@@ -13,18 +15,18 @@ import lightning as L
 import torch
 from torchmetrics import MeanMetric, MetricCollection
 
-from lvm.losses import DirectionalKnobs, LossTerms, SkipGate, p6b_loss
+from lvm.losses import DirectionalKnobs, LossTerms, SkipRule, p6b_loss
 from lvm import metrics as M
 from lvm.metrics import cos
 from lvm.model import P6Transformer
-from lvm.steplog import StepLog
 
 log = logging.getLogger(__name__)
 
 EVAL_SPLITS = ("val", "ood")
-# Logged every step (through StepLog, see lvm/steplog.py for why not self.log).
-STEP_STATS = ("loss", "mse", "dir", "lambda_eff", "frac_of_mse", "pos", "neg", "gap", "skipped", "raw_norm")
-KNOB_STATS = ("margin", "target_frac", "lambda_min", "lambda_max")
+# The statistics of every training step, in the order of `outputs["stats"]` (logged as train/<name>
+# through callbacks/stats.py; lvm/steplog.py says why not self.log).
+STEP_STATS = ("loss", "mse", "dir", "lambda_eff", "frac_of_mse", "pos", "neg", "gap", "skipped", "raw_norm",
+              "margin", "target_frac", "lambda_min", "lambda_max")
 
 
 @torch.no_grad()
@@ -64,13 +66,12 @@ class LVMModule(L.LightningModule):
             enabled=loss["enabled"],
         )
         self.mse_on = loss["mse_on"]
+        g = config["guard"]
+        self.skip = SkipRule(g["pos_below"], g["neg_below"]) if g["policy"] in ("skip", "rollback") else None
         self.prev_slot = config["window"]["prev_slot"]
         self.optim_cfg = config["optim"]
         self.print_every = config["logger"]["print_every"]
-        self.skip_gate: SkipGate | None = None
-        self.step_log = StepLog([f"train/{n}" for n in STEP_STATS + KNOB_STATS], config["logger"]["flush_every"])
         self._knobs_cached: tuple[tuple[float, ...], torch.Tensor] | None = None
-        self.last_terms: LossTerms | None = None
         self.eval_metrics = torch.nn.ModuleDict(
             {s: MetricCollection({k: MeanMetric(nan_strategy="disable") for k in ("loss", "mse", "cos", "cos_copy_last")}) for s in EVAL_SPLITS}
         )
@@ -78,27 +79,30 @@ class LVMModule(L.LightningModule):
     def forward(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.model(context)
 
-    def compute_loss(self, batch: dict[str, torch.Tensor], skip_gate: SkipGate | None) -> tuple[LossTerms, torch.Tensor, torch.Tensor]:
+    def compute_loss(self, batch: dict[str, torch.Tensor], skip: SkipRule | None) -> tuple[LossTerms, torch.Tensor, torch.Tensor]:
         context, target = batch["context"], batch["target"]
         raw, pred = self.model(context)
-        terms = p6b_loss(raw, target, context[:, self.prev_slot], self.knobs, self.mse_on, skip_gate)
+        terms = p6b_loss(raw, target, context[:, self.prev_slot], self.knobs, self.mse_on, skip, self._mean_over_ranks)
         return terms, raw, pred
 
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        terms, raw, _ = self.compute_loss(batch, self.skip_gate)
-        self.last_terms = terms
+    def _mean_over_ranks(self, t: torch.Tensor) -> torch.Tensor:
+        return self.trainer.strategy.reduce(t, reduce_op="mean")
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, Any]:
+        """The loss, and the step's statistics (STEP_STATS, on device: no host sync) with its step."""
+        terms, raw, _ = self.compute_loss(batch, self.skip)
         stats = torch.stack([
             terms.loss.detach(), terms.mse.detach(), terms.dir.detach(), terms.lambda_eff, terms.frac_of_mse,
             terms.pos, terms.neg, terms.gap, terms.skipped.float(), raw.detach().norm(dim=-1).mean(),
         ])
-        self.step_log.record(self.global_step, torch.cat([stats.float(), self._knob_row(stats.device)]), self.loggers)
+        out = {"loss": terms.loss, "stats": torch.cat([stats.float(), self._knob_row(stats.device)]), "step": self.global_step}
         k = self.knobs
         if self.print_every and self.global_step % self.print_every == 0 and self.trainer.is_global_zero:
             log.info(
                 "[P6b dir] λ_eff=%.5f pos=%.3f neg=%.3f gap=%.3f frac_of_mse=%.2f margin=%.3f",
                 terms.lambda_eff, terms.pos, terms.neg, terms.gap, terms.frac_of_mse, k.margin,
             )
-        return terms.loss
+        return out
 
     def _knob_row(self, device: torch.device) -> torch.Tensor:
         """The knobs as a device tensor, rebuilt only when a callback changed them (no per-step copy)."""
@@ -107,24 +111,6 @@ class LVMModule(L.LightningModule):
         if self._knobs_cached is None or self._knobs_cached[0] != values or self._knobs_cached[1].device != device:
             self._knobs_cached = (values, torch.tensor(values, dtype=torch.float32, device=device))
         return self._knobs_cached[1]
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["step_log"] = self.step_log.state_dict()
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if "step_log" in checkpoint:
-            self.step_log.load_state_dict(checkpoint["step_log"])
-
-    def on_validation_start(self) -> None:
-        # Lightning validates before on_train_epoch_end: flush the epoch's last partial window now,
-        # so the guard's decision at validation end sees every step it is about to call good.
-        self.step_log.flush(self.loggers)
-
-    def on_train_epoch_end(self) -> None:
-        self.step_log.flush(self.loggers)
-
-    def on_train_end(self) -> None:
-        self.step_log.flush(self.loggers)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
         split = EVAL_SPLITS[dataloader_idx]

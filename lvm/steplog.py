@@ -18,7 +18,8 @@ from lightning.pytorch.loggers import Logger
 class StepLog:
     """A [flush_every, len(names)] device buffer of per-step scalars."""
 
-    def __init__(self, names: Sequence[str], flush_every: int) -> None:
+    def __init__(self, names: Sequence[str], flush_every: int,
+                 listeners: Sequence[Callable[[list[int], list[dict[str, float]]], None]] = ()) -> None:
         if flush_every < 1:
             raise ValueError(f"flush_every must be >= 1 (got {flush_every})")
         self.names = list(names)
@@ -26,7 +27,7 @@ class StepLog:
         self._buf: torch.Tensor | None = None
         self._steps: list[int] = []
         # Called with (steps, rows) at each flush, e.g. the guard's in-training detectors.
-        self.listeners: list[Callable[[list[int], list[dict[str, float]]], None]] = []
+        self.listeners = list(listeners)
 
     def record(self, step: int, row: torch.Tensor, loggers: Iterable[Logger]) -> None:
         """Buffer one step's values (1-D, in `names` order); flush when the buffer is full."""

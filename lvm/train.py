@@ -36,7 +36,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
 from callbacks import (ExactResume, FaultInjection, FiniteModelCheckpoint, Mini5CAT, RampSchedule, RollbackGuard, ShareCPUs,
-                       SkipGuard, TensorBoardDashboard)
+                       SkipReport, StepStatistics, TensorBoardDashboard)
 from lvm.atomic import atomic_write_text
 from lvm.checkpoints import AtomicCheckpointIO, check_dim, read_checkpoint
 from lvm.cli import EXIT_BAD_INPUT, EXIT_FAIL, exit_code_of, run_entry_point, set_exit_code
@@ -47,7 +47,7 @@ from lvm.data.store import Windows, WindowSpec, collate_batch
 from lvm.errors import ConfigError, LvmError, Preempted, RunFailed
 from lvm.evaluate import evaluate_after_fit
 from lvm.fivecat import strict_json
-from lvm.module import LVMModule
+from lvm.module import STEP_STATS, LVMModule
 from lvm.launchers import JOBLIB_LAUNCHER, SUBMITIT_PREFIX, claim_gpu, launcher_choice, missing_launcher_plugin, wants_one_gpu
 from lvm.signals import StopSignals
 from lvm.threads import ThreadShare, set_threads, usable_cpus
@@ -95,13 +95,17 @@ def build_callbacks(cfg: DictConfig, splits: dict[str, Windows], run_dir: Path, 
                     sampler: EpochSampler, signals: StopSignals | None) -> list[L.Callback]:
     cb = cfg.callbacks
     schedule = RampSchedule(OmegaConf.to_container(cfg.ramp.stages, resolve=True), cfg.ramp.epoch_base, cfg.loss.lambda_max)
-    out: list[L.Callback] = [schedule]
     g = cfg.guard
-    if g.policy in ("skip", "rollback"):
-        out.append(SkipGuard(g.pos_below, g.neg_below, cfg.logger.print_every))
+    guard = None
     if g.policy == "rollback":
-        out.append(RollbackGuard(run_dir, OmegaConf.to_container(g.detectors), g.max_rollbacks, g.backoff.hold_epochs,
-                                 g.backoff.target_frac_scale, g.backoff.lambda_max_scale, g.keep_good, schedule))
+        guard = RollbackGuard(run_dir, OmegaConf.to_container(g.detectors), g.max_rollbacks, g.backoff.hold_epochs,
+                              g.backoff.target_frac_scale, g.backoff.lambda_max_scale, g.keep_good, schedule)
+    # The statistics first: they hand each flushed window to the guard before it decides.
+    out: list[L.Callback] = [schedule, StepStatistics(STEP_STATS, cfg.logger.flush_every, [guard.on_rows] if guard else [])]
+    if g.policy in ("skip", "rollback"):
+        out.append(SkipReport(STEP_STATS, cfg.logger.print_every))
+    if guard is not None:
+        out.append(guard)
     if cb.fault_injection.nan_at_steps:
         out.append(FaultInjection(cb.fault_injection.nan_at_steps))
     if cb.mini5cat.enabled:
@@ -211,7 +215,8 @@ def build_fit(
 def first_unlogged_step(ckpt: dict[str, Any]) -> int:
     """The first step whose per-step row a checkpoint has not seen logged (its unflushed rows
     are logged again after the resume)."""
-    pending = ckpt.get("step_log", {}).get("steps", [])
+    stats = next((v for k, v in ckpt.get("callbacks", {}).items() if k.startswith("StepStatistics")), {})
+    pending = stats.get("steps", [])
     return min(pending, default=int(ckpt["global_step"]))
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from lvm.losses import DirectionalKnobs, adaptive_lambda, directional_term, p6b_loss
+from lvm.losses import DirectionalKnobs, SkipRule, adaptive_lambda, directional_term, p6b_loss
 
 KNOBS = DirectionalKnobs(margin=0.04, target_frac=0.2, gamma=8.0, lambda_min=1e-4, lambda_max=0.05)
 
@@ -96,27 +96,50 @@ def test_directional_term_is_smooth_hinge():
     assert directional_term(torch.tensor([-1.0]), torch.tensor([1.0]), 0.05, 8.0).item() == pytest.approx(2.05, rel=1e-4)
 
 
-def test_skip_gate_zeroes_weight_but_keeps_graph():
+def test_skip_rule_zeroes_weight_but_keeps_graph():
     raw, target, prev = batch(4)
     raw.requires_grad_(True)
-    seen = {}
-
-    def gate(pos, neg):
-        seen["pos"], seen["neg"] = pos.item(), neg.item()
-        return torch.tensor(True)
-
-    t = p6b_loss(raw, target, prev, KNOBS, skip_gate=gate)
     ref = reference_loss(raw.detach(), target, prev, KNOBS, skipped=True)
+    # A rule whose threshold sits just above this batch's own mean pos: it must skip this batch.
+    t = p6b_loss(raw, target, prev, KNOBS, skip=SkipRule(pos_below=ref["pos"] + 1e-4, neg_below=-2.0))
     assert t.skipped.item() and t.weight.item() == 0.0
     assert t.loss.item() == pytest.approx(ref["mse"], rel=1e-6)
     assert t.frac_of_mse.item() == 0.0
-    # The gate saw this batch's own mean cosines.
-    assert seen["pos"] == pytest.approx(ref["pos"], abs=1e-6) and seen["neg"] == pytest.approx(ref["neg"], abs=1e-6)
+    kept = p6b_loss(raw, target, prev, KNOBS, skip=SkipRule(pos_below=ref["pos"] - 1e-4, neg_below=-2.0))
+    assert not kept.skipped.item() and kept.weight.item() == 1.0
     # The directional term is still part of the graph (same shape on every rank).
     assert t.dir.grad_fn is not None
     (g,) = torch.autograd.grad(t.loss, raw)
     (g_mse,) = torch.autograd.grad(p6b_loss(raw, target, prev, KNOBS).mse, raw)
     assert torch.allclose(g, g_mse, atol=1e-7)
+
+
+@pytest.mark.parametrize(
+    "pos,neg,skip",
+    [(0.5, 0.5, False), (-0.058, -0.519, True), (0.3, -0.01, True), (-0.01, 0.4, True), (0.0, 0.0, False)],
+)
+def test_seed_rule(pos, neg, skip):
+    assert bool(SkipRule(0.0, 0.0)(torch.tensor(pos), torch.tensor(neg))) is skip
+
+
+def test_skip_decides_on_the_means_over_ranks():
+    """Locally negative, but the mean over two ranks is positive: every rank keeps the term."""
+    raw, target, prev = batch(6)
+    rule = SkipRule(0.0, 0.0)
+    pred = torch.nn.functional.normalize(raw, dim=-1)
+    away = p6b_loss(-raw, target, prev, KNOBS, skip=rule)  # pred points away from both: both means < 0
+    assert away.skipped.item()
+    seen = []
+
+    def mean_with_other_rank(t):
+        seen.append(t.clone())
+        return (t + torch.tensor([0.9, 0.9])) / 2  # the other rank's means
+
+    shared = p6b_loss(-raw, target, prev, KNOBS, skip=rule, mean_over_ranks=mean_with_other_rank)
+    assert not shared.skipped.item()
+    local = torch.stack([torch.nn.functional.cosine_similarity(-pred, target).mean(),
+                         torch.nn.functional.cosine_similarity(-pred, prev).mean()])
+    assert torch.allclose(seen[0], local, atol=1e-6)  # the rule was handed this rank's batch means
 
 
 def test_disabled_term_is_plain_mse():

@@ -13,6 +13,7 @@ import torch
 from callbacks.fault import FaultInjection
 from callbacks.ramp import RampSchedule
 from callbacks.rollback import RollbackGuard
+from callbacks.stats import StepStatistics
 from lvm.train import run
 from tests.helpers import ROOT, TINY, cfg_for, compose_cfg, events, steps_per_epoch, train_cli
 
@@ -51,7 +52,8 @@ def test_guard_decides_on_every_step_of_the_epoch(tmp_path):
     class Probe(L.Callback):
         def on_validation_end(self, trainer, pl_module):
             if not trainer.sanity_checking:
-                seen.append((trainer.global_step, len(pl_module.step_log._steps)))
+                stats = next(c for c in trainer.callbacks if isinstance(c, StepStatistics))
+                seen.append((trainer.global_step, len(stats.buffer._steps)))
 
     run(cfg_for("+experiment=p6b_v2", "trainer.max_epochs=2", "logger.flush_every=1000"), tmp_path, extra_callbacks=[Probe()])
     assert [unflushed for _, unflushed in seen] == [0, 0] and seen[0][0] > 0

@@ -1,13 +1,13 @@
-"""SkipGuard: the P6b v2 safety check, skip the directional term for a batch with a negative mean cosine.
+"""SkipReport: counts the batches whose directional term the v2 skip rule zeroed, and says so.
 
-The decision is taken on the same batch (the module calls `gate` between computing the cosines
-and weighting the term), from the batch means reduced across ranks, so every rank decides alike;
-a skip sets the term's weight to 0 and keeps it in the graph.
+The rule itself is part of the loss (lvm/losses.py `SkipRule`, decided on the batch means averaged
+over ranks); this callback reads each step's statistics from `outputs` and keeps the count.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 import lightning as L
@@ -16,42 +16,29 @@ import torch
 log = logging.getLogger(__name__)
 
 
-def skip_rule(pos: torch.Tensor, neg: torch.Tensor, pos_below: float, neg_below: float) -> torch.Tensor:
-    """True when mean pos < pos_below or mean neg < neg_below (the seed: both thresholds 0)."""
-    return (pos < pos_below) | (neg < neg_below)
+class SkipReport(L.Callback):
+    """The count (`guard/skips_total`, kept in checkpoints) and the `[P6b WARNING]` line every
+    `print_every` steps; one host sync per report."""
 
-
-class SkipGuard(L.Callback):
-    """Installs the skip rule on the module and reports skips (counter, warning line)."""
-
-    def __init__(self, pos_below: float, neg_below: float, print_every: int) -> None:
-        self.pos_below = pos_below
-        self.neg_below = neg_below
+    def __init__(self, stat_names: Sequence[str], print_every: int) -> None:
+        self.index = [list(stat_names).index(n) for n in ("skipped", "pos", "neg")]
         self.print_every = print_every
         self.skips_total = 0
-        self._strategy: Any = None
         self._window: torch.Tensor | None = None  # skips since the last report, on device
         self._last: torch.Tensor | None = None  # (pos, neg) of the newest skipped batch
 
-    def gate(self, pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
-        both = self._strategy.reduce(torch.stack([pos, neg]), reduce_op="mean")
-        return skip_rule(both[0], both[1], self.pos_below, self.neg_below)
-
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        self._strategy = trainer.strategy
-        pl_module.skip_gate = self.gate
-
-    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        pl_module.skip_gate = None
+    @property
+    def state_key(self) -> str:
+        return "SkipGuard"  # the name checkpoints written before the rule moved into the loss use
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
-        terms = pl_module.last_terms
-        skipped = terms.skipped
+        skipped, pos, neg = outputs["stats"][self.index]
+        skipped = skipped > 0
         if self._window is None:
             self._window = torch.zeros((), dtype=torch.long, device=skipped.device)
             self._last = torch.zeros(2, device=skipped.device)
         self._window += skipped.long()
-        self._last = torch.where(skipped, torch.stack([terms.pos, terms.neg]), self._last)
+        self._last = torch.where(skipped, torch.stack([pos, neg]), self._last)
         step = trainer.global_step
         if self.print_every and step % self.print_every == 0:
             self._report(trainer)
