@@ -10,7 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from callbacks.ramp import parse_stages
 from lvm.errors import ConfigError
-from lvm.fivecat import parse_eval
+from lvm.gates import parse_eval
 
 
 def to_plain(cfg: DictConfig) -> dict[str, Any]:

@@ -30,7 +30,8 @@ from lvm.data.loaders import load_splits
 from lvm.data.splits import stratified_sample
 from lvm.data.store import Windows, WindowSpec
 from lvm.errors import ConfigError, LvmError
-from lvm.fivecat import CROSS, SPLIT_NAMES, Predictor, compare_splits, judge, make_perturbation, parse_eval, score_windows, summarize
+from lvm.fivecat import CROSS, SPLIT_NAMES, Predictor, compare_splits, make_perturbation, score_windows, summarize
+from lvm.gates import judge, parse_eval
 from lvm.module import LVMModule, predict_units
 from lvm.report import write_outputs
 

@@ -134,6 +134,11 @@ def check_tensorboard_runs(sweep: Path) -> None:
         assert {"hparams/best_val_cos", "hparams/val/cos", "hparams/mini5cat/margin_last", "hparams/mini5cat/r5"} <= set(metrics)
 
 
+def original_eval() -> dict:
+    """conf/eval/original.yaml: the reference's 5CAT gates."""
+    return OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "eval" / "original.yaml"))
+
+
 # Predictors that must never pass 5CAT: all NaN, the zero vector, one constant unit vector (D = 16).
 CONSTANT = torch.from_numpy(unit_rows(1, 16, seed=5)[0])
 DEGENERATE = {

@@ -9,14 +9,13 @@ import math
 import numpy as np
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from lvm import fivecat as F5
+from lvm import gates as G
 from lvm import metrics as M
 from lvm.data.store import ArticleStore
 from lvm.data.synthetic import synthetic_corpus
-from lvm.errors import ConfigError
-from tests.helpers import CONSTANT, DEGENERATE, P6, ROOT, STANDARD, compose_cfg, numpy_r1_of_constant
+from tests.helpers import CONSTANT, DEGENERATE, P6, STANDARD, numpy_r1_of_constant, original_eval
 
 ORACLE = lambda b: b["target"]  # noqa: E731
 COPY_LAST = lambda b: M.copy_last(b["context"])  # noqa: E731
@@ -162,67 +161,6 @@ def test_coherence_bins(store):
     assert math.isnan(F5.compare_splits({"val": s})["coherence_normal_gap"])
 
 
-def original_eval() -> dict:
-    return OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "eval" / "original.yaml"))
-
-
-def fake_metrics(cos_at_target=0.6, margin=0.2, r1=0.7, shuffle=-0.2, rollout=0.5, gap=0.01):
-    split = {
-        "offset": {"cos_at_target": cos_at_target, "margin": margin},
-        "retrieval": {"r1": r1, "r5": 0.99, "mrr": 0.9},
-        "ablation": {"shuffle": shuffle, "reverse": -0.2, "drop_slot": -0.1, "repeat_last": 0.0, "cross_article": 0.0},
-        "rollout": {"mean": rollout},
-    }
-    return {"val": split, "ood": split, "val_vs_ood": {"coherence_normal_gap": gap}}
-
-
-def test_gates_and_pass_rules():
-    gates, rule = F5.parse_eval(original_eval())
-    assert [g.name for g in gates] == ["A", "B", "C", "D", "E"] and rule.mode == "all"
-    v = F5.judge(fake_metrics(), gates, rule)
-    assert v["passed"] and v["gates_passed"] == 5
-    v = F5.judge(fake_metrics(r1=0.1), gates, rule)
-    assert not v["passed"] and v["gates_passed"] == 4 and not v["gates"]["B"]["passed"]
-    check = v["gates"]["B"]["checks"][0]
-    assert check == {"split": "val", "metric": "retrieval.r1", "min": 0.6, "max": None, "value": 0.1, "passed": False}
-    k3 = F5.PassRule("k_of_5", 3, require_nonnegative_margin=True)
-    assert F5.judge(fake_metrics(r1=0.1, shuffle=0.0), gates, k3)["passed"]  # 3 of 5
-    assert not F5.judge(fake_metrics(r1=0.1, shuffle=0.0, rollout=0.1), gates, k3)["passed"]  # 2 of 5
-    # A negative margin fails a k-of-5 verdict even with enough gates, unless allowed.
-    neg = fake_metrics(margin=-0.01)
-    assert F5.judge(neg, gates, F5.PassRule("k_of_5", 3, False))["passed"]
-    assert not F5.judge(neg, gates, k3)["passed"]
-    # A missing split or NaN value fails its check (None in the report).
-    v = F5.judge({**fake_metrics(), "val": {**fake_metrics()["val"], "rollout": {"mean": math.nan}}}, gates, rule)
-    assert v["gates"]["D"]["checks"][0]["value"] is None and not v["gates"]["D"]["passed"]
-
-
-def test_three_of_five_preset():
-    """The preset composes onto the original gates and parses to a 3-of-5 rule."""
-    cfg = compose_cfg("evaluate", "eval=three_of_five")
-    gates, rule = F5.parse_eval(OmegaConf.to_container(cfg.eval, resolve=True))
-    assert rule == F5.PassRule("k_of_5", 3, True)
-    assert gates == F5.parse_eval(original_eval())[0]
-
-
-@pytest.mark.parametrize(
-    "change,setting",
-    [
-        ({"pass_rule": {"mode": "most"}}, "eval.pass_rule.mode"),
-        ({"pass_rule": {"mode": "k_of_5", "k": 9}}, "eval.pass_rule.k"),
-        ({"gates": {"A": {"checks": [{"split": "val", "metric": "offset.nope", "min": 0.5}]}}}, r"eval.gates.A.checks\[0\].metric"),
-        ({"gates": {"A": {"checks": [{"split": "test", "metric": "cos", "min": 0.5}]}}}, r"eval.gates.A.checks\[0\].split"),
-        ({"gates": {"A": {"checks": [{"split": "val", "metric": "cos", "min": 0.5, "max": 0.9}]}}}, "exactly one numeric threshold"),
-        ({"horizon": 0}, "eval.horizon"),
-        ({"coherence_bins": {"low": 0.6, "high": 0.5}}, "eval.coherence_bins"),
-    ],
-)
-def test_bad_eval_config_named(change, setting):
-    cfg = {**original_eval(), **change}
-    with pytest.raises(ConfigError, match=setting):
-        F5.parse_eval(cfg)
-
-
 def test_strict_json_round_trip():
     report = {"a": math.nan, "b": [1.0, math.inf, np.float32(0.5)], "c": {"d": torch.tensor(2.0), "e": None}, "f": np.int64(3)}
     text = json.dumps(F5.strict_json(report), allow_nan=False)
@@ -241,10 +179,10 @@ def test_degenerate_predictors_score_low_and_fail(store, name):
         assert r["r1"] == pytest.approx(expected) and expected < 0.2
     else:
         assert r["r1"] == r["r5"] == 0.0  # worst rank: every retrieval article has >= 8 chunks
-    gates, rule = F5.parse_eval(original_eval())
+    gates, rule = G.parse_eval(original_eval())
     metrics = {"val": s, "ood": s, "val_vs_ood": F5.compare_splits({"val": s, "ood": s})}
-    for pass_rule in (rule, F5.PassRule("k_of_5", 3, True)):
-        v = F5.judge(metrics, gates, pass_rule)
+    for pass_rule in (rule, G.PassRule("k_of_5", 3, True)):
+        v = G.judge(metrics, gates, pass_rule)
         assert not v["passed"] and not v["gates"]["B"]["passed"] and v["gates_passed"] <= 1
     strict = json.loads(json.dumps(F5.strict_json(s), allow_nan=False))
     if name != "constant":  # every offset mean is NaN or 0: no peak, not k = -3
