@@ -4,7 +4,9 @@ The basic launcher (sequential), hydra-joblib-launcher (`hydra/launcher=parallel
 extra `sweep`: parallel local jobs, one GPU each) and hydra-submitit-launcher
 (`hydra/launcher=slurm_gpu` / `slurm_cpu`, extra `slurm`: one SLURM job per sweep job). A missing
 plugin is named with its extra; DDP under a local multirun is refused (every extra rank would
-relaunch the sweep); under SLURM, tasks per node must follow trainer.devices.
+relaunch the sweep); under SLURM, tasks per node must follow trainer.devices. Inside a job:
+its own GPU (`own_gpu`), resuming when requeued (`resume_on_requeue`) and its share of the CPUs
+(`sweep_jobs`).
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -176,3 +180,37 @@ def claim_gpu(lock_dir: Path, first: int, count: int) -> Iterator[int]:
         yield held[0]
     finally:
         held[1].close()
+
+
+@contextmanager
+def own_gpu(cfg: DictConfig, hc: Any) -> Iterator[None]:
+    """Under the joblib launcher, a single-GPU job gets a GPU of its own: trainer.devices=[k], k the
+    first free GPU from job_num % GPUs on (held by a file lock until the job ends). A device index,
+    not CUDA_VISIBLE_DEVICES: loky reuses worker processes, whose CUDA may already be initialised."""
+    if hc.launcher._target_ != JOBLIB_LAUNCHER or not wants_one_gpu(cfg):
+        yield
+        return
+    import torch
+
+    count = torch.cuda.device_count()
+    with claim_gpu(Path(hc.sweep.dir) / ".gpu_locks", hc.job.num % count, count) as gpu:
+        cfg.trainer.devices = [gpu]
+        log.info("Job %s runs on GPU %d of %d", hc.job.num, gpu, count)
+        yield
+
+
+def resume_on_requeue(cfg: DictConfig, hc: Any) -> None:
+    """Under a submitit launcher a job without ckpt_path runs with ckpt_path=auto: a requeued job
+    starts again in its own directory and must resume from its last.ckpt, not overwrite it."""
+    if cfg.ckpt_path is None and str(hc.launcher._target_).startswith(SUBMITIT_PREFIX):
+        cfg.ckpt_path = "auto"
+
+
+def sweep_jobs(hc: Any) -> int:
+    """Jobs that run side by side on this machine: joblib's n_jobs (negative: CPUs + 1 + n_jobs)."""
+    from lvm.threads import usable_cpus  # torch is imported lazily here, as in every function above
+
+    if hc.launcher._target_ != JOBLIB_LAUNCHER:
+        return 1
+    n = int(hc.launcher.n_jobs)
+    return n if n > 0 else max(1, usable_cpus() + 1 + n)

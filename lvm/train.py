@@ -11,7 +11,6 @@ stopped: max_rollbacks 3; preempted (SIGTERM/SIGUSR1: last.ckpt saved, resume wi
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -20,7 +19,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import hydra
@@ -48,7 +47,7 @@ from lvm.errors import ConfigError, LvmError, Preempted, RunFailed
 from lvm.evaluate import evaluate_after_fit
 from lvm.fivecat import strict_json
 from lvm.module import STEP_STATS, LVMModule
-from lvm.launchers import JOBLIB_LAUNCHER, SUBMITIT_PREFIX, claim_gpu, launcher_choice, missing_launcher_plugin, wants_one_gpu
+from lvm.launchers import launcher_choice, missing_launcher_plugin, own_gpu, resume_on_requeue, sweep_jobs
 from lvm.signals import StopSignals
 from lvm.threads import ThreadShare, set_threads, usable_cpus
 
@@ -350,36 +349,6 @@ def main(cfg: DictConfig) -> float | None:
         return None
     set_exit_code(exit_code_of(results["status"]))
     return results["best_val_cos"]
-
-
-@contextlib.contextmanager
-def own_gpu(cfg: DictConfig, hc: Any) -> Iterator[None]:
-    """Under the joblib launcher, a single-GPU job gets a GPU of its own: trainer.devices=[k], k the
-    first free GPU from job_num % GPUs on (held by a file lock until the job ends). A device index,
-    not CUDA_VISIBLE_DEVICES: loky reuses worker processes, whose CUDA may already be initialised."""
-    if hc.launcher._target_ != JOBLIB_LAUNCHER or not wants_one_gpu(cfg):
-        yield
-        return
-    count = torch.cuda.device_count()
-    with claim_gpu(Path(hc.sweep.dir) / ".gpu_locks", hc.job.num % count, count) as gpu:
-        cfg.trainer.devices = [gpu]
-        log.info("Job %s runs on GPU %d of %d", hc.job.num, gpu, count)
-        yield
-
-
-def resume_on_requeue(cfg: DictConfig, hc: Any) -> None:
-    """Under a submitit launcher a job without ckpt_path runs with ckpt_path=auto: a requeued job
-    starts again in its own directory and must resume from its last.ckpt, not overwrite it."""
-    if cfg.ckpt_path is None and str(hc.launcher._target_).startswith(SUBMITIT_PREFIX):
-        cfg.ckpt_path = "auto"
-
-
-def sweep_jobs(hc: Any) -> int:
-    """Jobs that run side by side on this machine: joblib's n_jobs (negative: CPUs + 1 + n_jobs)."""
-    if hc.launcher._target_ != JOBLIB_LAUNCHER:
-        return 1
-    n = int(hc.launcher.n_jobs)
-    return n if n > 0 else max(1, usable_cpus() + 1 + n)
 
 
 def run_sweep_job(cfg: DictConfig, hc: Any) -> float | None:

@@ -22,7 +22,8 @@ from omegaconf import OmegaConf
 
 from lvm import launchers
 from lvm.errors import ConfigError
-from lvm.train import own_gpu, resume_on_requeue, run
+from lvm.launchers import own_gpu, resume_on_requeue
+from lvm.train import run
 from tests.helpers import ROOT, TINY, cfg_for, check_tensorboard_runs, compose_cfg, history, job_dirs, sweep_rows, train_cli
 
 HAS_JOBLIB = importlib.util.find_spec("hydra_plugins") is not None and importlib.util.find_spec("hydra_plugins.hydra_joblib_launcher") is not None

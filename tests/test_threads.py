@@ -14,7 +14,7 @@ import torch
 from lvm import threads as T
 from lvm.errors import ConfigError
 from lvm.launchers import JOBLIB_LAUNCHER
-from lvm.train import sweep_jobs
+from lvm.launchers import sweep_jobs
 from tests.helpers import ROOT, TINY
 
 
@@ -42,7 +42,6 @@ def test_set_threads_sets_torch(monkeypatch):
 
 def test_parallel_sweep_jobs_share_the_machine(monkeypatch):
     monkeypatch.setattr(T, "usable_cpus", lambda: 8)
-    monkeypatch.setattr("lvm.train.usable_cpus", lambda: 8)
     joblib = lambda n: SimpleNamespace(launcher=SimpleNamespace(_target_=JOBLIB_LAUNCHER, n_jobs=n))  # noqa: E731
     assert sweep_jobs(joblib(3)) == 3
     assert sweep_jobs(joblib(-1)) == 8  # joblib: CPUs + 1 + n_jobs
