@@ -53,7 +53,7 @@ class RampSchedule(L.Callback):
     original code's convention), 1 means the first epoch is epoch 1 (the seed's prose).
     """
 
-    def __init__(self, stages: Sequence[Mapping[str, Any]], epoch_base: int = 0, lambda_max: float = 0.02) -> None:
+    def __init__(self, stages: Sequence[Mapping[str, Any]], epoch_base: int, lambda_max: float) -> None:
         if epoch_base not in (0, 1):
             raise ValueError(f"ramp.epoch_base must be 0 or 1 (got {epoch_base})")
         self.stages = parse_stages(stages)

@@ -80,7 +80,7 @@ _WARMUP_STEPS, _TIMED_STEPS = 10, 50
 
 class ExactResume(L.Callback):
     def __init__(self, sampler: EpochSampler, batch_size: int, last_path: str | Path,
-                 every_n_steps: int | str | None, every_minutes: float = 5.0, signals: StopSignals | None = None) -> None:
+                 every_n_steps: int | str | None, every_minutes: float, signals: StopSignals | None) -> None:
         self.sampler = sampler
         self.batch_size = batch_size
         self.last_path = Path(last_path)

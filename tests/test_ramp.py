@@ -45,7 +45,7 @@ class FakeModule:
 @pytest.mark.parametrize("base,epoch,expected", [(0, 1, 0.02), (0, 2, 0.04), (1, 1, 0.04), (1, 0, 0.02), (1, 4, 0.05)])
 def test_callback_sets_knobs_with_epoch_base(base, epoch, expected):
     """With epoch_base=1 the table is read in 1-based numbers: Lightning epoch 1 is table epoch 2."""
-    ramp = RampSchedule(ramp_table("p6b_v1")["stages"], epoch_base=base)
+    ramp = RampSchedule(ramp_table("p6b_v1")["stages"], epoch_base=base, lambda_max=0.05)
     module = FakeModule()
     ramp.on_train_epoch_start(FakeTrainer(epoch), module)
     assert module.knobs.margin == expected
@@ -55,10 +55,10 @@ def test_callback_sets_knobs_with_epoch_base(base, epoch, expected):
 
 def test_state_round_trip_keeps_stage_and_back_off():
     """A restored schedule (a resumed run) sets the same knobs as the one it was saved from."""
-    ramp = RampSchedule(ramp_table("p6b_v1")["stages"])
+    ramp = RampSchedule(ramp_table("p6b_v1")["stages"], 0, lambda_max=0.05)
     ramp.on_train_epoch_start(FakeTrainer(3), FakeModule())
     ramp.back_off(3, FakeModule(), hold_epochs=2, target_frac_scale=0.5, lambda_max_scale=0.25)
-    restored = RampSchedule(ramp_table("p6b_v1")["stages"])
+    restored = RampSchedule(ramp_table("p6b_v1")["stages"], 0, lambda_max=0.05)
     restored.load_state_dict(ramp.state_dict())
     for epoch in (3, 4, 5, 6):
         a, b = FakeModule(), FakeModule()
@@ -71,7 +71,7 @@ def test_state_round_trip_keeps_stage_and_back_off():
 def test_back_off_is_cumulative_and_owns_the_clamp():
     """Each rollback multiplies target_frac and lambda_max by its scale; the schedule keeps the
     products (factors) and writes every knob, the clamp included."""
-    ramp = RampSchedule(ramp_table("p6b_v1")["stages"], lambda_max=0.05)
+    ramp = RampSchedule(ramp_table("p6b_v1")["stages"], 0, lambda_max=0.05)
     module = FakeModule()
     ramp.on_train_epoch_start(FakeTrainer(2), module)  # stage 1: margin 0.04, target_frac 0.20
     assert (module.knobs.target_frac, module.knobs.lambda_max) == (0.20, 0.05)
@@ -86,7 +86,7 @@ def test_back_off_is_cumulative_and_owns_the_clamp():
 
 def test_old_checkpoint_state_loads():
     """State written before the schedule owned lambda_max (`frac_scale`; the guard held the lambda factor)."""
-    ramp = RampSchedule(ramp_table("p6b_v1")["stages"])
+    ramp = RampSchedule(ramp_table("p6b_v1")["stages"], 0, lambda_max=0.05)
     ramp.load_state_dict({"stage": 1, "hold_stage": 0, "hold_until": 5, "frac_scale": 0.5})
     assert ramp.target_frac_factor == 0.5 and ramp.lambda_max_factor == 1.0 and ramp.hold_until == 5
 
@@ -94,7 +94,7 @@ def test_old_checkpoint_state_loads():
 def test_knobs_are_set_when_a_run_resumes_mid_epoch():
     """A run resumed mid-epoch does not start that epoch again (no on_train_epoch_start): the knobs
     of its stage are set at train start (before, they stayed at the loss config's values)."""
-    ramp = RampSchedule(ramp_table("p6b_v1")["stages"])
+    ramp = RampSchedule(ramp_table("p6b_v1")["stages"], 0, lambda_max=0.05)
     module = FakeModule()
     module.knobs.margin = -1.0
     ramp.on_train_start(FakeTrainer(3), module)

@@ -187,7 +187,7 @@ def test_collapse_drill(tmp_path):
 
 def test_old_guard_state_hands_its_lambda_factor_to_the_schedule(tmp_path):
     """Checkpoints from before the schedule owned lambda_max kept its factor in the guard's state."""
-    schedule = RampSchedule([{"until": None, "margin": 0.02, "target_frac": 0.1}], lambda_max=0.02)
+    schedule = RampSchedule([{"until": None, "margin": 0.02, "target_frac": 0.1}], 0, lambda_max=0.02)
     guard = RollbackGuard(tmp_path, {}, 3, 2, 0.5, 0.5, 2, schedule)
     guard.load_state_dict({"rollbacks": 1, "good": [str(tmp_path / "elsewhere" / "good-epoch00.ckpt")], "best_val_cos": 0.5,
                            "lambda_factor": 0.25, "pinned_steps": 0})
