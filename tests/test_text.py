@@ -8,7 +8,7 @@ import zipfile
 
 import pytest
 
-from lvm.data.text import (Chunker, Document, Skipped, is_prose, paragraphs, prose_documents, read_documents,
+from lvm.corpus.text import (Chunker, Document, Skipped, is_prose, paragraphs, prose_documents, read_documents,
                            read_mediawiki, split_sentences)
 from lvm.errors import ConfigError, DataError
 from tests.helpers import WIKI_FIXTURE

@@ -1,4 +1,4 @@
-"""Text sources and the chunker of `python -m lvm.data.build`: documents in, word chunks out.
+"""Text sources and the chunker of `python -m lvm.corpus.build`: documents in, word chunks out.
 
 Sources, all streamed one document at a time (a dump is never loaded whole):
 - a MediaWiki XML dump (`.xml` or `.xml.bz2`), main-namespace pages only, redirects skipped,

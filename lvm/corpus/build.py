@@ -1,7 +1,7 @@
-"""`python -m lvm.data.build input=PATH out_dir=DIR [encoder=minilm]`: real text into an article store.
+"""`python -m lvm.corpus.build input=PATH out_dir=DIR [encoder=minilm]`: real text into an article store.
 
-Reads a MediaWiki dump, a folder of .txt files or JSONL (lvm/data/text.py), chunks each document,
-embeds the chunks (lvm/data/encoders.py) and writes into `out_dir`:
+Reads a MediaWiki dump, a folder of .txt files or JSONL (lvm/corpus/text.py), chunks each document,
+embeds the chunks (lvm/corpus/encoders.py) and writes into `out_dir`:
 - `store.npz`: the reference's article-store keys `vectors` [N, D] float32 (unit rows),
   `article_indices` [N], `chunk_indices` [N], plus `titles` [A] and `doc_ids` [A] per article;
 - `chunks.jsonl`: one line per row of the store with its article, chunk index and text;
@@ -32,8 +32,8 @@ from tqdm.auto import tqdm
 
 from lvm.atomic import atomic_open, atomic_write_text
 from lvm.cli import entry_point, run_entry_point
-from lvm.data.encoders import Encoder, make_encoder
-from lvm.data.text import Chunker, Document, read_documents
+from lvm.corpus.encoders import Encoder, make_encoder
+from lvm.corpus.text import Chunker, Document, read_documents
 from lvm.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -234,7 +234,7 @@ def validate(cfg: DictConfig) -> None:
     """Impossible settings, named, before any model is loaded or any text read."""
     for key in ("input", "out_dir"):
         if OmegaConf.is_missing(cfg, key) or not cfg[key]:
-            raise ConfigError(f"{key} must be set: python -m lvm.data.build input=PATH out_dir=DIR [encoder=minilm]")
+            raise ConfigError(f"{key} must be set: python -m lvm.corpus.build input=PATH out_dir=DIR [encoder=minilm]")
     if int(cfg.min_article_words) < 0:
         raise ConfigError(f"min_article_words must be >= 0 (got {cfg.min_article_words})")
     if int(cfg.part_chunks) < 1:
@@ -363,7 +363,7 @@ def _embed_all(cfg: DictConfig, documents: Iterator, chunker: Chunker, encoder: 
 
 
 @hydra.main(version_base="1.3", config_path="../../conf", config_name="build")
-@entry_point("lvm.data.build")
+@entry_point("lvm.corpus.build")
 def main(cfg: DictConfig) -> None:
     build(cfg)
 

@@ -1,4 +1,4 @@
-"""Text encoders of `python -m lvm.data.build`: a list of chunk texts in, unit float32 rows out.
+"""Text encoders of `python -m lvm.corpus.build`: a list of chunk texts in, unit float32 rows out.
 
 Kinds (conf/encoder/*.yaml):
 - `sentence_transformers`: a model loaded by local path only (no hub access here), or the one

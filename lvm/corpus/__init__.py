@@ -1,0 +1,1 @@
+"""Corpus building: text sources, the chunker, text encoders and the text -> article store CLI."""
