@@ -2,7 +2,7 @@
 
 Each run writes into its own Hydra directory and nowhere else: checkpoints/ (best by val cosine,
 last, optionally every epoch), tb/ (TensorBoard events), config.yaml (resolved), metrics.jsonl and
-results.json. A directory that already holds a run is resumed (ckpt_path) or refused.
+results.json. A directory that already holds a run is resumed (ckpt_path) or refused (lvm/rundir.py).
 
 Every ending is written to results.json as `status` and gives the exit code (lvm/cli.py):
 completed 0; failed: <error> 1; bad input, configuration or checkpoint (nothing written) 2;
@@ -12,9 +12,7 @@ stopped: max_rollbacks 3; preempted (SIGTERM/SIGUSR1: last.ckpt saved, resume wi
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
-import shutil
 import sys
 import time
 import traceback
@@ -43,18 +41,15 @@ from lvm.config import to_plain, validate
 from lvm.data.loaders import load_splits
 from lvm.data.sampler import EpochSampler
 from lvm.data.store import Windows, WindowSpec, collate_batch
-from lvm.errors import ConfigError, LvmError, Preempted, RunFailed
+from lvm.errors import LvmError, Preempted, RunFailed
 from lvm.evaluate import evaluate_after_fit
-from lvm.fivecat import strict_json
 from lvm.module import STEP_STATS, LVMModule
 from lvm.launchers import launcher_choice, missing_launcher_plugin, own_gpu, resume_on_requeue, sweep_jobs
+from lvm.rundir import auto_start_fresh, claim_run_dir, write_results
 from lvm.signals import StopSignals
 from lvm.threads import ThreadShare, set_threads, usable_cpus
 
 log = logging.getLogger(__name__)
-
-# What a run writes into its directory (Hydra's own .hydra/ and train.log aside).
-RUN_OUTPUTS = ("checkpoints", "tb", "eval", "metrics.jsonl", "events.jsonl", "results.json", "config.yaml")
 
 # Longest job directory name a sweep uses as is; longer ones (many overrides) are cut and hashed.
 MAX_DIRNAME = 120
@@ -219,33 +214,6 @@ def first_unlogged_step(ckpt: dict[str, Any]) -> int:
     return min(pending, default=int(ckpt["global_step"]))
 
 
-def claim_run_dir(run_dir: Path, ckpt_path: str | None, overwrite: bool) -> None:
-    """A run owns its directory: one that already holds a run is resumed (the checkpoint lies in
-    it), cleared (`overwrite=true`) or refused, before anything is written."""
-    found = [name for name in RUN_OUTPUTS if (run_dir / name).exists()]
-    if not found:
-        return
-    inside = ckpt_path is not None and Path(ckpt_path).resolve().is_relative_to(run_dir.resolve())
-    if inside and overwrite:
-        raise ConfigError(f"overwrite=true would delete the checkpoint this run resumes from ({ckpt_path}); drop one of them")
-    if inside:
-        return
-    if not overwrite:
-        raise ConfigError(
-            f"run directory {run_dir} already holds a run ({', '.join(found)}): resume it with ckpt_path=last "
-            "(or ckpt_path=auto), pick another hydra.run.dir, or start over with overwrite=true (deletes those files)")
-    log.warning("overwrite=true: deleting %s from %s", ", ".join(found), run_dir)
-    for name in found:
-        path = run_dir / name
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
-
-
-def auto_start_fresh(cfg: DictConfig, run_dir: Path) -> bool:
-    """ckpt_path=auto found no last.ckpt: an earlier attempt that never wrote a checkpoint left
-    only partial records, which a fresh start replaces (no checkpoint is deleted)."""
-    return cfg.ckpt_path == "auto" and not list((run_dir / "checkpoints").glob("*.ckpt"))
-
-
 def run(
     cfg: DictConfig,
     run_dir: str | Path,
@@ -323,11 +291,6 @@ def summarize_run(cfg: DictConfig, trainer: L.Trainer, module: LVMModule, run_di
         log.info("Rank %d of %d finished: best val cos %r, final val cos %r", trainer.global_rank, trainer.world_size,
                  results["best_val_cos"], results["final"].get("val/cos"))
     return results
-
-
-def write_results(run_dir: Path, results: dict[str, Any]) -> None:
-    """results.json, strict JSON (a NaN metric is written as null), atomically."""
-    atomic_write_text(run_dir / "results.json", json.dumps(strict_json(results), indent=2, allow_nan=False))
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
