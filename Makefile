@@ -43,7 +43,7 @@ data-wiki: $(TEXT_STAMP)
 		$(BIN)/pip download --quiet --no-deps --only-binary=:all: gensim==4.4.0 -d $(WHEELS)
 	$(BIN)/python -m lvm.corpus.build input=$$(ls $(WHEELS)/gensim-4.4.0-*.whl | head -n 1) \
 		input_member=$(WIKI_MEMBER) encoder=minilm out_dir=data/wiki_minilm $(ARGS)
-	$(BIN)/python -m lvm.data.diagnose data/wiki_minilm/store.npz progress=false
+	$(BIN)/python -m lvm.diagnosis.diagnose data/wiki_minilm/store.npz progress=false
 
 train: setup
 	$(BIN)/python -m lvm.train +experiment=p6b_v2 $(ARGS)

@@ -16,10 +16,10 @@ from omegaconf import OmegaConf
 
 import lvm.corpus.encoders as encoders
 from lvm.corpus.build import build
-from lvm.data.diagnose import run as diagnose_run
 from lvm.corpus.encoders import hashed_bow
-from lvm.data.loaders import load_store_npz
 from lvm.corpus.text import Chunker, Document, read_documents
+from lvm.data.loaders import load_store_npz
+from lvm.diagnosis.diagnose import run as diagnose_run
 from lvm.errors import ConfigError, DataError
 from tests.helpers import HAVE_TEXT, NEEDS_TEXT, WIKI_FIXTURE, compose_cfg, run_module
 

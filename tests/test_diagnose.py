@@ -1,4 +1,4 @@
-"""`python -m lvm.data.diagnose`: every statistic against values computed independently on small
+"""`python -m lvm.diagnosis.diagnose`: every statistic against values computed independently on small
 hand-made stores (closed forms, brute force), the CLI end to end, and bad inputs."""
 
 from __future__ import annotations
@@ -10,13 +10,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lvm.data import diagnostics as Dg
-from lvm.data.diagnose import layout_of, run, split_codes
 from lvm.data.store import ArticleStore
+from lvm.diagnosis import stats
+from lvm.diagnosis.diagnose import layout_of, run, split_codes
+from lvm.diagnosis.report import findings
 from lvm.errors import ConfigError, DataError
 from tests.helpers import STANDARD, compose_cfg, run_module, unit_rows
 
-FAST = Dg.Settings(max_offset=3, pairs=20_000, bootstrap=200, alphas=(1e-6, 1.0), progress=False)
+FAST = stats.Settings(max_offset=3, pairs=20_000, bootstrap=200, alphas=(1e-6, 1.0), progress=False)
 THETA = 0.4  # rotation per chunk: cos 0.921, below the near-duplicate threshold
 
 
@@ -39,9 +40,9 @@ def rotation_store(lengths: list[int], theta: float | list[np.ndarray] = THETA, 
     return ArticleStore(np.concatenate(rows).astype(np.float32), np.array(art), np.array(chunk))
 
 
-def diagnose(store: ArticleStore, settings: Dg.Settings = FAST) -> dict:
+def diagnose(store: ArticleStore, settings: stats.Settings = FAST) -> dict:
     codes, _ = split_codes(store, 0.3, 0.3, 0)
-    return Dg.diagnose(store.vectors.numpy(), layout_of(store), codes, settings)
+    return stats.diagnose(store.vectors.numpy(), layout_of(store), codes, settings)
 
 
 # ----------------------------------------------------------------------------- closed forms
@@ -80,9 +81,9 @@ def test_rotation_store_matches_closed_forms():
         # The mean of 5 unit vectors at angles phi-2t..phi+2t points at phi: 3 steps from the target.
         assert scores["mean_context"][key]["cos_target"]["mean"] == pytest.approx(c(3 * THETA), abs=1e-5)
     assert direction["copy_last"]["forward_minus_backward"]["mean"] == pytest.approx(0, abs=1e-5)
-    heldout = [n for a, n in enumerate(lengths) if split_codes(store, 0.3, 0.3, 0)[0][a] == Dg.HELDOUT]
+    heldout = [n for a, n in enumerate(lengths) if split_codes(store, 0.3, 0.3, 0)[0][a] == stats.HELDOUT]
     assert b["next"]["scored"] == sum(n - 5 for n in heldout) and b["direction"]["scored"] == sum(max(n - 10, 0) for n in heldout)
-    assert Dg.findings(r)  # findings read the report without error
+    assert findings(r)  # findings read the report without error
 
 
 def test_ridge_learns_a_shared_rotation_and_oracle_scores_one():
@@ -95,8 +96,8 @@ def test_ridge_learns_a_shared_rotation_and_oracle_scores_one():
     for direction in ("forward", "backward"):
         assert b["ridge"][direction]["alpha"] == 1e-6 and b["ridge"][direction]["prior"] == "mean_context"
     X = store.vectors.numpy()
-    starts = np.flatnonzero(Dg.run_ahead(layout_of(store), 5) >= 5)
-    scored = Dg.score(X, *Dg.block_rows(starts, 5, "backward"), {"oracle": Dg.oracle})
+    starts = np.flatnonzero(stats.run_ahead(layout_of(store), 5) >= 5)
+    scored = stats.score(X, *stats.block_rows(starts, 5, "backward"), {"oracle": stats.oracle})
     np.testing.assert_allclose(scored["oracle"]["target"], 1.0, atol=1e-6)
 
 
@@ -108,35 +109,35 @@ def test_solve_ridge_recovers_an_exact_linear_map():
     targets = ctx_vectors.reshape(n, k * d) @ W + b
     X = np.concatenate([ctx_vectors, targets]).astype(np.float32)
     ctx, tgt = np.arange(n * k).reshape(n, k), n * k + np.arange(n)
-    g = Dg.gram(X, ctx, tgt, center=X.mean(0))
-    half = Dg.gram(X, ctx[:100], tgt[:100], X.mean(0)) + Dg.gram(X, ctx[100:], tgt[100:], X.mean(0))
+    g = stats.gram(X, ctx, tgt, center=X.mean(0))
+    half = stats.gram(X, ctx[:100], tgt[:100], X.mean(0)) + stats.gram(X, ctx[100:], tgt[100:], X.mean(0))
     np.testing.assert_allclose(half.xtx, g.xtx, rtol=1e-5, atol=1e-4)  # Gram statistics add up (float32 blocks)
-    for prior in (None, Dg.prior_weights("mean_context", k, d)):
-        fit = Dg.solve_ridge(g, 1e-8, prior)
+    for prior in (None, stats.prior_weights("mean_context", k, d)):
+        fit = stats.solve_ridge(g, 1e-8, prior)
         np.testing.assert_allclose(fit.W, W, atol=1e-3)
         np.testing.assert_allclose(fit.b, b, atol=1e-3)
 
 
 def test_ridge_shrinks_toward_its_prior():
     X = unit_rows(80, 6, seed=1)
-    ctx, tgt = Dg.block_rows(np.arange(0, 70, 2), 5, "forward")
-    g = Dg.gram(X, ctx, tgt, X.mean(0))
+    ctx, tgt = stats.block_rows(np.arange(0, 70, 2), 5, "forward")
+    g = stats.gram(X, ctx, tgt, X.mean(0))
     c = X[ctx]
-    toward_mean = Dg.solve_ridge(g, 1e9, Dg.prior_weights("mean_context", 5, 6))
+    toward_mean = stats.solve_ridge(g, 1e9, stats.prior_weights("mean_context", 5, 6))
     # W -> W0 (the mean of the context); the intercept absorbs the mean target minus the mean prediction.
     np.testing.assert_allclose(toward_mean(c, None), c.mean(1) + X[tgt].mean(0) - c.mean(1).mean(0), atol=1e-4)
-    toward_zero = Dg.solve_ridge(g, 1e9, Dg.prior_weights("zero", 5, 6))
+    toward_zero = stats.solve_ridge(g, 1e9, stats.prior_weights("zero", 5, 6))
     np.testing.assert_allclose(toward_zero(c, None), np.tile(X[tgt].mean(0), (len(c), 1)), atol=1e-4)
 
 
 def test_baseline_scores_equal_direct_computation():
     X = unit_rows(60, 8, seed=3)
     starts = np.array([0, 7, 20, 33, 50])
-    ctx, tgt = Dg.block_rows(starts, 5, "forward")
-    bctx, btgt = Dg.block_rows(starts, 5, "backward")
+    ctx, tgt = stats.block_rows(starts, 5, "forward")
+    bctx, btgt = stats.block_rows(starts, 5, "backward")
     assert (ctx[:, -1] == starts + 4).all() and (tgt == starts + 5).all()
     assert (bctx[:, -1] == starts + 1).all() and (bctx[:, 0] == starts + 5).all() and (btgt == starts).all()
-    scored = Dg.score(X, ctx, tgt, {"copy_last": Dg.copy_last, "mean_context": Dg.mean_context, "oracle": Dg.oracle})
+    scored = stats.score(X, ctx, tgt, {"copy_last": stats.copy_last, "mean_context": stats.mean_context, "oracle": stats.oracle})
     for i, (c, t) in enumerate(zip(ctx, tgt)):
         mean = X[c].mean(0)
         assert scored["copy_last"]["target"][i] == pytest.approx(X[c[-1]] @ X[t], abs=1e-6)
@@ -167,15 +168,15 @@ def test_asymmetric_store_forward_differs_from_backward_by_construction():
             diffs += [np.cos(phase[i + d] - phase[i]) - np.cos(phase[i] - phase[i - d]) for i in range(m, n - m)]
         assert fb["mean"][d - 1] == pytest.approx(np.mean(diffs), abs=1e-5)
         assert fb["hi"][d - 1] < 0  # the interval excludes 0
-    assert "telescopes" in " ".join(Dg.findings(r))  # read as drift along the article, not direction
+    assert "telescopes" in " ".join(findings(r))  # read as drift along the article, not direction
 
 
 def test_time_symmetric_store_interval_includes_zero():
     # Noisy articles plus each one reversed: the ensemble is symmetric under time reversal by construction.
     rng = np.random.default_rng(5)
     lengths = rng.integers(12, 30, 20)
-    topic = Dg.unit(rng.standard_normal((20, 16)))
-    rows = [Dg.unit(topic[a] + 0.2 * rng.standard_normal((n, 16))) for a, n in enumerate(lengths)]
+    topic = stats.unit(rng.standard_normal((20, 16)))
+    rows = [stats.unit(topic[a] + 0.2 * rng.standard_normal((n, 16))) for a, n in enumerate(lengths)]
     rows += [r[::-1] for r in rows]
     art = np.concatenate([np.full(len(r), a) for a, r in enumerate(rows)])
     store = ArticleStore(np.concatenate(rows).astype(np.float32), art, np.concatenate([np.arange(len(r)) for r in rows]))
@@ -183,13 +184,13 @@ def test_time_symmetric_store_interval_includes_zero():
     fb = r["offset_profile"]["forward_minus_backward"]
     np.testing.assert_allclose(fb["mean"], 0, atol=1e-6)
     assert all(lo < 0 < hi for lo, hi in zip(fb["lo"], fb["hi"]))
-    assert "no measurable difference" in " ".join(Dg.findings(r))
+    assert "no measurable difference" in " ".join(findings(r))
 
 
 def test_matched_window_difference_is_a_boundary_term():
     n, k = 23, 5
     store = ArticleStore(unit_rows(n, 8, seed=2), np.zeros(n, int), np.arange(n))
-    r = diagnose(store, Dg.Settings(bootstrap=10, pairs=100, progress=False))
+    r = diagnose(store, stats.Settings(bootstrap=10, pairs=100, progress=False))
     X = store.vectors.numpy()
     pair = lambda i: float(X[i] @ X[i + 1])  # noqa: E731
     assert r["windows"]["matched_difference"]["mean"] == pytest.approx((pair(n - 2) - pair(k - 2)) / (n - k), abs=1e-6)
@@ -203,19 +204,19 @@ def test_matched_window_difference_is_a_boundary_term():
 def test_gaps_in_chunk_indices_are_never_bridged():
     store = ArticleStore(unit_rows(9, 4), np.array([0] * 6 + [1] * 3), np.array([0, 1, 2, 4, 5, 6, 0, 1, 2]))
     layout = layout_of(store)
-    np.testing.assert_array_equal(Dg.run_ahead(layout, 9), [2, 1, 0, 2, 1, 0, 2, 1, 0])
-    lag = Dg.lag_cosines(store.vectors.numpy(), Dg.run_ahead(layout, 9), 2)
+    np.testing.assert_array_equal(stats.run_ahead(layout, 9), [2, 1, 0, 2, 1, 0, 2, 1, 0])
+    lag = stats.lag_cosines(store.vectors.numpy(), stats.run_ahead(layout, 9), 2)
     assert np.isnan(lag[1, [2, 5, 8]]).all() and np.isnan(lag[2, [1, 2, 4, 5]]).all()
     assert lag[2, 3] == pytest.approx(float(store.vectors[3] @ store.vectors[5]), abs=1e-6)
 
 
 def test_near_duplicates_and_exact_copies():
     base = unit_rows(10, 8, seed=4)
-    near = Dg.unit(base[2] + 0.1 * unit_rows(1, 8, seed=9)[0])  # cos ~0.995 with base[2]
+    near = stats.unit(base[2] + 0.1 * unit_rows(1, 8, seed=9)[0])  # cos ~0.995 with base[2]
     X = np.stack([base[0], base[0], base[1], base[2], near, base[3], base[4], base[0], base[5], base[6]]).astype(np.float32)
     store = ArticleStore(X, np.array([0] * 5 + [1] * 5), np.r_[0:5, 0:5])
-    lag1 = Dg.lag_cosines(X, Dg.run_ahead(layout_of(store), 1), 1)[1]
-    nd = Dg.near_duplicates(X, lag1, layout_of(store), Dg.Settings(examples=5, progress=False))
+    lag1 = stats.lag_cosines(X, stats.run_ahead(layout_of(store), 1), 1)[1]
+    nd = stats.near_duplicates(X, lag1, layout_of(store), stats.Settings(examples=5, progress=False))
     expected = sum(float(X[i] @ X[i + 1]) >= 0.95 for i in range(9) if i != 4)
     assert nd["adjacent_pairs"] == 8 and nd["near_duplicate_pairs"] == expected == 2
     assert nd["exact_adjacent_pairs"] == 1
@@ -225,9 +226,9 @@ def test_near_duplicates_and_exact_copies():
 
 def test_anisotropy_of_known_sets():
     e = np.eye(4, dtype=np.float32)
-    assert Dg.anisotropy(Dg.mean_vector(np.tile(e[0], (10, 1))))["mean_vector_norm"] == pytest.approx(1.0)
-    assert Dg.anisotropy(Dg.mean_vector(np.stack([e[0], -e[0]] * 5)))["mean_vector_norm"] == pytest.approx(0.0)
-    a = Dg.anisotropy(Dg.mean_vector(np.stack([e[0], e[1]] * 5)))
+    assert stats.anisotropy(stats.mean_vector(np.tile(e[0], (10, 1))))["mean_vector_norm"] == pytest.approx(1.0)
+    assert stats.anisotropy(stats.mean_vector(np.stack([e[0], -e[0]] * 5)))["mean_vector_norm"] == pytest.approx(0.0)
+    a = stats.anisotropy(stats.mean_vector(np.stack([e[0], e[1]] * 5)))
     assert a["mean_vector_norm"] == pytest.approx(np.sqrt(0.5)) and a["mean_vector_norm_squared"] == pytest.approx(0.5)
 
 
@@ -235,7 +236,7 @@ def test_pair_samples_weigh_every_chunk_the_same():
     store = ArticleStore(unit_rows(17, 4), np.array([0] * 9 + [1] * 3 + [2] * 5), np.r_[0:9, 0:3, 0:10:2])
     layout = layout_of(store)
     n = 60_000
-    a, b = Dg.far_pairs(layout, 3, n, np.random.default_rng(0))
+    a, b = stats.far_pairs(layout, 3, n, np.random.default_rng(0))
     art, chunk = layout.row_article, layout.chunk_indices.astype(int)
     assert (art[a] == art[b]).all() and (np.abs(chunk[a] - chunk[b]) > 3).all()
     partners = {i: [j for j in range(17) if art[i] == art[j] and abs(chunk[i] - chunk[j]) > 3] for i in range(17)}
@@ -245,22 +246,22 @@ def test_pair_samples_weigh_every_chunk_the_same():
         expected = n / len(rows) / len(partners[i])
         for j in partners[i]:
             assert abs(np.sum((a == i) & (b == j)) - expected) < 0.2 * expected
-    a, b = Dg.cross_pairs(layout, 5000, np.random.default_rng(1))
+    a, b = stats.cross_pairs(layout, 5000, np.random.default_rng(1))
     assert (art[a] != art[b]).all()
 
 
 def test_article_bootstrap():
     values = np.array([1.0, 1.0, 1.0, 3.0, 5.0])
     groups = np.array([7, 7, 7, 2, 2])
-    boot = Dg.article_bootstrap(values, groups, 500, seed=0)
+    boot = stats.article_bootstrap(values, groups, 500, seed=0)
     assert boot["mean"] == pytest.approx(11 / 5) and boot["articles"] == 2 and boot["items"] == 5
     assert 1.0 <= boot["lo"] <= boot["mean"] <= boot["hi"] <= 4.0  # article means are 1 and 4
-    assert Dg.article_bootstrap(values, np.zeros(5), 500, 0)["lo"] is None
+    assert stats.article_bootstrap(values, np.zeros(5), 500, 0)["lo"] is None
 
 
 def test_settings_are_checked():
     with pytest.raises(ConfigError, match="max_offset"):
-        Dg.Settings(max_offset=0)
+        stats.Settings(max_offset=0)
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -280,7 +281,7 @@ def cfg(*overrides: str):
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
-    return run_module("lvm.data.diagnose", *args, "progress=false", "bootstrap=50", "pairs=2000", timeout=120, threads=1)
+    return run_module("lvm.diagnosis.diagnose", *args, "progress=false", "bootstrap=50", "pairs=2000", timeout=120, threads=1)
 
 
 def test_cli_end_to_end(tmp_path):

@@ -1,8 +1,8 @@
-"""`python -m lvm.data.diagnose <store.npz> [key=value ...]`: what an article store can teach.
+"""`python -m lvm.diagnosis.diagnose <store.npz> [key=value ...]`: what an article store can teach.
 
 Loads the store, splits its articles (held-out articles for the baselines, as training would),
-computes the statistics of lvm/data/diagnostics.py and writes diagnose.json (strict JSON),
-diagnose.md and diagnose.png into `out_dir` (default <store dir>/diagnose/). Exit code 0, or 2
+computes the statistics of lvm/diagnosis/stats.py and writes diagnose.json (strict JSON),
+diagnose.md and diagnose.png (lvm/diagnosis/report.py) into `out_dir` (default <store dir>/diagnose/). Exit code 0, or 2
 with one line on stderr for bad input or configuration.
 """
 
@@ -18,29 +18,25 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from lvm.cli import entry_point, run_entry_point
-from lvm.data import diagnostics as Dg
 from lvm.data.loaders import load_store_npz
 from lvm.data.splits import split_articles
 from lvm.data.store import ArticleStore
+from lvm.diagnosis.report import findings, write_outputs
+from lvm.diagnosis.stats import FIT, HELDOUT, TUNE, Layout, Settings, diagnose
 from lvm.errors import ConfigError
-from lvm.report import write_files
-from lvm.tables import fmt, md_table
 
 log = logging.getLogger(__name__)
 
-PRIOR_TEXT = {"mean_context": "the mean-of-context weights (a large alpha gives the mean of context plus an intercept)", "zero": "zero"}
-NAMES = {"copy_last": "copy-last", "mean_context": "mean of context", "ridge": "ridge"}
+
+def layout_of(store: ArticleStore) -> Layout:
+    """The row layout the statistics need, taken from a validated store."""
+    return Layout(store.row_article, store.chunk_indices, store.article_starts, store.article_lengths, store.article_id_of)
 
 
-def layout_of(store: ArticleStore) -> Dg.Layout:
-    """The row layout diagnostics needs, taken from a validated store."""
-    return Dg.Layout(store.row_article, store.chunk_indices, store.article_starts, store.article_lengths, store.article_id_of)
-
-
-def settings_of(cfg: DictConfig) -> Dg.Settings:
+def settings_of(cfg: DictConfig) -> Settings:
     """Settings from the config (ConfigError naming the key when a value is impossible)."""
     try:
-        return Dg.Settings(
+        return Settings(
             context=int(cfg.context), max_offset=int(cfg.max_offset), far_gap=int(cfg.far_gap),
             near_duplicate=float(cfg.near_duplicate), position_bins=int(cfg.position_bins),
             edge_pairs=int(cfg.edge_pairs), pairs=int(cfg.pairs), bootstrap=int(cfg.bootstrap),
@@ -66,287 +62,43 @@ def split_codes(store: ArticleStore, val: float, tune: float, seed: int) -> tupl
     ids = store.unique_articles()
     outer = split_articles(ids, val, 0.0, seed)
     inner = split_articles(outer["train"], tune, 0.0, seed + 1)
-    codes = np.full(len(ids), Dg.FIT, np.int8)
-    codes[np.isin(ids, inner["val"])] = Dg.TUNE
-    codes[np.isin(ids, outer["val"])] = Dg.HELDOUT
+    codes = np.full(len(ids), FIT, np.int8)
+    codes[np.isin(ids, inner["val"])] = TUNE
+    codes[np.isin(ids, outer["val"])] = HELDOUT
     return codes, {"heldout": len(outer["val"]), "tune": len(inner["val"]), "fit": len(inner["train"])}
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """The CLI's work: load, diagnose, write the three files; returns the report."""
     if OmegaConf.is_missing(cfg, "store") or not cfg.store:
-        raise ConfigError("no store given: python -m lvm.data.diagnose <store.npz> (or store=PATH)")
+        raise ConfigError("no store given: python -m lvm.diagnosis.diagnose <store.npz> (or store=PATH)")
     settings = settings_of(cfg)
     check_fractions(float(cfg.split.val), float(cfg.ridge.tune))  # before loading a large store
     path = Path(str(cfg.store))
     t0 = time.perf_counter()
     store = load_store_npz(path, cfg.normalize)
     codes, articles = split_codes(store, float(cfg.split.val), float(cfg.ridge.tune), int(cfg.split.seed))
-    stats = Dg.diagnose(store.vectors.numpy(), layout_of(store), codes, settings, str(path))
+    stats = diagnose(store.vectors.numpy(), layout_of(store), codes, settings, str(path))
     report = {
         "store": {"path": str(path), "chunks": len(store), "articles": store.num_articles, "dim": store.dim},
         "settings": OmegaConf.to_container(cfg, resolve=True),
         "split_articles": articles,
         **stats,
     }
-    report["findings"] = Dg.findings(report)
+    report["findings"] = findings(report)
     report["seconds_total"] = time.perf_counter() - t0
     out_dir = Path(cfg.out_dir) if cfg.out_dir else path.parent / "diagnose"
     report["outputs"] = write_outputs(report, out_dir)
     return report
 
 
-# ----------------------------------------------------------------------------- outputs
-
-
-def write_outputs(report: dict[str, Any], out_dir: Path) -> dict[str, str]:
-    """diagnose.json, diagnose.md and diagnose.png in `out_dir`; returns their paths."""
-    paths = {"json": out_dir / "diagnose.json", "md": out_dir / "diagnose.md", "png": out_dir / "diagnose.png"}
-    return write_files(report, paths, markdown, plot)
-
-
-def _ci(stat: dict[str, Any], i: int | None = None) -> str:
-    """'mean [lo, hi]' of a bootstrap entry (column i of list-valued entries)."""
-    pick = (lambda v: v if i is None or v is None else v[i])
-    lo, hi = pick(stat["lo"]), pick(stat["hi"])
-    ci = f" [{fmt(lo)}, {fmt(hi)}]" if lo is not None else ""
-    return fmt(pick(stat["mean"])) + ci
-
-
-def markdown(r: dict[str, Any]) -> str:
-    """The report as markdown: findings, a summary table, then one section per statistic."""
-    st, w, s = r["store"], r["windows"], r["settings"]
-    k, pct = s["context"], int(round(100 * s["level"]))
-    lines = [f"# Dataset diagnosis: `{st['path']}`", "",
-             f"- {st['chunks']} chunks, {st['articles']} articles, D={st['dim']}; {w['windows']} windows "
-             f"(context {k} + the next chunk, inside one article) in {w['articles']} articles",
-             f"- intervals: {pct}% percentile bootstrap over articles ({s['bootstrap']} resamples); time {r['seconds_total']:.1f} s", "",
-             "## Findings", "", *(f"- {f}" for f in r["findings"]), "", "## Summary", ""]
-    sim, b = r["similarity"], r["baselines"]
-    rows = [["cos(ctx[-1], next)", _ci(w["decay"], 0)], ["cos(ctx[-1], ctx[-2])", _ci(w["cos_last_prev"])],
-            [f"cos(next, ctx[-j]), j = 1..{k}", ", ".join(fmt(v) for v in w["decay"]["mean"])],
-            [f"same article, more than {s['far_gap']} chunks apart", fmt(sim["same_article_far"]["mean"])],
-            ["different articles", fmt(sim["different_articles"]["mean"])],
-            ["norm of the mean vector", fmt(r["anisotropy"]["mean_vector_norm"])],
-            [f"adjacent near duplicates (cos >= {s['near_duplicate']})", fmt(r["near_duplicates"]["near_duplicate_fraction"], 4)]]
-    if "next" in b:
-        p = b["next"]["predictors"]
-        rows.append(["held-out cos(pred, next): copy-last / mean of context / ridge",
-                     " / ".join(fmt(p[n]["next"]["cos_target"]["mean"]) for n in NAMES)])
-        rows.append(["ridge cos(pred, ctx[-1])", fmt(p["ridge"]["next"]["cos_last"]["mean"])])
-    lines += [*md_table(["statistic", "value"], rows), ""]
-    lines += _adjacent_md(r["adjacent"])
-    lines += _direction_md(r, pct)
-    lines += _similarity_md(r)
-    lines += _baselines_md(b, pct, k)
-    return "\n".join(lines)
-
-
-def _adjacent_md(a: dict[str, Any]) -> list[str]:
-    rel = a["relative"]
-    edges = rel["bin_edges"]
-    rows = [[f"{edges[i]:.1f}-{edges[i + 1]:.1f}", fmt(m), str(c)] for i, (m, c) in enumerate(zip(rel["mean"], rel["count"]))]
-    out = ["## Adjacent chunks by position in the article", "",
-           f"Mean cos of chunks i and i+1 ({a['pairs']} pairs, mean {fmt(a['mean'])}), by the pair's relative position "
-           "(0 = first pair of the article, 1 = last). A rise or fall at the ends means article openings or endings "
-           "behave differently from the body.", ""]
-    out += [*md_table(["relative position", "mean cos", "pairs"], rows), ""]
-    edge = [[str(i), fmt(a["from_start"]["mean"][i]), fmt(a["from_end"]["mean"][i])] for i in range(len(a["from_start"]["mean"]))]
-    return out + [*md_table(["pair from the edge", "from the start", "from the end"], edge), ""]
-
-
-def _direction_md(r: dict[str, Any], pct: int) -> list[str]:
-    w, prof = r["windows"], r["offset_profile"]
-    k = r["settings"]["context"]
-    out = ["## Similarity decay and direction", "",
-           "Decay: mean cos(next, ctx[-j]) over all windows; similarity falls with distance.", ""]
-    out += [*md_table(["j", f"cos(next, ctx[-j]) [{pct}% CI]"], [[str(j + 1), _ci(w["decay"], j)] for j in range(k)]), ""]
-    if prof is None:
-        out += [f"Offset profile: no chunk has {r['settings']['max_offset']} consecutive chunks on both sides.", ""]
-    else:
-        out += [f"Offset profile: mean cos(c_i, c_(i+k)) over the SAME {prof['anchors']} anchors i ({prof['articles']} articles) "
-                "for every k, so the two sides compare like with like. Forward minus backward at distance d is "
-                "cos(c_i, c_(i+d)) - cos(c_i, c_(i-d)) over those anchors. Per article its sum telescopes to the d pairs at the "
-                "end of the anchor range minus the d pairs at its start: a non-zero value means similarity drifts along the "
-                "article (see the position table), not that text has a direction. The prediction test on the same targets "
-                "(Baselines) is the direction test.", ""]
-        m = len(prof["distances"])
-        rows = [[str(d), _ci(prof["profile"], m + d), _ci(prof["profile"], m - d), _ci(prof["forward_minus_backward"], d - 1)]
-                for d in prof["distances"]]
-        out += [*md_table(["d", "forward cos(c_i, c_(i+d))", "backward cos(c_i, c_(i-d))", f"forward - backward [{pct}% CI]"], rows), ""]
-    out += ["Two single numbers, for comparison with earlier reports:", "",
-            f"- matched distances, windows: cos(ctx[-1], next) - cos(ctx[-1], ctx[-2]) = {_ci(w['matched_difference'])}. "
-            "Both pairs are one chunk apart; per article this difference is exactly "
-            f"[cos(last adjacent pair) - cos(c{k - 2}, c{k - 1})] / windows (chunks numbered from 0), a boundary term, not a direction.",
-            f"- MISMATCHED distances (the original's \"delta\"): cos(next, ctx[-2]) - cos(next, ctx[-1]) = {_ci(w['mismatched_delta'])}. "
-            "It compares a pair two chunks apart with a pair one chunk apart, so it measures the decay above; "
-            "its sign says nothing about an arrow of time, however narrow its interval.", ""]
-    return out
-
-
-def _similarity_md(r: dict[str, Any]) -> list[str]:
-    sim, a, nd = r["similarity"], r["anisotropy"], r["near_duplicates"]
-    rows = [[f"same article, more than {sim['far_gap']} apart", str(sim["same_article_far"]["pairs"]), fmt(sim["same_article_far"]["mean"]), fmt(sim["same_article_far"]["std"])],
-            ["different articles", str(sim["different_articles"]["pairs"]), fmt(sim["different_articles"]["mean"]), fmt(sim["different_articles"]["std"])]]
-    out = ["## Within against across articles", "",
-           "A seeded sample of pairs: a uniform chunk, then a uniform partner of the kind (so every chunk weighs the same, "
-           "as in training, rather than every pair).", ""]
-    out += [*md_table(["pairs", "sampled", "mean cos", "std"], rows), ""]
-    out += ["## Anisotropy", "",
-            f"Norm of the mean vector: {fmt(a['mean_vector_norm'])} (0 = directions spread evenly). Its square, "
-            f"{fmt(a['mean_vector_norm_squared'])}, is about the mean cos of two random chunks: the floor every cosine above stands on.", "",
-            "## Near duplicates", "",
-            f"{nd['near_duplicate_pairs']} of {nd['adjacent_pairs']} adjacent pairs have cos >= {nd['threshold']} "
-            f"({fmt(nd['near_duplicate_fraction'], 4)}); {nd['exact_adjacent_pairs']} are exact copies. Exact copies anywhere "
-            f"in the store: {nd['exact_copies_anywhere']['extra_copies']} extra rows in {nd['exact_copies_anywhere']['groups']} groups "
-            f"({nd['exact_copies_anywhere']['groups_spanning_articles']} spanning articles).", ""]
-    if nd["examples"]:
-        out += [*md_table(["article", "chunks", "store rows", "cos"], [[str(e["article"]), f"{e['chunks'][0]}, {e['chunks'][1]}", f"{e['rows'][0]}, {e['rows'][1]}", f"{e['cos']:.4f}"] for e in nd["examples"]]), ""]
-    return out
-
-
-def _baselines_md(b: dict[str, Any], pct: int, k: int) -> list[str]:
-    out = ["## Baselines on held-out articles", ""]
-    if "next" not in b:
-        return out + [f"Skipped: {b['skipped']}.", ""]
-    nxt, p = b["next"], b["next"]["predictors"]
-    out += [f"Next chunk: {nxt['scored']} of {b['windows']['heldout']} held-out windows scored ({nxt['articles']} articles; "
-            "a uniform sample when more than max_eval).", ""]
-    rows = [[NAMES[n], _ci(p[n]["next"]["cos_target"]), fmt(p[n]["next"]["cos_last"]["mean"])] for n in NAMES]
-    out += [*md_table(["predictor", f"cos(pred, next) [{pct}% CI]", "cos(pred, ctx[-1])"], rows), ""]
-    d = b["direction"]
-    if d is None:
-        out += [f"Forward against backward: no held-out chunk has {k} chunks on both sides.", ""]
-    else:
-        p = d["predictors"]
-        out += [f"Forward against backward on the same {d['scored']} held-out target chunks ({d['articles']} articles; of "
-                f"{b['direction_targets']} with {k} chunks on both sides): forward predicts each from the chunks before it, backward "
-                "from the chunks after it, time-reversed so ctx[-1] is again the nearest. Same targets, so the difference is paired.", ""]
-        rows = [[NAMES[n], _ci(p[n]["forward"]["cos_target"]), _ci(p[n]["backward"]["cos_target"]), _ci(p[n]["forward_minus_backward"]),
-                 fmt(p[n]["forward"]["cos_last"]["mean"]), fmt(p[n]["backward"]["cos_last"]["mean"])] for n in NAMES]
-        out += [*md_table(["predictor", f"forward cos(pred, target) [{pct}% CI]", "backward", "forward - backward", "fwd cos(pred, ctx[-1])", "bwd cos(pred, ctx[-1])"], rows), ""]
-    ridge = b["ridge"]["forward"]
-    out.append(f"Ridge: closed form on the flattened context with an intercept, one model per direction, shrunk toward "
-               f"{PRIOR_TEXT[ridge['prior']]}; fitted on {b['train_sampled']} training windows (a uniform sample when more than "
-               "ridge.max_train), alpha chosen by mean cos on the tune articles, then refitted on fit + tune; predictions are normalised.")
-    for direction, info in b["ridge"].items():
-        tried = ", ".join(f"{a}: {fmt(v)}" for a, v in info["tune_cos_by_alpha"].items())
-        out.append(f"- ridge {direction}: alpha {info['alpha']:g} (tune cos by alpha: {tried}; {info['fit_windows']} fit, {info['tune_windows']} tune windows)")
-    return out + [""]
-
-
-def plot(r: dict[str, Any], path: Path) -> None:
-    """Six panels: adjacent cos by position, decay, offset profile, asymmetry, within/cross, baselines."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(2, 3, figsize=(17, 9.5))
-    _plot_adjacent(ax[0, 0], r["adjacent"])
-    _plot_decay(ax[0, 1], r["windows"])
-    _plot_profile(ax[0, 2], ax[1, 0], r["offset_profile"], r["windows"])
-    _plot_similarity(ax[1, 1], r["similarity"])
-    _plot_baselines(ax[1, 2], r["baselines"])
-    fig.suptitle(f"{r['store']['path']}: {r['store']['chunks']} chunks, {r['store']['articles']} articles, D={r['store']['dim']} "
-                 f"(bars and bands: {int(round(100 * r['settings']['level']))}% article bootstrap)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-
-
-def _nan(values: list[Any]) -> np.ndarray:
-    return np.array([np.nan if v is None else v for v in values], float)
-
-
-def _err(stat: dict[str, Any]) -> np.ndarray | None:
-    """Asymmetric error bars (2, n) from a list-valued bootstrap entry, or None without a CI."""
-    if stat["lo"] is None:
-        return None
-    mean = _nan(stat["mean"])
-    return np.abs(np.vstack([mean - _nan(stat["lo"]), _nan(stat["hi"]) - mean]))
-
-
-def _plot_adjacent(ax: Any, a: dict[str, Any]) -> None:
-    edges = np.array(a["relative"]["bin_edges"])
-    ax.plot((edges[1:] + edges[:-1]) / 2, _nan(a["relative"]["mean"]), marker="o")
-    if a["mean"] is not None:
-        ax.axhline(a["mean"], color="grey", linestyle=":", label=f"all pairs {a['mean']:.3f}")
-        ax.legend()
-    ax.set(title="adjacent chunks by position", xlabel="relative position of the pair in its article (0 first, 1 last)", ylabel="mean cos(c_i, c_(i+1))")
-
-
-def _plot_decay(ax: Any, w: dict[str, Any]) -> None:
-    j = np.arange(1, len(w["decay"]["mean"]) + 1)
-    ax.errorbar(j, _nan(w["decay"]["mean"]), yerr=_err(w["decay"]), marker="o", capsize=3, label="cos(next, ctx[-j])")
-    ax.axhline(w["cos_last_prev"]["mean"], color="C1", linestyle="--", label=f"cos(ctx[-1], ctx[-2]) {w['cos_last_prev']['mean']:.3f}")
-    ax.set(title="decay with distance (next-chunk windows)", xlabel="j", ylabel="mean cos", xticks=j)
-    ax.legend()
-
-
-def _plot_profile(ax: Any, ax_asym: Any, prof: dict[str, Any] | None, w: dict[str, Any]) -> None:
-    if prof is None:
-        for a in (ax, ax_asym):
-            a.text(0.5, 0.5, "no anchors with max_offset chunks on both sides", ha="center", transform=a.transAxes)
-        return
-    k = np.array(prof["offsets"])
-    mean = _nan(prof["profile"]["mean"])
-    mean[k == 0] = np.nan  # cos 1 at k = 0 would flatten the plot
-    ax.plot(k, mean, marker="o")
-    if prof["profile"]["lo"] is not None:
-        lo, hi = _nan(prof["profile"]["lo"]), _nan(prof["profile"]["hi"])
-        lo[k == 0] = hi[k == 0] = np.nan
-        ax.fill_between(k, lo, hi, alpha=0.3)
-    ax.set(title=f"offset profile, same {prof['anchors']} anchors for every k", xlabel="k (chunks from the anchor)", ylabel="mean cos(c_i, c_(i+k))")
-    d = np.array(prof["distances"])
-    ax_asym.errorbar(d, _nan(prof["forward_minus_backward"]["mean"]), yerr=_err(prof["forward_minus_backward"]), marker="o", capsize=3,
-                     label="matched: cos(c_i,c_(i+d)) - cos(c_i,c_(i-d))")
-    ax_asym.axhline(0, color="k", linewidth=0.8)
-    ax_asym.axhline(w["mismatched_delta"]["mean"], color="C3", linestyle="--",
-                    label=f"MISMATCHED 2-vs-1 delta {w['mismatched_delta']['mean']:+.3f} (decay, not direction)")
-    ax_asym.set(title="forward minus backward", xlabel="distance d", ylabel="cos difference", xticks=d)
-    ax_asym.legend(fontsize=8)
-
-
-def _plot_similarity(ax: Any, sim: dict[str, Any]) -> None:
-    edges = np.array(sim["histogram_edges"])
-    for name, label in (("same_article_far", f"same article, > {sim['far_gap']} apart"), ("different_articles", "different articles")):
-        counts = np.array(sim[name]["histogram"], float)
-        if counts.sum():
-            ax.stairs(counts / counts.sum(), edges, label=f"{label} (mean {sim[name]['mean']:.3f})")
-    ax.set(title="within against across articles", xlabel="cos", ylabel="fraction of pairs")
-    ax.legend()
-
-
-def _plot_baselines(ax: Any, b: dict[str, Any]) -> None:
-    if "next" not in b:
-        ax.text(0.5, 0.5, "baselines skipped", ha="center", transform=ax.transAxes)
-        return
-    bars = [("next chunk (all windows)", b["next"]["predictors"], "next")]
-    if b["direction"]:
-        bars += [(f"{d} (same targets)", b["direction"]["predictors"], d) for d in ("forward", "backward")]
-    x, width = np.arange(len(NAMES)), 0.8 / len(bars)
-    for i, (label, preds, key) in enumerate(bars):
-        stats = [preds[n][key]["cos_target"] for n in NAMES]
-        mean = np.array([st["mean"] for st in stats])
-        err = None if stats[0]["lo"] is None else np.abs(np.array([[m - st["lo"], st["hi"] - m] for m, st in zip(mean, stats)]).T)
-        pos = x + (i - (len(bars) - 1) / 2) * width
-        ax.bar(pos, mean, width, yerr=err, capsize=3, label=label)
-        for xi, m in zip(pos, mean):
-            ax.text(xi, m, f"{m:.3f}", ha="center", va="bottom", fontsize=7)
-    values = [v for _, preds, key in bars for n in NAMES for v in (preds[n][key]["cos_target"]["mean"], preds[n][key]["cos_target"]["hi"]) if v is not None]
-    ax.set_ylim(max(0.0, np.floor((min(values) - 0.1) * 10) / 10), max(values) + 0.02 + 0.03 * len(bars))  # room for the legend
-    ax.set(title="baselines on held-out articles", xticks=x, xticklabels=[NAMES[n] for n in NAMES], ylabel="mean cos(pred, target)")
-    ax.legend(loc="upper left", fontsize=8)
-
-
 # ----------------------------------------------------------------------------- entry point
 
 @hydra.main(version_base="1.3", config_path="../../conf", config_name="diagnose")
-@entry_point("lvm.data.diagnose")
+@entry_point("lvm.diagnosis.diagnose")
 def main(cfg: DictConfig) -> None:
     report = run(cfg)
-    print(f"lvm.data.diagnose: wrote {', '.join(report['outputs'].values())}")
+    print(f"lvm.diagnosis.diagnose: wrote {', '.join(report['outputs'].values())}")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""What an article store can and cannot teach: plain-numpy statistics behind `lvm.data.diagnose`.
+"""What an article store can and cannot teach: plain-numpy statistics behind `lvm.diagnosis.diagnose`.
 
 Every statistic works on unit chunk vectors X [N, D] (rows sorted by article, then chunk) and a
 `Layout` of the rows. "Adjacent" and "k apart" always mean consecutive chunk indices inside one
@@ -32,9 +32,6 @@ _BOOT_CELLS = 1 << 22
 HIST_EDGES = np.linspace(-1.0, 1.0, 101)
 # Adjacent pairs at least this similar are compared bit for bit to count exact copies.
 _EXACT_CANDIDATE = 0.9999
-# Findings mention anisotropy above this mean-vector norm, and near duplicates above this fraction.
-_ANISOTROPY_NOTE = 0.2
-_DUPLICATE_NOTE = 0.01
 # Split codes of `diagnose(split_of_article=...)`.
 FIT, TUNE, HELDOUT = 0, 1, 2
 
@@ -649,77 +646,3 @@ def diagnose(X: np.ndarray, layout: Layout, split_of_article: np.ndarray, s: Set
         "baselines": timed("baselines", lambda: baselines(X, starts, centred_rows(run, k), layout, split_of_article, center, s)),
         "seconds": seconds,
     }
-
-
-# ----------------------------------------------------------------------------- reading it
-
-
-def findings(r: Mapping[str, Any]) -> list[str]:
-    """Plain-language reading of a report: what the data can teach, and what it cannot."""
-    out = []
-    b = r["baselines"]
-    if "next" in b:
-        p = b["next"]["predictors"]
-        copy, mean, ridge = (p[n]["next"]["cos_target"]["mean"] for n in BASELINES)
-        best = max(mean, ridge)
-        if best > copy:
-            out.append(f"Headroom: the best baseline ({best:.3f}) beats copy-last ({copy:.3f}) by {best - copy:+.3f} on held-out "
-                       "articles; a model has to beat these, not copy-last alone.")
-        else:
-            out.append(f"No headroom: neither mean of context ({mean:.3f}) nor ridge ({ridge:.3f}) beats copy-last ({copy:.3f}).")
-        gap = p["ridge"]["next"]["cos_last"]["mean"] - ridge
-        out.append(f"Margin: ridge sits {gap:+.3f} closer to ctx[-1] than to the target, so a negative margin against ctx[-1] "
-                   "is expected of a good predictor here.")
-    if b.get("direction"):
-        out.append(_direction_finding("Forward against backward prediction of the same chunks (ridge)", b["direction"]["predictors"]["ridge"]["forward_minus_backward"]))
-    if r["offset_profile"] is not None:
-        out.append(_profile_finding(r["offset_profile"], r["adjacent"]))
-    delta = r["windows"]["mismatched_delta"]["mean"]
-    out.append(f"The mismatched 2-vs-1 delta is {delta:+.3f}: similarity decays with distance; it is not a direction.")
-    sim = r["similarity"]
-    same, diff = sim["same_article_far"]["mean"], sim["different_articles"]["mean"]
-    if same is not None and diff is not None:
-        out.append(f"Topic: chunks of one article more than {sim['far_gap']} apart have cos {same:.3f}, different articles "
-                   f"{diff:.3f}; article identity is {'strong' if same - diff > 0.1 else 'weak'} ({same - diff:+.3f}).")
-    norm = r["anisotropy"]["mean_vector_norm"]
-    if norm > _ANISOTROPY_NOTE:
-        out.append(f"Anisotropy: the mean vector has norm {norm:.3f}, so two random chunks have mean cos about {norm**2:.3f}.")
-    nd = r["near_duplicates"]
-    if nd["near_duplicate_fraction"] and nd["near_duplicate_fraction"] > _DUPLICATE_NOTE:
-        out.append(f"Near duplicates: {nd['near_duplicate_fraction']:.1%} of adjacent pairs have cos >= {nd['threshold']}; "
-                   "copy-last is flattered on them; consider deduplicating.")
-    return out
-
-
-def _profile_finding(prof: Mapping[str, Any], adjacent: Mapping[str, Any]) -> str:
-    """One line on forward minus backward similarity at matched distances, read as what it is."""
-    fb = prof["forward_minus_backward"]
-    mean, lo, hi = np.array(fb["mean"]), fb["lo"], fb["hi"]
-    what = "Forward against backward similarity at matched distances (same anchors)"
-    if lo is None:
-        i = int(np.argmax(np.abs(mean)))
-        return what + f": largest at d={prof['distances'][i]}, {mean[i]:+.3f} (no interval: fewer than two articles)."
-    outside = [i for i in range(len(mean)) if not lo[i] <= 0 <= hi[i]]
-    if not outside:
-        return what + f": no measurable difference at any distance 1..{len(mean)} (largest |mean| {np.abs(mean).max():.3f})."
-    i = max(outside, key=lambda j: abs(mean[j]))
-    what += f": largest at d={prof['distances'][i]}, {mean[i]:+.3f}"
-    rel = adjacent["relative"]["mean"]
-    return (what + f" [{lo[i]:+.3f}, {hi[i]:+.3f}]. Per article it telescopes to the d pairs at the end minus the d pairs at the "
-            f"start of the anchor range: drift along the article (adjacent cos {_num(rel[0])} in the first bin, {_num(rel[-1])} "
-            "in the last), not an arrow of time.")
-
-
-def _num(v: float | None) -> str:
-    return "n/a" if v is None else f"{v:.3f}"
-
-
-def _direction_finding(what: str, stat: Mapping[str, Any]) -> str:
-    """One line on a forward-minus-backward difference: does its interval include 0?"""
-    mean, lo, hi = stat["mean"], stat["lo"], stat["hi"]
-    if lo is None:
-        return f"{what}: {mean:+.3f} (no interval: fewer than two articles)."
-    if lo <= 0 <= hi:
-        return f"{what}: {mean:+.3f} [{lo:+.3f}, {hi:+.3f}]: no measurable arrow of time."
-    better = "forward" if mean > 0 else "backward"
-    return f"{what}: {mean:+.3f} [{lo:+.3f}, {hi:+.3f}]: the interval excludes 0; {better} is better on these targets by {abs(mean):.3f}."
