@@ -1,4 +1,4 @@
-"""Data: the article store, window index arithmetic, splits and loaders."""
+"""The training data path: the article store, window index arithmetic, splits, loaders, the epoch sampler and the synthetic corpus."""
 
 from lvm.data.store import ArticleStore, WindowSpec, Windows
 
