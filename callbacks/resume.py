@@ -91,7 +91,6 @@ class ExactResume(L.Callback):
         self.signals = signals
         self.epoch = 0
         self.batches_done = 0  # batches of `epoch` trained so far
-        self.saved_step: int | None = None  # global step of the newest last.ckpt written by this run
         # Between an epoch's end and the next epoch's start: the values its epoch schedulers step on.
         self.scheduler_inputs: dict[str, float] | None = None
         self._restored_inputs: dict[str, float] | None = None  # from a checkpoint written at an epoch end
@@ -166,7 +165,6 @@ class ExactResume(L.Callback):
                         self.last_path, trainer.global_step)
             return
         trainer.save_checkpoint(self.last_path)
-        self.saved_step = trainer.global_step
 
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "batches_done": self.batches_done, "rng": rng_states(),
