@@ -12,12 +12,17 @@ import pytest
 
 from lvm.data.store import ArticleStore
 from lvm.diagnosis import stats
-from lvm.diagnosis.diagnose import layout_of, run, split_codes
+from lvm.diagnosis.diagnose import layout_of, run, settings_of, split_codes
 from lvm.diagnosis.report import findings
 from lvm.errors import ConfigError, DataError
 from tests.helpers import STANDARD, compose_cfg, run_module, unit_rows
 
-FAST = stats.Settings(max_offset=3, pairs=20_000, bootstrap=200, alphas=(1e-6, 1.0), progress=False)
+def settings(*overrides: str) -> stats.Settings:
+    """Settings from conf/diagnose.yaml with `overrides` (the config holds every default)."""
+    return settings_of(compose_cfg("diagnose", "store=unused.npz", "progress=false", *overrides))
+
+
+FAST = settings("max_offset=3", "pairs=20000", "bootstrap=200", "ridge.alphas=[1e-6,1.0]")
 THETA = 0.4  # rotation per chunk: cos 0.921, below the near-duplicate threshold
 
 
@@ -190,7 +195,7 @@ def test_time_symmetric_store_interval_includes_zero():
 def test_matched_window_difference_is_a_boundary_term():
     n, k = 23, 5
     store = ArticleStore(unit_rows(n, 8, seed=2), np.zeros(n, int), np.arange(n))
-    r = diagnose(store, stats.Settings(bootstrap=10, pairs=100, progress=False))
+    r = diagnose(store, settings("bootstrap=10", "pairs=100"))
     X = store.vectors.numpy()
     pair = lambda i: float(X[i] @ X[i + 1])  # noqa: E731
     assert r["windows"]["matched_difference"]["mean"] == pytest.approx((pair(n - 2) - pair(k - 2)) / (n - k), abs=1e-6)
@@ -216,7 +221,7 @@ def test_near_duplicates_and_exact_copies():
     X = np.stack([base[0], base[0], base[1], base[2], near, base[3], base[4], base[0], base[5], base[6]]).astype(np.float32)
     store = ArticleStore(X, np.array([0] * 5 + [1] * 5), np.r_[0:5, 0:5])
     lag1 = stats.lag_cosines(X, stats.run_ahead(layout_of(store), 1), 1)[1]
-    nd = stats.near_duplicates(X, lag1, layout_of(store), stats.Settings(examples=5, progress=False))
+    nd = stats.near_duplicates(X, lag1, layout_of(store), settings("examples=5"))
     expected = sum(float(X[i] @ X[i + 1]) >= 0.95 for i in range(9) if i != 4)
     assert nd["adjacent_pairs"] == 8 and nd["near_duplicate_pairs"] == expected == 2
     assert nd["exact_adjacent_pairs"] == 1
@@ -261,7 +266,9 @@ def test_article_bootstrap():
 
 def test_settings_are_checked():
     with pytest.raises(ConfigError, match="max_offset"):
-        stats.Settings(max_offset=0)
+        settings("max_offset=0")
+    with pytest.raises(ConfigError, match="wrong type"):
+        settings("pairs=many")
 
 
 # ----------------------------------------------------------------------------- CLI

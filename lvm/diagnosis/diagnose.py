@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -33,18 +34,17 @@ def layout_of(store: ArticleStore) -> Layout:
     return Layout(store.row_article, store.chunk_indices, store.article_starts, store.article_lengths, store.article_id_of)
 
 
+# Settings read from the config's `ridge` node; every other one is a top-level key of the same name.
+RIDGE_SETTINGS = ("alphas", "prior", "max_train")
+
+
 def settings_of(cfg: DictConfig) -> Settings:
     """Settings from the config (ConfigError naming the key when a value is impossible)."""
+    values = {f.name: cfg.ridge[f.name] if f.name in RIDGE_SETTINGS else cfg[f.name] for f in fields(Settings)}
+    values["alphas"] = tuple(values["alphas"])
     try:
-        return Settings(
-            context=int(cfg.context), max_offset=int(cfg.max_offset), far_gap=int(cfg.far_gap),
-            near_duplicate=float(cfg.near_duplicate), position_bins=int(cfg.position_bins),
-            edge_pairs=int(cfg.edge_pairs), pairs=int(cfg.pairs), bootstrap=int(cfg.bootstrap),
-            level=float(cfg.level), alphas=tuple(float(a) for a in cfg.ridge.alphas), prior=str(cfg.ridge.prior),
-            max_train=int(cfg.ridge.max_train), max_eval=int(cfg.max_eval), examples=int(cfg.examples),
-            seed=int(cfg.seed), progress=bool(cfg.progress),
-        )
-    except (TypeError, ValueError) as e:
+        return Settings(**values)
+    except TypeError as e:
         raise ConfigError(f"invalid diagnose settings: a value has the wrong type ({e})") from None
 
 

@@ -59,24 +59,25 @@ class Layout:
 
 @dataclass(frozen=True)
 class Settings:
-    """The knobs of `diagnose` (documented in conf/diagnose.yaml)."""
+    """The knobs of `diagnose`: their defaults and meaning are in conf/diagnose.yaml (the one
+    place); `lvm.diagnosis.diagnose.settings_of` builds this from that config node."""
 
-    context: int = 5
-    max_offset: int = 8
-    far_gap: int = 3
-    near_duplicate: float = 0.95
-    position_bins: int = 10
-    edge_pairs: int = 5
-    pairs: int = 100_000
-    bootstrap: int = 1000
-    level: float = 0.95
-    alphas: tuple[float, ...] = (1.0, 10.0, 30.0, 100.0, 300.0, 1000.0, 10000.0)
-    prior: str = "mean_context"
-    max_train: int = 20_000
-    max_eval: int = 50_000
-    examples: int = 5
-    seed: int = 0
-    progress: bool = True
+    context: int
+    max_offset: int
+    far_gap: int
+    near_duplicate: float
+    position_bins: int
+    edge_pairs: int
+    pairs: int
+    bootstrap: int
+    level: float
+    alphas: tuple[float, ...]
+    prior: str
+    max_train: int
+    max_eval: int
+    examples: int
+    seed: int
+    progress: bool
 
     def __post_init__(self) -> None:
         problems = [
