@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from lvm import metrics as M
-from lvm.data.store import ArticleStore, WindowSpec
+from lvm.data.store import ArticleStore
+from tests.helpers import P6
 
 
 def tiny_store(seed=0, d=16, lengths=(9, 12, 7, 10)):
@@ -21,7 +22,7 @@ def tiny_store(seed=0, d=16, lengths=(9, 12, 7, 10)):
 @pytest.fixture(scope="module")
 def setup():
     store = tiny_store()
-    windows = store.windows(WindowSpec(5, 2, -2))
+    windows = store.windows(P6)
     batch = windows.gather(np.arange(len(windows)))
     start, length = store.article_span(batch["target_row"].numpy())
     return store, windows, batch, torch.from_numpy(start), torch.from_numpy(length)

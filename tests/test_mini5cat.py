@@ -8,8 +8,9 @@ import torch
 
 from callbacks.mini5cat import Mini5CAT, health_metrics
 from lvm.data.splits import stratified_sample
-from lvm.data.store import ArticleStore, WindowSpec
+from lvm.data.store import ArticleStore
 from lvm.data.synthetic import synthetic_corpus
+from tests.helpers import P6
 
 
 def test_stratified_sample_covers_articles_first():
@@ -46,7 +47,7 @@ def test_collapse_is_visible_while_six_bank_is_perfect():
     corpus = synthetic_corpus(dim=32, articles=12, min_chunks=10, max_chunks=20, topic_weight=1.0,
                               drift_weight=1.0, drift_step=0.5, noise=1.2, seed=0)
     store = ArticleStore(*corpus, source="synthetic")
-    windows = store.windows(WindowSpec(5, 2, -2))
+    windows = store.windows(P6)
     cat = Mini5CAT(windows, n_windows=40, seed=0, prev_slot=-2, batch_size=16)
     prev = cat.batch["context"][:, -2]
     collapsed = cat.predict(Oracle(cat.batch, lambda b: -b["context"][:, -2]))
@@ -73,7 +74,7 @@ def test_nan_and_zero_predictions_score_worst_not_perfect(fill):
     corpus = synthetic_corpus(dim=16, articles=10, min_chunks=10, max_chunks=16, topic_weight=1.0,
                               drift_weight=1.0, drift_step=0.5, noise=1.2, seed=1)
     store = ArticleStore(*corpus, source="synthetic")
-    windows = store.windows(WindowSpec(5, 2, -2))
+    windows = store.windows(P6)
     cat = Mini5CAT(windows, n_windows=30, seed=0, prev_slot=-2, batch_size=8)
     module = Recorder(cat.batch, lambda b: torch.full_like(b["target"], fill))
     trainer = SimpleNamespace(sanity_checking=False, is_global_zero=True, current_epoch=0)

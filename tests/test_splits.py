@@ -8,8 +8,8 @@ import pytest
 from lvm.data.splits import make_splits, split_articles
 from lvm.data.store import ArticleStore, WindowSpec
 from lvm.errors import DataError
+from tests.helpers import P6
 
-P6 = WindowSpec(context=5, target_offset=2, prev_slot=-2)
 IDS = np.arange(100) * 3 + 11  # non-contiguous article ids
 
 

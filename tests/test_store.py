@@ -231,14 +231,14 @@ def test_article_span(store):
 )
 def test_window_spec_validation(kwargs, word):
     with pytest.raises(DataError, match=word):
-        WindowSpec(**kwargs)
+        WindowSpec(**{"context": 5, "target_offset": 2, "prev_slot": -2, **kwargs})
 
 
 def test_window_spec_min_chunks():
     assert P6.min_article_chunks == 7
     assert STANDARD.min_article_chunks == 6
-    assert WindowSpec(context=5, prev_slot=-5).prev_slot == -5  # bounds are inclusive
-    assert WindowSpec(context=5, prev_slot=4).prev_slot == 4
+    assert WindowSpec(context=5, target_offset=2, prev_slot=-5).prev_slot == -5  # bounds are inclusive
+    assert WindowSpec(context=5, target_offset=2, prev_slot=4).prev_slot == 4
 
 
 # --------------------------------------------------------------------------- validation

@@ -33,11 +33,12 @@ _SCAN_ROWS = 65536
 
 @dataclass(frozen=True)
 class WindowSpec:
-    """Window format: K context chunks, target = last context chunk + target_offset, prev slot."""
+    """Window format: K context chunks, target = last context chunk + target_offset, prev slot
+    (the formats and their defaults: conf/window/)."""
 
-    context: int = 5
-    target_offset: int = 2
-    prev_slot: int = -2
+    context: int
+    target_offset: int
+    prev_slot: int
 
     def __post_init__(self) -> None:
         if self.context < 2:
