@@ -77,12 +77,13 @@ def evaluate(
     splits: Mapping[str, Windows],
     predictors: Mapping[str, Predictor],
     eval_cfg: Mapping[str, Any],
-    sample: int | None = None,
-    seed: int = 0,
-    batch_size: int = 1024,
-    progress: bool = True,
+    sample: int | None,
+    seed: int,
+    batch_size: int,
+    progress: bool,
 ) -> dict[str, Any]:
-    """Metrics of every predictor on VAL and OOD (splits with windows), verdicts and timings."""
+    """Metrics of every predictor on VAL and OOD (splits with windows), verdicts and timings.
+    The settings' defaults are in conf/evaluate.yaml."""
     gates, rule = parse_eval(eval_cfg)
     chosen = {s: sample_index(splits[s], sample, seed) for s in SPLIT_NAMES if s in splits and len(splits[s])}
     if "val" not in chosen:
@@ -153,11 +154,11 @@ def evaluate_checkpoint(
     data_cfg: Mapping[str, Any],
     spec: WindowSpec,
     eval_cfg: Mapping[str, Any],
-    out_dir: Path | None = None,
-    sample: int | None = None,
-    seed: int = 0,
-    batch_size: int = 1024,
-    progress: bool = True,
+    out_dir: Path | None,
+    sample: int | None,
+    seed: int,
+    batch_size: int,
+    progress: bool,
     ckpt: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """5CAT of one checkpoint beside the oracle and baselines; writes the outputs, returns the report.
@@ -181,7 +182,8 @@ def evaluate_after_fit(cfg: DictConfig, splits: Mapping[str, Windows], checkpoin
             continue
         report = evaluate_checkpoint(
             path, splits, plain["data"], WindowSpec(**plain["window"]), plain["eval"], run_dir / "eval" / Path(path).stem,
-            seed=cfg.seed, batch_size=cfg.data.eval_batch_size, progress=bool(cfg.trainer.get("enable_progress_bar", True)),
+            sample=None, seed=cfg.seed, batch_size=cfg.data.eval_batch_size,  # every window: the run's own verdict
+            progress=bool(cfg.trainer.get("enable_progress_bar", True)),
         )
         v = report["verdict"]
         out[label] = {**report["checkpoint"], "passed": v["passed"], "gates_passed": v["gates_passed"],

@@ -156,7 +156,7 @@ def test_nan_zero_and_constant_models_fail_and_are_reported(tmp_path):
     data_cfg, spec = E.to_plain(cfg.data), E.WindowSpec(**cfg.window)
     splits = E.load_splits(data_cfg, spec)
     predictors = {"model": DEGENERATE["nan"], "zero": DEGENERATE["zero"], "constant": DEGENERATE["constant"], **E.REFERENCES}
-    evaluation = E.evaluate(splits, predictors, E.to_plain(cfg.eval), progress=False)
+    evaluation = E.evaluate(splits, predictors, E.to_plain(cfg.eval), cfg.sample, cfg.seed, cfg.batch_size, progress=False)
     res, verdicts = evaluation["results"], evaluation["verdicts"]
     for split in ("val", "ood"):
         assert res["oracle"][split]["retrieval"]["r1"] == 1.0 and res["oracle"][split]["nonfinite"] == 0.0
