@@ -98,8 +98,8 @@ def _problems(cfg: DictConfig) -> list[str]:
         v, ood = d.split.val, d.split.ood
         need(0 < v < 1 and 0 <= ood < 1 and v + ood < 1,
              f"data.split needs 0 < val < 1, 0 <= ood < 1 and val + ood < 1 (got val={v}, ood={ood})")
-    syn = d.synthetic
     if d.source == "synthetic":
+        syn = d.synthetic
         need(syn.dim >= 2 and syn.articles >= 1, f"data.synthetic: dim must be >= 2 and articles >= 1 (got {syn.dim}, {syn.articles})")
         need(1 <= syn.min_chunks <= syn.max_chunks,
              f"data.synthetic needs 1 <= min_chunks <= max_chunks (got {syn.min_chunks}, {syn.max_chunks})")
