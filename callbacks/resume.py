@@ -147,7 +147,7 @@ class ExactResume(L.Callback):
             per_step = (time.perf_counter() - t0) / _TIMED_STEPS
             n = trainer.strategy.broadcast(max(1, round(self.every_minutes * 60 / per_step)))
             self.every_n_steps, self._timing = n, False
-            log.info("Mid-epoch last.ckpt every %d steps (%.0f ms/step: about %.1f min)", n, 1000 * per_step, self.every_minutes)
+            log.info("Mid-epoch last.ckpt every %d steps (%.2f ms/step: about %.1f min)", n, 1000 * per_step, self.every_minutes)
         self._timer = (seen, t0)
 
     def _stop_requested(self, trainer: L.Trainer) -> bool:

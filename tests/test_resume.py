@@ -104,4 +104,4 @@ def test_auto_interval_is_timed_on_the_first_steps(tmp_path, caplog):
                     "callbacks.checkpoint.every_minutes=0.002"), tmp_path)  # 0.12 s: a few steps
     line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("Mid-epoch last.ckpt every"))
     n, ms = int(line.split()[3]), float(line.split("(")[1].split()[0])
-    assert n == max(1, round(120 / ms))
+    assert n >= 1 and abs(n * ms - 120) <= ms  # n steps of the timed length span 0.12 s, to within one step
