@@ -162,7 +162,7 @@ def test_default_parallel_jobs(monkeypatch):
 def test_joblib_sweep_runs_in_workers_and_is_summarised(tmp_path):
     sweep_dir = tmp_path / "sweep"
     proc = train_cli("-m", "hydra/launcher=parallel", "hydra.launcher.n_jobs=2", "+experiment=p6b_v2", "loss.gamma=4,8", *TINY,
-               "trainer.max_epochs=1", f"hydra.sweep.dir={sweep_dir}", cwd=ROOT)
+                     "trainer.max_epochs=1", f"hydra.sweep.dir={sweep_dir}", cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Joblib.Parallel(n_jobs=2" in proc.stdout + proc.stderr
     assert [r["status"] for r in sweep_rows(sweep_dir)] == ["completed", "completed"]  # written by on_multirun_end in the parent
@@ -210,7 +210,7 @@ def test_slurm_cpu_preset_reserves_no_gpu(monkeypatch, tmp_path):
 @needs_submitit
 def test_slurm_preset_refuses_mismatched_tasks(tmp_path):
     proc = train_cli("-m", "hydra/launcher=slurm_gpu", "trainer=ddp", "trainer.devices=2", "hydra.launcher.tasks_per_node=1",
-               f"hydra.sweep.dir={tmp_path / 's'}", cwd=ROOT)
+                     f"hydra.sweep.dir={tmp_path / 's'}", cwd=ROOT)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert "hydra.launcher.tasks_per_node=1" in proc.stderr and not (tmp_path / "s").exists()
 
@@ -264,7 +264,7 @@ def test_ddp_preset_two_processes_on_cpu(tmp_path):
     file once, both ranks end with the same validation metrics."""
     run_dir = tmp_path / "ddp"
     proc = train_cli("+experiment=p6b_v2", *TINY, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
-               f"hydra.run.dir={run_dir}", cwd=ROOT)
+                     f"hydra.run.dir={run_dir}", cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert [p.name for p in tmp_path.iterdir()] == ["ddp"]
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) in (

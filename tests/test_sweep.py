@@ -11,7 +11,7 @@ from tests.helpers import ROOT, TINY, check_tensorboard_runs, hparams_session, j
 def test_grid_sweep_summarised_and_regenerated(tmp_path):
     sweep = tmp_path / "sweep"
     proc = train_cli("-m", "+experiment=p6b_v2", "loss.gamma=4,8", "loss.lambda_max=0.02,0.05", *TINY,
-               "trainer.max_epochs=1", f"hydra.sweep.dir={sweep}", cwd=ROOT)
+                     "trainer.max_epochs=1", f"hydra.sweep.dir={sweep}", cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert len(job_dirs(sweep)) == 4
     table = sweep_rows(sweep)
@@ -40,7 +40,7 @@ def test_grid_sweep_summarised_and_regenerated(tmp_path):
 def test_failed_job_reported_and_sweep_goes_on(tmp_path):
     sweep = tmp_path / "sweep"
     proc = train_cli("-m", "+experiment=p6b_v2", "loss.gamma=4,-1", *TINY, "trainer.max_epochs=1",
-               f"hydra.sweep.dir={sweep}", cwd=ROOT)
+                     f"hydra.sweep.dir={sweep}", cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ok, failed = sweep_rows(sweep)
     assert ok["overrides"] == "loss.gamma=4" and ok["status"] == "completed"
@@ -54,7 +54,7 @@ def test_failed_job_reported_and_sweep_goes_on(tmp_path):
 def test_ddp_multirun_refused(tmp_path):
     sweep = tmp_path / "sweep"
     proc = train_cli("-m", "loss.gamma=4,8", *TINY, "trainer.strategy=ddp", "trainer.devices=2",
-               f"hydra.sweep.dir={sweep}", cwd=ROOT)
+                     f"hydra.sweep.dir={sweep}", cwd=ROOT)
     assert proc.returncode != 0
     assert "relaunch the whole sweep" in proc.stderr and "trainer.strategy=ddp" in proc.stderr
     assert "without -m" in proc.stderr and "hydra/launcher=slurm_gpu" in proc.stderr  # the two ways that work

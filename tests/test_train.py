@@ -208,7 +208,7 @@ def test_cli_exit_codes_follow_the_status(tmp_path):
     again = train_cli(*TINY, "trainer.max_epochs=1", f"hydra.run.dir={tmp_path / 'ok'}", cwd=ROOT)
     assert again.returncode == 2 and "already holds a run" in again.stderr and "Traceback" not in again.stderr
     stop = train_cli("+experiment=p6b_v2", *TINY, "guard.max_rollbacks=0", "callbacks.fault_injection.nan_at_steps=[8]",
-               "logger.flush_every=1", f"hydra.run.dir={tmp_path / 'stop'}", cwd=ROOT)
+                     "logger.flush_every=1", f"hydra.run.dir={tmp_path / 'stop'}", cwd=ROOT)
     assert stop.returncode == 3, stop.stderr[-2000:]
     results = json.loads((tmp_path / "stop" / "results.json").read_text())
     assert results["status"] == "stopped: max_rollbacks"
