@@ -80,15 +80,17 @@ _WARMUP_STEPS, _TIMED_STEPS = 10, 50
 
 class ExactResume(L.Callback):
     def __init__(self, sampler: EpochSampler, batch_size: int, last_path: str | Path,
-                 every_n_steps: int | str | None, every_minutes: float, signals: StopSignals | None) -> None:
+                 every_n_steps: int | str | None, every_minutes: float, signals: StopSignals | None,
+                 signal_check_every: int) -> None:
         self.sampler = sampler
         self.batch_size = batch_size
         self.last_path = Path(last_path)
         self.every_n_steps = None if every_n_steps == "auto" else every_n_steps
-        self._timer: tuple[int, float] | None = None  # (steps seen, start time) while timing for `auto`
+        self._timer = (0, 0.0)  # (steps seen, start of the timed steps) while timing for `auto`
         self._timing = every_n_steps == "auto"
         self.every_minutes = every_minutes
         self.signals = signals
+        self.signal_check_every = signal_check_every  # steps between the ranks' stop-signal reduce (DDP)
         self.epoch = 0
         self.batches_done = 0  # batches of `epoch` trained so far
         # Between an epoch's end and the next epoch's start: the values its epoch schedulers step on.
@@ -137,8 +139,6 @@ class ExactResume(L.Callback):
     def _time_steps(self, trainer: L.Trainer) -> None:
         """`every_n_steps: auto`: time steps 10..60 of this run, then save every ~every_minutes
         (rank 0's count on every rank)."""
-        if self._timer is None:
-            self._timer = (0, 0.0)
         seen, t0 = self._timer
         seen += 1
         if seen == _WARMUP_STEPS:
@@ -151,11 +151,14 @@ class ExactResume(L.Callback):
         self._timer = (seen, t0)
 
     def _stop_requested(self, trainer: L.Trainer) -> bool:
-        """A stop signal on any rank (a collective only when there are several ranks)."""
+        """A stop signal on any rank. With several ranks a collective (and a host sync) decides, so
+        only every `signal_check_every` steps (the same steps on every rank), not every step."""
         here = self.signals is not None and self.signals.received is not None
-        if trainer.world_size > 1:
-            return trainer.strategy.reduce_boolean_decision(here, all=False)
-        return here
+        if trainer.world_size == 1:
+            return here
+        if trainer.global_step % self.signal_check_every:
+            return False
+        return trainer.strategy.reduce_boolean_decision(here, all=False)
 
     # --- last.ckpt ----------------------------------------------------------------------------
     def save(self, trainer: L.Trainer) -> None:

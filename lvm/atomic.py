@@ -44,7 +44,6 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         f.write(text)
 
 
-
 def drop_rows_after(path: str | Path, step: int) -> int:
     """Drop the rows of the JSON-lines record at `path` whose "step" is above `step` (rewritten
     atomically); returns how many were dropped. A resumed run calls it with its checkpoint's step,

@@ -51,8 +51,8 @@ def check_dim(path: str | Path, hyper_parameters: dict[str, Any], dim: int) -> N
 
 def finite_weights(trainer: L.Trainer) -> bool:
     """Whether every parameter of the trainer's module is finite, agreed on by every rank."""
-    finite = all(bool(torch.isfinite(p).all()) for p in trainer.lightning_module.parameters())
-    return trainer.strategy.reduce_boolean_decision(finite, all=True)
+    flags = torch.stack([torch.isfinite(p).all() for p in trainer.lightning_module.parameters()])
+    return trainer.strategy.reduce_boolean_decision(bool(flags.all()), all=True)  # one host sync
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

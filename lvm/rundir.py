@@ -55,3 +55,9 @@ def auto_start_fresh(cfg: DictConfig, run_dir: Path) -> bool:
 def write_results(run_dir: Path, results: dict[str, Any]) -> None:
     """results.json, strict JSON (a NaN metric is written as null), atomically."""
     atomic_write_text(run_dir / "results.json", json.dumps(strict_json(results), indent=2, allow_nan=False))
+
+
+def write_failure(run_dir: Path, name: str, error: str, seconds: float, traceback: str | None = None) -> None:
+    """results.json of a run that failed (`failed: <error>`), with the traceback when there is one."""
+    failed = {"name": name, "run_dir": str(run_dir), "status": f"failed: {error}", "error": error, "wall_time_s": round(seconds, 2)}
+    write_results(run_dir, failed | ({"traceback": traceback} if traceback else {}))

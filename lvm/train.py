@@ -45,7 +45,7 @@ from lvm.errors import LvmError, Preempted, RunFailed
 from lvm.evaluate import evaluate_after_fit
 from lvm.module import STEP_STATS, LVMModule
 from lvm.launchers import launcher_choice, missing_launcher_plugin, own_gpu, resume_on_requeue, sweep_jobs
-from lvm.rundir import auto_start_fresh, claim_run_dir, write_results
+from lvm.rundir import auto_start_fresh, claim_run_dir, write_failure, write_results
 from lvm.signals import StopSignals
 from lvm.threads import ThreadShare, set_threads, usable_cpus
 
@@ -114,7 +114,7 @@ def build_callbacks(cfg: DictConfig, splits: dict[str, Windows], run_dir: Path, 
     out.append(TensorBoardDashboard(hparams, run_dir / "metrics.jsonl"))
     # After the guard and the dashboard: last.ckpt holds their decisions and rows of its step.
     out.append(ExactResume(sampler, cfg.data.batch_size, ckpt_dir / "last.ckpt", cb.checkpoint.every_n_steps,
-                           cb.checkpoint.every_minutes, signals))
+                           cb.checkpoint.every_minutes, signals, signal_check_every=cfg.logger.flush_every))
     if cfg.trainer.get("enable_progress_bar", True):
         out.append(TQDMProgressBar(refresh_rate=cb.progress_refresh_rate))
     if cfg.threads == "auto" and not cfg.trainer.deterministic:  # a deterministic run keeps its thread count
@@ -260,8 +260,7 @@ def run(
     except Exception as e:
         error = str(e) if isinstance(e, LvmError) else f"{type(e).__name__}: {e}"
         if is_zero:
-            write_results(run_dir, {"name": cfg.name, "run_dir": str(run_dir), "status": f"failed: {error}", "error": error,
-                                    "traceback": traceback.format_exc(), "wall_time_s": round(time.perf_counter() - start, 2)})
+            write_failure(run_dir, cfg.name, error, time.perf_counter() - start, traceback.format_exc())
         raise RunFailed(error) from e
     results["wall_time_s"] = round(time.perf_counter() - start, 2)
     if trainer.is_global_zero:
@@ -325,8 +324,7 @@ def run_sweep_job(cfg: DictConfig, hc: Any) -> float | None:
         log.error("Job %s failed: %s", hc.job.num, e)
     except LvmError as e:  # refused at start: record it in the job's own directory
         log.error("Job %s failed: %s", hc.job.num, e)
-        write_results(Path(hc.runtime.output_dir), {"name": cfg.name, "run_dir": hc.runtime.output_dir, "status": f"failed: {e}",
-                                                    "error": str(e), "wall_time_s": round(time.perf_counter() - start, 2)})
+        write_failure(Path(hc.runtime.output_dir), cfg.name, str(e), time.perf_counter() - start)
     return None
 
 
