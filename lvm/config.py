@@ -11,6 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 from callbacks.ramp import parse_stages
 from lvm.errors import ConfigError
 from lvm.gates import parse_eval
+from lvm.threads import thread_count
 
 
 def to_plain(cfg: DictConfig) -> dict[str, Any]:
@@ -121,9 +122,10 @@ def _problems(cfg: DictConfig) -> list[str]:
     need(n is None or n == "auto" or (isinstance(n, int) and not isinstance(n, bool) and n >= 1),
          f"callbacks.checkpoint.every_n_steps must be auto, null or an integer >= 1 (got {n!r})")
     need(finite(ck.every_minutes) and ck.every_minutes > 0, f"callbacks.checkpoint.every_minutes must be > 0 (got {ck.every_minutes})")
-    th = cfg.threads
-    need(th == "auto" or (isinstance(th, int) and not isinstance(th, bool) and th >= 1),
-         f"threads must be auto or an integer >= 1 (got {th!r})")
+    try:
+        thread_count(cfg.threads)  # the rule lives with the setting's one user
+    except ConfigError as e:
+        problems.append(str(e))
     need(isinstance(cfg.overwrite, bool), f"overwrite must be true or false (got {cfg.overwrite!r})")
     mc = cfg.callbacks.mini5cat
     need(cfg.callbacks.progress_refresh_rate >= 1, f"callbacks.progress_refresh_rate must be >= 1 (got {cfg.callbacks.progress_refresh_rate})")
