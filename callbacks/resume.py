@@ -99,6 +99,10 @@ class ExactResume(L.Callback):
         self._step_at_next_epoch = False  # Lightning restarted this epoch mid-way: it will not step them
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Stop signals are lvm's: the run stops at a batch end or an epoch end, where last.ckpt is
+        # written in step with the records (lvm/signals.py).
+        if self.signals is not None:
+            self.signals.take_over()
         # After the trainer restored a checkpoint.
         if self._restored_inputs is not None:
             step_epoch_schedulers(trainer, self._restored_inputs)
@@ -135,6 +139,10 @@ class ExactResume(L.Callback):
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.scheduler_inputs = scheduler_inputs(trainer)
         self.save(trainer)
+        # A signal that came during the epoch's last batch or its validation: stop here, with the
+        # epoch's row and last.ckpt written.
+        if self._stop_requested(trainer, every_rank_now=True):
+            raise Preempted(self.signals.received or "a signal on another rank")
 
     def _time_steps(self, trainer: L.Trainer) -> None:
         """`every_n_steps: auto`: time steps 10..60 of this run, then save every ~every_minutes
@@ -150,13 +158,14 @@ class ExactResume(L.Callback):
             log.info("Mid-epoch last.ckpt every %d steps (%.2f ms/step: about %.1f min)", n, 1000 * per_step, self.every_minutes)
         self._timer = (seen, t0)
 
-    def _stop_requested(self, trainer: L.Trainer) -> bool:
+    def _stop_requested(self, trainer: L.Trainer, every_rank_now: bool = False) -> bool:
         """A stop signal on any rank. With several ranks a collective (and a host sync) decides, so
-        only every `signal_check_every` steps (the same steps on every rank), not every step."""
+        only every `signal_check_every` steps (the same steps on every rank) or where every rank
+        asks at once (`every_rank_now`: an epoch end), not every step."""
         here = self.signals is not None and self.signals.received is not None
         if trainer.world_size == 1:
             return here
-        if trainer.global_step % self.signal_check_every:
+        if not every_rank_now and trainer.global_step % self.signal_check_every:
             return False
         return trainer.strategy.reduce_boolean_decision(here, all=False)
 

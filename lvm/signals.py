@@ -34,6 +34,14 @@ class StopSignals:
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
+    def take_over(self) -> None:
+        """Be the only handler again (Lightning installs its own SIGTERM handler when fit starts,
+        which raises wherever it is noticed, e.g. right after a validation, before the epoch's
+        last.ckpt and metrics row exist). The handlers from before `__enter__` still come back."""
+        if self._previous and threading.current_thread() is threading.main_thread():
+            for sig in STOP_SIGNALS:
+                signal.signal(sig, self._handle)
+
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)

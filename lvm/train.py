@@ -277,7 +277,9 @@ def summarize_run(cfg: DictConfig, trainer: L.Trainer, module: LVMModule, run_di
         "name": cfg.name,
         "status": status,
         "run_dir": str(run_dir),
-        "epochs_completed": trainer.current_epoch,
+        # Epochs that reached their end (a run preempted at an epoch's end counts that epoch, which
+        # Lightning's current_epoch does not yet).
+        "epochs_completed": trainer.fit_loop.epoch_progress.current.processed,
         "global_step": trainer.global_step,
         "world_size": trainer.world_size,
         "best_checkpoint": best.best_model_path or None,

@@ -9,12 +9,14 @@ import subprocess
 import sys
 import time
 
+import lightning as L
 import pytest
 import torch
 
 from lvm.cli import EXIT_PREEMPTED
 from lvm.signals import StopSignals
-from tests.helpers import ROOT, TINY, train_cli
+from lvm.train import run
+from tests.helpers import ROOT, TINY, cfg_for, history, steps_per_epoch, train_cli
 
 
 def test_stop_signals_are_recorded_while_entered_and_restored_after():
@@ -48,3 +50,22 @@ def test_signal_saves_a_resumable_checkpoint_and_exits_preempted(tmp_path, sig):
     assert final["status"] == "completed" and final["global_step"] > last["global_step"]
     epochs = [json.loads(line)["epoch"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert epochs == list(range(results["epochs_completed"] + 1))
+
+
+def test_a_signal_during_validation_stops_at_the_epoch_end_with_its_row_and_checkpoint(tmp_path):
+    """Lightning's own SIGTERM handling raised right after the validation, before the epoch's row
+    and last.ckpt: the run then resumed from the epoch before and lost that epoch's row."""
+
+    class TermDuringValidation(L.Callback):
+        def on_validation_start(self, trainer, pl_module):
+            if trainer.current_epoch == 1:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    results = run(cfg_for("trainer.max_epochs=4"), tmp_path, extra_callbacks=[TermDuringValidation()])
+    assert results["status"] == "preempted"
+    assert json.loads((tmp_path / "results.json").read_text())["status"] == "preempted"
+    last = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["global_step"] == results["global_step"] == 2 * steps_per_epoch(tmp_path)
+    assert [r["epoch"] for r in history(tmp_path)] == [0, 1]
+    run(cfg_for("trainer.max_epochs=3", "ckpt_path=last"), tmp_path)
+    assert [r["epoch"] for r in history(tmp_path)] == [0, 1, 2]
