@@ -127,11 +127,12 @@ class ExactResume(L.Callback):
         self.epoch, self.batches_done = trainer.current_epoch, batch_idx + 1
         if self._timing:
             self._time_steps(trainer)
+        # Never at the epoch's last batch: Lightning would resume from there as if the epoch had
+        # ended, without its validation and row. The epoch-end save (and stop) follows instead.
+        if trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+            return
         stop = self._stop_requested(trainer)
-        # Not at the epoch's last batch: the epoch-end save follows, after that epoch's row.
-        due = (self.every_n_steps and trainer.global_step % self.every_n_steps == 0
-               and not trainer.fit_loop.epoch_loop.batch_progress.is_last_batch)
-        if stop or due:
+        if stop or (self.every_n_steps and trainer.global_step % self.every_n_steps == 0):
             self.save(trainer)
         if stop:
             raise Preempted(self.signals.received or "a signal on another rank")

@@ -47,7 +47,10 @@ def test_signal_saves_a_resumable_checkpoint_and_exits_preempted(tmp_path, sig):
     resumed = train_cli(*TINY, f"trainer.max_epochs={results['epochs_completed'] + 1}", "ckpt_path=last", f"hydra.run.dir={run_dir}", cwd=ROOT)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     final = json.loads((run_dir / "results.json").read_text())
-    assert final["status"] == "completed" and final["global_step"] > last["global_step"]
+    # The resume finishes the epoch it stopped in (a stop at its last batch leaves only its
+    # validation and row), so one more epoch has reached its end.
+    assert final["status"] == "completed" and final["epochs_completed"] == results["epochs_completed"] + 1
+    assert final["global_step"] >= last["global_step"]
     epochs = [json.loads(line)["epoch"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert epochs == list(range(results["epochs_completed"] + 1))
 
@@ -66,6 +69,22 @@ def test_a_signal_during_validation_stops_at_the_epoch_end_with_its_row_and_chec
     assert json.loads((tmp_path / "results.json").read_text())["status"] == "preempted"
     last = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert last["global_step"] == results["global_step"] == 2 * steps_per_epoch(tmp_path)
+    assert [r["epoch"] for r in history(tmp_path)] == [0, 1]
+    run(cfg_for("trainer.max_epochs=3", "ckpt_path=last"), tmp_path)
+    assert [r["epoch"] for r in history(tmp_path)] == [0, 1, 2]
+
+
+def test_a_signal_at_an_epochs_last_batch_stops_after_its_validation(tmp_path):
+    """Stopping at the last batch itself would resume as if the epoch had ended, without its
+    validation and metrics row: the stop waits for the epoch's end."""
+
+    class UsrAtLastBatch(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.current_epoch == 1 and batch_idx == trainer.num_training_batches - 1:
+                os.kill(os.getpid(), signal.SIGUSR1)
+
+    results = run(cfg_for("trainer.max_epochs=4"), tmp_path, extra_callbacks=[UsrAtLastBatch()])
+    assert results["status"] == "preempted" and results["epochs_completed"] == 2
     assert [r["epoch"] for r in history(tmp_path)] == [0, 1]
     run(cfg_for("trainer.max_epochs=3", "ckpt_path=last"), tmp_path)
     assert [r["epoch"] for r in history(tmp_path)] == [0, 1, 2]
