@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -33,6 +35,8 @@ def parse_stages(stages: Sequence[Mapping[str, Any]]) -> list[RampStage]:
         raise ValueError(f"ramp.stages: 'until' epochs must increase strictly (got {bounds})")
     if out[-1].until is not None:
         raise ValueError("ramp.stages: the last stage must have until: null (it applies to all later epochs)")
+    if not all(math.isfinite(s.margin) and math.isfinite(s.target_frac) and s.target_frac >= 0 for s in out):
+        raise ValueError("ramp.stages: margins must be finite and target_frac finite and >= 0")
     return out
 
 

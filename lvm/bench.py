@@ -1,6 +1,6 @@
-"""`python -m lvm.bench`: what Lightning and the lvm callbacks cost, and how lean the data path is.
+"""`python -m lvm.bench [lvm.train overrides] [bench.steps=N ...]`: what Lightning and the lvm callbacks cost, and how lean the data path is.
 
-Three figures, measured side by side in one run (config: +experiment=p6b_v2 with its defaults,
+Four figures, measured side by side in one run (config: +experiment=p6b_v2 with its defaults,
 i.e. the built-in synthetic data and the small model; CPU):
 
 (a) lightning/raw: training throughput of the Lightning loop with everything `lvm.train.run`
@@ -29,7 +29,6 @@ best round of each counts: other work on a shared machine only ever adds time.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import multiprocessing
 import os
@@ -45,22 +44,24 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from hydra import compose, initialize_config_dir
+import hydra
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from callbacks.ramp import parse_stages, stage_index
+from lvm.cli import entry_point, run_entry_point
 from lvm.config import to_plain, validate
+from lvm.errors import ConfigError
 from lvm.data.loaders import load_store_npz
 from lvm.data.splits import make_splits
 from lvm.data.store import Windows, WindowSpec
 from lvm.data.synthetic import synthetic_corpus
-from lvm.losses import SkipRule, p6b_loss
+from lvm.losses import p6b_loss
 from lvm.module import LVMModule
 from lvm.train import build_data, build_fit, make_loader
 
 log = logging.getLogger("lvm.bench")
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 VARIANTS = ("raw", "lightning_bare", "lightning_full")
 GOALS = {"lightning/raw": ">= 0.95", "callbacks_overhead": "<= +3%", "data_mem": "<= 1.1x", "side_by_side": ">= 0.40"}
 
@@ -109,12 +110,15 @@ class StepTimer(L.Callback):
         self.timing = Timing(self.t_last - self.t_first, time.perf_counter() - self.t_last - self.val_s)
 
 
-def compose_config(overrides: list[str]) -> DictConfig:
-    """The run config `python -m lvm.train <overrides>` would use, validated."""
-    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        cfg = compose("train", overrides=overrides)
-    validate(cfg)
-    return cfg
+def training_config(cfg: DictConfig) -> DictConfig:
+    """The run config `python -m lvm.train +experiment=p6b_v2 <overrides>` would use, validated,
+    with the bench's thread count and no progress bar: a fixed thread count, so that no variant
+    re-shares threads (ShareCPUs) while it is timed, and no progress bar callback either."""
+    train = OmegaConf.masked_copy(cfg, [k for k in cfg if k not in ("bench", "hydra")])
+    train.threads = cfg.bench.threads
+    train.trainer.enable_progress_bar = False
+    validate(train)
+    return train
 
 
 def raw_loop(cfg: DictConfig, train: Windows, warmup: int, steps: int) -> Timing:
@@ -126,11 +130,10 @@ def raw_loop(cfg: DictConfig, train: Windows, warmup: int, steps: int) -> Timing
     stages = parse_stages(OmegaConf.to_container(cfg.ramp.stages, resolve=True))
     stage = stages[stage_index(cfg.ramp.epoch_base, stages)]
     knobs.margin, knobs.target_frac = stage.margin, stage.target_frac
-    g = cfg.guard
-    skip = SkipRule(g.pos_below, g.neg_below) if g.policy in ("skip", "rollback") else None
+    skip = lvm_module.skip
     o = cfg.optim
     optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, weight_decay=o.weight_decay, betas=tuple(o.betas))
-    clip, prev_slot, mse_on = cfg.trainer.gradient_clip_val, cfg.window.prev_slot, cfg.loss.mse_on
+    clip, prev_slot, mse_on = cfg.trainer.gradient_clip_val, lvm_module.prev_slot, lvm_module.mse_on
     batches = iter(make_loader(train, cfg.data.batch_size, True, cfg.data.num_workers, cfg.seed))
     model.train()
     t_first = 0.0
@@ -264,8 +267,10 @@ def train_steps_per_s(run_dir: Path) -> float:
 
 def measure_side_by_side(overrides: list[str], work_dir: Path) -> tuple[float, list[float]]:
     """Steps/s of a lone training, and of each of two started together (default threads=auto)."""
-    args = [sys.executable, "-m", "lvm.train", "+experiment=p6b_v2", "trainer.max_epochs=1", "eval.after_fit=false",
-            "trainer.enable_progress_bar=false", *overrides]
+    experiment = [f"+{o}" for o in overrides if o.startswith("experiment=")] or ["+experiment=p6b_v2"]
+    rest = [o for o in overrides if not o.startswith("experiment=")]
+    args = [sys.executable, "-m", "lvm.train", *experiment, "trainer.max_epochs=1", "eval.after_fit=false",
+            "trainer.enable_progress_bar=false", *rest]
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": str(root)}
 
@@ -282,19 +287,14 @@ def measure_side_by_side(overrides: list[str], work_dir: Path) -> tuple[float, l
     return train_steps_per_s(work_dir / "lone"), [train_steps_per_s(work_dir / f"pair{i}") for i in range(2)]
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m lvm.bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("overrides", nargs="*", help="extra Hydra overrides, as for lvm.train")
-    p.add_argument("--steps", type=int, default=300, help="measured training steps per run (default 300)")
-    p.add_argument("--warmup", type=int, default=20, help="unmeasured training steps before them (default 20)")
-    p.add_argument("--repeats", type=int, default=3, help="interleaved rounds; the best round counts (default 3)")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch threads, for every variant (default 1: two threads thrash on a shared 2-core machine)")
-    p.add_argument("--mem-rows", type=int, default=200_000, help="rows of the store NPZ for the memory figure (default 200000)")
-    args = p.parse_args(argv)
-    if args.steps < 1 or args.warmup < 0 or args.repeats < 1 or args.threads < 1 or args.mem_rows < 1:
-        p.error("--steps, --repeats, --threads and --mem-rows must be >= 1, --warmup >= 0")
-
+@hydra.main(version_base="1.3", config_path="../conf", config_name="bench")
+@entry_point("lvm.bench")
+def main(cfg: DictConfig) -> None:
+    b = cfg.bench
+    if b.steps < 1 or b.warmup < 0 or b.repeats < 1 or b.threads < 1 or b.mem_rows < 1:
+        raise ConfigError(f"bench.steps, bench.repeats, bench.threads and bench.mem_rows must be >= 1, bench.warmup >= 0 (got {dict(b)})")
+    # The training overrides given (for the side-by-side runs, which start `python -m lvm.train`).
+    overrides = [o for o in HydraConfig.get().overrides.task if not o.lstrip("+~").startswith("bench.")]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     # Quiet the per-run chatter (console lines every print_every steps, per-epoch summaries,
     # Lightning's start-up info): emitting it costs next to nothing but would bury the results.
@@ -302,18 +302,16 @@ def main(argv: list[str] | None = None) -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     warnings.filterwarnings("ignore", ".*LeafSpec.*")
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(b.threads)
 
     started = time.perf_counter()
-    # Progress bar off last, so that build_callbacks adds none either; a fixed thread count, so that
-    # no variant re-shares threads (ShareCPUs) while it is timed.
-    cfg = compose_config(["+experiment=p6b_v2", *args.overrides, f"threads={args.threads}", "trainer.enable_progress_bar=false"])
+    cfg = training_config(cfg)
     log.info("loops: %d measured steps after %d warm-up, best of %d rounds, batch %d, %d torch thread(s)",
-             args.steps, args.warmup, args.repeats, cfg.data.batch_size, torch.get_num_threads())
+             b.steps, b.warmup, b.repeats, cfg.data.batch_size, torch.get_num_threads())
     with tempfile.TemporaryDirectory(prefix="lvm-bench-") as tmp:
-        best = measure_loops(cfg, args.steps, args.warmup, args.repeats, Path(tmp))
-        data_mem = measure_data_memory(cfg, args.mem_rows, Path(tmp))
-        lone, pair = measure_side_by_side(args.overrides, Path(tmp) / "side_by_side")
+        best = measure_loops(cfg, b.steps, b.warmup, b.repeats, Path(tmp))
+        data_mem = measure_data_memory(cfg, b.mem_rows, Path(tmp))
+        lone, pair = measure_side_by_side(overrides, Path(tmp) / "side_by_side")
     log.info("side by side: lone %.1f steps/s, together %.1f and %.1f steps/s", lone, *pair)
     ratio = best["raw"] / best["lightning_full"]
     overhead = 100 * (best["lightning_full"] / best["lightning_bare"] - 1)
@@ -323,4 +321,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_entry_point(main)

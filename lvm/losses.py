@@ -12,6 +12,7 @@ builds the same graph.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -22,6 +23,11 @@ import torch.nn.functional as F
 MseOn = Literal["raw", "unit"]
 # A tensor -> its mean over the ranks of a distributed run (the identity on one process).
 MeanOverRanks = Callable[[torch.Tensor], torch.Tensor]
+MSE_ON = ("raw", "unit")
+
+
+def _finite(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 @dataclass
@@ -35,6 +41,19 @@ class DirectionalKnobs:
     lambda_min: float
     lambda_max: float
     enabled: bool = True
+
+    def __post_init__(self) -> None:
+        problems = [
+            msg for ok, msg in (
+                (_finite(self.gamma) and self.gamma > 0, f"loss.gamma must be > 0 (got {self.gamma})"),
+                (_finite(self.lambda_min) and _finite(self.lambda_max) and 0 < self.lambda_min <= self.lambda_max,
+                 f"need 0 < loss.lambda_min <= loss.lambda_max (got {self.lambda_min}, {self.lambda_max})"),
+                (_finite(self.margin), f"loss.margin must be a finite number (got {self.margin})"),
+                (_finite(self.target_frac) and self.target_frac >= 0, f"loss.target_frac must be >= 0 (got {self.target_frac})"),
+            ) if not ok
+        ]
+        if problems:
+            raise ValueError("; ".join(problems))
 
 
 @dataclass
@@ -64,6 +83,10 @@ class SkipRule:
 
     pos_below: float
     neg_below: float
+
+    def __post_init__(self) -> None:
+        if not (_finite(self.pos_below) and _finite(self.neg_below)):
+            raise ValueError(f"guard.pos_below and guard.neg_below must be finite numbers (got {self.pos_below}, {self.neg_below})")
 
     def __call__(self, pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
         return (pos < self.pos_below) | (neg < self.neg_below)

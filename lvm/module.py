@@ -15,7 +15,7 @@ import lightning as L
 import torch
 from torchmetrics import MeanMetric, MetricCollection
 
-from lvm.losses import DirectionalKnobs, LossTerms, SkipRule, p6b_loss
+from lvm.losses import MSE_ON, DirectionalKnobs, LossTerms, SkipRule, p6b_loss
 from lvm import metrics as M
 from lvm.metrics import cos
 from lvm.model import P6Transformer
@@ -37,37 +37,56 @@ def predict_units(module: torch.nn.Module, context: torch.Tensor, batch_size: in
     return torch.cat(parts)
 
 
+def model_of(config: dict[str, Any], dim: int) -> P6Transformer:
+    """The transformer the run config's `model` and `window` describe, for D = `dim` vectors."""
+    m = config["model"]
+    return P6Transformer(
+        dim=dim,
+        d_model=m["d_model"],
+        layers=m["layers"],
+        heads=m["heads"],
+        ffn=m["ffn"],
+        dropout=m["dropout"],
+        max_context=config["window"]["context"],
+        block=m["block"],
+        input_scale=m["input_scale"],
+        out_init_scale=m["out_init_scale"],
+        context_skip=m["context_skip"],
+    )
+
+
+def knobs_of(loss: dict[str, Any]) -> DirectionalKnobs:
+    return DirectionalKnobs(
+        margin=loss["margin"],
+        target_frac=loss["target_frac"],
+        gamma=loss["gamma"],
+        lambda_min=loss["lambda_min"],
+        lambda_max=loss["lambda_max"],
+        enabled=loss["enabled"],
+    )
+
+
+def mse_on_of(loss: dict[str, Any]) -> str:
+    if loss["mse_on"] not in MSE_ON:
+        raise ValueError(f"loss.mse_on must be one of {', '.join(MSE_ON)} (got {loss['mse_on']!r})")
+    return loss["mse_on"]
+
+
+def skip_rule_of(guard: dict[str, Any]) -> SkipRule | None:
+    """The v2 skip rule, part of the loss under the skip and rollback guards."""
+    return SkipRule(guard["pos_below"], guard["neg_below"]) if guard["policy"] in ("skip", "rollback") else None
+
+
 class LVMModule(L.LightningModule):
     """Built from the resolved run config (a plain dict, so checkpoints load with weights_only)."""
 
     def __init__(self, config: dict[str, Any], dim: int) -> None:
         super().__init__()
         self.save_hyperparameters(logger=False)
-        m, loss = config["model"], config["loss"]
-        self.model = P6Transformer(
-            dim=dim,
-            d_model=m["d_model"],
-            layers=m["layers"],
-            heads=m["heads"],
-            ffn=m["ffn"],
-            dropout=m["dropout"],
-            max_context=config["window"]["context"],
-            block=m["block"],
-            input_scale=m["input_scale"],
-            out_init_scale=m["out_init_scale"],
-            context_skip=m["context_skip"],
-        )
-        self.knobs = DirectionalKnobs(
-            margin=loss["margin"],
-            target_frac=loss["target_frac"],
-            gamma=loss["gamma"],
-            lambda_min=loss["lambda_min"],
-            lambda_max=loss["lambda_max"],
-            enabled=loss["enabled"],
-        )
-        self.mse_on = loss["mse_on"]
-        g = config["guard"]
-        self.skip = SkipRule(g["pos_below"], g["neg_below"]) if g["policy"] in ("skip", "rollback") else None
+        self.model = model_of(config, dim)
+        self.knobs = knobs_of(config["loss"])
+        self.mse_on = mse_on_of(config["loss"])
+        self.skip = skip_rule_of(config["guard"])
         self.prev_slot = config["window"]["prev_slot"]
         self.optim_cfg = config["optim"]
         self.print_every = config["logger"]["print_every"]

@@ -1,9 +1,8 @@
 """Every-step scalars without a per-step host sync: rows buffered on device, flushed in one copy.
 
-Measured reason for not using `self.log` per step (see `make bench`): 14 `self.log` calls cost
-3-4 ms of a ~14 ms CPU step (Lightning re-walks its result collection on each call), and a
-TensorBoard write per step ~1 ms more. Here a step costs one small stack into a preallocated
-buffer; every `flush_every` steps one `.tolist()` moves the rows to the host and each row goes to
+Not `self.log` per step, for a measured reason (README, "Measured figures"): Lightning re-walks
+its result collection on each call, and each logger write per step adds more. Here a step costs
+one small stack into a preallocated buffer; every `flush_every` steps one `.tolist()` moves the rows to the host and each row goes to
 the loggers at its own step, so TensorBoard still shows every step.
 """
 
@@ -21,7 +20,7 @@ class StepLog:
     def __init__(self, names: Sequence[str], flush_every: int,
                  listeners: Sequence[Callable[[list[int], list[dict[str, float]]], None]] = ()) -> None:
         if flush_every < 1:
-            raise ValueError(f"flush_every must be >= 1 (got {flush_every})")
+            raise ValueError(f"logger.flush_every must be >= 1 (got {flush_every})")
         self.names = list(names)
         self.flush_every = flush_every
         self._buf: torch.Tensor | None = None

@@ -164,10 +164,10 @@ def plot_heatmap(jobs: list[Job], metric: str, path: Path) -> bool:
 
 def check_metric(metric: str) -> None:
     if metric not in METRICS:
-        raise ConfigError(f"hydra.callbacks.sweep_summary.metric must be one of {', '.join(METRICS)} (got {metric})")
+        raise ConfigError(f"the summary metric (hydra.callbacks.sweep_summary.metric; metric= for lvm.sweep_report) must be one of {', '.join(METRICS)} (got {metric})")
 
 
-def write_summary(sweep_dir: str | Path, metric: str = "best_val_cos") -> dict[str, str]:
+def write_summary(sweep_dir: str | Path, metric: str) -> dict[str, str]:
     """summary.csv, summary.md and (when gamma and lambda_max both vary) summary_heatmap.png; their paths."""
     check_metric(metric)
     sweep_dir = Path(sweep_dir)

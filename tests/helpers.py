@@ -21,7 +21,7 @@ from tensorboard.plugins.hparams import plugin_data_pb2
 
 from lvm import fivecat as F5
 from lvm.corpus.encoders import TEXT_EXTRA
-from lvm.data.store import WindowSpec
+from lvm.data.store import ArticleStore, WindowSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 P6 = WindowSpec(context=5, target_offset=2, prev_slot=-2)
@@ -159,3 +159,25 @@ def numpy_r1_of_constant(store, windows, u):
         scores = vec[start[0] : start[0] + n[0]] @ u
         hits.append(np.sum(np.delete(scores, row - start[0]) >= scores[row - start[0]]) == 0)
     return float(np.mean(hits))
+
+
+THETA = 0.4  # rotation per chunk of rotation_store: cos 0.921, below diagnose's near-duplicate threshold
+
+
+def rotation_store(lengths: list[int], theta: float | list[np.ndarray] = THETA, shared_plane: bool = False, seed: int = 0) -> ArticleStore:
+    """Article a walks around a circle in its own plane (e_2a, e_2a+1), or all in (e0, e1):
+    chunk t sits at angle phase_a + (cumulative step angles up to t). With a constant step theta,
+    cos of chunks k apart is cos(k * theta) exactly; chunks of different planes are orthogonal."""
+    rng = np.random.default_rng(seed)
+    d = 4 if shared_plane else 2 * len(lengths)
+    rows, art, chunk = [], [], []
+    for a, n in enumerate(lengths):
+        steps = np.full(n, theta) if np.isscalar(theta) else theta[a]
+        phase = rng.uniform(0, 2 * np.pi) + np.concatenate(([0.0], np.cumsum(steps[1:n])))
+        v = np.zeros((n, d))
+        p = 0 if shared_plane else 2 * a
+        v[:, p], v[:, p + 1] = np.cos(phase), np.sin(phase)
+        rows.append(v)
+        art += [a] * n
+        chunk += list(range(n))
+    return ArticleStore(np.concatenate(rows).astype(np.float32), np.array(art), np.array(chunk))

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
+
 from lvm.cli import positional_override
+from tests.helpers import run_module
 
 
 def test_a_bare_first_argument_is_the_store():
@@ -10,3 +13,20 @@ def test_a_bare_first_argument_is_the_store():
     assert positional_override(["prog", "it's.npz"], "store") == ["prog", "store='it\\'s.npz'"]
     assert positional_override(["prog", "store=x.npz"], "store") == ["prog", "store=x.npz"]
     assert positional_override(["prog", "--help"], "store") == ["prog", "--help"]
+
+
+@pytest.mark.parametrize(
+    "module,args,words",
+    [
+        ("lvm.sweep_report", ["/nowhere/sweep"], "/nowhere/sweep: no such directory"),
+        ("lvm.sweep_report", ["/tmp", "metric=accuracy"], "must be one of"),
+        ("lvm.bench", ["bench.steps=0"], "bench.steps"),
+        ("lvm.bench", ["model.heads=3"], "model.d_model"),
+        ("lvm.bench", ["no_such_key=1"], "no_such_key"),
+    ],
+)
+def test_every_tool_answers_bad_input_with_one_line_and_exit_2(module, args, words):
+    """lvm.bench and lvm.sweep_report follow the same convention as train, evaluate, build and diagnose."""
+    proc = run_module(module, *args, timeout=120, threads=1)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and words in proc.stderr, proc.stderr[-2000:]

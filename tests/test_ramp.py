@@ -35,7 +35,7 @@ class FakeTrainer:
 
 class FakeModule:
     def __init__(self):
-        self.knobs = DirectionalKnobs(margin=-1, target_frac=-1, gamma=4, lambda_min=1e-4, lambda_max=0.02)
+        self.knobs = DirectionalKnobs(margin=-1, target_frac=99.0, gamma=4, lambda_min=1e-4, lambda_max=0.02)
         self.logged = {}
 
     def log(self, name, value, **kw):

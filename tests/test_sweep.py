@@ -32,7 +32,7 @@ def test_grid_sweep_summarised_and_regenerated(tmp_path):
 
     for name in ("summary.csv", "summary.md", "summary_heatmap.png"):
         (sweep / name).unlink()
-    report = run_module("lvm.sweep_report", str(sweep), "--metric", "final_val_cos", timeout=120)
+    report = run_module("lvm.sweep_report", str(sweep), "metric=final_val_cos", timeout=120)
     assert report.returncode == 0, report.stderr[-3000:]
     assert sweep_rows(sweep) == table and png.is_file() and (sweep / "summary.md").is_file()
 

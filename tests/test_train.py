@@ -96,6 +96,13 @@ def test_resume_continues_at_right_epoch_and_stage(tmp_path, caplog):
         ("callbacks.checkpoint.every_n_steps=0", "callbacks.checkpoint.every_n_steps"),
         ("threads=0", "threads"),
         ("overwrite=maybe", "overwrite"),
+        ("model.dropout=1.0", "model.dropout"),
+        ("loss.mse_on=cosine", "loss.mse_on"),
+        ("data.normalize=clip", "data.normalize"),
+        ("logger.flush_every=0", "logger.flush_every"),
+        ("ramp.epoch_base=2", "ramp.epoch_base"),
+        ("ramp.stages=[{until:null,margin:0.1,target_frac:-0.5}]", "target_frac"),
+        ("guard.pos_below=.nan", "guard.pos_below"),
     ],
 )
 def test_impossible_configs_rejected_at_startup(override, setting, tmp_path):
@@ -214,3 +221,13 @@ def test_cli_exit_codes_follow_the_status(tmp_path):
     assert results["status"] == "stopped: max_rollbacks"
     last = torch.load(tmp_path / "stop" / "checkpoints" / "last.ckpt", weights_only=True)
     assert last["epoch"] == 0 and all(torch.isfinite(v).all() for v in last["state_dict"].values())  # not the NaN model
+
+
+def test_start_up_names_every_broken_object_at_once(tmp_path):
+    """Validation builds each object from its config node: one error lists the model's, the loss's
+    and the window's problems together, before any data is read."""
+    with pytest.raises(ConfigError) as e:
+        run(cfg_for("model.heads=3", "loss.gamma=0", "window.context=1", "data.path=/nowhere.npz"), tmp_path)
+    for setting in ("model.d_model", "loss.gamma", "window.context"):
+        assert setting in str(e.value)
+    assert not any(tmp_path.iterdir())

@@ -98,8 +98,8 @@ def as_prose(record: Document | Skipped) -> Document | Skipped:
 
 
 def prose_documents(records: Iterable[Document | Skipped], workers: int, batch: int = 64) -> Iterator[Document | Skipped]:
-    """`as_prose` over a stream, in order. mwparserfromhell takes ~99% of reading a dump (8.9 of
-    9.0 s for the gensim excerpt), so with workers > 1 batches of pages go to a process pool;
+    """`as_prose` over a stream, in order. mwparserfromhell takes nearly all the time of reading a
+    dump, so with workers > 1 batches of pages go to a process pool;
     batches keep memory bounded (Pool.imap would read the whole dump ahead)."""
     records = iter(records)
     if workers <= 1:

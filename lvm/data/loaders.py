@@ -36,19 +36,27 @@ MIN_TARGET_VARIANCE = 1e-4
 _BLOCK = 4096
 
 
+def check_source(data_cfg: Mapping[str, Any]) -> str:
+    """data.source, checked: synthetic, or an NPZ kind whose data.path is an existing file."""
+    source = data_cfg["source"]
+    if source not in ("synthetic", "store_npz", "windows_npz"):
+        raise DataError(f"data.source must be synthetic, store_npz or windows_npz (got {source!r})")
+    path = data_cfg.get("path")
+    if source != "synthetic" and not (path and Path(str(path)).is_file()):
+        hint = f" ({data_cfg['hint']})" if data_cfg.get("hint") else ""
+        raise DataError(f"data.path must be an existing NPZ file for data.source={source} (got {path!r}){hint}")
+    return source
+
+
 def load_store(data_cfg: Mapping[str, Any], spec: WindowSpec) -> ArticleStore:
     """The article store the `data` config describes."""
-    source = data_cfg["source"]
+    source = check_source(data_cfg)
     normalize = data_cfg["normalize"]
     if source == "synthetic":
         syn = dict(data_cfg["synthetic"])
         vectors, article_ids, chunk_indices = synthetic_corpus(**syn)
         return ArticleStore(vectors, article_ids, chunk_indices, f"synthetic(seed={syn['seed']})", normalize)
-    if source not in ("store_npz", "windows_npz"):
-        raise DataError(f"data.source must be synthetic, store_npz or windows_npz (got {source!r})")
-    path = data_cfg.get("path")
-    if not path:
-        raise DataError(f"data.path must name an NPZ file for data.source={source}")
+    path = data_cfg["path"]
     if source == "store_npz":
         return load_store_npz(path, normalize)
     return load_windows_npz(path, spec, normalize, data_cfg.get("dedupe", "auto"))

@@ -14,8 +14,7 @@ import torch
 from torch.utils.data import RandomSampler
 
 # Indices handed out per slice: the permutation stays a tensor (torch's RandomSampler turns the
-# whole of it into a Python list, ~36 bytes per window, measured by `make bench` as a tenth of a
-# D=64 store).
+# whole of it into a Python list, bytes per window that `make bench`'s data_mem figure counts).
 _SLICE = 4096
 
 

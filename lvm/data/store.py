@@ -258,6 +258,12 @@ def _check_arrays(
     return vectors, out[0], out[1]
 
 
+def check_policy(policy: str) -> None:
+    """data.normalize names what to do with non-unit rows."""
+    if policy not in ("renormalize", "error"):
+        raise DataError(f"data.normalize must be renormalize or error (got {policy!r})")
+
+
 def _check_and_normalize(
     vectors: np.ndarray, source: str, policy: NormalizePolicy, copy_on_write: bool = False
 ) -> np.ndarray:
@@ -265,8 +271,7 @@ def _check_and_normalize(
 
     Renormalises in place, after copying `vectors` first if `copy_on_write`; returns the result.
     """
-    if policy not in ("renormalize", "error"):
-        raise DataError(f"data.normalize must be 'renormalize' or 'error' (got {policy!r})")
+    check_policy(policy)
     off_unit, lo, hi = 0, np.inf, 0.0
     for s in range(0, len(vectors), _SCAN_ROWS):
         block = vectors[s : s + _SCAN_ROWS]
