@@ -21,7 +21,7 @@ LAYOUT = {
         "raw norm and skips": ["Multiline", ["train/raw_norm", "train/skipped"]],
     },
     "Validation": {
-        "cosine vs baselines": ["Multiline", ["val/cos", "ood/cos", "mini5cat/cos", "mini5cat/copy_last_cos", "mini5cat/mean_context_cos"]],
+        "cosine vs baselines": ["Multiline", ["val/cos", "ood/cos", "mini5cat/cos", "mini5cat/copy_last_cos", "mini5cat/mean_context_cos", "mini5cat/slot_linear_cos"]],
         "mini-5CAT margins": ["Multiline", ["mini5cat/margin_last", "mini5cat/margin_prev"]],
         "within-article retrieval": ["Multiline", ["mini5cat/r1", "mini5cat/r5", "mini5cat/mrr", "mini5cat/copy_last_r5", "mini5cat/r5_bank6"]],
         "loss": ["Multiline", ["val/loss", "val/mse", "ood/loss", "ood/mse"]],

@@ -2,8 +2,8 @@
 
 Reports val cosine, margins against ctx[-1] and against the loss's prev slot, within-article
 retrieval (R@1, R@5, MRR of the target among all chunks of its article), the original's 6-vector
-bank R@5 under its own name (it reads 1.0 for a collapsed model), and the copy-last and
-mean-of-context baselines on the same sample. `nonfinite` is the share of predictions holding a
+bank R@5 under its own name (it reads 1.0 for a collapsed model), and the copy-last,
+mean-of-context and slot-linear baselines on the same sample. `nonfinite` is the share of predictions holding a
 NaN/inf component: their cos and margins are NaN and retrieval ranks them last, never first.
 """
 
@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from lvm import metrics as M
+from lvm.baselines import BASELINES, reference_predictors
 from lvm.data.splits import stratified_sample
 from lvm.data.store import Windows
 from lvm.module import predict_units
@@ -47,21 +48,20 @@ def health_metrics(
 class Mini5CAT(L.Callback):
     """Runs at the end of every validation epoch (not during the sanity check)."""
 
-    def __init__(self, windows: Windows, n_windows: int, seed: int, prev_slot: int, batch_size: int) -> None:
+    def __init__(self, windows: Windows, n_windows: int, seed: int, prev_slot: int, batch_size: int,
+                 slot_weights: torch.Tensor) -> None:
         self.windows = windows
         self.prev_slot = prev_slot
         self.batch_size = batch_size
         self.index = torch.from_numpy(stratified_sample(windows.article_ids(), n_windows, seed))
         self.batch = windows.gather(self.index)
-        self.baselines = {
-            "copy_last": health_metrics(M.copy_last(self.batch["context"]), self.batch, windows, prev_slot),
-            "mean_context": health_metrics(M.mean_context(self.batch["context"]), self.batch, windows, prev_slot),
-        }
+        predictors = reference_predictors(slot_weights)
+        self.baselines = {name: health_metrics(predictors[name](self.batch), self.batch, windows, prev_slot) for name in BASELINES}
         self.last: dict[str, float] = {}
         log.info(
-            "Mini-5CAT: %d windows from %d val articles; baselines cos copy-last %.3f, mean-of-context %.3f",
+            "Mini-5CAT: %d windows from %d val articles; baselines cos copy-last %.3f, mean-of-context %.3f, slot-linear %.3f",
             len(self.index), len(np.unique(windows.article_ids()[self.index.numpy()])),
-            self.baselines["copy_last"]["cos"], self.baselines["mean_context"]["cos"],
+            *(self.baselines[name]["cos"] for name in BASELINES),
         )
 
     def predict(self, pl_module: L.LightningModule) -> torch.Tensor:
@@ -82,8 +82,8 @@ class Mini5CAT(L.Callback):
                 log.warning("[Mini-5CAT] %.1f%% of predictions hold NaN/inf: cos and margins are NaN, "
                             "retrieval ranks them last | epoch %d", 100 * m["nonfinite"], trainer.current_epoch)
             log.info(
-                "[Mini-5CAT] Margin: %.3f | R@5: %.3f | cos %.3f (copy-last %.3f, mean-ctx %.3f) | "
+                "[Mini-5CAT] Margin: %.3f | R@5: %.3f | cos %.3f (copy-last %.3f, mean-ctx %.3f, slot-linear %.3f) | "
                 "margin_prev %.3f | R@1 %.3f | R@5_bank6 %.3f | epoch %d",
-                m["margin_last"], m["r5"], m["cos"], b["copy_last"]["cos"], b["mean_context"]["cos"],
+                m["margin_last"], m["r5"], m["cos"], *(b[name]["cos"] for name in BASELINES),
                 m["margin_prev"], m["r1"], m["r5_bank6"], trainer.current_epoch,
             )

@@ -1,4 +1,4 @@
-"""`python -m lvm.evaluate ckpt=PATH` (or `predictor=oracle|copy_last|mean_context`): the 5CAT suite.
+"""`python -m lvm.evaluate ckpt=PATH` (or `predictor=oracle|copy_last|mean_context|slot_linear`): the 5CAT suite.
 
 Runs tests A-E (lvm/fivecat.py) on VAL and OOD for the subject and, always, for the oracle and the
 copy-last and mean-of-context baselines, so every figure sits beside what is reachable on the data.
@@ -22,7 +22,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from lvm import metrics as M
+from lvm.baselines import BASELINES, fit_slot_linear, reference_predictors
 from lvm.checkpoints import check_dim, read_checkpoint
 from lvm.cli import EXIT_FAIL, EXIT_OK, entry_point, run_entry_point
 from lvm.config import to_plain
@@ -37,12 +37,13 @@ from lvm.report import write_outputs
 
 log = logging.getLogger(__name__)
 
-REFERENCES: dict[str, Predictor] = {
-    "oracle": lambda b: b["target"],
-    "copy_last": lambda b: M.copy_last(b["context"]),
-    "mean_context": lambda b: M.mean_context(b["context"]),
-}
+REFERENCES = ("oracle", *BASELINES)
 PREDICTORS = ("model", *REFERENCES)
+
+
+def references(train: Windows, batch_size: int) -> dict[str, Predictor]:
+    """The oracle and the baselines, slot-linear fitted on `train`."""
+    return reference_predictors(fit_slot_linear(train, batch_size))
 
 
 def model_predictor(module: LVMModule, batch_size: int) -> Predictor:
@@ -165,7 +166,8 @@ def evaluate_checkpoint(
     `ckpt`: the checkpoint already read from `path`, if the caller has it."""
     ckpt = ckpt or read_checkpoint(path)
     module = load_model(ckpt, path, splits["val"].store.dim)
-    evaluation = evaluate(splits, {"model": model_predictor(module, batch_size), **REFERENCES}, eval_cfg, sample, seed, batch_size, progress)
+    predictors = {"model": model_predictor(module, batch_size), **references(splits["train"], batch_size)}
+    evaluation = evaluate(splits, predictors, eval_cfg, sample, seed, batch_size, progress)
     info = {"path": str(path), "epoch": int(ckpt["epoch"]), "global_step": int(ckpt["global_step"])}
     report = build_report("model", evaluation, splits, data_cfg, spec, info, sample, seed)
     out_dir = out_dir or run_dir_of(path) / "eval" / Path(path).stem
@@ -215,7 +217,7 @@ def run(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict[str, Any]:
     if cfg.predictor not in PREDICTORS:
         raise ConfigError(f"predictor must be one of {list(PREDICTORS)} (got {cfg.predictor!r})")
     if cfg.predictor == "model" and not cfg.ckpt:
-        raise ConfigError("predictor=model needs ckpt=PATH (or use predictor=oracle|copy_last|mean_context)")
+        raise ConfigError(f"predictor=model needs ckpt=PATH (or use predictor={'|'.join(REFERENCES)})")
     if cfg.predictor != "model" and cfg.ckpt:
         raise ConfigError(f"ckpt is given but predictor={cfg.predictor}; drop one of them")
     if cfg.sample is not None and (not isinstance(cfg.sample, int) or cfg.sample < 1):
@@ -234,7 +236,7 @@ def run(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict[str, Any]:
     if cfg.ckpt:
         return evaluate_checkpoint(cfg.ckpt, splits, data_cfg, spec, eval_cfg, out_dir, cfg.sample, cfg.seed, cfg.batch_size,
                                    cfg.progress, ckpt)
-    evaluation = evaluate(splits, REFERENCES, eval_cfg, cfg.sample, cfg.seed, cfg.batch_size, cfg.progress)
+    evaluation = evaluate(splits, references(splits["train"], cfg.batch_size), eval_cfg, cfg.sample, cfg.seed, cfg.batch_size, cfg.progress)
     report = build_report(cfg.predictor, evaluation, splits, data_cfg, spec, None, cfg.sample, cfg.seed)
     report["outputs"] = write_outputs(report, out_dir or Path("outputs") / "eval" / cfg.predictor)
     return report

@@ -6,6 +6,8 @@ average and baselines go through exactly the same code as the model.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 import torch.nn.functional as F
 
@@ -32,6 +34,30 @@ def copy_last(context: torch.Tensor) -> torch.Tensor:
 def mean_context(context: torch.Tensor) -> torch.Tensor:
     """Baseline prediction: the normalised mean of the context vectors."""
     return F.normalize(context.mean(dim=1), dim=-1)
+
+
+def slot_gram(context: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Least-squares statistics of one weight per context slot, in float64: G [K, K] with
+    G[j, k] = sum over windows of ctx_j . ctx_k, and b [K] with b[k] = sum of ctx_k . target.
+    Sums over batches add up, so a split is fitted in pieces."""
+    c, t = context.double(), target.double()
+    return torch.einsum("nkd,njd->kj", c, c), torch.einsum("nkd,nd->k", c, t)
+
+
+def fit_slot_weights(batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """Weights w [K] minimising sum |sum_k w_k ctx_k - target|^2 over the (context, target)
+    batches (least squares in float64; the minimum-norm solution when slots are collinear)."""
+    parts = [slot_gram(c, t) for c, t in batches]
+    if not parts:
+        raise ValueError("the slot-linear baseline needs at least one training window")
+    gram, b = (sum(x) for x in zip(*parts))
+    return torch.linalg.lstsq(gram, b.unsqueeze(1), driver="gelsd").solution.squeeze(1)
+
+
+def slot_linear(context: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Baseline prediction: the normalised weighted sum of the context slots (weights from
+    `fit_slot_weights` on the train split)."""
+    return F.normalize(torch.einsum("nkd,k->nd", context, weights.to(context.dtype)), dim=-1)
 
 
 def nonfinite(pred: torch.Tensor) -> torch.Tensor:

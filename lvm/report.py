@@ -10,7 +10,7 @@ from typing import Any
 from lvm.fivecat import ABLATIONS, BINS, OFFSETS, strict_json
 from lvm.tables import fmt, md_header
 
-LABELS = {"model": "model", "oracle": "oracle", "copy_last": "copy-last", "mean_context": "mean-ctx"}
+LABELS = {"model": "model", "oracle": "oracle", "copy_last": "copy-last", "mean_context": "mean-ctx", "slot_linear": "slot-linear"}
 
 
 def write_files(report: dict[str, Any], paths: dict[str, Path], markdown: Callable[[dict[str, Any]], str],

@@ -24,7 +24,7 @@ from lvm.tables import fmt, md_table
 
 log = logging.getLogger(__name__)
 
-METRICS = ("best_val_cos", "final_val_cos", "margin_last", "r5", "rollbacks", "events", "wall_time_s")
+METRICS = ("best_val_cos", "final_val_cos", "slot_linear_val_cos", "margin_last", "r5", "rollbacks", "events", "wall_time_s")
 COLUMNS = ("job", "overrides", *METRICS, "status")
 AXES = ("loss.gamma", "loss.lambda_max")  # heatmap: rows, columns
 
@@ -62,6 +62,7 @@ def read_job(job_dir: Path) -> Job:
     values = {
         "best_val_cos": results.get("best_val_cos"),
         "final_val_cos": final.get("val/cos"),
+        "slot_linear_val_cos": results.get("baselines", {}).get("val", {}).get("slot_linear"),
         "margin_last": final.get("mini5cat/margin_last"),
         "r5": final.get("mini5cat/r5"),
         "rollbacks": sum(e.get("action") == "rollback" for e in events),

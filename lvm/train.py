@@ -35,6 +35,7 @@ from torch.utils.data import DataLoader
 from callbacks import (ExactResume, FaultInjection, FiniteModelCheckpoint, Mini5CAT, RampSchedule, RollbackGuard, ShareCPUs,
                        SkipReport, StepStatistics, TensorBoardDashboard)
 from lvm.atomic import atomic_write_text
+from lvm.baselines import baseline_cosines, fit_slot_linear
 from lvm.checkpoints import AtomicCheckpointIO, check_dim, read_checkpoint
 from lvm.cli import EXIT_BAD_INPUT, EXIT_FAIL, exit_code_of, run_entry_point, set_exit_code
 from lvm.config import to_plain, validate
@@ -86,7 +87,7 @@ def make_loader(windows: Windows, batch_size: int, shuffle: bool, num_workers: i
 
 
 def build_callbacks(cfg: DictConfig, splits: dict[str, Windows], run_dir: Path, hparams: dict[str, Any],
-                    sampler: EpochSampler, signals: StopSignals | None) -> list[L.Callback]:
+                    sampler: EpochSampler, signals: StopSignals | None, slot_weights: torch.Tensor) -> list[L.Callback]:
     cb = cfg.callbacks
     schedule = RampSchedule(OmegaConf.to_container(cfg.ramp.stages, resolve=True), cfg.ramp.epoch_base, cfg.loss.lambda_max)
     g = cfg.guard
@@ -103,7 +104,8 @@ def build_callbacks(cfg: DictConfig, splits: dict[str, Windows], run_dir: Path, 
     if cb.fault_injection.nan_at_steps:
         out.append(FaultInjection(cb.fault_injection.nan_at_steps))
     if cb.mini5cat.enabled:
-        out.append(Mini5CAT(splits["val"], cb.mini5cat.windows, cb.mini5cat.seed, cfg.window.prev_slot, cfg.data.eval_batch_size))
+        out.append(Mini5CAT(splits["val"], cb.mini5cat.windows, cb.mini5cat.seed, cfg.window.prev_slot, cfg.data.eval_batch_size,
+                            slot_weights))
     ckpt_dir = run_dir / "checkpoints"
     # Best by val cosine first: trainer.checkpoint_callback is the first ModelCheckpoint.
     out.append(FiniteModelCheckpoint(dirpath=ckpt_dir, filename="best-epoch{epoch:02d}", monitor="val/cos", mode="max",
@@ -185,10 +187,12 @@ def build_fit(
     extra_callbacks: Sequence[L.Callback] = (),
     signals: StopSignals | None = None,
     resume: dict[str, Any] | None = None,
+    slot_weights: torch.Tensor | None = None,
     **trainer_overrides: Any,
 ) -> tuple[L.Trainer, LVMModule, DataLoader, list[DataLoader]]:
     """Trainer, module and loaders of a run (also used by the benchmark, with overrides).
-    `resume`: the checkpoint the run resumes from (TensorBoard hides what the killed run logged after it)."""
+    `resume`: the checkpoint the run resumes from (TensorBoard hides what the killed run logged after it).
+    `slot_weights`: the slot-linear baseline's, when the caller has fitted them already."""
     plain = to_plain(cfg)
     module = LVMModule(plain, dim=splits["train"].store.dim)
     d = cfg.data
@@ -200,7 +204,10 @@ def build_fit(
         logger = TensorBoardLogger(save_dir=str(run_dir), name="tb", version="", default_hp_metric=False, **purge)
     callbacks = [*extra_callbacks]
     if lvm_callbacks:
-        callbacks += build_callbacks(cfg, splits, run_dir, dashboard_hparams(cfg, choices or {}), train_loader.sampler, signals)
+        if slot_weights is None:
+            slot_weights = fit_slot_linear(splits["train"], d.eval_batch_size)
+        callbacks += build_callbacks(cfg, splits, run_dir, dashboard_hparams(cfg, choices or {}), train_loader.sampler, signals,
+                                     slot_weights)
     trainer = L.Trainer(**{**plain["trainer"], **trainer_overrides}, callbacks=callbacks, logger=logger,
                         default_root_dir=str(run_dir), plugins=[AtomicCheckpointIO()])
     return trainer, module, train_loader, val_loaders
@@ -238,6 +245,11 @@ def run(
     splits = build_data(cfg)
     if ckpt:
         check_compatible(ckpt, cfg, splits["train"].store.dim)
+    slot_weights = fit_slot_linear(splits["train"], cfg.data.eval_batch_size)
+    baselines = {"slot_weights": [round(w, 6) for w in slot_weights.tolist()],
+                 **baseline_cosines({s: splits[s] for s in ("val", "ood")}, slot_weights, cfg.data.eval_batch_size)}
+    log.info("Baselines, val cos: %s; slot-linear weights (oldest to newest) %s", ", ".join(
+        f"{k} {v:.4f}" for k, v in baselines.get("val", {}).items()), ", ".join(f"{w:.3f}" for w in baselines["slot_weights"]))
     run_dir.mkdir(parents=True, exist_ok=True)
     if is_zero:
         atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(to_plain(cfg)))
@@ -245,7 +257,7 @@ def run(
         with StopSignals() as signals:
             trainer, module, train_loader, val_loaders = build_fit(
                 cfg, splits, run_dir, choices, extra_callbacks=extra_callbacks, signals=signals,
-                resume=ckpt[1] if ckpt else None)
+                resume=ckpt[1] if ckpt else None, slot_weights=slot_weights)
             try:
                 trainer.fit(module, train_loader, val_loaders, ckpt_path=ckpt[0] if ckpt else None)
                 guard = next((c for c in trainer.callbacks if isinstance(c, RollbackGuard)), None)
@@ -253,7 +265,7 @@ def run(
             except (Preempted, SIGTERMException) as e:
                 status = "preempted"
                 log.warning("Run preempted (%s): resume with ckpt_path=last", e)
-        results = summarize_run(cfg, trainer, module, run_dir, status)
+        results = {**summarize_run(cfg, trainer, module, run_dir, status), "baselines": baselines}
         if trainer.is_global_zero and status != "preempted" and cfg.eval.after_fit:
             # Full 5CAT of the best-by-val-cosine and the last checkpoint, with their epochs.
             results["5cat"] = evaluate_after_fit(cfg, splits, {"best": results["best_checkpoint"], "last": results["last_checkpoint"]}, run_dir)

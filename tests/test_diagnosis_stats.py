@@ -68,6 +68,26 @@ def test_rotation_store_matches_closed_forms():
     assert findings(r)  # findings read the report without error
 
 
+def test_slot_linear_is_exact_on_rotations_and_agrees_with_training():
+    """On a rotation by a constant angle c_{t+1} = 2 cos(theta) c_t - c_{t-1}: slot-linear predicts
+    every held-out chunk exactly. Its weights are fitted on the training windows by
+    lvm.metrics.fit_slot_weights (as lvm.train does), checked against numpy least squares on a
+    store where they are unique."""
+    store = rotation_store([12, 15, 9, 20, 14, 11, 18, 10, 16, 13])
+    r = diagnose(store)
+    b = r["baselines"]
+    assert b["next"]["predictors"]["slot_linear"]["next"]["cos_target"]["mean"] == pytest.approx(1.0, abs=1e-5)
+    codes, _ = split_codes(store, 0.3, 0.3, 0)
+    starts = np.flatnonzero(stats.run_ahead(layout_of(store), 5) >= 5)
+    train = starts[codes[store.row_article[starts]] != stats.HELDOUT]
+    X = store.vectors.numpy()
+    np.testing.assert_allclose(b["ridge"]["forward"]["slot_weights"], stats.fit_slot_linear(X, *stats.block_rows(train, 5, "forward")).w)
+    X = unit_rows(300, 8, seed=3)
+    ctx, tgt = stats.block_rows(np.arange(0, 290, 3), 5, "forward")
+    expected, *_ = np.linalg.lstsq(X[ctx].astype(np.float64).transpose(0, 2, 1).reshape(-1, 5), X[tgt].astype(np.float64).reshape(-1), rcond=None)
+    np.testing.assert_allclose(stats.fit_slot_linear(X, ctx, tgt).w, expected, rtol=1e-9, atol=1e-12)
+
+
 def test_ridge_learns_a_shared_rotation_and_oracle_scores_one():
     store = rotation_store([14, 17, 12, 20, 15, 16, 13, 18, 19, 11, 14, 16], shared_plane=True)
     r = diagnose(store)

@@ -40,7 +40,7 @@ def test_cli_oracle_outputs_and_exit_codes(tmp_path):
     assert proc.returncode == 1, proc.stderr[-2000:]
     report = strict_load(tmp_path / "o" / "5cat.json")
     assert report["subject"] == "oracle" and report["checkpoint"] is None
-    assert set(report["results"]) == {"oracle", "copy_last", "mean_context"}
+    assert set(report["results"]) == {"oracle", "copy_last", "mean_context", "slot_linear"}
     gates = report["verdicts"]["oracle"]["gates"]
     assert all(gates[g]["passed"] for g in "ABD") and not gates["C"]["passed"]
     val = report["results"]["oracle"]["val"]
@@ -75,7 +75,7 @@ def test_checkpoint_after_fit_and_cli(tmp_path):
         report = strict_load(Path(entry["report"]).with_suffix(".json"))
         assert report["checkpoint"]["epoch"] == entry["epoch"] and report["checkpoint"]["global_step"] > 0
         assert report["verdict"]["passed"] == entry["passed"]
-        assert set(report["results"]) == {"model", "oracle", "copy_last", "mean_context"}
+        assert set(report["results"]) == {"model", "oracle", "copy_last", "mean_context", "slot_linear"}
     # The CLI reads the checkpoint's own data settings (D=16 tiny data, not the default D=64),
     # writes into <run dir>/eval/<name>/ and exits with the verdict.
     proc = cli(f"ckpt={last['path']}", "sample=30")
@@ -155,7 +155,7 @@ def test_nan_zero_and_constant_models_fail_and_are_reported(tmp_path):
     cfg = eval_cfg("predictor=oracle", *TINY_DATA)
     data_cfg, spec = E.to_plain(cfg.data), E.WindowSpec(**cfg.window)
     splits = E.load_splits(data_cfg, spec)
-    predictors = {"model": DEGENERATE["nan"], "zero": DEGENERATE["zero"], "constant": DEGENERATE["constant"], **E.REFERENCES}
+    predictors = {"model": DEGENERATE["nan"], "zero": DEGENERATE["zero"], "constant": DEGENERATE["constant"], **E.references(splits["train"], 64)}
     evaluation = E.evaluate(splits, predictors, E.to_plain(cfg.eval), cfg.sample, cfg.seed, cfg.batch_size, progress=False)
     res, verdicts = evaluation["results"], evaluation["verdicts"]
     for split in ("val", "ood"):

@@ -13,6 +13,7 @@ import torch
 from lvm import fivecat as F5
 from lvm import gates as G
 from lvm import metrics as M
+from lvm.baselines import fit_slot_linear, reference_predictors
 from lvm.data.store import ArticleStore
 from lvm.data.synthetic import synthetic_corpus
 from tests.helpers import CONSTANT, DEGENERATE, P6, STANDARD, numpy_r1_of_constant, original_eval
@@ -77,6 +78,36 @@ def test_mean_context_matches_metric_functions(store):
     assert s["offset"]["peak_k"] < 0  # the centre of the context, not the target
     assert s["ablation"]["shuffle"] == pytest.approx(0.0, abs=1e-5)  # order-blind
     assert s["ablation"]["reverse"] == pytest.approx(0.0, abs=1e-5)
+
+
+def test_slot_linear_matches_numpy_and_sees_order(store):
+    """The fitted slot-linear baseline through every 5CAT test: its cos by numpy, order-sensitive
+    ablations where its weights differ by slot, and copy-last's numbers with one-hot weights."""
+    windows = store.windows(P6)
+    weights = fit_slot_linear(windows, 64)
+    _, _, s = evaluate(store, P6, reference_predictors(weights)["slot_linear"])
+    b = windows.gather(torch.arange(len(windows)))
+    c, t = b["context"].double().numpy(), b["target"].double().numpy()
+    p = np.einsum("nkd,k->nd", c, weights.numpy())
+    assert s["cos"] == pytest.approx(np.mean(np.sum(p * t, 1) / np.linalg.norm(p, axis=1)), abs=1e-5)
+    assert weights[-1] > weights[0]  # the nearest chunk weighs most on drifting articles
+    assert s["ablation"]["reverse"] < 0 and s["ablation"]["cross_article"] < 0
+    assert s["retrieval"]["windows"] > 0 and len(s["rollout"]["cos"]) == 5
+    one_hot = torch.tensor([0.0, 0.0, 0.0, 0.0, 1.0], dtype=torch.float64)
+    _, _, as_copy = evaluate(store, P6, reference_predictors(one_hot)["slot_linear"])
+    _, _, copy = evaluate(store, P6, COPY_LAST)
+    assert flat(as_copy) == pytest.approx(flat(copy), abs=1e-6)
+
+
+def flat(summary, prefix=""):
+    """Every number of a 5CAT summary, by its path (for comparing two summaries)."""
+    out = {}
+    items = summary.items() if isinstance(summary, dict) else enumerate(summary) if isinstance(summary, list) else None
+    if items is None:
+        return {prefix: summary}
+    for k, v in items:
+        out.update(flat(v, f"{prefix}/{k}"))
+    return out
 
 
 def test_offsets_skip_windows_near_article_edges_and_gaps():

@@ -78,6 +78,42 @@ def test_mean_context(setup):
     assert M.mrr(ranks).item() == pytest.approx(np.mean(1 / ranks.numpy()))
 
 
+def test_slot_linear_matches_an_independent_float64_least_squares(setup):
+    store, windows, b, start, length = setup
+    # Fitted in pieces (batches of 7) equals one numpy solve of the stacked problem in float64.
+    w = M.fit_slot_weights((x["context"], x["target"]) for x in windows.batches(7))
+    c, t = b["context"].double().numpy(), b["target"].double().numpy()
+    A = c.transpose(0, 2, 1).reshape(-1, c.shape[1])  # one row per (window, dimension)
+    expected, *_ = np.linalg.lstsq(A, t.reshape(-1), rcond=None)
+    np.testing.assert_allclose(w.numpy(), expected, rtol=1e-9, atol=1e-12)
+    pred = M.slot_linear(b["context"], w)
+    direct = np.einsum("nkd,k->nd", c, expected)
+    direct /= np.linalg.norm(direct, axis=1, keepdims=True)
+    np.testing.assert_allclose(pred.numpy(), direct, atol=1e-6)
+    ranks = M.within_article_ranks(pred, store.vectors, b["target_row"], start, length)
+    assert np.array_equal(ranks.numpy(), numpy_within_article_rank(direct, store, b["target_row"].numpy()))
+    # Least squares on the training windows: its MSE there is at most copy-last's and the mean's.
+    mse = lambda p: float(((p - t) ** 2).sum(-1).mean())
+    assert mse(np.einsum("nkd,k->nd", c, expected)) <= min(mse(c[:, -1]), mse(c.mean(1))) + 1e-12
+
+
+def test_slot_linear_recovers_exact_weights_and_reduces_to_its_baselines(setup):
+    """Targets built as a known weighted sum: the fit finds the weights and predicts them exactly
+    (the oracle case); targets equal to ctx[-1] give copy-last's one-hot weights."""
+    _, _, b, _, _ = setup
+    c = b["context"]
+    true_w = torch.tensor([0.1, -0.2, 0.3, 0.5, 0.9], dtype=torch.float64)
+    exact = torch.einsum("nkd,k->nd", c.double(), true_w).float()
+    w = M.fit_slot_weights([(c, exact)])
+    np.testing.assert_allclose(w.numpy(), true_w.numpy(), atol=1e-5)
+    assert torch.allclose(M.cos(M.slot_linear(c, w), exact), torch.ones(len(c)), atol=1e-5)
+    w_last = M.fit_slot_weights([(c, c[:, -1])])
+    np.testing.assert_allclose(w_last.numpy(), [0, 0, 0, 0, 1], atol=1e-6)
+    assert torch.allclose(M.slot_linear(c, w_last), M.copy_last(c), atol=1e-6)
+    with pytest.raises(ValueError, match="at least one training window"):
+        M.fit_slot_weights([])
+
+
 def test_random_predictions_match_naive_ranking(setup):
     store, _, b, start, length = setup
     pred = torch.randn(len(b["target"]), store.dim, generator=torch.Generator().manual_seed(1))

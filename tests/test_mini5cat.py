@@ -43,12 +43,15 @@ class Oracle(torch.nn.Module):
         return pred, pred
 
 
+COPY_LAST_WEIGHTS = torch.tensor([0.0, 0.0, 0.0, 0.0, 1.0], dtype=torch.float64)
+
+
 def test_collapse_is_visible_while_six_bank_is_perfect():
     corpus = synthetic_corpus(dim=32, articles=12, min_chunks=10, max_chunks=20, topic_weight=1.0,
                               drift_weight=1.0, drift_step=0.5, noise=1.2, seed=0)
     store = ArticleStore(*corpus, source="synthetic")
     windows = store.windows(P6)
-    cat = Mini5CAT(windows, n_windows=40, seed=0, prev_slot=-2, batch_size=16)
+    cat = Mini5CAT(windows, n_windows=40, seed=0, prev_slot=-2, batch_size=16, slot_weights=COPY_LAST_WEIGHTS)
     prev = cat.batch["context"][:, -2]
     collapsed = cat.predict(Oracle(cat.batch, lambda b: -b["context"][:, -2]))
     assert torch.allclose(collapsed, -prev)
@@ -57,6 +60,7 @@ def test_collapse_is_visible_while_six_bank_is_perfect():
     assert oracle["cos"] > 0.999 and oracle["r1"] == 1.0 and oracle["mrr"] == 1.0
     assert m["r5_bank6"] == 1.0  # the original's in-training R@5 says "perfect"
     assert m["cos"] < cat.baselines["copy_last"]["cos"] - 0.1
+    assert cat.baselines["slot_linear"] == pytest.approx(cat.baselines["copy_last"])  # one-hot weights on ctx[-1]
     assert m["margin_prev"] > 0.5  # the "good" gap of two negatives
     assert m["r1"] < oracle["r1"]
 
@@ -75,7 +79,8 @@ def test_nan_and_zero_predictions_score_worst_not_perfect(fill):
                               drift_weight=1.0, drift_step=0.5, noise=1.2, seed=1)
     store = ArticleStore(*corpus, source="synthetic")
     windows = store.windows(P6)
-    cat = Mini5CAT(windows, n_windows=30, seed=0, prev_slot=-2, batch_size=8)
+    weights = torch.tensor([0.1, 0.1, 0.2, 0.2, 0.4], dtype=torch.float64)
+    cat = Mini5CAT(windows, n_windows=30, seed=0, prev_slot=-2, batch_size=8, slot_weights=weights)
     module = Recorder(cat.batch, lambda b: torch.full_like(b["target"], fill))
     trainer = SimpleNamespace(sanity_checking=False, is_global_zero=True, current_epoch=0)
     cat.on_validation_epoch_end(trainer, module)
@@ -85,6 +90,11 @@ def test_nan_and_zero_predictions_score_worst_not_perfect(fill):
     assert m["r1"] == 0.0 and m["r5"] == 0.0 and m["r5_bank6"] == 0.0
     assert m["mrr"] == pytest.approx(np.mean(1.0 / worst))
     assert module.logged["mini5cat/nonfinite"] == m["nonfinite"] == (1.0 if np.isnan(fill) else 0.0)
+    # The slot-linear baseline on the same sample, by numpy: normalise(sum_k w_k ctx_k) . target.
+    c, t = cat.batch["context"].double().numpy(), cat.batch["target"].double().numpy()
+    p = np.einsum("nkd,k->nd", c, weights.numpy())
+    expected = np.mean(np.sum(p * t, 1) / np.linalg.norm(p, axis=1))
+    assert module.logged["mini5cat/slot_linear_cos"] == pytest.approx(expected, abs=1e-6)
     if np.isnan(fill):
         assert np.isnan(m["cos"]) and np.isnan(m["margin_last"])
     else:

@@ -23,6 +23,9 @@ def test_grid_sweep_summarised_and_regenerated(tmp_path):
         assert -1 <= float(r["best_val_cos"]) <= 1 and float(r["wall_time_s"]) >= 0
         for key in ("final_val_cos", "margin_last", "r5", "rollbacks", "events"):
             float(r[key])
+    # The slot-linear baseline of each job's own results.json; the same data, so the same value.
+    slot = [json.loads((job / "results.json").read_text())["baselines"]["val"]["slot_linear"] for job in job_dirs(sweep)]
+    assert [float(r["slot_linear_val_cos"]) for r in table] == slot and len(set(slot)) == 1 and 0 < slot[0] < 1
     md = (sweep / "summary.md").read_text()
     assert md.count("| completed |") == 4 and all(e in md for e in expected)
     png = sweep / "summary_heatmap.png"

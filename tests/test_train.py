@@ -7,13 +7,14 @@ import shutil
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lvm.errors import ConfigError, LvmError, RunFailed
-from lvm.train import run
+from lvm.train import build_data, run
 from tests.helpers import ROOT, TINY, cfg_for, history, train_cli
 
 @pytest.mark.parametrize("experiment", ["p6_baseline", "p6b_v1", "p6b_v2"])
@@ -25,7 +26,7 @@ def test_experiment_trains_end_to_end(experiment, tmp_path):
     assert -1 <= results["best_val_cos"] <= 1  # a tiny 2-epoch model: recorded, not necessarily good
     rows = history(tmp_path)
     assert [r["epoch"] for r in rows] == [0, 1]
-    for key in ("val/cos", "ood/cos", "mini5cat/r5", "mini5cat/margin_last", "mini5cat/copy_last_cos"):
+    for key in ("val/cos", "ood/cos", "mini5cat/r5", "mini5cat/margin_last", "mini5cat/copy_last_cos", "mini5cat/slot_linear_cos"):
         assert key in rows[-1]
     events = list((tmp_path / "tb").glob("events.out.tfevents.*"))
     assert events
@@ -231,3 +232,23 @@ def test_start_up_names_every_broken_object_at_once(tmp_path):
     for setting in ("model.d_model", "loss.gamma", "window.context"):
         assert setting in str(e.value)
     assert not any(tmp_path.iterdir())
+
+
+def test_results_hold_the_baselines_computed_independently(tmp_path):
+    """results.json's baselines: slot-linear weights by numpy least squares on the train windows,
+    and every baseline's mean val / ood cosine by numpy."""
+    cfg = cfg_for("trainer.max_epochs=1")
+    results = run(cfg, tmp_path)
+    splits = build_data(cfg)
+    train = splits["train"].gather(torch.arange(len(splits["train"])))
+    c, t = train["context"].double().numpy(), train["target"].double().numpy()
+    w, *_ = np.linalg.lstsq(c.transpose(0, 2, 1).reshape(-1, c.shape[1]), t.reshape(-1), rcond=None)
+    b = results["baselines"]
+    np.testing.assert_allclose(b["slot_weights"], w, atol=1e-6)
+    for split in ("val", "ood"):
+        batch = splits[split].gather(torch.arange(len(splits[split])))
+        c, t = batch["context"].double().numpy(), batch["target"].double().numpy()
+        unit = lambda p: p / np.linalg.norm(p, axis=1, keepdims=True)
+        for name, pred in (("copy_last", c[:, -1]), ("mean_context", unit(c.mean(1))), ("slot_linear", unit(np.einsum("nkd,k->nd", c, w)))):
+            assert b[split][name] == pytest.approx(float(np.mean(np.sum(pred * t, 1))), abs=1e-5)
+    assert json.loads((tmp_path / "results.json").read_text())["baselines"] == b

@@ -8,6 +8,7 @@ the store with one vectorised index, so [N, K, D] copies never exist.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal
 
@@ -204,6 +205,11 @@ class Windows(Dataset):
             "target": self.store.vectors[target_rows],
             "target_row": target_rows,
         }
+
+    def batches(self, size: int) -> Iterator[dict[str, torch.Tensor]]:
+        """Every window once, in order, `size` at a time (passes over a whole split)."""
+        for s in range(0, len(self), size):
+            yield self.gather(torch.arange(s, min(s + size, len(self))))
 
     def __getitems__(self, idx: list[int]) -> dict[str, torch.Tensor]:
         # DataLoader calls this with the whole batch of indices when it exists.

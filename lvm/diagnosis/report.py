@@ -18,7 +18,7 @@ _ANISOTROPY_NOTE = 0.2
 _DUPLICATE_NOTE = 0.01
 
 PRIOR_TEXT = {"mean_context": "the mean-of-context weights (a large alpha gives the mean of context plus an intercept)", "zero": "zero"}
-NAMES = {"copy_last": "copy-last", "mean_context": "mean of context", "ridge": "ridge"}
+NAMES = {"copy_last": "copy-last", "mean_context": "mean of context", "slot_linear": "slot-linear", "ridge": "ridge"}
 
 
 # ----------------------------------------------------------------------------- findings
@@ -30,13 +30,14 @@ def findings(r: Mapping[str, Any]) -> list[str]:
     b = r["baselines"]
     if "next" in b:
         p = b["next"]["predictors"]
-        copy, mean, ridge = (p[n]["next"]["cos_target"]["mean"] for n in BASELINES)
-        best = max(mean, ridge)
+        copy, mean, slot, ridge = (p[n]["next"]["cos_target"]["mean"] for n in BASELINES)
+        best = max(mean, slot, ridge)
         if best > copy:
             out.append(f"Headroom: the best baseline ({best:.3f}) beats copy-last ({copy:.3f}) by {best - copy:+.3f} on held-out "
                        "articles; a model has to beat these, not copy-last alone.")
         else:
-            out.append(f"No headroom: neither mean of context ({mean:.3f}) nor ridge ({ridge:.3f}) beats copy-last ({copy:.3f}).")
+            out.append(f"No headroom: neither mean of context ({mean:.3f}), slot-linear ({slot:.3f}) nor ridge ({ridge:.3f}) "
+                       f"beats copy-last ({copy:.3f}).")
         gap = p["ridge"]["next"]["cos_last"]["mean"] - ridge
         out.append(f"Margin: ridge sits {gap:+.3f} closer to ctx[-1] than to the target, so a negative margin against ctx[-1] "
                    "is expected of a good predictor here.")
@@ -130,7 +131,7 @@ def markdown(r: dict[str, Any]) -> str:
             [f"adjacent near duplicates (cos >= {s['near_duplicate']})", fmt(r["near_duplicates"]["near_duplicate_fraction"], 4)]]
     if "next" in b:
         p = b["next"]["predictors"]
-        rows.append(["held-out cos(pred, next): copy-last / mean of context / ridge",
+        rows.append(["held-out cos(pred, next): copy-last / mean of context / slot-linear / ridge",
                      " / ".join(fmt(p[n]["next"]["cos_target"]["mean"]) for n in NAMES)])
         rows.append(["ridge cos(pred, ctx[-1])", fmt(p["ridge"]["next"]["cos_last"]["mean"])])
     lines += [*md_table(["statistic", "value"], rows), ""]
@@ -231,6 +232,10 @@ def _baselines_md(b: dict[str, Any], pct: int, k: int) -> list[str]:
     for direction, info in b["ridge"].items():
         tried = ", ".join(f"{a}: {fmt(v)}" for a, v in info["tune_cos_by_alpha"].items())
         out.append(f"- ridge {direction}: alpha {info['alpha']:g} (tune cos by alpha: {tried}; {info['fit_windows']} fit, {info['tune_windows']} tune windows)")
+    out.append("Slot-linear: one least-squares weight per context slot, no intercept, fitted on the same training windows "
+               "(the baseline lvm.train reports); weights, oldest to nearest chunk:")
+    for direction, info in b["ridge"].items():
+        out.append(f"- {direction}: {', '.join(fmt(w) for w in info['slot_weights'])}")
     return out + [""]
 
 

@@ -18,9 +18,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
 from tqdm.auto import tqdm
 
 from lvm.errors import ConfigError, DataError
+from lvm.metrics import fit_slot_weights
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +39,7 @@ FIT, TUNE, HELDOUT = 0, 1, 2
 
 # What ridge shrinks its weights toward: zero, or the weights of the mean-of-context predictor.
 PRIORS = ("mean_context", "zero")
-BASELINES = ("copy_last", "mean_context", "ridge")
+BASELINES = ("copy_last", "mean_context", "slot_linear", "ridge")
 
 Predictor = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
@@ -472,6 +474,24 @@ class Ridge:
         return context.reshape(len(context), -1) @ self.W + self.b
 
 
+@dataclass(frozen=True)
+class SlotLinear:
+    """One weight per context slot (lvm.metrics' slot-linear baseline, the one training reports)."""
+
+    w: np.ndarray
+
+    def __call__(self, context: np.ndarray, target: np.ndarray) -> np.ndarray:
+        return unit(np.einsum("nkd,k->nd", context, self.w))
+
+
+def fit_slot_linear(X: np.ndarray, ctx: np.ndarray, tgt: np.ndarray) -> SlotLinear:
+    """Least-squares slot weights on the windows (ctx rows [n, k], target rows [n]), fitted by
+    lvm.metrics.fit_slot_weights so that diagnosis and training report the same baseline."""
+    step = max(1, BLOCK // ctx.shape[1])
+    blocks = ((torch.from_numpy(X[ctx[s : s + step]]), torch.from_numpy(X[tgt[s : s + step]])) for s in range(0, len(tgt), step))
+    return SlotLinear(fit_slot_weights(blocks).numpy())
+
+
 def gram(X: np.ndarray, ctx: np.ndarray, tgt: np.ndarray, center: np.ndarray, desc: str = "", progress: bool = False) -> Gram:
     """Gram statistics of (flattened X[ctx], X[tgt]), both shifted by the vector `center`."""
     k, d = ctx.shape[1], X.shape[1]
@@ -541,7 +561,7 @@ def tune_ridge(X: np.ndarray, fit: tuple[np.ndarray, np.ndarray], tune: tuple[np
 
 
 def baselines(X: np.ndarray, starts: np.ndarray, centred: np.ndarray, layout: Layout, split_of_article: np.ndarray, center: np.ndarray, s: Settings) -> dict[str, Any]:
-    """copy-last, mean of context and ridge on held-out articles.
+    """copy-last, mean of context, slot-linear and ridge on held-out articles.
 
     - next: every held-out next-chunk window (ctx = the K chunks before, target = the next one).
     - direction: the SAME held-out target chunks (`centred`: K chunks on both sides), predicted
@@ -549,7 +569,7 @@ def baselines(X: np.ndarray, starts: np.ndarray, centred: np.ndarray, layout: La
       nearest). Same targets, so forward minus backward is paired: the arrow-of-time test.
 
     Ridge (one per direction) is fitted on the FIT articles' windows with alpha chosen on the TUNE
-    articles (both outside the held-out split), then refitted on both. CIs: bootstrap over articles.
+    articles (both outside the held-out split), then refitted on both; slot-linear on both. CIs: bootstrap over articles.
     """
     k = s.context
     split = split_of_article[layout.row_article[starts]]
@@ -563,7 +583,10 @@ def baselines(X: np.ndarray, starts: np.ndarray, centred: np.ndarray, layout: La
         return {"skipped": "the ridge training sample has no window in the fit or the tune articles", "windows": counts}
     models, info = {}, {}
     for direction in ("forward", "backward"):
-        models[direction], info[direction] = tune_ridge(X, block_rows(train[in_fit], k, direction), block_rows(train[~in_fit], k, direction), center, s, direction)
+        ridge, info[direction] = tune_ridge(X, block_rows(train[in_fit], k, direction), block_rows(train[~in_fit], k, direction), center, s, direction)
+        slot = fit_slot_linear(X, *block_rows(train, k, direction))
+        info[direction]["slot_weights"] = [float(w) for w in slot.w]
+        models[direction] = {"slot_linear": slot, "ridge": ridge}
     nxt = _sample(starts[split == HELDOUT], s.max_eval, rng)
     targets = centred[split_of_article[layout.row_article[centred]] == HELDOUT]
     chosen = _sample(targets, s.max_eval, rng)
@@ -581,12 +604,12 @@ def baselines(X: np.ndarray, starts: np.ndarray, centred: np.ndarray, layout: La
     }
 
 
-def _score_sets(X: np.ndarray, sets: Mapping[str, tuple[np.ndarray, np.ndarray, Ridge]], groups: np.ndarray, s: Settings, seed: int) -> dict[str, Any]:
+def _score_sets(X: np.ndarray, sets: Mapping[str, tuple[np.ndarray, np.ndarray, Mapping[str, Predictor]]], groups: np.ndarray, s: Settings, seed: int) -> dict[str, Any]:
     """Bootstrap means of cos(pred, target) and cos(pred, ctx[-1]) per set (ctx rows, target rows,
-    ridge model) and predictor; for two sets on the same targets also their paired difference."""
+    fitted models) and predictor; for two sets on the same targets also their paired difference."""
     columns, names = [], []
-    for label, (ctx, tgt, ridge) in sets.items():
-        scored = score(X, ctx, tgt, {"copy_last": copy_last, "mean_context": mean_context, "ridge": ridge}, f"score {label}", s.progress)
+    for label, (ctx, tgt, fitted) in sets.items():
+        scored = score(X, ctx, tgt, {"copy_last": copy_last, "mean_context": mean_context, **fitted}, f"score {label}", s.progress)
         for name, cos in scored.items():
             for what, values in cos.items():
                 columns.append(values)
