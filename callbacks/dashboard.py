@@ -19,6 +19,7 @@ LAYOUT = {
         "frac_of_mse vs target_frac": ["Multiline", ["train/frac_of_mse", "train/target_frac"]],
         "margin": ["Multiline", ["train/margin", "train/gap"]],
         "raw norm and skips": ["Multiline", ["train/raw_norm", "train/skipped"]],
+        "loss terms (variant penalties: v2.1-v2.3)": ["Multiline", ["train/mse", "train/dir", "train/penalties"]],
     },
     "Validation": {
         "cosine vs baselines": ["Multiline", ["val/cos", "ood/cos", "mini5cat/cos", "mini5cat/copy_last_cos", "mini5cat/mean_context_cos", "mini5cat/slot_linear_cos"]],

@@ -143,7 +143,7 @@ def raw_loop(cfg: DictConfig, train: Windows, warmup: int, steps: int) -> Timing
         batch = next(batches)
         context = batch["context"]
         raw, _ = model(context)
-        terms = p6b_loss(raw, batch["target"], context[:, prev_slot], knobs, mse_on, skip)
+        terms = p6b_loss(raw, batch["target"], context[:, prev_slot], knobs, mse_on, skip, variant=lvm_module.variant)
         optimizer.zero_grad()
         terms.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), clip)

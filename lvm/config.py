@@ -14,7 +14,7 @@ from lvm.data.loaders import check_source
 from lvm.data.store import WindowSpec, check_policy
 from lvm.errors import ConfigError, LvmError
 from lvm.gates import parse_eval
-from lvm.module import knobs_of, model_of, mse_on_of, skip_rule_of
+from lvm.module import knobs_of, model_of, mse_on_of, skip_rule_of, variant_of
 from lvm.steplog import StepLog
 from lvm.threads import thread_count
 
@@ -62,6 +62,7 @@ def _problems(cfg: DictConfig) -> list[str]:
     built(lambda: knobs_of(plain["loss"]))
     built(lambda: mse_on_of(plain["loss"]))
     built(lambda: skip_rule_of(plain["guard"]))
+    built(lambda: variant_of(plain["loss"]))
     built(lambda: RampSchedule(plain["ramp"]["stages"], plain["ramp"]["epoch_base"], plain["loss"]["lambda_max"]))
     built(lambda: StepLog([], plain["logger"]["flush_every"]))
     built(lambda: check_source(plain["data"]))

@@ -15,7 +15,7 @@ import lightning as L
 import torch
 from torchmetrics import MeanMetric, MetricCollection
 
-from lvm.losses import MSE_ON, DirectionalKnobs, LossTerms, SkipRule, p6b_loss
+from lvm.losses import MSE_ON, DirectionalKnobs, LossTerms, SkipRule, VariantTerms, p6b_loss
 from lvm import metrics as M
 from lvm.metrics import cos
 from lvm.model import P6Transformer
@@ -26,7 +26,7 @@ EVAL_SPLITS = ("val", "ood")
 # The statistics of every training step, in the order of `outputs["stats"]` (logged as train/<name>
 # through callbacks/stats.py; lvm/steplog.py says why not self.log).
 STEP_STATS = ("loss", "mse", "dir", "lambda_eff", "frac_of_mse", "pos", "neg", "gap", "skipped", "raw_norm",
-              "margin", "target_frac", "lambda_min", "lambda_max")
+              "penalties", "margin", "target_frac", "lambda_min", "lambda_max")
 
 
 @torch.no_grad()
@@ -74,7 +74,14 @@ def mse_on_of(loss: dict[str, Any]) -> str:
 
 def skip_rule_of(guard: dict[str, Any]) -> SkipRule | None:
     """The v2 skip rule, part of the loss under the skip and rollback guards."""
-    return SkipRule(guard["pos_below"], guard["neg_below"]) if guard["policy"] in ("skip", "rollback") else None
+    if guard["policy"] not in ("skip", "rollback"):
+        return None
+    both = guard["both_below"] or {}
+    return SkipRule(guard["pos_below"], guard["neg_below"], both.get("pos"), both.get("neg"))
+
+
+def variant_of(loss: dict[str, Any]) -> VariantTerms:
+    return VariantTerms(**loss["variant"])
 
 
 class LVMModule(L.LightningModule):
@@ -87,6 +94,7 @@ class LVMModule(L.LightningModule):
         self.knobs = knobs_of(config["loss"])
         self.mse_on = mse_on_of(config["loss"])
         self.skip = skip_rule_of(config["guard"])
+        self.variant = variant_of(config["loss"])
         self.prev_slot = config["window"]["prev_slot"]
         self.optim_cfg = config["optim"]
         self.print_every = config["logger"]["print_every"]
@@ -101,7 +109,7 @@ class LVMModule(L.LightningModule):
     def compute_loss(self, batch: dict[str, torch.Tensor], skip: SkipRule | None) -> tuple[LossTerms, torch.Tensor, torch.Tensor]:
         context, target = batch["context"], batch["target"]
         raw, pred = self.model(context)
-        terms = p6b_loss(raw, target, context[:, self.prev_slot], self.knobs, self.mse_on, skip, self._mean_over_ranks)
+        terms = p6b_loss(raw, target, context[:, self.prev_slot], self.knobs, self.mse_on, skip, self._mean_over_ranks, self.variant)
         return terms, raw, pred
 
     def _mean_over_ranks(self, t: torch.Tensor) -> torch.Tensor:
@@ -112,7 +120,7 @@ class LVMModule(L.LightningModule):
         terms, raw, _ = self.compute_loss(batch, self.skip)
         stats = torch.stack([
             terms.loss.detach(), terms.mse.detach(), terms.dir.detach(), terms.lambda_eff, terms.frac_of_mse,
-            terms.pos, terms.neg, terms.gap, terms.skipped.float(), raw.detach().norm(dim=-1).mean(),
+            terms.pos, terms.neg, terms.gap, terms.skipped.float(), raw.detach().norm(dim=-1).mean(), terms.penalties,
         ])
         out = {"loss": terms.loss, "stats": torch.cat([stats.float(), self._knob_row(stats.device)]), "step": self.global_step}
         k = self.knobs

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from lvm.losses import DirectionalKnobs, SkipRule, adaptive_lambda, directional_term, p6b_loss
+from lvm.losses import DirectionalKnobs, SkipRule, VariantTerms, adaptive_lambda, directional_term, p6b_loss
 
 KNOBS = DirectionalKnobs(margin=0.04, target_frac=0.2, gamma=8.0, lambda_min=1e-4, lambda_max=0.05)
 
@@ -149,3 +149,94 @@ def test_disabled_term_is_plain_mse():
     assert t.loss.item() == pytest.approx(t.mse.item())
     assert t.weight.item() == 0.0
     assert t.lambda_eff.item() > 0  # still computed and logged
+
+
+OFF = dict(ratio_weight=0.0, ratio_margin=0.05, share_cap=None, gate_low=None, gate_width=0.15,
+           pos_floor_weight=0.0, pos_floor=0.10, orthogonality=0.0)
+
+
+def reference_variant(raw, target, prev, k: DirectionalKnobs, v: dict):
+    """numpy float64 transcription of the v2.1-v2.3 terms (reference section 3), written apart
+    from lvm.losses: softplus as log(1 + exp(z)), every term from its formula."""
+    raw, target, prev = (np.asarray(x, dtype=np.float64) for x in (raw, target, prev))
+    unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)  # noqa: E731
+    pred = unit(raw)
+    mse = np.mean((raw - target) ** 2)
+    pos, neg = np.sum(pred * unit(target), 1), np.sum(pred * unit(prev), 1)
+    softplus = lambda z: np.log(1 + np.exp(z))  # noqa: E731
+    gap_term = np.mean(softplus(k.gamma * (k.margin - (pos - neg)))) / k.gamma
+    ratio = (pos - neg) / (np.abs(pos) + np.abs(neg) + 1e-6)
+    ratio_t = np.mean(softplus(k.gamma * (v["ratio_margin"] - ratio))) / k.gamma
+    d = (1 - v["ratio_weight"]) * gap_term + v["ratio_weight"] * ratio_t
+    lam = min(max(k.target_frac * mse / d, k.lambda_min), k.lambda_max)
+    if v["share_cap"] is not None:
+        lam = min(lam, v["share_cap"] * mse / d)
+    if v["gate_low"] is not None:
+        lam *= min(max((pos.mean() - v["gate_low"]) / v["gate_width"], 0.0), 1.0)
+    pen = v["pos_floor_weight"] * np.mean(np.maximum(v["pos_floor"] - pos, 0) ** 2) + v["orthogonality"] * np.mean(neg ** 2)
+    return dict(loss=mse + lam * d + pen, dir=d, lam=lam, penalties=pen, share=lam * d / mse)
+
+
+@pytest.mark.parametrize("terms", [
+    {},
+    {"ratio_weight": 0.3},
+    {"share_cap": 0.05},
+    {"gate_low": 0.15},
+    {"pos_floor_weight": 1e-3, "pos_floor": 0.9},
+    {"orthogonality": 5e-4},
+    {"ratio_weight": 0.3, "share_cap": 0.25, "pos_floor_weight": 1e-3, "orthogonality": 5e-4, "gate_low": 0.15, "gate_width": 0.15},
+], ids=["off", "ratio", "cap", "gate", "pos_floor", "orthogonality", "all"])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_variant_terms_match_float64_reference(terms, seed):
+    raw, target, prev = batch(seed)
+    v = {**OFF, **terms}
+    knobs = DirectionalKnobs(margin=0.04, target_frac=0.2, gamma=8.0, lambda_min=1e-4, lambda_max=5.0)
+    t = p6b_loss(raw, target, prev, knobs, "raw", variant=VariantTerms(**v))
+    ref = reference_variant(raw, target, prev, knobs, v)
+    assert t.loss.item() == pytest.approx(ref["loss"], rel=1e-5)
+    assert t.dir.item() == pytest.approx(ref["dir"], rel=1e-5)
+    assert t.lambda_eff.item() == pytest.approx(ref["lam"], rel=1e-5)
+    assert t.penalties.item() == pytest.approx(ref["penalties"], rel=1e-5, abs=1e-12)
+    assert t.frac_of_mse.item() == pytest.approx(ref["share"], rel=1e-5)
+    if terms == {"share_cap": 0.05}:
+        assert t.frac_of_mse.item() == pytest.approx(terms["share_cap"], rel=1e-5)  # the cap binds here
+    if terms.get("gate_low") is not None:
+        assert 0 < (t.pos.item() - terms["gate_low"]) / v["gate_width"] < 1  # the gate is partly open here
+
+
+def test_variants_off_are_bit_identical_to_v2():
+    """All terms off (the config default) computes exactly the v1/v2 loss, gradients included."""
+    raw, target, prev = batch(3)
+    raw_a, raw_b = raw.clone().requires_grad_(), raw.clone().requires_grad_()
+    a = p6b_loss(raw_a, target, prev, KNOBS, "raw")
+    b = p6b_loss(raw_b, target, prev, KNOBS, "raw", variant=VariantTerms(**OFF))
+    a.loss.backward()
+    b.loss.backward()
+    assert torch.equal(a.loss, b.loss) and torch.equal(raw_a.grad, raw_b.grad) and b.penalties.item() == 0.0
+
+
+def test_confidence_gate_closes_below_its_threshold_and_penalties_outlive_a_skip():
+    raw, target, prev = batch(0)
+    knobs = DirectionalKnobs(margin=0.04, target_frac=0.2, gamma=8.0, lambda_min=1e-4, lambda_max=5.0)
+    closed = p6b_loss(raw, target, prev, knobs, variant=VariantTerms(**{**OFF, "gate_low": 0.99}))
+    assert closed.lambda_eff.item() == 0.0 and closed.loss.item() == pytest.approx(closed.mse.item())
+    skip_all = SkipRule(2.0, 2.0)
+    v = VariantTerms(**{**OFF, "orthogonality": 0.5})
+    skipped = p6b_loss(raw, target, prev, knobs, skip=skip_all, variant=v)
+    assert skipped.skipped.item() and skipped.loss.item() == pytest.approx(skipped.mse.item() + skipped.penalties.item())
+    assert skipped.penalties.item() > 0
+
+
+@pytest.mark.parametrize("pos,neg,skip", [(0.04, -0.06, True), (0.04, -0.04, False), (0.06, -0.06, False), (0.3, 0.2, False)])
+def test_v2_1_also_skips_when_both_are_low(pos, neg, skip):
+    rule = SkipRule(0.0, 0.0 if neg >= 0 else -1.0, both_pos_below=0.05, both_neg_below=-0.05)
+    assert bool(rule(torch.tensor(pos), torch.tensor(neg))) is skip
+
+
+def test_variant_settings_are_checked():
+    with pytest.raises(ValueError, match="ratio_weight"):
+        VariantTerms(**{**OFF, "ratio_weight": 1.5})
+    with pytest.raises(ValueError, match="share_cap"):
+        VariantTerms(**{**OFF, "share_cap": 0.0})
+    with pytest.raises(ValueError, match="both_below"):
+        SkipRule(0.0, 0.0, both_pos_below=0.05, both_neg_below=None)

@@ -17,7 +17,7 @@ from lvm.errors import ConfigError, LvmError, RunFailed
 from lvm.train import build_data, run
 from tests.helpers import ROOT, TINY, cfg_for, history, train_cli
 
-@pytest.mark.parametrize("experiment", ["p6_baseline", "p6b_v1", "p6b_v2"])
+@pytest.mark.parametrize("experiment", ["p6_baseline", "p6b_v1", "p6b_v2", "p6b_v2_1", "p6b_v2_2", "p6b_v2_3"])
 def test_experiment_trains_end_to_end(experiment, tmp_path):
     results = run(cfg_for(f"+experiment={experiment}"), tmp_path)
     ckpts = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
@@ -33,7 +33,7 @@ def test_experiment_trains_end_to_end(experiment, tmp_path):
     acc = EventAccumulator(str(tmp_path / "tb"))
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
-    for tag in ("train/pos", "train/neg", "train/gap", "train/lambda_eff", "train/frac_of_mse", "train/skipped", "val/cos"):
+    for tag in ("train/pos", "train/neg", "train/gap", "train/lambda_eff", "train/frac_of_mse", "train/skipped", "train/penalties", "val/cos"):
         assert tag in tags
     # Logged every step.
     steps = [e.step for e in acc.Scalars("train/loss")]
