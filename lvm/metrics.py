@@ -47,10 +47,12 @@ def slot_gram(context: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor
 def fit_slot_weights(batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
     """Weights w [K] minimising sum |sum_k w_k ctx_k - target|^2 over the (context, target)
     batches (least squares in float64; the minimum-norm solution when slots are collinear)."""
-    parts = [slot_gram(c, t) for c, t in batches]
-    if not parts:
+    gram = b = None
+    for c, t in batches:  # running sums: a list of per-batch results held ~30 MB each (measured)
+        g_i, b_i = slot_gram(c, t)
+        gram, b = (g_i, b_i) if gram is None else (gram + g_i, b + b_i)
+    if gram is None:
         raise ValueError("the slot-linear baseline needs at least one training window")
-    gram, b = (sum(x) for x in zip(*parts))
     return torch.linalg.lstsq(gram, b.unsqueeze(1), driver="gelsd").solution.squeeze(1)
 
 

@@ -1,12 +1,16 @@
 """Metric functions with the oracle, copy-last and mean-of-context predictions, against numpy."""
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
 
 from lvm import metrics as M
 from lvm.data.store import ArticleStore
-from tests.helpers import P6
+from tests.helpers import P6, ROOT
 
 
 def tiny_store(seed=0, d=16, lengths=(9, 12, 7, 10)):
@@ -178,3 +182,21 @@ def test_degenerate_predictions_rank_last(setup, fill):
     assert M.recall_at(ranks, 1).item() == 0.0 and M.recall_at(ranks, 5).item() == 0.0  # every article has > 5 chunks
     assert M.mrr(ranks).item() == pytest.approx(np.mean(1.0 / worst))
     assert (M.six_bank_ranks(pred, b["context"], b["target"]) == 6).all()
+
+
+def test_slot_linear_fit_holds_no_memory_per_batch():
+    """Fitting on a large split streams: peak memory must not grow with the number of batches
+    (a list of per-batch Gram results once held ~30 MB per batch: 14 GB on the original's scale)."""
+    code = (
+        "import resource, torch\n"
+        "from lvm import metrics as M\n"
+        "c, t = torch.randn(1024, 5, 768), torch.randn(1024, 768)\n"
+        "M.fit_slot_weights([(c, t)])\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "M.fit_slot_weights((c, t) for _ in range(60))\n"
+        "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert float(proc.stdout) < 500, f"peak RSS grew by {float(proc.stdout):.0f} MB over 60 batches"
