@@ -1,0 +1,86 @@
+"""`python -m lvm.compare runs=[DIR,...] out=PATH`: finished runs side by side, per epoch, against
+the baselines their results.json holds (copy-last, mean of context, slot-linear): a plot
+(<out>.png) and a markdown table (<out>.md)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig
+
+from lvm.baselines import BASELINES
+from lvm.cli import entry_point, run_entry_point
+from lvm.errors import ConfigError, LvmError
+from lvm.tables import fmt, md_table
+
+
+def read_run(run_dir: Path, metric: str) -> tuple[dict[str, Any], list[float]]:
+    """A run's results.json and its per-epoch `metric` (metrics.jsonl rows in epoch order)."""
+    try:
+        results = json.loads((run_dir / "results.json").read_text())
+        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    except (OSError, ValueError) as e:
+        raise LvmError(f"{run_dir}: not a finished run directory ({e})") from None
+    values = [r[metric] for r in sorted(rows, key=lambda r: r["epoch"]) if metric in r]
+    if not values:
+        raise LvmError(f"{run_dir}/metrics.jsonl: no epoch has {metric!r}")
+    return results, values
+
+
+def compare(runs: list[str], labels: list[str] | None, metric: str, split: str, title: str | None, out: str) -> dict[str, str]:
+    """Write <out>.png and <out>.md; their paths."""
+    if labels is not None and len(labels) != len(runs):
+        raise ConfigError(f"labels must name every run: {len(labels)} labels for {len(runs)} runs")
+    read = [read_run(Path(r), metric) for r in runs]
+    names = labels or [res["name"] for res, _ in read]
+    base = next((res["baselines"][split] for res, _ in read if split in res.get("baselines", {})), None)
+    epochs = max(len(v) for _, v in read)
+    rows = [[name, *(fmt(values[e], 4) if e < len(values) else "" for e in range(epochs)), fmt(max(values), 4), res["status"]]
+            for name, (res, values) in zip(names, read)]
+    lines = [f"# {title or metric}", "", *md_table(["run", *(str(e) for e in range(epochs)), "best", "status"], rows)]
+    if base:
+        lines += ["", f"Baselines ({split}): " + ", ".join(f"{k} {fmt(base[k], 4)}" for k in BASELINES)]
+    out_path = Path(out)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    md = out_path.with_suffix(".md")
+    md.write_text("\n".join(lines) + "\n")
+    png = out_path.with_suffix(".png")
+    plot(names, [v for _, v in read], base, metric, title, png)
+    return {"md": str(md), "png": str(png)}
+
+
+def plot(names: list[str], series: list[list[float]], base: dict[str, float] | None, metric: str, title: str | None, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for name, values in zip(names, series):
+        ax.plot(range(len(values)), values, marker="o", markersize=3, label=name)
+    for (k, v), style in zip((base or {}).items(), (":", "--", "-.")):
+        ax.axhline(v, color="grey", linestyle=style, linewidth=1, label=f"{k} {v:.3f}")
+    ax.set_xlabel("epoch (0-based)")
+    ax.set_ylabel(metric)
+    ax.set_title(title or metric)
+    ax.legend(fontsize=8, loc="best")
+    ax.grid(alpha=0.3)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="compare")
+@entry_point("lvm.compare")
+def main(cfg: DictConfig) -> None:
+    if cfg.baselines not in ("val", "ood"):
+        raise ConfigError(f"baselines must be val or ood (got {cfg.baselines!r})")
+    labels = list(cfg.labels) if cfg.labels is not None else None
+    paths = compare(list(cfg.runs), labels, cfg.metric, cfg.baselines, cfg.title, cfg.out)
+    print(f"lvm.compare: wrote {paths['md']}, {paths['png']}")
+
+
+if __name__ == "__main__":
+    run_entry_point(main)
