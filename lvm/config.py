@@ -109,6 +109,7 @@ def _problems(cfg: DictConfig) -> list[str]:
          f"callbacks.checkpoint.every_n_steps must be auto, null or an integer >= 1 (got {n!r})")
     need(finite(ck.every_minutes) and ck.every_minutes > 0, f"callbacks.checkpoint.every_minutes must be > 0 (got {ck.every_minutes})")
     need(isinstance(cfg.overwrite, bool), f"overwrite must be true or false (got {cfg.overwrite!r})")
+    need(isinstance(cfg.ckpt_model, bool), f"ckpt_model must be true or false (got {cfg.ckpt_model!r})")
     mc = cfg.callbacks.mini5cat
     need(cfg.callbacks.progress_refresh_rate >= 1, f"callbacks.progress_refresh_rate must be >= 1 (got {cfg.callbacks.progress_refresh_rate})")
     need(mc.windows >= 1, f"callbacks.mini5cat.windows must be >= 1 (got {mc.windows})")

@@ -165,6 +165,19 @@ def resolve_checkpoint(ckpt_path: str | None, run_dir: Path) -> tuple[str, dict[
     return str(path), ckpt
 
 
+def with_checkpoint_model(cfg: DictConfig, ckpt: tuple[str, dict[str, Any]]) -> DictConfig:
+    """The config with the checkpoint's model settings (`ckpt_model=true`: a recovery under other
+    loss settings resumes the model it has, whatever this config's model group says)."""
+    theirs = ckpt[1]["hyper_parameters"]["config"]["model"]
+    out = cfg.copy()
+    out.model = theirs
+    if theirs != to_plain(cfg)["model"]:
+        log.info("ckpt_model=true: the model settings of %s replace this config's (%s)", ckpt[0],
+                 ", ".join(f"model.{k}={v}" for k, v in theirs.items() if to_plain(cfg)["model"].get(k) != v))
+    validate(out)
+    return out
+
+
 def check_compatible(ckpt: tuple[str, dict[str, Any]], cfg: DictConfig, dim: int) -> None:
     """The checkpoint's model must be the one this config builds on this data."""
     path, hp = ckpt[0], ckpt[1]["hyper_parameters"]
@@ -238,6 +251,8 @@ def run(
     run_dir = Path(run_dir)
     set_threads(cfg.threads, jobs)
     ckpt = resolve_checkpoint(cfg.ckpt_path, run_dir)
+    if ckpt and cfg.ckpt_model:
+        cfg = with_checkpoint_model(cfg, ckpt)
     is_zero = rank_zero_only.rank == 0  # the rank from the environment (DDP children, SLURM tasks)
     if is_zero:  # the other ranks start once rank 0 has claimed the directory
         claim_run_dir(run_dir, ckpt[0] if ckpt else None, bool(cfg.overwrite) or (ckpt is None and auto_start_fresh(cfg, run_dir)))

@@ -130,7 +130,10 @@ def test_restart_after_kill_takes_the_same_decisions(tmp_path):
 
 
 def test_recovery_experiment_resumes_a_v1_checkpoint_under_v2(tmp_path, caplog):
-    run(cfg_for("+experiment=p6b_v1", "trainer.max_epochs=2", "callbacks.checkpoint.every_epoch=true"), tmp_path / "v1")
+    """The recovery takes the checkpoint's model (here the plain one, without the default context
+    skip) and v2's loss settings."""
+    run(cfg_for("+experiment=p6b_v1", "trainer.max_epochs=2", "callbacks.checkpoint.every_epoch=true", "model.context_skip=false"),
+        tmp_path / "v1")
     epoch0 = tmp_path / "v1" / "checkpoints" / "epoch00.ckpt"
     v1_weights = torch.load(epoch0, weights_only=True)["state_dict"]
     caplog.clear()
@@ -143,6 +146,7 @@ def test_recovery_experiment_resumes_a_v1_checkpoint_under_v2(tmp_path, caplog):
     assert results["name"] == "p6b_v2_recovery"
     cfg = torch.load(results["last_checkpoint"], weights_only=True)["hyper_parameters"]["config"]
     assert cfg["loss"]["gamma"] == 4.0 and cfg["loss"]["lambda_max"] == 0.02
+    assert cfg["model"]["context_skip"] is False and "ckpt_model=true: the model settings" in caplog.text
     assert any(not torch.equal(v, v1_weights[k]) for k, v in torch.load(results["last_checkpoint"], weights_only=True)["state_dict"].items())
 
 
