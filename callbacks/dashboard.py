@@ -17,6 +17,7 @@ LAYOUT = {
         "pos / neg / gap": ["Multiline", ["train/pos", "train/neg", "train/gap"]],
         "lambda_eff and its clamp": ["Multiline", ["train/lambda_eff", "train/lambda_min", "train/lambda_max"]],
         "frac_of_mse vs target_frac": ["Multiline", ["train/frac_of_mse", "train/target_frac"]],
+        "directional share of the output gradient": ["Multiline", ["train/dir_grad_share"]],
         "margin": ["Multiline", ["train/margin", "train/gap"]],
         "raw norm and skips": ["Multiline", ["train/raw_norm", "train/skipped"]],
         "loss terms (variant penalties: v2.1-v2.3)": ["Multiline", ["train/mse", "train/dir", "train/penalties"]],

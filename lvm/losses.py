@@ -222,3 +222,13 @@ def p6b_loss(
         gap=pos_m - neg_m,
         penalties=penalties.detach(),
     )
+
+
+def directional_grad_share(terms: LossTerms, raw: torch.Tensor) -> torch.Tensor:
+    """How much of the push on the model's output comes from the directional side of the loss:
+    |d(loss - mse)/d raw| / (|d(loss - mse)/d raw| + |d mse/d raw|), in [0, 1] (0 when the term is
+    skipped or off). Gradients with respect to `raw` only: no parameter gradient is touched."""
+    (g_mse,) = torch.autograd.grad(terms.mse, raw, retain_graph=True)
+    (g_dir,) = torch.autograd.grad(terms.loss - terms.mse, raw, retain_graph=True)
+    a, b = g_dir.norm(), g_mse.norm()
+    return (a / (a + b).clamp_min(torch.finfo(a.dtype).tiny)).detach()

@@ -15,7 +15,7 @@ import lightning as L
 import torch
 from torchmetrics import MeanMetric, MetricCollection
 
-from lvm.losses import MSE_ON, DirectionalKnobs, LossTerms, SkipRule, VariantTerms, p6b_loss
+from lvm.losses import MSE_ON, DirectionalKnobs, LossTerms, SkipRule, VariantTerms, directional_grad_share, p6b_loss
 from lvm import metrics as M
 from lvm.metrics import cos
 from lvm.model import P6Transformer
@@ -26,7 +26,7 @@ EVAL_SPLITS = ("val", "ood")
 # The statistics of every training step, in the order of `outputs["stats"]` (logged as train/<name>
 # through callbacks/stats.py; lvm/steplog.py says why not self.log).
 STEP_STATS = ("loss", "mse", "dir", "lambda_eff", "frac_of_mse", "pos", "neg", "gap", "skipped", "raw_norm",
-              "penalties", "margin", "target_frac", "lambda_min", "lambda_max")
+              "penalties", "dir_grad_share", "margin", "target_frac", "lambda_min", "lambda_max")
 
 
 @torch.no_grad()
@@ -121,6 +121,7 @@ class LVMModule(L.LightningModule):
         stats = torch.stack([
             terms.loss.detach(), terms.mse.detach(), terms.dir.detach(), terms.lambda_eff, terms.frac_of_mse,
             terms.pos, terms.neg, terms.gap, terms.skipped.float(), raw.detach().norm(dim=-1).mean(), terms.penalties,
+            directional_grad_share(terms, raw),
         ])
         out = {"loss": terms.loss, "stats": torch.cat([stats.float(), self._knob_row(stats.device)]), "step": self.global_step}
         k = self.knobs

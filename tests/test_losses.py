@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from lvm.losses import DirectionalKnobs, SkipRule, VariantTerms, adaptive_lambda, directional_term, p6b_loss
+from lvm.losses import DirectionalKnobs, SkipRule, VariantTerms, adaptive_lambda, directional_grad_share, directional_term, p6b_loss
 
 KNOBS = DirectionalKnobs(margin=0.04, target_frac=0.2, gamma=8.0, lambda_min=1e-4, lambda_max=0.05)
 
@@ -240,3 +240,25 @@ def test_variant_settings_are_checked():
         VariantTerms(**{**OFF, "share_cap": 0.0})
     with pytest.raises(ValueError, match="both_below"):
         SkipRule(0.0, 0.0, both_pos_below=0.05, both_neg_below=None)
+
+
+def test_directional_grad_share_against_float64_gradients():
+    """The share of the output gradient from the directional side, against gradients computed in
+    float64 by autograd on a separate copy; 0 when the term is skipped or off."""
+    raw, target, prev = batch(1)
+    r32 = raw.clone().requires_grad_()
+    t = p6b_loss(r32, target, prev, KNOBS, "raw")
+    share = directional_grad_share(t, r32).item()
+    r64 = raw.double().requires_grad_()
+    pred = torch.nn.functional.normalize(r64, dim=-1)
+    mse = ((r64 - target.double()) ** 2).mean()
+    pos = (pred * target.double()).sum(-1)
+    neg = (pred * torch.nn.functional.normalize(prev.double(), dim=-1)).sum(-1)
+    d = torch.nn.functional.softplus(KNOBS.gamma * (KNOBS.margin - (pos - neg))).mean() / KNOBS.gamma
+    g_mse = torch.autograd.grad(mse, r64, retain_graph=True)[0].norm()
+    g_dir = torch.autograd.grad(t.lambda_eff.double().item() * d, r64)[0].norm()
+    assert 0 < share < 1 and share == pytest.approx((g_dir / (g_dir + g_mse)).item(), rel=1e-4)
+    assert r32.grad is None  # no gradient accumulated anywhere
+    skipped = p6b_loss(r32, target, prev, KNOBS, "raw", skip=SkipRule(2.0, 2.0))
+    off = p6b_loss(r32, target, prev, DirectionalKnobs(**{**KNOBS.__dict__, "enabled": False}), "raw")
+    assert directional_grad_share(skipped, r32).item() == 0.0 and directional_grad_share(off, r32).item() == 0.0
