@@ -1,6 +1,7 @@
 """`python -m lvm.compare runs=[DIR,...] out=PATH`: finished runs side by side, per epoch, against
 the baselines their results.json holds (copy-last, mean of context, slot-linear): a plot
-(<out>.png) and a markdown table (<out>.md)."""
+(<out>.png) and a markdown table (<out>.md). With `steps=[train/raw_norm, ...]` also the runs'
+per-step statistics from TensorBoard, one panel each (<out>_steps.png), epoch ends marked."""
 
 from __future__ import annotations
 
@@ -30,8 +31,9 @@ def read_run(run_dir: Path, metric: str) -> tuple[dict[str, Any], list[float]]:
     return results, values
 
 
-def compare(runs: list[str], labels: list[str] | None, metric: str, split: str, title: str | None, out: str) -> dict[str, str]:
-    """Write <out>.png and <out>.md; their paths."""
+def compare(runs: list[str], labels: list[str] | None, metric: str, split: str, title: str | None, out: str,
+            steps: list[str] | None = None, smooth: int = 1) -> dict[str, str]:
+    """Write <out>.png and <out>.md (and <out>_steps.png for `steps`); their paths."""
     if labels is not None and len(labels) != len(runs):
         raise ConfigError(f"labels must name every run: {len(labels)} labels for {len(runs)} runs")
     read = [read_run(Path(r), metric) for r in runs]
@@ -49,7 +51,47 @@ def compare(runs: list[str], labels: list[str] | None, metric: str, split: str, 
     md.write_text("\n".join(lines) + "\n")
     png = out_path.with_suffix(".png")
     plot(names, [v for _, v in read], base, metric, title, png)
-    return {"md": str(md), "png": str(png)}
+    paths = {"md": str(md), "png": str(png)}
+    if steps:
+        paths["steps"] = str(out_path.with_name(out_path.name + "_steps.png"))
+        plot_steps(runs, names, steps, smooth, Path(paths["steps"]))
+    return paths
+
+
+def read_steps(run_dir: Path, tag: str) -> tuple[list[int], list[float]]:
+    """A per-step scalar of a run's TensorBoard log (every step: lvm logs each one)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0})
+    acc.Reload()
+    if tag not in acc.Tags()["scalars"]:
+        raise LvmError(f"{run_dir}/tb: no scalar {tag!r} (has {sorted(acc.Tags()['scalars'])})")
+    events = acc.Scalars(tag)
+    return [e.step for e in events], [e.value for e in events]
+
+
+def plot_steps(runs: list[str], names: list[str], tags: list[str], smooth: int, path: Path) -> None:
+    """One panel per tag: each run's per-step values, a running mean over `smooth` steps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, axes = plt.subplots(len(tags), 1, figsize=(9, 2.2 * len(tags)), sharex=True, squeeze=False)
+    for run, name in zip(runs, names):
+        ends = [r["step"] for r in (json.loads(x) for x in (Path(run) / "metrics.jsonl").read_text().splitlines() if x.strip())]
+        for ax, tag in zip(axes[:, 0], tags):
+            steps, values = read_steps(Path(run), tag)
+            k = max(1, min(smooth, len(values)))
+            ax.plot(steps[k - 1:], np.convolve(values, np.ones(k) / k, mode="valid"), label=name, linewidth=1)
+            ax.set_ylabel(tag.split("/")[-1], fontsize=8)
+            for e in ends:
+                ax.axvline(e, color="grey", linewidth=0.5, alpha=0.5)
+    axes[0, 0].legend(fontsize=8)
+    axes[-1, 0].set_xlabel(f"step (running mean over {smooth}; grey: epoch ends)")
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
 
 
 def plot(names: list[str], series: list[list[float]], base: dict[str, float] | None, metric: str, title: str | None, path: Path) -> None:
@@ -78,8 +120,11 @@ def main(cfg: DictConfig) -> None:
     if cfg.baselines not in ("val", "ood"):
         raise ConfigError(f"baselines must be val or ood (got {cfg.baselines!r})")
     labels = list(cfg.labels) if cfg.labels is not None else None
-    paths = compare(list(cfg.runs), labels, cfg.metric, cfg.baselines, cfg.title, cfg.out)
-    print(f"lvm.compare: wrote {paths['md']}, {paths['png']}")
+    if not (isinstance(cfg.smooth, int) and cfg.smooth >= 1):
+        raise ConfigError(f"smooth must be an integer >= 1 (got {cfg.smooth!r})")
+    steps = list(cfg.steps) if cfg.steps else None
+    paths = compare(list(cfg.runs), labels, cfg.metric, cfg.baselines, cfg.title, cfg.out, steps, cfg.smooth)
+    print(f"lvm.compare: wrote {', '.join(paths.values())}")
 
 
 if __name__ == "__main__":

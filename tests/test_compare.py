@@ -6,9 +6,10 @@ import json
 
 import pytest
 
-from lvm.compare import compare
+from lvm.compare import compare, read_steps
 from lvm.errors import ConfigError, LvmError
-from tests.helpers import run_module
+from lvm.train import run
+from tests.helpers import cfg_for, run_module
 
 BASE = {"copy_last": 0.52, "mean_context": 0.608, "slot_linear": 0.615}
 
@@ -40,3 +41,14 @@ def test_table_and_plot(tmp_path):
 def test_cli_names_a_missing_run(tmp_path):
     proc = run_module("lvm.compare", f"runs=[{tmp_path / 'nope'}]", f"out={tmp_path / 'o'}", timeout=120, threads=1)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and "not a finished run directory" in proc.stderr
+
+
+def test_per_step_panels_from_a_real_run(tmp_path):
+    run(cfg_for("trainer.max_epochs=1"), tmp_path / "r")
+    tags = ["train/raw_norm", "train/dir_grad_share", "train/lambda_eff"]
+    paths = compare([str(tmp_path / "r")], ["tiny"], "val/cos", "val", None, str(tmp_path / "c"), tags, 5)
+    assert open(paths["steps"], "rb").read(4) == b"\x89PNG"
+    steps, values = read_steps(tmp_path / "r", "train/dir_grad_share")
+    assert steps == list(range(len(steps))) and all(0 <= v <= 1 for v in values)
+    with pytest.raises(LvmError, match="no scalar 'train/nope'"):
+        read_steps(tmp_path / "r", "train/nope")
