@@ -91,6 +91,7 @@ def test_checkpoint_after_fit_and_cli(tmp_path):
     # A checkpoint written before model.context_skip existed reads as context_skip=false.
     old = torch.load(last["path"], weights_only=True)
     del old["hyper_parameters"]["config"]["model"]["context_skip"]
+    del old["state_dict"]["model.skip_weights"]  # the default model has the skip; an old one had not
     torch.save(old, tmp_path / "old.ckpt")
     assert read_checkpoint(tmp_path / "old.ckpt")["hyper_parameters"]["config"]["model"]["context_skip"] is False
     report = E.run(eval_cfg(f"ckpt={tmp_path / 'old.ckpt'}", "sample=10", f"out_dir={tmp_path / 'old'}"), [])
