@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -12,7 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 from callbacks.ramp import RampSchedule
 from lvm.data.loaders import check_source
 from lvm.data.store import WindowSpec, check_policy
-from lvm.errors import ConfigError, LvmError
+from lvm.errors import ConfigError, LvmError, finite
 from lvm.gates import parse_eval
 from lvm.module import knobs_of, model_of, mse_on_of, skip_rule_of, variant_of
 from lvm.steplog import StepLog
@@ -46,9 +45,6 @@ def _problems(cfg: DictConfig) -> list[str]:
             make()
         except (ValueError, LvmError) as e:
             problems.append(str(e))
-
-    def finite(x: Any) -> bool:
-        return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
     missing = OmegaConf.missing_keys(cfg)
     if missing:

@@ -1,5 +1,21 @@
 """Errors lvm raises for bad input; the entry points turn them into one clear line, not a traceback."""
 
+from __future__ import annotations
+
+import math
+
+
+def finite(x: object) -> bool:
+    """A real number (not a bool, NaN or inf): what every numeric setting must be."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def require(*checks: tuple[bool, str], error: type[Exception] = ValueError, prefix: str = "") -> None:
+    """Raise `error` naming every failed (ok, message) check at once; nothing when all hold."""
+    problems = [msg for ok, msg in checks if not ok]
+    if problems:
+        raise error(prefix + "; ".join(problems))
+
 
 class LvmError(Exception):
     """Base class: a user-facing problem with data, configuration or checkpoints."""

@@ -17,7 +17,6 @@ regularise the prediction whether or not the directional term is skipped).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -25,14 +24,12 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from lvm.errors import finite, require
+
 MseOn = Literal["raw", "unit"]
 # A tensor -> its mean over the ranks of a distributed run (the identity on one process).
 MeanOverRanks = Callable[[torch.Tensor], torch.Tensor]
 MSE_ON = ("raw", "unit")
-
-
-def _finite(x: object) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 @dataclass
@@ -48,17 +45,13 @@ class DirectionalKnobs:
     enabled: bool = True
 
     def __post_init__(self) -> None:
-        problems = [
-            msg for ok, msg in (
-                (_finite(self.gamma) and self.gamma > 0, f"loss.gamma must be > 0 (got {self.gamma})"),
-                (_finite(self.lambda_min) and _finite(self.lambda_max) and 0 < self.lambda_min <= self.lambda_max,
-                 f"need 0 < loss.lambda_min <= loss.lambda_max (got {self.lambda_min}, {self.lambda_max})"),
-                (_finite(self.margin), f"loss.margin must be a finite number (got {self.margin})"),
-                (_finite(self.target_frac) and self.target_frac >= 0, f"loss.target_frac must be >= 0 (got {self.target_frac})"),
-            ) if not ok
-        ]
-        if problems:
-            raise ValueError("; ".join(problems))
+        require(
+            (finite(self.gamma) and self.gamma > 0, f"loss.gamma must be > 0 (got {self.gamma})"),
+            (finite(self.lambda_min) and finite(self.lambda_max) and 0 < self.lambda_min <= self.lambda_max,
+             f"need 0 < loss.lambda_min <= loss.lambda_max (got {self.lambda_min}, {self.lambda_max})"),
+            (finite(self.margin), f"loss.margin must be a finite number (got {self.margin})"),
+            (finite(self.target_frac) and self.target_frac >= 0, f"loss.target_frac must be >= 0 (got {self.target_frac})"),
+        )
 
 
 @dataclass(frozen=True)
@@ -76,20 +69,16 @@ class VariantTerms:
     orthogonality: float  # + w * mean(cos(pred, prev)^2)
 
     def __post_init__(self) -> None:
-        problems = [
-            msg for ok, msg in (
-                (_finite(self.ratio_weight) and 0 <= self.ratio_weight <= 1, f"loss.variant.ratio_weight must be in [0, 1] (got {self.ratio_weight})"),
-                (_finite(self.ratio_margin), f"loss.variant.ratio_margin must be a finite number (got {self.ratio_margin})"),
-                (self.share_cap is None or (_finite(self.share_cap) and self.share_cap > 0), f"loss.variant.share_cap must be null or > 0 (got {self.share_cap})"),
-                (self.gate_low is None or _finite(self.gate_low), f"loss.variant.gate_low must be null or a finite number (got {self.gate_low})"),
-                (_finite(self.gate_width) and self.gate_width > 0, f"loss.variant.gate_width must be > 0 (got {self.gate_width})"),
-                (_finite(self.pos_floor_weight) and self.pos_floor_weight >= 0, f"loss.variant.pos_floor_weight must be >= 0 (got {self.pos_floor_weight})"),
-                (_finite(self.pos_floor), f"loss.variant.pos_floor must be a finite number (got {self.pos_floor})"),
-                (_finite(self.orthogonality) and self.orthogonality >= 0, f"loss.variant.orthogonality must be >= 0 (got {self.orthogonality})"),
-            ) if not ok
-        ]
-        if problems:
-            raise ValueError("; ".join(problems))
+        require(
+            (finite(self.ratio_weight) and 0 <= self.ratio_weight <= 1, f"loss.variant.ratio_weight must be in [0, 1] (got {self.ratio_weight})"),
+            (finite(self.ratio_margin), f"loss.variant.ratio_margin must be a finite number (got {self.ratio_margin})"),
+            (self.share_cap is None or (finite(self.share_cap) and self.share_cap > 0), f"loss.variant.share_cap must be null or > 0 (got {self.share_cap})"),
+            (self.gate_low is None or finite(self.gate_low), f"loss.variant.gate_low must be null or a finite number (got {self.gate_low})"),
+            (finite(self.gate_width) and self.gate_width > 0, f"loss.variant.gate_width must be > 0 (got {self.gate_width})"),
+            (finite(self.pos_floor_weight) and self.pos_floor_weight >= 0, f"loss.variant.pos_floor_weight must be >= 0 (got {self.pos_floor_weight})"),
+            (finite(self.pos_floor), f"loss.variant.pos_floor must be a finite number (got {self.pos_floor})"),
+            (finite(self.orthogonality) and self.orthogonality >= 0, f"loss.variant.orthogonality must be >= 0 (got {self.orthogonality})"),
+        )
 
 
 @dataclass
@@ -125,10 +114,10 @@ class SkipRule:
     both_neg_below: float | None = None
 
     def __post_init__(self) -> None:
-        if not (_finite(self.pos_below) and _finite(self.neg_below)):
+        if not (finite(self.pos_below) and finite(self.neg_below)):
             raise ValueError(f"guard.pos_below and guard.neg_below must be finite numbers (got {self.pos_below}, {self.neg_below})")
         both = (self.both_pos_below, self.both_neg_below)
-        if both != (None, None) and not all(_finite(x) for x in both):
+        if both != (None, None) and not all(finite(x) for x in both):
             raise ValueError(f"guard.both_below needs finite pos and neg, or null (got {both})")
 
     def __call__(self, pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:

@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lvm.errors import require
+
 Block = Literal["decoder", "encoder"]
 
 
@@ -57,19 +59,15 @@ class P6Transformer(nn.Module):
         context_skip: bool = False,
     ) -> None:
         super().__init__()
-        problems = [
-            msg for ok, msg in (
-                (d_model >= 1 and heads >= 1 and d_model % heads == 0,
-                 f"model.d_model ({d_model}) must be a positive multiple of model.heads ({heads})"),
-                (layers >= 1 and ffn >= 1, f"model.layers and model.ffn must be >= 1 (got {layers}, {ffn})"),
-                (0 <= dropout < 1, f"model.dropout must be in [0, 1) (got {dropout})"),
-                (block in ("decoder", "encoder"), f"model.block must be decoder or encoder (got {block!r})"),
-                (math.isfinite(input_scale) and input_scale > 0, f"model.input_scale must be > 0 (got {input_scale})"),
-                (math.isfinite(out_init_scale) and out_init_scale > 0, f"model.out_init_scale must be > 0 (got {out_init_scale})"),
-            ) if not ok
-        ]
-        if problems:
-            raise ValueError("; ".join(problems))
+        require(
+            (d_model >= 1 and heads >= 1 and d_model % heads == 0,
+             f"model.d_model ({d_model}) must be a positive multiple of model.heads ({heads})"),
+            (layers >= 1 and ffn >= 1, f"model.layers and model.ffn must be >= 1 (got {layers}, {ffn})"),
+            (0 <= dropout < 1, f"model.dropout must be in [0, 1) (got {dropout})"),
+            (block in ("decoder", "encoder"), f"model.block must be decoder or encoder (got {block!r})"),
+            (math.isfinite(input_scale) and input_scale > 0, f"model.input_scale must be > 0 (got {input_scale})"),
+            (math.isfinite(out_init_scale) and out_init_scale > 0, f"model.out_init_scale must be > 0 (got {out_init_scale})"),
+        )
         self.dim = dim
         self.block = block
         self.input_scale = input_scale

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from lvm.errors import ConfigError, DataError
+from lvm.errors import ConfigError, DataError, require
 from lvm.metrics import fit_slot_weights
 
 log = logging.getLogger(__name__)
@@ -82,26 +82,23 @@ class Settings:
     progress: bool
 
     def __post_init__(self) -> None:
-        problems = [
-            msg for ok, msg in (
-                (self.context >= 2, f"context must be >= 2 (got {self.context})"),
-                (self.max_offset >= 1, f"max_offset must be >= 1 (got {self.max_offset})"),
-                (self.far_gap >= 0, f"far_gap must be >= 0 (got {self.far_gap})"),
-                (-1.0 <= self.near_duplicate <= 1.0, f"near_duplicate must be a cosine in [-1, 1] (got {self.near_duplicate})"),
-                (self.position_bins >= 1, f"position_bins must be >= 1 (got {self.position_bins})"),
-                (self.edge_pairs >= 1, f"edge_pairs must be >= 1 (got {self.edge_pairs})"),
-                (self.pairs >= 1, f"pairs must be >= 1 (got {self.pairs})"),
-                (self.bootstrap >= 10, f"bootstrap must be >= 10 resamples (got {self.bootstrap})"),
-                (0.5 <= self.level < 1.0, f"level must be in [0.5, 1) (got {self.level})"),
-                (len(self.alphas) >= 1 and all(a > 0 for a in self.alphas), f"ridge.alphas must be a non-empty list of numbers > 0 (got {list(self.alphas)})"),
-                (self.prior in PRIORS, f"ridge.prior must be one of {list(PRIORS)} (got {self.prior!r})"),
-                (self.max_train >= 1, f"ridge.max_train must be >= 1 (got {self.max_train})"),
-                (self.max_eval >= 1, f"max_eval must be >= 1 (got {self.max_eval})"),
-                (self.examples >= 0, f"examples must be >= 0 (got {self.examples})"),
-            ) if not ok
-        ]
-        if problems:
-            raise ConfigError("invalid diagnose settings: " + "; ".join(problems))
+        require(
+            (self.context >= 2, f"context must be >= 2 (got {self.context})"),
+            (self.max_offset >= 1, f"max_offset must be >= 1 (got {self.max_offset})"),
+            (self.far_gap >= 0, f"far_gap must be >= 0 (got {self.far_gap})"),
+            (-1.0 <= self.near_duplicate <= 1.0, f"near_duplicate must be a cosine in [-1, 1] (got {self.near_duplicate})"),
+            (self.position_bins >= 1, f"position_bins must be >= 1 (got {self.position_bins})"),
+            (self.edge_pairs >= 1, f"edge_pairs must be >= 1 (got {self.edge_pairs})"),
+            (self.pairs >= 1, f"pairs must be >= 1 (got {self.pairs})"),
+            (self.bootstrap >= 10, f"bootstrap must be >= 10 resamples (got {self.bootstrap})"),
+            (0.5 <= self.level < 1.0, f"level must be in [0.5, 1) (got {self.level})"),
+            (len(self.alphas) >= 1 and all(a > 0 for a in self.alphas), f"ridge.alphas must be a non-empty list of numbers > 0 (got {list(self.alphas)})"),
+            (self.prior in PRIORS, f"ridge.prior must be one of {list(PRIORS)} (got {self.prior!r})"),
+            (self.max_train >= 1, f"ridge.max_train must be >= 1 (got {self.max_train})"),
+            (self.max_eval >= 1, f"max_eval must be >= 1 (got {self.max_eval})"),
+            (self.examples >= 0, f"examples must be >= 0 (got {self.examples})"),
+            error=ConfigError, prefix="invalid diagnose settings: ",
+        )
 
 
 # ----------------------------------------------------------------------------- row geometry
