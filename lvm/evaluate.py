@@ -161,12 +161,16 @@ def evaluate_checkpoint(
     batch_size: int,
     progress: bool,
     ckpt: dict[str, Any] | None = None,
+    slot_weights: torch.Tensor | None = None,
 ) -> dict[str, Any]:
     """5CAT of one checkpoint beside the oracle and baselines; writes the outputs, returns the report.
-    `ckpt`: the checkpoint already read from `path`, if the caller has it."""
+    `ckpt`: the checkpoint already read from `path`, and `slot_weights` the slot-linear baseline's
+    fitted on splits["train"], if the caller has them."""
     ckpt = ckpt or read_checkpoint(path)
     module = load_model(ckpt, path, splits["val"].store.dim)
-    predictors = {"model": model_predictor(module, batch_size), **references(splits["train"], batch_size)}
+    if slot_weights is None:
+        slot_weights = fit_slot_linear(splits["train"], batch_size)
+    predictors = {"model": model_predictor(module, batch_size), **reference_predictors(slot_weights)}
     evaluation = evaluate(splits, predictors, eval_cfg, sample, seed, batch_size, progress)
     info = {"path": str(path), "epoch": int(ckpt["epoch"]), "global_step": int(ckpt["global_step"])}
     report = build_report("model", evaluation, splits, data_cfg, spec, info, sample, seed)
@@ -175,8 +179,10 @@ def evaluate_checkpoint(
     return report
 
 
-def evaluate_after_fit(cfg: DictConfig, splits: Mapping[str, Windows], checkpoints: Mapping[str, str], run_dir: Path) -> dict[str, Any]:
-    """`eval.after_fit`: 5CAT of the given checkpoints ({label: path}) into <run dir>/eval/<name>/."""
+def evaluate_after_fit(cfg: DictConfig, splits: Mapping[str, Windows], checkpoints: Mapping[str, str], run_dir: Path,
+                       slot_weights: torch.Tensor) -> dict[str, Any]:
+    """`eval.after_fit`: 5CAT of the given checkpoints ({label: path}) into <run dir>/eval/<name>/,
+    beside the baselines of the run (`slot_weights`: its slot-linear fit)."""
     plain = to_plain(cfg)
     out = {}
     for label, path in checkpoints.items():
@@ -185,7 +191,7 @@ def evaluate_after_fit(cfg: DictConfig, splits: Mapping[str, Windows], checkpoin
         report = evaluate_checkpoint(
             path, splits, plain["data"], WindowSpec(**plain["window"]), plain["eval"], run_dir / "eval" / Path(path).stem,
             sample=None, seed=cfg.seed, batch_size=cfg.data.eval_batch_size,  # every window: the run's own verdict
-            progress=bool(cfg.trainer.get("enable_progress_bar", True)),
+            progress=bool(cfg.trainer.get("enable_progress_bar", True)), slot_weights=slot_weights,
         )
         v = report["verdict"]
         out[label] = {**report["checkpoint"], "passed": v["passed"], "gates_passed": v["gates_passed"],

@@ -168,12 +168,12 @@ def resolve_checkpoint(ckpt_path: str | None, run_dir: Path) -> tuple[str, dict[
 def with_checkpoint_model(cfg: DictConfig, ckpt: tuple[str, dict[str, Any]]) -> DictConfig:
     """The config with the checkpoint's model settings (`ckpt_model=true`: a recovery under other
     loss settings resumes the model it has, whatever this config's model group says)."""
-    theirs = ckpt[1]["hyper_parameters"]["config"]["model"]
+    theirs, ours = ckpt[1]["hyper_parameters"]["config"]["model"], to_plain(cfg.model)
     out = cfg.copy()
     out.model = theirs
-    if theirs != to_plain(cfg)["model"]:
+    if theirs != ours:
         log.info("ckpt_model=true: the model settings of %s replace this config's (%s)", ckpt[0],
-                 ", ".join(f"model.{k}={v}" for k, v in theirs.items() if to_plain(cfg)["model"].get(k) != v))
+                 ", ".join(f"model.{k}={v}" for k, v in theirs.items() if ours.get(k) != v))
     validate(out)
     return out
 
@@ -283,7 +283,8 @@ def run(
         results = {**summarize_run(cfg, trainer, module, run_dir, status), "baselines": baselines}
         if trainer.is_global_zero and status != "preempted" and cfg.eval.after_fit:
             # Full 5CAT of the best-by-val-cosine and the last checkpoint, with their epochs.
-            results["5cat"] = evaluate_after_fit(cfg, splits, {"best": results["best_checkpoint"], "last": results["last_checkpoint"]}, run_dir)
+            results["5cat"] = evaluate_after_fit(cfg, splits, {"best": results["best_checkpoint"], "last": results["last_checkpoint"]}, run_dir,
+                                              slot_weights)
     except Exception as e:
         error = str(e) if isinstance(e, LvmError) else f"{type(e).__name__}: {e}"
         if is_zero:
