@@ -18,17 +18,19 @@ from lvm.errors import ConfigError, LvmError
 from lvm.tables import fmt, md_table
 
 
-def read_run(run_dir: Path, metric: str) -> tuple[dict[str, Any], list[float]]:
-    """A run's results.json and its per-epoch `metric` (metrics.jsonl rows in epoch order)."""
+def read_run(run_dir: Path, metric: str) -> tuple[dict[str, Any], list[float], list[int]]:
+    """A run's results.json, its per-epoch `metric` and the steps its epochs ended at
+    (metrics.jsonl rows in epoch order)."""
     try:
         results = json.loads((run_dir / "results.json").read_text())
         rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     except (OSError, ValueError) as e:
         raise LvmError(f"{run_dir}: not a finished run directory ({e})") from None
-    values = [r[metric] for r in sorted(rows, key=lambda r: r["epoch"]) if metric in r]
+    rows.sort(key=lambda r: r["epoch"])
+    values = [r[metric] for r in rows if metric in r]
     if not values:
         raise LvmError(f"{run_dir}/metrics.jsonl: no epoch has {metric!r}")
-    return results, values
+    return results, values, [r["step"] for r in rows if "step" in r]
 
 
 def compare(runs: list[str], labels: list[str] | None, metric: str, split: str, title: str | None, out: str,
@@ -37,11 +39,11 @@ def compare(runs: list[str], labels: list[str] | None, metric: str, split: str, 
     if labels is not None and len(labels) != len(runs):
         raise ConfigError(f"labels must name every run: {len(labels)} labels for {len(runs)} runs")
     read = [read_run(Path(r), metric) for r in runs]
-    names = labels or [res["name"] for res, _ in read]
-    base = next((res["baselines"][split] for res, _ in read if split in res.get("baselines", {})), None)
-    epochs = max(len(v) for _, v in read)
+    names = labels or [res["name"] for res, _, _ in read]
+    base = next((res["baselines"][split] for res, _, _ in read if split in res.get("baselines", {})), None)
+    epochs = max(len(v) for _, v, _ in read)
     rows = [[name, *(fmt(values[e], 4) if e < len(values) else "" for e in range(epochs)), fmt(max(values), 4), res["status"]]
-            for name, (res, values) in zip(names, read)]
+            for name, (res, values, _) in zip(names, read)]
     lines = [f"# {title or metric}", "", *md_table(["run", *(str(e) for e in range(epochs)), "best", "status"], rows)]
     if base:
         lines += ["", f"Baselines ({split}): " + ", ".join(f"{k} {fmt(base[k], 4)}" for k in BASELINES)]
@@ -50,27 +52,31 @@ def compare(runs: list[str], labels: list[str] | None, metric: str, split: str, 
     md = out_path.with_suffix(".md")
     md.write_text("\n".join(lines) + "\n")
     png = out_path.with_suffix(".png")
-    plot(names, [v for _, v in read], base, metric, title, png)
+    plot(names, [v for _, v, _ in read], base, metric, title, png)
     paths = {"md": str(md), "png": str(png)}
     if steps:
         paths["steps"] = str(out_path.with_name(out_path.name + "_steps.png"))
-        plot_steps(runs, names, steps, smooth, Path(paths["steps"]))
+        plot_steps(runs, names, [ends for _, _, ends in read], steps, smooth, Path(paths["steps"]))
     return paths
 
 
-def read_steps(run_dir: Path, tag: str) -> tuple[list[int], list[float]]:
-    """A per-step scalar of a run's TensorBoard log (every step: lvm logs each one)."""
+def read_steps(run_dir: Path, tags: list[str]) -> dict[str, tuple[list[int], list[float]]]:
+    """Per-step scalars of a run's TensorBoard log (every step: lvm logs each one), read once."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     acc = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0})
     acc.Reload()
-    if tag not in acc.Tags()["scalars"]:
-        raise LvmError(f"{run_dir}/tb: no scalar {tag!r} (has {sorted(acc.Tags()['scalars'])})")
-    events = acc.Scalars(tag)
-    return [e.step for e in events], [e.value for e in events]
+    have = acc.Tags()["scalars"]
+    out = {}
+    for tag in tags:
+        if tag not in have:
+            raise LvmError(f"{run_dir}/tb: no scalar {tag!r} (has {sorted(have)})")
+        events = acc.Scalars(tag)
+        out[tag] = ([e.step for e in events], [e.value for e in events])
+    return out
 
 
-def plot_steps(runs: list[str], names: list[str], tags: list[str], smooth: int, path: Path) -> None:
+def plot_steps(runs: list[str], names: list[str], epoch_ends: list[list[int]], tags: list[str], smooth: int, path: Path) -> None:
     """One panel per tag: each run's per-step values, a running mean over `smooth` steps."""
     import matplotlib
 
@@ -79,10 +85,10 @@ def plot_steps(runs: list[str], names: list[str], tags: list[str], smooth: int, 
     import numpy as np
 
     fig, axes = plt.subplots(len(tags), 1, figsize=(9, 2.2 * len(tags)), sharex=True, squeeze=False)
-    for run, name in zip(runs, names):
-        ends = [r["step"] for r in (json.loads(x) for x in (Path(run) / "metrics.jsonl").read_text().splitlines() if x.strip())]
+    for run, name, ends in zip(runs, names, epoch_ends):
+        series = read_steps(Path(run), tags)
         for ax, tag in zip(axes[:, 0], tags):
-            steps, values = read_steps(Path(run), tag)
+            steps, values = series[tag]
             k = max(1, min(smooth, len(values)))
             ax.plot(steps[k - 1:], np.convolve(values, np.ones(k) / k, mode="valid"), label=name, linewidth=1)
             ax.set_ylabel(tag.split("/")[-1], fontsize=8)

@@ -48,7 +48,7 @@ def test_per_step_panels_from_a_real_run(tmp_path):
     tags = ["train/raw_norm", "train/dir_grad_share", "train/lambda_eff"]
     paths = compare([str(tmp_path / "r")], ["tiny"], "val/cos", "val", None, str(tmp_path / "c"), tags, 5)
     assert open(paths["steps"], "rb").read(4) == b"\x89PNG"
-    steps, values = read_steps(tmp_path / "r", "train/dir_grad_share")
+    steps, values = read_steps(tmp_path / "r", ["train/dir_grad_share"])["train/dir_grad_share"]
     assert steps == list(range(len(steps))) and all(0 <= v <= 1 for v in values)
     with pytest.raises(LvmError, match="no scalar 'train/nope'"):
-        read_steps(tmp_path / "r", "train/nope")
+        read_steps(tmp_path / "r", ["train/nope"])
