@@ -20,6 +20,7 @@ LAYOUT = {
         "directional share of the output gradient": ["Multiline", ["train/dir_grad_share"]],
         "margin": ["Multiline", ["train/margin", "train/gap"]],
         "raw norm and skips": ["Multiline", ["train/raw_norm", "train/skipped"]],
+        "collapse: prediction diversity and contrastive accuracy": ["Multiline", ["train/diversity", "train/ca"]],
         "loss terms (variant penalties: v2.1-v2.3)": ["Multiline", ["train/mse", "train/dir", "train/penalties"]],
     },
     "Validation": {
@@ -28,6 +29,7 @@ LAYOUT = {
         "within-article retrieval": ["Multiline", ["mini5cat/r1", "mini5cat/r5", "mini5cat/mrr", "mini5cat/copy_last_r5", "mini5cat/r5_bank6"]],
         "loss": ["Multiline", ["val/loss", "val/mse", "ood/loss", "ood/mse"]],
         "non-finite predictions (share)": ["Multiline", ["mini5cat/nonfinite"]],
+        "collapse: diversity and contrastive accuracy": ["Multiline", ["mini5cat/diversity", "mini5cat/ca", "mini5cat/mean_context_ca"]],
     },
 }
 

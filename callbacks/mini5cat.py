@@ -5,6 +5,9 @@ retrieval (R@1, R@5, MRR of the target among all chunks of its article), the ori
 bank R@5 under its own name (it reads 1.0 for a collapsed model), and the copy-last,
 mean-of-context and slot-linear baselines on the same sample. `nonfinite` is the share of predictions holding a
 NaN/inf component: their cos and margins are NaN and retrieval ranks them last, never first.
+`diversity` (the spread of the unit predictions over the targets', ~0 for a constant output) and
+`ca` (in-batch contrastive accuracy over the sample, 0.5 is chance) feed the guard's collapse
+detectors.
 """
 
 from __future__ import annotations
@@ -42,6 +45,8 @@ def health_metrics(
         "r5": M.recall_at(ranks, 5).item(),
         "mrr": M.mrr(ranks).item(),
         "r5_bank6": M.recall_at(M.six_bank_ranks(pred, context, target), 5).item(),
+        "diversity": M.diversity(pred, target).item(),
+        "ca": M.contrastive_accuracy(pred, target).mean().item(),
     }
 
 
@@ -75,6 +80,7 @@ class Mini5CAT(L.Callback):
         for base, vals in self.baselines.items():
             logged[f"mini5cat/{base}_cos"] = vals["cos"]
             logged[f"mini5cat/{base}_r5"] = vals["r5"]
+            logged[f"mini5cat/{base}_ca"] = vals["ca"]
         pl_module.log_dict(logged, on_step=False, on_epoch=True)
         if trainer.is_global_zero:
             m, b = self.last, self.baselines
@@ -83,7 +89,7 @@ class Mini5CAT(L.Callback):
                             "retrieval ranks them last | epoch %d", 100 * m["nonfinite"], trainer.current_epoch)
             log.info(
                 "[Mini-5CAT] Margin: %.3f | R@5: %.3f | cos %.3f (copy-last %.3f, mean-ctx %.3f, slot-linear %.3f) | "
-                "margin_prev %.3f | R@1 %.3f | R@5_bank6 %.3f | epoch %d",
+                "margin_prev %.3f | R@1 %.3f | R@5_bank6 %.3f | diversity %.2f | CA %.3f | epoch %d",
                 m["margin_last"], m["r5"], m["cos"], *(b[name]["cos"] for name in BASELINES),
-                m["margin_prev"], m["r1"], m["r5_bank6"], trainer.current_epoch,
+                m["margin_prev"], m["r1"], m["r5_bank6"], m["diversity"], m["ca"], trainer.current_epoch,
             )

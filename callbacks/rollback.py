@@ -42,9 +42,10 @@ from lvm.errors import LvmError
 
 log = logging.getLogger(__name__)
 
-# Validation detectors that an untrained model also trips: before the first healthy validation
-# they are warnings (the run has only its starting weights to go back to).
-STILL_LEARNING = ("val_floor", "below_copy_last")
+# Detectors that an untrained model also trips: before the first healthy validation they are
+# warnings (the run has only its starting weights to go back to, and no history to compare with).
+STILL_LEARNING = ("val_floor", "below_copy_last", "below_mean_context", "val_low_diversity", "val_contrastive_chance",
+                  "low_diversity", "contrastive_chance")
 
 
 class RollbackGuard(L.Callback):
@@ -92,7 +93,7 @@ class RollbackGuard(L.Callback):
         trips, self.pinned_steps = check_training(warm, self.detectors, self.pinned_steps)
         if not trips and len(warm) < len(current):
             trips = check_nonfinite([r for _, r in current], self.detectors)
-        self._pending += trips
+        self._pending += self._still_learning(trips)
 
     # --- decisions ----------------------------------------------------------------------------
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
@@ -106,18 +107,22 @@ class RollbackGuard(L.Callback):
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or "val/cos" not in trainer.callback_metrics:
             return
-        m = trainer.callback_metrics
-        val_cos, copy_last = float(m["val/cos"]), float(m["val/cos_copy_last"])
-        trips = check_validation(val_cos, copy_last, self.best_val_cos, self.detectors)
-        if self.best_val_cos is None:
-            # No healthy validation yet: a model still below the floors is learning, not collapsed, and
-            # rolling back to the starting weights cannot help it (it is not saved as good either).
-            trips = [Trip(t.detector, "warning", t.values) if t.detector in STILL_LEARNING else t for t in trips]
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("val/", "mini5cat/"))}
+        val_cos = metrics["val/cos"]
+        trips = self._still_learning(check_validation(metrics, self.best_val_cos, self.detectors))
         trips += self._pending
         self._pending = []
         if not self._decide(trainer, pl_module, trips, where="validation") and not any(t.detector in STILL_LEARNING for t in trips):
             self.best_val_cos = val_cos if self.best_val_cos is None else max(self.best_val_cos, val_cos)
             self._save_good(trainer, f"good-epoch{trainer.current_epoch:02d}.ckpt")
+
+    def _still_learning(self, trips: list[Trip]) -> list[Trip]:
+        """Before the first healthy validation, a model below the floors is learning, not collapsed,
+        and rolling back to its starting weights cannot help it: those trips are warnings (and the
+        epoch is not saved as good either)."""
+        if self.best_val_cos is not None:
+            return trips
+        return [Trip(t.detector, "warning", t.values) if t.detector in STILL_LEARNING else t for t in trips]
 
     def _decide(self, trainer: L.Trainer, pl_module: L.LightningModule, trips: list[Trip], where: str) -> bool:
         """Record warnings; if any rank saw a collapse, every rank acts on it (True)."""

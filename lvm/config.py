@@ -12,6 +12,7 @@ from callbacks.ramp import RampSchedule
 from lvm.data.loaders import check_source
 from lvm.data.store import WindowSpec, check_policy
 from lvm.errors import ConfigError, LvmError, finite
+from lvm.detectors import detector_problems
 from lvm.gates import parse_eval
 from lvm.module import knobs_of, model_of, mse_on_of, skip_rule_of, variant_of
 from lvm.steplog import StepLog
@@ -88,7 +89,7 @@ def _problems(cfg: DictConfig) -> list[str]:
         need(syn.dim >= 2 and syn.articles >= 1, f"data.synthetic: dim must be >= 2 and articles >= 1 (got {syn.dim}, {syn.articles})")
         need(1 <= syn.min_chunks <= syn.max_chunks,
              f"data.synthetic needs 1 <= min_chunks <= max_chunks (got {syn.min_chunks}, {syn.max_chunks})")
-        need(syn.noise >= 0 and syn.drift_step >= 0, "data.synthetic.noise and drift_step must be >= 0")
+        need(syn.noise >= 0 and syn.drift_step >= 0 and syn.common_weight >= 0, "data.synthetic.noise, drift_step and common_weight must be >= 0")
 
     t = cfg.trainer
     need(t.get("max_epochs", 1) is not None and t.get("max_epochs", 1) >= 1, f"trainer.max_epochs must be >= 1 (got {t.get('max_epochs')})")
@@ -99,6 +100,7 @@ def _problems(cfg: DictConfig) -> list[str]:
         need(g.backoff.hold_epochs >= 0, f"guard.backoff.hold_epochs must be >= 0 (got {g.backoff.hold_epochs})")
         for k in ("target_frac_scale", "lambda_max_scale"):
             need(finite(g.backoff[k]) and 0 < g.backoff[k] <= 1, f"guard.backoff.{k} must be in (0, 1] (got {g.backoff[k]})")
+        problems += detector_problems(plain["guard"]["detectors"], bool(cfg.callbacks.mini5cat.enabled))
     ck = cfg.callbacks.checkpoint
     n = ck.every_n_steps
     need(n is None or n == "auto" or (isinstance(n, int) and not isinstance(n, bool) and n >= 1),

@@ -15,8 +15,11 @@ from typing import Any, Literal
 Severity = Literal["collapse", "warning"]
 # Every collapse detector, in a fixed order (ranks exchange which ones tripped as a multi-hot vector).
 COLLAPSE_DETECTORS = (
-    "nonfinite", "negative_cosines", "orthogonal_escape", "raw_norm_collapse", "val_floor", "val_drop", "below_copy_last",
+    "nonfinite", "negative_cosines", "orthogonal_escape", "raw_norm_collapse", "low_diversity", "contrastive_chance",
+    "val_floor", "val_drop", "below_copy_last", "below_mean_context", "val_low_diversity", "val_contrastive_chance",
 )
+# Settings of validation detectors that read mini-5CAT's figures (callbacks.mini5cat must be on).
+MINI5CAT_SETTINGS = ("below_mean_context", "val_diversity_floor", "val_ca_floor")
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,13 @@ def check_training(rows: Sequence[Mapping[str, float]], cfg: Mapping[str, Any], 
     margin = _mean(rows, "train/margin")
     if eps is not None and abs(pos) < eps and abs(neg) < eps and gap >= margin:
         trips.append(Trip("orthogonal_escape", "collapse", {"pos": pos, "neg": neg, "gap": gap, "margin": margin}))
+    # A constant output shows in every batch (diversity exactly 0, CA at chance): the window's
+    # newest `tail_steps` rows alone may trip, so a collapse late in a window is acted on at its flush.
+    tail = rows[-cfg["tail_steps"]:]
+    for name, key, floor in (("low_diversity", "train/diversity", cfg["diversity_floor"]), ("contrastive_chance", "train/ca", cfg["ca_floor"])):
+        value, newest = _mean(rows, key), _mean(tail, key)
+        if floor is not None and min(value, newest) < floor:
+            trips.append(Trip(name, "collapse", {"window": value, "newest": newest, "floor": floor}))
     floor = cfg["raw_norm_floor"]
     raw_norm = _mean(rows, "train/raw_norm")
     if floor is not None and raw_norm < floor:
@@ -68,18 +78,71 @@ def check_nonfinite(rows: Sequence[Mapping[str, float]], cfg: Mapping[str, Any])
     return [] if bad is None else [Trip("nonfinite", "collapse", {"loss": bad["train/loss"], "mse": bad["train/mse"]})]
 
 
-def check_validation(val_cos: float, copy_last_cos: float, best_cos: float | None, cfg: Mapping[str, Any]) -> list[Trip]:
-    """Trips from the epoch's val cosine: absolute floor, drop from the best, deficit to copy-last."""
-    trips: list[Trip] = []
+def check_validation(metrics: Mapping[str, float], best_cos: float | None, cfg: Mapping[str, Any]) -> list[Trip]:
+    """Trips from an epoch's validation: the val cosine's absolute floor, its drop from the run's
+    best, its deficit to the copy-last and mean-of-context baselines, and mini-5CAT's prediction
+    diversity and contrastive accuracy (a constant output can keep a high cosine on data whose
+    vectors share a common direction; it cannot keep either of these). `metrics`: the epoch's
+    logged values (val/cos, val/cos_copy_last, mini5cat/*); a mini-5CAT figure that is absent is
+    not checked (start-up validation refuses those detectors without mini-5CAT)."""
+    val_cos = metrics["val/cos"]
     if not math.isfinite(val_cos):
         return [Trip("nonfinite", "collapse", {"val_cos": val_cos})]
-    floor = cfg["val_floor"]
-    if floor is not None and val_cos < floor:
-        trips.append(Trip("val_floor", "collapse", {"val_cos": val_cos, "floor": floor}))
-    drop = cfg["val_drop"]
-    if drop is not None and best_cos is not None and val_cos < best_cos - drop:
-        trips.append(Trip("val_drop", "collapse", {"val_cos": val_cos, "best": best_cos, "drop": drop}))
-    deficit = cfg["below_copy_last"]
-    if deficit is not None and val_cos < copy_last_cos - deficit:
-        trips.append(Trip("below_copy_last", "collapse", {"val_cos": val_cos, "copy_last": copy_last_cos, "deficit": deficit}))
+    trips: list[Trip] = []
+
+    def below(name: str, value: float | None, limit: float | None, **values: float) -> None:
+        if value is not None and limit is not None and not value >= limit:  # a NaN figure trips too
+            trips.append(Trip(name, "collapse", {"value": value, "limit": limit, **values}))
+
+    below("val_floor", val_cos, cfg["val_floor"])
+    if cfg["val_drop"] is not None and best_cos is not None:
+        below("val_drop", val_cos, best_cos - cfg["val_drop"], best=best_cos)
+    if cfg["below_copy_last"] is not None:
+        below("below_copy_last", val_cos, metrics["val/cos_copy_last"] - cfg["below_copy_last"])
+    base = metrics.get("mini5cat/mean_context_cos")
+    if cfg["below_mean_context"] is not None and base is not None:  # mini-5CAT's cos: the baseline's windows
+        below("below_mean_context", metrics["mini5cat/cos"], base - cfg["below_mean_context"], baseline=base)
+    below("val_low_diversity", metrics.get("mini5cat/diversity"), cfg["val_diversity_floor"])
+    below("val_contrastive_chance", metrics.get("mini5cat/ca"), cfg["val_ca_floor"])
     return trips
+
+
+def detector_problems(cfg: Mapping[str, Any], mini5cat: bool) -> list[str]:
+    """What is wrong with `guard.detectors` (every problem, named)."""
+    known = {"start_step", "tail_steps", "nonfinite", "negative_cosines", "orthogonal_eps", "raw_norm_floor", "diversity_floor", "ca_floor",
+             "lambda_pinned_steps", "val_floor", "val_drop", "below_copy_last", "below_mean_context",
+             "val_diversity_floor", "val_ca_floor"}
+    problems = [f"guard.detectors.{k}: no such detector setting (known: {', '.join(sorted(known))})" for k in cfg if k not in known]
+    problems += [f"guard.detectors.{k} is missing" for k in sorted(known - set(cfg))]
+    if problems:
+        return problems
+    for k in ("orthogonal_eps", "raw_norm_floor", "diversity_floor", "ca_floor", "val_drop", "below_copy_last",
+              "below_mean_context", "val_diversity_floor", "val_ca_floor", "val_floor"):
+        v = cfg[k]
+        if v is not None and not (isinstance(v, (int, float)) and math.isfinite(v) and (v >= 0 or k == "val_floor")):
+            problems.append(f"guard.detectors.{k} must be null or a finite number >= 0 (got {v!r})")
+    for k in ("start_step", "lambda_pinned_steps"):
+        v = cfg[k]
+        if v is not None and not (isinstance(v, int) and v >= 0):
+            problems.append(f"guard.detectors.{k} must be null or an integer >= 0 (got {v!r})")
+    if not (isinstance(cfg["tail_steps"], int) and cfg["tail_steps"] >= 1):
+        problems.append(f"guard.detectors.tail_steps must be an integer >= 1 (got {cfg['tail_steps']!r})")
+    needs = [k for k in MINI5CAT_SETTINGS if cfg[k] is not None]
+    if needs and not mini5cat:
+        problems.append(f"guard.detectors.{', '.join(needs)} read mini-5CAT's figures: set callbacks.mini5cat.enabled=true or set them to null")
+    return problems
+
+
+def summarize_events(events: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """What a run's guard record (events.jsonl rows) adds up to: rollbacks, stops, and how often
+    each detector tripped as a collapse and as a warning (results.json, the sweep summary, lvm.drill)."""
+    def count(severity: str) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for e in events:
+            if e.get("severity") == severity:
+                out[e["detector"]] = out.get(e["detector"], 0) + 1
+        return out
+
+    return {"rollbacks": sum(e.get("action") == "rollback" for e in events), "stops": sum(e.get("action") == "stop" for e in events),
+            "collapses": count("collapse"), "warnings": count("warning"), "events": len(events)}
+

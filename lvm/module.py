@@ -26,7 +26,7 @@ EVAL_SPLITS = ("val", "ood")
 # The statistics of every training step, in the order of `outputs["stats"]` (logged as train/<name>
 # through callbacks/stats.py; lvm/steplog.py says why not self.log).
 STEP_STATS = ("loss", "mse", "dir", "lambda_eff", "frac_of_mse", "pos", "neg", "gap", "skipped", "raw_norm",
-              "penalties", "dir_grad_share", "margin", "target_frac", "lambda_min", "lambda_max")
+              "penalties", "dir_grad_share", "diversity", "ca", "margin", "target_frac", "lambda_min", "lambda_max")
 
 
 @torch.no_grad()
@@ -35,6 +35,17 @@ def predict_units(module: torch.nn.Module, context: torch.Tensor, batch_size: in
     `batch_size` on the module's device (`module.device`); mini-5CAT and 5CAT use it."""
     parts = [module(context[s : s + batch_size].to(module.device))[1].float().cpu() for s in range(0, len(context), batch_size)]
     return torch.cat(parts)
+
+
+def batch_health(pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch's prediction diversity and mean contrastive accuracy (lvm.metrics), for the
+    guard's collapse detectors. A batch of one window (an epoch's remainder) has no spread to
+    measure: both read 1, neutral, rather than NaN, which the non-finite detector would take for a
+    broken model (a NaN model has a NaN loss in the same row)."""
+    if len(pred) < 2:
+        one = torch.ones((), dtype=pred.dtype, device=pred.device)
+        return one, one
+    return M.diversity(pred, target), M.contrastive_accuracy(pred, target).mean()
 
 
 def model_of(config: dict[str, Any], dim: int) -> P6Transformer:
@@ -117,11 +128,11 @@ class LVMModule(L.LightningModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, Any]:
         """The loss, and the step's statistics (STEP_STATS, on device: no host sync) with its step."""
-        terms, raw, _ = self.compute_loss(batch, self.skip)
+        terms, raw, pred = self.compute_loss(batch, self.skip)
         stats = torch.stack([
             terms.loss.detach(), terms.mse.detach(), terms.dir.detach(), terms.lambda_eff, terms.frac_of_mse,
             terms.pos, terms.neg, terms.gap, terms.skipped.float(), raw.detach().norm(dim=-1).mean(), terms.penalties,
-            directional_grad_share(terms, raw),
+            directional_grad_share(terms, raw), *batch_health(pred.detach(), batch["target"]),
         ])
         out = {"loss": terms.loss, "stats": torch.cat([stats.float(), self._knob_row(stats.device)]), "step": self.global_step}
         k = self.knobs

@@ -2,17 +2,29 @@
 
 import math
 
-from lvm.detectors import check_training, check_validation
+import pytest
+
+from lvm.detectors import check_training, check_validation, detector_problems
+from tests.helpers import compose_cfg
 
 CFG = {
-    "start_step": 0, "nonfinite": True, "negative_cosines": True, "orthogonal_eps": 0.05,
-    "raw_norm_floor": 0.01, "lambda_pinned_steps": 3, "val_floor": 0.1, "val_drop": 0.15, "below_copy_last": 0.2,
+    "start_step": 0, "tail_steps": 3, "nonfinite": True, "negative_cosines": True, "orthogonal_eps": 0.05,
+    "raw_norm_floor": 0.01, "diversity_floor": 0.2, "ca_floor": 0.6, "lambda_pinned_steps": 3,
+    "val_floor": 0.1, "val_drop": 0.15, "below_copy_last": 0.2, "below_mean_context": 0.15,
+    "val_diversity_floor": 0.2, "val_ca_floor": 0.6,
 }
 
 
-def row(pos=0.5, neg=0.45, lam=0.01, lam_max=0.05, raw_norm=0.6, margin=0.02, loss=0.01):
+def row(pos=0.5, neg=0.45, lam=0.01, lam_max=0.05, raw_norm=0.6, margin=0.02, loss=0.01, diversity=0.8, ca=0.95):
     return {"train/loss": loss, "train/mse": loss, "train/pos": pos, "train/neg": neg, "train/gap": pos - neg,
-            "train/lambda_eff": lam, "train/lambda_max": lam_max, "train/raw_norm": raw_norm, "train/margin": margin}
+            "train/lambda_eff": lam, "train/lambda_max": lam_max, "train/raw_norm": raw_norm, "train/margin": margin,
+            "train/diversity": diversity, "train/ca": ca}
+
+
+def val(cos=0.5, copy_last=0.52, mini_cos=None, mean_context=0.6, diversity=0.8, ca=0.95):
+    out = {"val/cos": cos, "val/cos_copy_last": copy_last, "mini5cat/cos": cos if mini_cos is None else mini_cos,
+           "mini5cat/mean_context_cos": mean_context, "mini5cat/diversity": diversity, "mini5cat/ca": ca}
+    return out
 
 
 def names(trips):
@@ -58,10 +70,58 @@ def test_lambda_pinned_counts_across_windows_and_resets():
 
 
 def test_validation_detectors():
-    assert check_validation(0.5, 0.52, 0.55, CFG) == []
-    assert names(check_validation(-0.05, 0.52, 0.48, CFG)) == ["val_floor", "val_drop", "below_copy_last"]
-    assert names(check_validation(0.39, 0.52, 0.55, CFG)) == ["val_drop"]
-    assert names(check_validation(0.31, 0.52, None, CFG)) == ["below_copy_last"]
-    off = {**CFG, "val_floor": None, "val_drop": None, "below_copy_last": None}
-    assert check_validation(-0.5, 0.5, 0.6, off) == []
-    assert names(check_validation(float("nan"), 0.5, 0.6, CFG)) == ["nonfinite"]
+    assert check_validation(val(0.5), 0.55, CFG) == []
+    assert names(check_validation(val(-0.05), 0.48, CFG)) == ["val_floor", "val_drop", "below_copy_last", "below_mean_context"]
+    assert names(check_validation(val(0.46, mean_context=0.6), 0.58, CFG)) == []
+    assert names(check_validation(val(0.44, mean_context=0.6), 0.58, CFG)) == ["below_mean_context"]
+    assert names(check_validation(val(0.39), 0.55, CFG)) == ["val_drop", "below_mean_context"]
+    assert names(check_validation(val(0.31), None, CFG)) == ["below_copy_last", "below_mean_context"]
+    off = {**CFG, "val_floor": None, "val_drop": None, "below_copy_last": None, "below_mean_context": None}
+    assert check_validation(val(-0.5, diversity=0.9, ca=0.9), 0.6, off) == []
+    assert names(check_validation(val(float("nan")), 0.6, CFG)) == ["nonfinite"]
+
+
+def test_constant_output_on_anisotropic_data_trips_diversity_and_contrastive_accuracy():
+    # The hostile case: on data whose vectors share a direction, a constant output keeps val cos
+    # 0.70 against a best of 0.75 (no floor, drop or baseline detector trips); its spread is 0 and
+    # its contrastive accuracy chance.
+    constant = val(0.70, copy_last=0.72, mean_context=0.75, diversity=0.0, ca=0.5)
+    assert names(check_validation(constant, 0.75, CFG)) == ["val_low_diversity", "val_contrastive_chance"]
+    trips, _ = check_training([row(diversity=0.0, ca=0.5)] * 5, CFG, 0)
+    assert names(trips) == ["low_diversity", "contrastive_chance"]
+    # A collapse in the window's last rows trips at this flush, not one window later; one odd
+    # batch among them does not.
+    late = [row()] * 47 + [row(diversity=0.0, ca=0.5)] * 3
+    assert names(check_training(late, CFG, 0)[0]) == ["low_diversity", "contrastive_chance"]
+    assert check_training([row()] * 47 + [row(diversity=0.0, ca=0.5), row(), row()], CFG, 0)[0] == []
+    # Without mini-5CAT's figures those validation detectors have nothing to read.
+    bare = {k: v for k, v in constant.items() if not k.startswith("mini5cat/")}
+    assert check_validation(bare, 0.75, CFG) == []
+
+
+def test_a_nan_figure_trips_its_detector():
+    assert names(check_validation(val(0.5, diversity=float("nan"), ca=float("nan")), 0.5, CFG)) == [
+        "val_low_diversity", "val_contrastive_chance"]
+
+
+def test_detector_settings_are_checked_at_start_up():
+    assert detector_problems(CFG, mini5cat=True) == []
+    bad = {**CFG, "diversity_floor": -1, "start_step": 1.5, "typo": 3}
+    problems = detector_problems(bad, mini5cat=True)
+    assert problems == ["guard.detectors.typo: no such detector setting (known: " + ", ".join(sorted(CFG)) + ")"]
+    del bad["typo"]
+    problems = detector_problems(bad, mini5cat=False)
+    assert any("diversity_floor must be null or a finite number >= 0 (got -1)" in p for p in problems)
+    assert any("start_step must be null or an integer >= 0 (got 1.5)" in p for p in problems)
+    assert any("read mini-5CAT's figures" in p for p in problems)
+    # The shipped guard's settings are complete and valid.
+    shipped = compose_cfg("train", "+experiment=p6b_v2").guard.detectors
+    assert set(shipped) == set(CFG) and detector_problems(dict(shipped), mini5cat=True) == []
+
+
+@pytest.mark.parametrize("setting", ["guard.detectors.ca_floor=-0.1", "callbacks.mini5cat.enabled=false"])
+def test_bad_detector_settings_refuse_to_start(setting):
+    from lvm.config import validate
+    from lvm.errors import ConfigError
+    with pytest.raises(ConfigError, match="guard.detectors"):
+        validate(compose_cfg("train", "+experiment=p6b_v2", setting))

@@ -200,3 +200,41 @@ def test_slot_linear_fit_holds_no_memory_per_batch():
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert float(proc.stdout) < 500, f"peak RSS grew by {float(proc.stdout):.0f} MB over 60 batches"
+
+
+def numpy_diversity_and_ca(pred, target):
+    """Naive float64 loops: the per-dimension std of the unit predictions over the targets', and
+    each sample's share of other targets with a strictly lower cosine than its own."""
+    p = pred / np.linalg.norm(pred, axis=1, keepdims=True)
+    t = target / np.linalg.norm(target, axis=1, keepdims=True)
+    spread = lambda x: np.mean([np.std(x[:, j], ddof=1) for j in range(x.shape[1])])  # noqa: E731
+    n = len(p)
+    ca = [sum(p[i] @ t[j] < p[i] @ t[i] for j in range(n) if j != i) / (n - 1) for i in range(n)]
+    return spread(p) / spread(t), np.array(ca)
+
+
+@pytest.mark.parametrize("predictor", ["oracle", "copy_last", "mean_context", "constant"])
+def test_diversity_and_contrastive_accuracy(setup, predictor):
+    _, _, b, _, _ = setup
+    ctx, tgt = b["context"], b["target"]
+    pred = {"oracle": tgt, "copy_last": M.copy_last(ctx), "mean_context": M.mean_context(ctx),
+            "constant": tgt.mean(0, keepdim=True).expand_as(tgt)}[predictor]
+    div, ca = numpy_diversity_and_ca(pred.double().numpy(), tgt.double().numpy())
+    assert M.diversity(pred, tgt).item() == pytest.approx(div, rel=1e-4, abs=1e-6)
+    assert np.allclose(M.contrastive_accuracy(pred, tgt).numpy(), ca, atol=1e-6)
+    if predictor == "oracle":  # its own target is the only one at cosine 1
+        assert M.diversity(pred, tgt).item() == pytest.approx(1.0) and M.contrastive_accuracy(pred, tgt).min().item() == 1.0
+    if predictor == "constant":  # no spread; every pair is ranked once each way: exactly chance
+        assert M.diversity(pred, tgt).item() == pytest.approx(0.0, abs=1e-6)
+        assert M.contrastive_accuracy(pred, tgt).mean().item() == pytest.approx(0.5)
+    if predictor == "copy_last":  # unit vectors as spread out as the targets (this store has no structure to find)
+        assert 0.8 < M.diversity(pred, tgt).item() < 1.2
+
+
+def test_nan_predictions_score_no_diversity_and_no_contrastive_accuracy(setup):
+    _, _, b, _, _ = setup
+    pred = b["target"].clone()
+    pred[3] = float("nan")
+    assert torch.isnan(M.diversity(pred, b["target"]))
+    ca = M.contrastive_accuracy(pred, b["target"])
+    assert ca[3].item() == 0.0  # never perfect

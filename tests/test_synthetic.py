@@ -109,3 +109,16 @@ def test_calibration_linear_predictor_sits_closer_to_last_context(calibration):
     cos_last = cos(pred, vctx[:, -1]).mean()
     assert cos_target - cos_last < 0, (cos_target, cos_last)  # negative margin by design
     assert cos_target > cos(vctx[:, -1], vtgt).mean()  # and still beats copy-last on the target
+
+
+def test_common_direction_makes_data_anisotropic_and_zero_changes_nothing():
+    plain = corpus(seed=3, dim=64, articles=200)
+    zero = corpus(seed=3, dim=64, articles=200, common_weight=0.0)
+    assert all(np.array_equal(a, b) for a, b in zip(plain, zero))
+    aniso, articles, _ = corpus(seed=3, dim=64, articles=200, common_weight=2.5)
+    assert np.array_equal(articles, plain[1])
+    rng = np.random.default_rng(0)
+    i, j = rng.integers(0, len(aniso), 4000), rng.integers(0, len(aniso), 4000)
+    pair = lambda v: float(np.mean(np.sum(v[i] * v[j], axis=1)))  # noqa: E731
+    assert abs(pair(plain[0])) < 0.05 and 0.55 < pair(aniso) < 0.75  # conf/data/anisotropic.yaml: random pairs ~0.64
+    np.testing.assert_allclose(np.linalg.norm(aniso, axis=1), 1.0, atol=1e-5)

@@ -23,9 +23,14 @@ def synthetic_corpus(
     drift_step: float,
     noise: float,
     seed: int,
+    common_weight: float = 0.0,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Unit vectors [N, D] float32, article ids [N] and chunk indices [N], sorted by article."""
+    """Unit vectors [N, D] float32, article ids [N] and chunk indices [N], sorted by article.
+    `common_weight` > 0 adds one direction shared by every chunk (anisotropic data, as many
+    embedding models give: random pairs then have a clearly positive cosine); it is drawn from its
+    own stream, so 0 leaves every other vector as it was."""
     rng = np.random.default_rng(seed)
+    common = common_weight * _unit(np.random.default_rng([seed, 1]).standard_normal((1, dim)))
     lengths = rng.integers(min_chunks, max_chunks + 1, size=articles)
     total = int(lengths.sum())
     out = np.empty((total, dim), np.float32)
@@ -38,7 +43,7 @@ def synthetic_corpus(
         if t:
             walk[alive] = _unit(walk[alive] + drift_step * scale * rng.standard_normal((len(alive), dim)))
         e = scale * rng.standard_normal((len(alive), dim))
-        out[offsets[alive] + t] = _unit(topic_weight * topic[alive] + drift_weight * walk[alive] + noise * e)
+        out[offsets[alive] + t] = _unit(topic_weight * topic[alive] + drift_weight * walk[alive] + noise * e + common)
     article_ids = np.repeat(np.arange(articles, dtype=np.int64), lengths)
     chunk_indices = np.concatenate([np.arange(n, dtype=np.int64) for n in lengths])
     return out, article_ids, chunk_indices
