@@ -1,4 +1,17 @@
-"""FaultInjection: poison the weights with NaN at given steps, to drill the guard (tests, DDP drills)."""
+"""FaultInjection: break a run on purpose at given steps, to drill the guard (tests, lvm.drill).
+
+- `nan_at_steps`: every weight set to NaN at the start of those global steps, on rank 0 only (the
+  gradient all-reduce then carries the fault to the other ranks, as a real one would).
+- `constant_from_step`: from that step the model's output is one fixed direction (`constant`, the
+  mean direction of the data: the best constant there is), the collapse a vector predictor can fall
+  into. The weights are set to it (output layer and context skip zero, output bias the constant: a
+  checkpoint saved now holds a collapsed model) and a forward hook keeps the output there until
+  the guard rolls back (the rollback and back-off stand for removing the recipe's cause), or to the
+  end of the run without a guard. The output keeps its graph (times 0), so every parameter still
+  gets a gradient, as DDP requires.
+- `corrupt_good_at_step`: at that step the guard's newest good checkpoint is overwritten with
+  garbage (rank 0), as a full disk or a half-copied file would leave it.
+"""
 
 from __future__ import annotations
 
@@ -7,17 +20,63 @@ from typing import Any
 
 import lightning as L
 import torch
+import torch.nn.functional as F
+
+from callbacks.rollback import RollbackGuard
 
 
 class FaultInjection(L.Callback):
-    """Sets every weight to NaN at the start of the given global steps, on rank 0 only (the
-    gradient all-reduce then carries the fault to the other ranks, as a real one would)."""
-
-    def __init__(self, nan_at_steps: Iterable[int]) -> None:
+    def __init__(self, nan_at_steps: Iterable[int] = (), constant_from_step: int | None = None,
+                 constant: torch.Tensor | None = None, corrupt_good_at_step: int | None = None) -> None:
+        if constant_from_step is not None and constant is None:
+            raise ValueError("constant_from_step needs the constant direction")
         self.steps = set(nan_at_steps)
+        self.corrupt_good_at_step = corrupt_good_at_step
+        self.constant_from_step = constant_from_step
+        self.constant = None if constant is None else F.normalize(constant.float(), dim=-1)
+        self._hook: Any = None
+        self._rollbacks_at_start: int | None = None
+        self.ended = False  # the constant-output fault was lifted by a rollback
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        if trainer.global_step == self.corrupt_good_at_step and trainer.is_global_zero:
+            guard = next((c for c in trainer.callbacks if isinstance(c, RollbackGuard)), None)
+            if guard is not None and guard.good:
+                (guard.ckpt_dir / guard.good[-1]).write_bytes(b"not a checkpoint")
         if trainer.global_step in self.steps and trainer.is_global_zero:
             with torch.no_grad():
                 for p in pl_module.parameters():
                     p.fill_(float("nan"))
+        if self.constant_from_step is None or self.ended:
+            return
+        if self._hook is None and trainer.global_step >= self.constant_from_step:
+            self._rollbacks_at_start = _rollbacks(trainer)
+            self._collapse_weights(pl_module.model)
+            self._hook = pl_module.model.register_forward_hook(self._constant_output)
+        elif self._hook is not None and _rollbacks(trainer) > self._rollbacks_at_start:
+            self._hook.remove()
+            self._hook, self.ended = None, True
+
+    @torch.no_grad()
+    def _collapse_weights(self, model: torch.nn.Module) -> None:
+        out = model.head[-1]
+        out.weight.zero_()
+        out.bias.copy_(self.constant.to(out.bias))
+        if model.skip_weights is not None:
+            model.skip_weights.zero_()
+
+    def _constant_output(self, module: torch.nn.Module, inputs: Any, output: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        raw = output[0]
+        c = self.constant.to(device=raw.device, dtype=raw.dtype)
+        raw = c.expand_as(raw) + 0.0 * raw
+        return raw, F.normalize(raw, dim=-1)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+
+
+def _rollbacks(trainer: L.Trainer) -> int:
+    """Rollbacks the run's guard has made so far (0 without a guard)."""
+    return sum(c.rollbacks for c in trainer.callbacks if isinstance(c, RollbackGuard))

@@ -40,6 +40,7 @@ from lvm.checkpoints import AtomicCheckpointIO, check_dim, read_checkpoint
 from lvm.cli import EXIT_BAD_INPUT, EXIT_FAIL, exit_code_of, run_entry_point, set_exit_code
 from lvm.config import to_plain, validate
 from lvm.data.loaders import load_splits
+from lvm.detectors import summarize_events
 from lvm.data.sampler import EpochSampler
 from lvm.data.store import Windows, WindowSpec, collate_batch
 from lvm.errors import LvmError, Preempted, RunFailed
@@ -47,6 +48,7 @@ from lvm.evaluate import evaluate_after_fit
 from lvm.module import STEP_STATS, LVMModule
 from lvm.launchers import launcher_choice, missing_launcher_plugin, own_gpu, resume_on_requeue, sweep_jobs
 from lvm.rundir import auto_start_fresh, claim_run_dir, write_failure, write_results
+from lvm.sweep import read_events
 from lvm.signals import StopSignals
 from lvm.threads import ThreadShare, set_threads, usable_cpus
 
@@ -101,8 +103,10 @@ def build_callbacks(cfg: DictConfig, splits: dict[str, Windows], run_dir: Path, 
         out.append(SkipReport(STEP_STATS, cfg.logger.print_every))
     if guard is not None:
         out.append(guard)
-    if cb.fault_injection.nan_at_steps:
-        out.append(FaultInjection(cb.fault_injection.nan_at_steps))
+    fi = cb.fault_injection
+    if fi.nan_at_steps or fi.constant_from_step is not None or fi.corrupt_good_at_step is not None:
+        constant = splits["train"].store.vectors.mean(dim=0) if fi.constant_from_step is not None else None
+        out.append(FaultInjection(fi.nan_at_steps, fi.constant_from_step, constant, fi.corrupt_good_at_step))
     if cb.mini5cat.enabled:
         out.append(Mini5CAT(splits["val"], cb.mini5cat.windows, cb.mini5cat.seed, cfg.window.prev_slot, cfg.data.eval_batch_size,
                             slot_weights))
@@ -297,6 +301,14 @@ def run(
     return results
 
 
+def guard_record(cfg: DictConfig, trainer: L.Trainer, run_dir: Path) -> dict[str, Any]:
+    """The guard's record in results.json: its policy, events.jsonl summed up (rollbacks, stops,
+    trips by detector) and the batches whose directional term the skip rule zeroed."""
+    skip = next((c for c in trainer.callbacks if isinstance(c, SkipReport)), None)
+    return {"policy": cfg.guard.policy, **summarize_events(read_events(run_dir / "events.jsonl")),
+            "skipped_batches": skip.state_dict()["skips_total"] if skip is not None else 0}
+
+
 def summarize_run(cfg: DictConfig, trainer: L.Trainer, module: LVMModule, run_dir: Path, status: str) -> dict[str, Any]:
     """What results.json says of a finished, stopped or preempted fit."""
     best = trainer.checkpoint_callback
@@ -315,6 +327,7 @@ def summarize_run(cfg: DictConfig, trainer: L.Trainer, module: LVMModule, run_di
         "last_checkpoint": str(last) if last.is_file() else None,
         "final": {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("val/", "ood/", "mini5cat/"))},
         "params": sum(p.numel() for p in module.parameters()),
+        "guard": guard_record(cfg, trainer, run_dir),
     }
     if trainer.world_size > 1:  # every rank says what it saw: their validation metrics must agree
         log.info("Rank %d of %d finished: best val cos %r, final val cos %r", trainer.global_rank, trainer.world_size,

@@ -15,6 +15,7 @@ from callbacks.ramp import RampSchedule
 from callbacks.rollback import RollbackGuard
 from callbacks.stats import StepStatistics
 from lvm.train import run
+from callbacks.rollback import STILL_LEARNING
 from tests.helpers import ROOT, TINY, cfg_for, compose_cfg, events, steps_per_epoch, train_cli
 
 GUARDED = [
@@ -96,9 +97,33 @@ def test_a_model_still_learning_is_not_rolled_back_to_its_start(tmp_path):
     the starting weights, and no good checkpoint of that epoch."""
     run(cfg_for("+experiment=p6b_v2", "trainer.max_epochs=2", "model.context_skip=false"), tmp_path)  # a tiny plain model: val cos ~0.05
     ev = events(tmp_path)
-    assert ev and {e["detector"] for e in ev} <= {"val_floor", "below_copy_last"}
+    assert ev and {e["detector"] for e in ev} <= set(STILL_LEARNING)
     assert all(e["severity"] == "warning" and e["action"] == "warning" for e in ev)
     assert sorted(p.name for p in (tmp_path / "checkpoints").glob("good-*")) == ["good-initial.ckpt"]
+
+
+@pytest.mark.parametrize("data", ["synthetic", "anisotropic"])
+def test_constant_output_is_caught_and_never_saved_as_good(tmp_path, data):
+    """A model whose output is one fixed direction (the data's mean: the best constant) from the
+    middle of epoch 1. Before the diversity and contrastive-accuracy detectors nothing tripped on
+    it (on anisotropic data it keeps a high val cosine) and the guard saved the collapsed epochs as
+    good checkpoints, deleting the healthy ones."""
+    guarded = [f"data={data}", *GUARDED]
+    run(cfg_for(*guarded, "trainer.max_epochs=1"), tmp_path / "probe")
+    n = steps_per_epoch(tmp_path / "probe")
+    onset = n + 2
+    results = run(cfg_for(*guarded, "trainer.max_epochs=3", "guard.detectors.start_step=0", "logger.flush_every=2",
+                          f"callbacks.fault_injection.constant_from_step={onset}"), tmp_path / "run")
+    ev = events(tmp_path / "run")
+    acted = [e for e in ev if e["severity"] == "collapse"]
+    assert acted and acted[0]["action"] == "rollback", ev
+    assert acted[0]["detector"] in ("low_diversity", "contrastive_chance") and acted[0]["where"] == "train"
+    assert onset <= acted[0]["step"] <= onset + 2 and acted[0]["checkpoint"].endswith("good-epoch00.ckpt")  # one window
+    assert len(acted) == 1 and results["status"] == "completed"  # the rollback lifted the fault
+    # Every good checkpoint on disk, and the last, predicts with spread (none is the collapsed model).
+    for path in [*(tmp_path / "run" / "checkpoints").glob("good-*.ckpt"), Path(results["last_checkpoint"])]:
+        head = torch.load(path, weights_only=True)["state_dict"]["model.head.3.weight"]
+        assert head.abs().max() > 0, path.name
 
 
 def test_nan_before_the_first_validation_rolls_back_to_the_start(tmp_path):
