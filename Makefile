@@ -10,7 +10,7 @@ EXTRAS_STAMP := $(VENV)/.installed-extras
 WHEELS  := data/cache
 WIKI_MEMBER := gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2
 
-.PHONY: setup setup-text setup-extras train test test-full sweep tensorboard bench data-wiki clean
+.PHONY: setup setup-text setup-extras train test test-full sweep tensorboard bench drills data-wiki clean
 
 setup: $(STAMP)
 
@@ -63,6 +63,10 @@ tensorboard: setup
 bench: setup
 	$(BIN)/python -m lvm.bench $(ARGS)
 
+# The guard's fault drills and healthy controls (lvm.drill): one table, one timeline per drill.
+drills: setup
+	$(BIN)/python -m lvm.drill $(ARGS)
+
 clean:
-	rm -rf outputs/runs outputs/sweeps outputs/dev outputs/bench .pytest_cache
+	rm -rf outputs/runs outputs/sweeps outputs/dev outputs/bench outputs/drills .pytest_cache
 	find . -name __pycache__ -type d -prune -not -path './$(VENV)/*' -exec rm -rf {} +

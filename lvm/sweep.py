@@ -18,13 +18,15 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from lvm.detectors import summarize_events
 from lvm.errors import ConfigError, LvmError
 from lvm.launchers import check_multirun
 from lvm.tables import fmt, md_table
 
 log = logging.getLogger(__name__)
 
-METRICS = ("best_val_cos", "final_val_cos", "slot_linear_val_cos", "margin_last", "r5", "rollbacks", "events", "wall_time_s")
+METRICS = ("best_val_cos", "final_val_cos", "slot_linear_val_cos", "margin_last", "r5", "rollbacks", "events", "skipped_batches",
+           "wall_time_s")
 COLUMNS = ("job", "overrides", *METRICS, "status")
 AXES = ("loss.gamma", "loss.lambda_max")  # heatmap: rows, columns
 
@@ -57,7 +59,7 @@ def read_job(job_dir: Path) -> Job:
     axes = {k: OmegaConf.select(cfg, k, default=None) for k in AXES}
     results_path = job_dir / "results.json"
     results = json.loads(results_path.read_text()) if results_path.is_file() else {"status": "failed: no results.json"}
-    events = read_events(job_dir / "events.jsonl")
+    record = summarize_events(read_events(job_dir / "events.jsonl"))
     final = results.get("final", {})
     values = {
         "best_val_cos": results.get("best_val_cos"),
@@ -65,8 +67,9 @@ def read_job(job_dir: Path) -> Job:
         "slot_linear_val_cos": results.get("baselines", {}).get("val", {}).get("slot_linear"),
         "margin_last": final.get("mini5cat/margin_last"),
         "r5": final.get("mini5cat/r5"),
-        "rollbacks": sum(e.get("action") == "rollback" for e in events),
-        "events": len(events),
+        "rollbacks": record["rollbacks"],
+        "events": record["events"],
+        "skipped_batches": results.get("guard", {}).get("skipped_batches"),
         "wall_time_s": results.get("wall_time_s"),
     }
     status = job_status(results)

@@ -21,7 +21,7 @@ def test_grid_sweep_summarised_and_regenerated(tmp_path):
     for r in table:
         assert r["status"] == "completed"
         assert -1 <= float(r["best_val_cos"]) <= 1 and float(r["wall_time_s"]) >= 0
-        for key in ("final_val_cos", "margin_last", "r5", "rollbacks", "events"):
+        for key in ("final_val_cos", "margin_last", "r5", "rollbacks", "events", "skipped_batches"):
             float(r[key])
     # The slot-linear baseline of each job's own results.json; the same data, so the same value.
     slot = [json.loads((job / "results.json").read_text())["baselines"]["val"]["slot_linear"] for job in job_dirs(sweep)]

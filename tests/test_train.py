@@ -220,6 +220,9 @@ def test_cli_exit_codes_follow_the_status(tmp_path):
     assert stop.returncode == 3, stop.stderr[-2000:]
     results = json.loads((tmp_path / "stop" / "results.json").read_text())
     assert results["status"] == "stopped: max_rollbacks"
+    record = results["guard"]  # events.jsonl summed up
+    assert record["policy"] == "rollback" and record["rollbacks"] == 0 and record["stops"] == 1
+    assert record["collapses"] == {"nonfinite": 1} and record["skipped_batches"] >= 0
     last = torch.load(tmp_path / "stop" / "checkpoints" / "last.ckpt", weights_only=True)
     assert last["epoch"] == 0 and all(torch.isfinite(v).all() for v in last["state_dict"].values())  # not the NaN model
 

@@ -1,0 +1,266 @@
+"""`python -m lvm.drill [quick=true] [only=[NAME,...]]` (`make drills`): the guard's fault drills.
+
+Each drill (conf/drill.yaml) trains its recipe three ways, every run a normal `python -m lvm.train`
+subprocess with its own run directory: with the fault and the guard on (`guard=rollback`), with the
+fault and the guard off, and without the fault (the healthy control). The shipped experiments
+also run as controls over several seeds: any collapse event on them is a false alarm. Each drill is
+scored against the guard's goals:
+
+- detected: a collapse event (events.jsonl) at or after the fault's onset;
+- latency: steps from the onset to the first action; an injected in-training fault (`instant`)
+  must be acted on within one statistics window (logger.flush_every) and before its epoch ends;
+- recovered: the guarded run's final val cos at most `tolerance` below its control's, or a clean
+  stop (`stopped: max_rollbacks`) with its best checkpoint kept.
+
+Writes <out>/drills.json, <out>/drills.md and <out>/<drill>.png (per-step contrastive accuracy and
+diversity, and val cos per epoch, of the three runs; onset and actions marked). Exit code 0 when
+every goal is met, 1 when one is missed (each miss named in the table).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import hydra
+from hydra import compose
+from omegaconf import DictConfig, OmegaConf
+
+from lvm.cli import EXIT_FAIL, entry_point, run_entry_point
+from lvm.errors import ConfigError, LvmError
+from lvm.sweep import read_events
+from lvm.tables import fmt, md_table
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Run:
+    """One training run of the suite: its directory name and its lvm.train overrides."""
+
+    key: str
+    overrides: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Drill:
+    name: str
+    experiment: str
+    overrides: tuple[str, ...]
+    fault: tuple[str, ...]
+    onset_epoch: int
+    onset_frac: float
+    guard_off: str
+    instant: bool
+    control: str  # the experiment of the healthy control (the drill's own when its fault is injected)
+
+    def recipe(self, extra: tuple[str, ...], experiment: str | None = None) -> tuple[str, ...]:
+        return (f"+experiment={experiment or self.experiment}", *self.overrides, *extra)
+
+
+def drills_of(cfg: DictConfig) -> list[Drill]:
+    """The drills to run (quick: those marked quick; `only`: those named), checked."""
+    known = dict(cfg.drills)
+    names = list(cfg.only) if cfg.only else [n for n, d in known.items() if d.quick or not cfg.quick]
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ConfigError(f"only: no such drill {', '.join(unknown)} (known: {', '.join(known)})")
+    out = []
+    for n in names:
+        d = known[n]
+        if not (isinstance(d.onset.epoch, int) and d.onset.epoch >= 0 and 0 <= d.onset.frac < 1):
+            raise ConfigError(f"drills.{n}.onset needs an epoch >= 0 and a frac in [0, 1) (got {OmegaConf.to_container(d.onset)})")
+        out.append(Drill(n, d.experiment, tuple(d.overrides), tuple(d.fault), d.onset.epoch, float(d.onset.frac),
+                         d.guard_off, bool(d.instant), d.get("control") or d.experiment))
+    return out
+
+
+def steps_per_epoch(overrides: tuple[str, ...]) -> tuple[int, int]:
+    """(training steps per epoch, logger.flush_every) of the run these overrides compose."""
+    from lvm.train import build_data
+
+    cfg = compose(config_name="train", overrides=list(overrides))
+    n = len(build_data(cfg)["train"])
+    return math.ceil(n / cfg.data.batch_size), int(cfg.logger.flush_every)
+
+
+def plan(cfg: DictConfig, drills: list[Drill]) -> tuple[list[Run], dict[str, dict[str, Any]], list[Run]]:
+    """The runs of the suite (each once), what each drill reads from them, and the controls."""
+    extra = (*cfg.common, *(cfg.quick_overrides if cfg.quick else ()))
+    runs: dict[str, Run] = {}
+    layout: dict[str, dict[str, Any]] = {}
+    for d in drills:
+        recipe = d.recipe(extra)
+        n, flush = steps_per_epoch(recipe)
+        onset = d.onset_epoch * n + int(d.onset_frac * n)
+        fault = tuple(f.replace("{onset}", str(onset)) for f in d.fault)
+        control = Run(f"control_{d.control}{'_' + '_'.join(_slug(o) for o in d.overrides) if d.overrides else ''}_seed0",
+                      (*d.recipe(extra, d.control), "guard=rollback", "seed=0"))
+        on, off = Run(f"{d.name}_guard_on", (*recipe, *fault, "guard=rollback")), Run(f"{d.name}_guard_off", (*recipe, *fault, f"guard={d.guard_off}"))
+        for r in (control, on, off):
+            runs[r.key] = r
+        layout[d.name] = {"drill": d, "onset": onset, "steps_per_epoch": n, "flush_every": flush,
+                          "on": on.key, "off": off.key, "control": control.key}
+    shipped = [] if cfg.quick else list(cfg.controls)
+    controls = [Run(f"control_{e}_seed{s}", (f"+experiment={e}", *extra, "guard=rollback", f"seed={s}")) for e in shipped for s in cfg.control_seeds]
+    controls += [r for r in runs.values() if r.key.startswith("control_") and r not in controls]
+    for r in controls:
+        runs[r.key] = r
+    return list(runs.values()), layout, controls
+
+
+def _slug(override: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in override.split("=")[-1])
+
+
+def train(run: Run, out: Path) -> dict[str, Any]:
+    """One lvm.train subprocess (one torch thread) into out/<key>; its results.json."""
+    run_dir = out / run.key
+    args = [sys.executable, "-m", "lvm.train", *run.overrides, "threads=1", f"hydra.run.dir={run_dir}", "overwrite=true"]
+    with (out / f"{run.key}.log").open("w") as logf:
+        proc = subprocess.run(args, stdout=logf, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        results = json.loads((run_dir / "results.json").read_text())
+    except (OSError, ValueError):
+        results = {"status": f"failed: no results.json (exit code {proc.returncode}, see {run.key}.log)"}
+    results["exit_code"] = proc.returncode
+    log.info("[drill] %s: %s (exit %d)", run.key, results["status"], proc.returncode)
+    return results
+
+
+def final_cos(results: dict[str, Any]) -> float | None:
+    return results.get("final", {}).get("val/cos")
+
+
+def assess(layout: dict[str, Any], results: dict[str, dict[str, Any]], out: Path, tolerance: float) -> dict[str, Any]:
+    """One drill's row: detection, latency, action, recovery and which goals it missed."""
+    d: Drill = layout["drill"]
+    onset, n, flush = layout["onset"], layout["steps_per_epoch"], layout["flush_every"]
+    on, off, control = (results[layout[k]] for k in ("on", "off", "control"))
+    acted = [e for e in read_events(out / layout["on"] / "events.jsonl") if e["severity"] == "collapse" and e["step"] >= onset]
+    first = acted[0] if acted else None
+    row: dict[str, Any] = {
+        "drill": d.name, "onset_step": onset, "instant": d.instant, "detected": first is not None,
+        "detector": first["detector"] if first else None, "where": first.get("where") if first else None,
+        "latency_steps": first["step"] - onset if first else None, "action": first["action"] if first else None,
+        "checkpoint": first.get("checkpoint") if first else None, "actions": len(acted),
+        "status_on": on["status"], "final_on": final_cos(on), "final_off": final_cos(off), "final_control": final_cos(control),
+    }
+    missed = []
+    if first is None:
+        missed.append("not detected")
+    elif d.instant and not (row["latency_steps"] <= flush and first["step"] < (onset // n + 1) * n):
+        missed.append(f"acted {row['latency_steps']} steps after onset (goal: <= {flush}, before the epoch ends)")
+    f_on, f_ctl = row["final_on"], row["final_control"]
+    stopped_clean = on["status"].startswith("stopped") and on.get("best_checkpoint") and Path(on["best_checkpoint"]).is_file()
+    if not stopped_clean and (f_on is None or f_ctl is None or f_on < f_ctl - tolerance):
+        missed.append(f"final val cos {fmt(f_on, 4)} vs control {fmt(f_ctl, 4)} (goal: at most {tolerance} below)")
+    row["missed"] = missed
+    return row
+
+
+def false_alarms(controls: list[Run], results: dict[str, dict[str, Any]], out: Path) -> list[dict[str, Any]]:
+    rows = []
+    for r in controls:
+        alarms = [e for e in read_events(out / r.key / "events.jsonl") if e["severity"] == "collapse"]
+        rows.append({"control": r.key, "status": results[r.key]["status"], "final": final_cos(results[r.key]),
+                     "false_alarms": len(alarms), "detectors": sorted({e["detector"] for e in alarms})})
+    return rows
+
+
+def report(rows: list[dict[str, Any]], controls: list[dict[str, Any]], out: Path) -> Path:
+    """drills.md: one table of the drills, one of the controls, and the goals' verdict."""
+    head = ["drill", "onset", "detected", "by", "where", "latency (steps)", "action", "final val cos on / off / control", "goals"]
+    body = [[r["drill"], str(r["onset_step"]), fmt(r["detected"]), r["detector"] or "-", r["where"] or "-",
+             fmt(r["latency_steps"]), r["action"] or "-",
+             f"{fmt(r['final_on'], 4)} / {fmt(r['final_off'], 4)} / {fmt(r['final_control'], 4)}",
+             "met" if not r["missed"] else "; ".join(r["missed"])] for r in rows]
+    ctl = [[c["control"], c["status"], fmt(c["final"], 4), str(c["false_alarms"]), ", ".join(c["detectors"]) or "-"] for c in controls]
+    met = all(not r["missed"] for r in rows) and all(c["false_alarms"] == 0 for c in controls)
+    lines = ["# Guard drills", "", *md_table(head, body), "", "## Healthy controls (any collapse event is a false alarm)", "",
+             *md_table(["control", "status", "final val cos", "false alarms", "by"], ctl), "",
+             f"Every goal met: {'yes' if met else 'no'}"]
+    path = out / "drills.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def plot(layout: dict[str, Any], row: dict[str, Any], out: Path) -> Path:
+    """<out>/<drill>.png: per-step CA and diversity (running mean of 10), val cos per epoch."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from lvm.compare import read_steps
+
+    logging.getLogger("tensorboard").setLevel(logging.ERROR)  # "No path found after ..." per log read
+
+    fig, (a1, a2, a3) = plt.subplots(3, 1, figsize=(9, 7), sharex=True)
+    for key, label in (("on", "guard on"), ("off", "guard off"), ("control", "control")):
+        run_dir = out / layout[key]
+        try:
+            series = read_steps(run_dir, ["train/ca", "train/diversity"])
+            history = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+        except (OSError, LvmError):
+            continue
+        for ax, tag in ((a1, "train/ca"), (a2, "train/diversity")):
+            steps, values = series[tag]
+            k = min(10, len(values))
+            ax.plot(steps[k - 1:], np.convolve(values, np.ones(k) / k, mode="valid"), label=label, linewidth=1)
+        a3.plot([h["step"] for h in history], [h.get("val/cos", float("nan")) for h in history], marker="o", label=label)
+    for ax, name in ((a1, "train CA"), (a2, "train diversity"), (a3, "val cos")):
+        ax.axvline(layout["onset"], color="red", linestyle="--", linewidth=1)
+        ax.set_ylabel(name, fontsize=8)
+    for e in read_events(out / layout["on"] / "events.jsonl"):
+        if e["severity"] == "collapse":
+            a3.axvline(e["step"], color="black", linewidth=1)
+    a1.legend(fontsize=8)
+    a1.set_title(f"{row['drill']}: onset (red) and the guard's actions (black)")
+    a3.set_xlabel("step")
+    path = out / f"{row['drill']}.png"
+    fig.savefig(path, dpi=90, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def run_suite(cfg: DictConfig) -> dict[str, Any]:
+    if not (isinstance(cfg.jobs, int) and cfg.jobs >= 1):
+        raise ConfigError(f"jobs must be an integer >= 1 (got {cfg.jobs!r})")
+    drills = drills_of(cfg)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    runs, layouts, controls = plan(cfg, drills)
+    log.info("[drill] %d drills, %d runs (%d side by side) into %s", len(drills), len(runs), cfg.jobs, out)
+    with ThreadPoolExecutor(cfg.jobs) as pool:
+        results = dict(zip((r.key for r in runs), pool.map(lambda r: train(r, out), runs)))
+    rows = [assess(layouts[d.name], results, out, cfg.tolerance) for d in drills]
+    for d, row in zip(drills, rows):
+        row["plot"] = str(plot(layouts[d.name], row, out))
+    alarms = false_alarms(controls, results, out)
+    summary = {"quick": bool(cfg.quick), "drills": rows, "controls": alarms,
+               "met": all(not r["missed"] for r in rows) and all(c["false_alarms"] == 0 for c in alarms)}
+    (out / "drills.json").write_text(json.dumps(summary, indent=2))
+    md = report(rows, alarms, out)
+    print(md.read_text())
+    print(f"lvm.drill: wrote {md}, {out / 'drills.json'} and one PNG per drill")
+    return summary
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="drill")
+@entry_point("lvm.drill")
+def main(cfg: DictConfig) -> int:
+    return 0 if run_suite(cfg)["met"] else EXIT_FAIL
+
+
+if __name__ == "__main__":
+    run_entry_point(main)

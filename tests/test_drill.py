@@ -1,0 +1,50 @@
+"""lvm.drill: the quick drill suite end to end (what CI runs) and its scoring on hand-made runs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from lvm.drill import Drill, assess
+from tests.helpers import run_module
+
+
+def test_quick_drills_meet_every_goal(tmp_path):
+    out = tmp_path / "drills"
+    proc = run_module("lvm.drill", "quick=true", f"out={out}", timeout=900)
+    summary = json.loads((out / "drills.json").read_text())
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = {r["drill"]: r for r in summary["drills"]}
+    assert set(rows) == {"constant_output", "constant_output_anisotropic", "nan_weights_late"}
+    for name, r in rows.items():
+        assert r["detected"] and r["action"] == "rollback" and r["where"] == "train", (name, r)
+        assert 0 <= r["latency_steps"] <= 50 and r["missed"] == [], (name, r)
+        assert r["final_on"] >= r["final_control"] - 0.01, (name, r)
+        assert Path(r["plot"]).is_file()
+    # Unguarded, the faults stay: the constant model keeps its cosine on anisotropic data, the NaN model has none.
+    assert rows["nan_weights_late"]["final_off"] is None
+    assert rows["constant_output_anisotropic"]["final_off"] < rows["constant_output_anisotropic"]["final_control"]
+    assert summary["controls"] and all(c["false_alarms"] == 0 for c in summary["controls"])
+    assert "Every goal met: yes" in (out / "drills.md").read_text()
+
+
+def test_scoring_names_each_missed_goal(tmp_path):
+    drill = Drill("d", "p6b_v2", (), (), 1, 0.5, "skip", True, "p6b_v2")
+    event = {"severity": "collapse", "detector": "low_diversity", "where": "train", "action": "rollback"}
+    control = {"status": "completed", "final": {"val/cos": 0.60}}
+
+    def score(name, on_events, final_on):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in on_events))
+        layout = {"drill": drill, "onset": 150, "steps_per_epoch": 100, "flush_every": 50, "on": name, "off": "off", "control": "ctl"}
+        results = {name: {"status": "completed", "final": {"val/cos": final_on}}, "off": {"status": "completed", "final": {}}, "ctl": control}
+        return assess(layout, results, tmp_path, 0.01)
+
+    ok = score("ok", [{**event, "step": 180}], 0.595)
+    assert ok["detected"] and ok["latency_steps"] == 30 and ok["missed"] == []
+    assert score("missed", [], 0.40)["missed"][0] == "not detected"
+    late = score("late", [{**event, "step": 210}], 0.60)  # 60 steps: over one window, and in the next epoch
+    assert late["missed"] == ["acted 60 steps after onset (goal: <= 50, before the epoch ends)"]
+    # An event before the onset is not a detection of this fault; ending 0.05 below the control is a miss.
+    early = score("early", [{**event, "step": 120}], 0.55)
+    assert early["missed"] == ["not detected", "final val cos 0.5500 vs control 0.6000 (goal: at most 0.01 below)"]
