@@ -1,4 +1,4 @@
-"""Lightning callbacks of lvm, one concern per module: ramp, step statistics, skip count, rollback guard, mini-5CAT, dashboard, checkpoints, resume, CPU sharing."""
+"""Lightning callbacks of lvm, one concern per module: ramp, step statistics, skip count, rollback guard, mini-5CAT, dashboard, checkpoints, resume, CPU sharing, gradient spikes."""
 
 from callbacks.checkpoint import FiniteModelCheckpoint
 from callbacks.dashboard import TensorBoardDashboard
@@ -8,8 +8,9 @@ from callbacks.ramp import RampSchedule, RampStage
 from callbacks.resume import ExactResume
 from callbacks.rollback import RollbackGuard
 from callbacks.skip import SkipReport
+from callbacks.spike import SPIKE_STATS, SpikeSkip
 from callbacks.stats import StepStatistics
 from callbacks.threads import ShareCPUs
 
 __all__ = ["ExactResume", "FaultInjection", "FiniteModelCheckpoint", "Mini5CAT", "RampSchedule", "RampStage", "RollbackGuard",
-           "ShareCPUs", "SkipReport", "StepStatistics", "TensorBoardDashboard"]
+           "SPIKE_STATS", "ShareCPUs", "SkipReport", "SpikeSkip", "StepStatistics", "TensorBoardDashboard"]

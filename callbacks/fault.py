@@ -11,6 +11,10 @@
   gets a gradient, as DDP requires.
 - `corrupt_good_at_step`: at that step the guard's newest good checkpoint is overwritten with
   garbage (rank 0), as a full disk or a half-copied file would leave it.
+- `nan_batch_at_steps`: one window of that step's batch holds NaN (rank 0): a corrupt record.
+- `lr_spike_at_step`: the learning rate times `lr_spike_factor` for that one step (a scheduler bug).
+- `raw_scale_at_step`: the output layer (and the context skip) times `raw_scale_factor`: an
+  exploding output.
 """
 
 from __future__ import annotations
@@ -27,11 +31,17 @@ from callbacks.rollback import RollbackGuard
 
 class FaultInjection(L.Callback):
     def __init__(self, nan_at_steps: Iterable[int] = (), constant_from_step: int | None = None,
-                 constant: torch.Tensor | None = None, corrupt_good_at_step: int | None = None) -> None:
+                 constant: torch.Tensor | None = None, corrupt_good_at_step: int | None = None,
+                 nan_batch_at_steps: Iterable[int] = (), lr_spike_at_step: int | None = None, lr_spike_factor: float = 1000.0,
+                 raw_scale_at_step: int | None = None, raw_scale_factor: float = 100.0) -> None:
         if constant_from_step is not None and constant is None:
             raise ValueError("constant_from_step needs the constant direction")
         self.steps = set(nan_at_steps)
         self.corrupt_good_at_step = corrupt_good_at_step
+        self.nan_batch_steps = set(nan_batch_at_steps)
+        self.lr_spike_at_step, self.lr_spike_factor = lr_spike_at_step, lr_spike_factor
+        self.raw_scale_at_step, self.raw_scale_factor = raw_scale_at_step, raw_scale_factor
+        self._lrs: list[float] | None = None  # the learning rates before a spike, restored a step later
         self.constant_from_step = constant_from_step
         self.constant = None if constant is None else F.normalize(constant.float(), dim=-1)
         self._hook: Any = None
@@ -43,10 +53,26 @@ class FaultInjection(L.Callback):
             guard = next((c for c in trainer.callbacks if isinstance(c, RollbackGuard)), None)
             if guard is not None and guard.good:
                 (guard.ckpt_dir / guard.good[-1]).write_bytes(b"not a checkpoint")
-        if trainer.global_step in self.steps and trainer.is_global_zero:
+        step = trainer.global_step
+        if step in self.steps and trainer.is_global_zero:
             with torch.no_grad():
                 for p in pl_module.parameters():
                     p.fill_(float("nan"))
+        if step in self.nan_batch_steps and trainer.is_global_zero:
+            batch["context"][0].fill_(float("nan"))
+        groups = trainer.optimizers[0].param_groups if trainer.optimizers else []
+        if self._lrs is not None:
+            for g, lr in zip(groups, self._lrs):
+                g["lr"] = lr
+            self._lrs = None
+        if step == self.lr_spike_at_step:
+            self._lrs = [g["lr"] for g in groups]
+            for g in groups:
+                g["lr"] *= self.lr_spike_factor
+        if step == self.raw_scale_at_step:
+            with torch.no_grad():
+                for p in (*pl_module.model.head[-1].parameters(), *([pl_module.model.skip_weights] if pl_module.model.skip_weights is not None else [])):
+                    p.mul_(self.raw_scale_factor)
         if self.constant_from_step is None or self.ended:
             return
         if self._hook is None and trainer.global_step >= self.constant_from_step:

@@ -37,7 +37,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from callbacks.ramp import RampSchedule
 from lvm.atomic import drop_rows_after
 from lvm.checkpoints import finite_weights, read_checkpoint
-from lvm.detectors import COLLAPSE_DETECTORS, Trip, check_nonfinite, check_training, check_validation
+from lvm.detectors import COLLAPSE_DETECTORS, Streaks, Trip, check_nonfinite, check_training, check_validation, skipped
 from lvm.errors import LvmError
 
 log = logging.getLogger(__name__)
@@ -66,7 +66,7 @@ class RollbackGuard(L.Callback):
         self.stopped = False  # max_rollbacks reached: training was stopped
         self.good: list[str] = []  # file names in ckpt_dir, oldest first
         self.best_val_cos: float | None = None
-        self.pinned_steps = 0
+        self.streaks = Streaks()
         self._pending: list[Trip] = []
         self._flushed = False  # a window was flushed since the last decision (same steps on every rank)
         self._ignore_before = 0  # rows from before the last rollback describe the discarded weights
@@ -90,9 +90,13 @@ class RollbackGuard(L.Callback):
         current = [(s, r) for s, r in zip(steps, rows) if s >= self._ignore_before]
         # start_step spares an untrained model's cosines, not a NaN: that is a collapse from step 0.
         warm = [r for s, r in current if s >= self.detectors["start_step"]]
-        trips, self.pinned_steps = check_training(warm, self.detectors, self.pinned_steps)
+        trips = check_training(warm, self.detectors, self.streaks)
         if not trips and len(warm) < len(current):
             trips = check_nonfinite([r for _, r in current], self.detectors)
+        skips = [(s, r) for s, r in current if skipped(r)]
+        if skips:  # guard.spike.skip kept these updates out: recorded, one line per window
+            trips.append(Trip("update_skipped", "warning", {"count": float(len(skips)), "first_step": float(skips[0][0]),
+                                                            "grad_z_max": max(r["train/grad_z"] for _, r in skips)}))
         self._pending += self._still_learning(trips)
 
     # --- decisions ----------------------------------------------------------------------------
@@ -128,7 +132,7 @@ class RollbackGuard(L.Callback):
         """Record warnings; if any rank saw a collapse, every rank acts on it (True)."""
         for t in trips:
             if t.severity == "warning":
-                self._record(trainer, t, action="warning")
+                self._record(trainer, t, action="skipped update" if t.detector == "update_skipped" else "warning")
         collapses = [t for t in trips if t.severity == "collapse"]
         here = {t.detector for t in collapses}
         anywhere = self._tripped_anywhere(trainer, here)
@@ -161,7 +165,7 @@ class RollbackGuard(L.Callback):
         self.rollbacks += 1
         self._ignore_before = trainer.global_step
         backoff = self.schedule.back_off(trainer.current_epoch, pl_module, self.hold_epochs, self.target_frac_scale, self.lambda_max_scale)
-        self.pinned_steps = 0
+        self.streaks = Streaks()
         self._record(trainer, collapses[0], action="rollback", extra={
             "where": where, "checkpoint": restored, "backoff": backoff, "rollbacks": self.rollbacks,
             "others": [t.detector for t in collapses[1:]],
@@ -220,7 +224,7 @@ class RollbackGuard(L.Callback):
 
     def state_dict(self) -> dict[str, Any]:
         return {"rollbacks": self.rollbacks, "good": list(self.good), "best_val_cos": self.best_val_cos,
-                "pinned_steps": self.pinned_steps,
+                "pinned_steps": self.streaks.pinned, "skipped_run": self.streaks.skipped,
                 "ignore_before": self._ignore_before, "stopped": self.stopped}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -232,4 +236,4 @@ class RollbackGuard(L.Callback):
         self.best_val_cos = state_dict["best_val_cos"]
         if "lambda_factor" in state_dict:  # a checkpoint from before the schedule owned lambda_max
             self.schedule.lambda_max_factor = state_dict["lambda_factor"]
-        self.pinned_steps = state_dict["pinned_steps"]
+        self.streaks = Streaks(state_dict["pinned_steps"], state_dict.get("skipped_run", 0))

@@ -13,17 +13,25 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import lightning as L
+import torch
 
 from lvm.steplog import StepLog
 
 
 class StepStatistics(L.Callback):
     def __init__(self, names: Sequence[str], flush_every: int,
-                 subscribers: Sequence[Callable[[list[int], list[dict[str, float]]], None]] = ()) -> None:
-        self.buffer = StepLog([f"train/{n}" for n in names], flush_every, subscribers)
+                 subscribers: Sequence[Callable[[list[int], list[dict[str, float]]], None]] = (),
+                 extra: Sequence[tuple[Sequence[str], Callable[[], torch.Tensor]]] = ()) -> None:
+        """`extra`: (names, source) of statistics another callback computes each step after the
+        module's (callbacks/spike.py: the gradient norm), appended to the row."""
+        self.extra = list(extra)
+        self.buffer = StepLog([f"train/{n}" for n in (*names, *(n for ns, _ in self.extra for n in ns))], flush_every, subscribers)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
-        self.buffer.record(outputs["step"], outputs["stats"], trainer.loggers)
+        row = outputs["stats"]
+        if self.extra:
+            row = torch.cat([row, *(source().to(row.device, row.dtype) for _, source in self.extra)])
+        self.buffer.record(outputs["step"], row, trainer.loggers)
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Lightning validates before on_train_epoch_end: the epoch's last partial window goes out

@@ -15,6 +15,10 @@ i.e. the built-in synthetic data and the small model; CPU):
 (d) side_by_side: training steps/s of each of two `python -m lvm.train` runs started together on
     this machine, over one such run alone, with the default threads=auto (read from each run's
     per-step TensorBoard rows, start-up excluded; the slower of the two counts). Goal >= 0.40.
+(e) detectors: the per-step work of the guard's statistics that a step would not do otherwise
+    (the batch's prediction diversity and contrastive accuracy, the total gradient norm and its
+    rolling z-score), timed alone on a real batch of the model, over the full Lightning loop's
+    time per step. Goal < 2%.
 
 What a Lightning timing includes: the wall time from the start of the first measured training
 batch to the end of the last (everything the loop, the module and the callbacks do per step,
@@ -57,13 +61,15 @@ from lvm.data.splits import make_splits
 from lvm.data.store import Windows, WindowSpec
 from lvm.data.synthetic import synthetic_corpus
 from lvm.losses import p6b_loss
-from lvm.module import LVMModule
+from lvm.module import LVMModule, batch_health
+from lvm.optim import RollingStat, grad_norm
 from lvm.train import build_data, build_fit, make_loader
 
 log = logging.getLogger("lvm.bench")
 
 VARIANTS = ("raw", "lightning_bare", "lightning_full")
-GOALS = {"lightning/raw": ">= 0.95", "callbacks_overhead": "<= +3%", "data_mem": "<= 1.1x", "side_by_side": ">= 0.40"}
+GOALS = {"lightning/raw": ">= 0.95", "callbacks_overhead": "<= +3%", "data_mem": "<= 1.1x", "side_by_side": ">= 0.40",
+         "detectors": "< 2%"}
 
 
 @dataclass(frozen=True)
@@ -197,6 +203,26 @@ def measure_loops(cfg: DictConfig, steps: int, warmup: int, repeats: int, work_d
     return best
 
 
+def measure_detectors(cfg: DictConfig, calls: int) -> float:
+    """Seconds per step of the guard's per-step statistics alone (figure e), on one real batch."""
+    splits = build_data(cfg)
+    module = LVMModule(to_plain(cfg), dim=splits["train"].store.dim)
+    batch = splits["train"].gather(torch.arange(min(cfg.data.batch_size, len(splits["train"]))))
+    raw, pred = module(batch["context"])
+    torch.nn.functional.mse_loss(raw, batch["target"]).backward()
+    history = RollingStat(cfg.guard.spike.window)
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        for _ in range(calls):
+            batch_health(pred.detach(), batch["target"])
+            norm = grad_norm(module.parameters())
+            history.zscore(norm, cfg.guard.spike.min_history)
+            history.push(norm)
+        best = min(best, (time.perf_counter() - start) / calls)
+    return best
+
+
 def _status_kib(key: str) -> int:
     """One field of /proc/self/status in KiB: VmRSS (resident now) or VmHWM (peak resident)."""
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -310,6 +336,8 @@ def main(cfg: DictConfig) -> None:
              b.steps, b.warmup, b.repeats, cfg.data.batch_size, torch.get_num_threads())
     with tempfile.TemporaryDirectory(prefix="lvm-bench-") as tmp:
         best = measure_loops(cfg, b.steps, b.warmup, b.repeats, Path(tmp))
+        detectors = measure_detectors(cfg, b.steps)
+        log.info("detector statistics alone: %.3f ms/step", 1e3 * detectors)
         data_mem = measure_data_memory(cfg, b.mem_rows, Path(tmp))
         lone, pair = measure_side_by_side(overrides, Path(tmp) / "side_by_side")
     log.info("side by side: lone %.1f steps/s, together %.1f and %.1f steps/s", lone, *pair)
@@ -317,7 +345,7 @@ def main(cfg: DictConfig) -> None:
     overhead = 100 * (best["lightning_full"] / best["lightning_bare"] - 1)
     log.info("goals: %s; took %.0f s", ", ".join(f"{k} {v}" for k, v in GOALS.items()), time.perf_counter() - started)
     print(f"bench: lightning/raw={ratio:.2f} callbacks_overhead={overhead:+.1f}% data_mem={data_mem:.2f}x "
-          f"side_by_side={min(pair) / lone:.2f}", flush=True)
+          f"side_by_side={min(pair) / lone:.2f} detectors={100 * detectors / best['lightning_full']:.2f}%", flush=True)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,8 @@ from typing import Any, Literal
 Severity = Literal["collapse", "warning"]
 # Every collapse detector, in a fixed order (ranks exchange which ones tripped as a multi-hot vector).
 COLLAPSE_DETECTORS = (
-    "nonfinite", "negative_cosines", "orthogonal_escape", "raw_norm_collapse", "low_diversity", "contrastive_chance",
+    "nonfinite", "persistent_spikes", "negative_cosines", "orthogonal_escape", "raw_norm_collapse", "raw_norm_explosion",
+    "low_diversity", "contrastive_chance",
     "val_floor", "val_drop", "below_copy_last", "below_mean_context", "val_low_diversity", "val_contrastive_chance",
 )
 # Settings of validation detectors that read mini-5CAT's figures (callbacks.mini5cat must be on).
@@ -33,18 +34,39 @@ def _mean(rows: Sequence[Mapping[str, float]], key: str) -> float:
     return sum(r[key] for r in rows) / len(rows)
 
 
-def check_training(rows: Sequence[Mapping[str, float]], cfg: Mapping[str, Any], pinned_steps: int) -> tuple[list[Trip], int]:
-    """Trips in a window of per-step rows (train/* statistics) and the updated pinned-lambda count.
+@dataclass
+class Streaks:
+    """Runs of consecutive steps that continue across windows (kept in the guard's checkpoints)."""
+
+    pinned: int = 0  # lambda_eff at lambda_max
+    skipped: int = 0  # updates skipped by guard.spike.skip
+
+
+def skipped(row: Mapping[str, float]) -> bool:
+    """Whether this step's update was skipped (guard.spike.skip): the weights never took it."""
+    return row.get("train/update_skipped", 0.0) > 0
+
+
+def check_training(rows: Sequence[Mapping[str, float]], cfg: Mapping[str, Any], streaks: Streaks) -> list[Trip]:
+    """Trips in a window of per-step rows (train/* statistics); updates `streaks`.
 
     Window means, not single batches: one odd batch is the skip rule's business, a window of them
-    is a collapse.
+    is a collapse. Steps whose update was skipped are left out of the means (their batch was the
+    anomaly, and the weights never took it); a run of them longer than `max_skipped_run` is a
+    collapse of its own (the anomaly persists: broken weights, not a bad batch).
     """
     trips: list[Trip] = []
+    for r in rows:
+        streaks.skipped = streaks.skipped + 1 if skipped(r) else 0
+    limit = cfg["max_skipped_run"]
+    if limit is not None and streaks.skipped > limit:
+        trips.append(Trip("persistent_spikes", "collapse", {"skipped_run": float(streaks.skipped), "limit": float(limit)}))
+    rows = [r for r in rows if not skipped(r)]
     if not rows:
-        return trips, pinned_steps
-    trips = check_nonfinite(rows, cfg)
-    if trips:
-        return trips, pinned_steps
+        return trips
+    nonfinite = check_nonfinite(rows, cfg)
+    if nonfinite:
+        return trips + nonfinite
     pos, neg, gap = _mean(rows, "train/pos"), _mean(rows, "train/neg"), _mean(rows, "train/gap")
     if cfg["negative_cosines"] and pos < 0 and neg < 0:
         trips.append(Trip("negative_cosines", "collapse", {"pos": pos, "neg": neg, "gap": gap}))
@@ -59,22 +81,25 @@ def check_training(rows: Sequence[Mapping[str, float]], cfg: Mapping[str, Any], 
         value, newest = _mean(rows, key), _mean(tail, key)
         if floor is not None and min(value, newest) < floor:
             trips.append(Trip(name, "collapse", {"window": value, "newest": newest, "floor": floor}))
-    floor = cfg["raw_norm_floor"]
     raw_norm = _mean(rows, "train/raw_norm")
+    floor, ceiling = cfg["raw_norm_floor"], cfg["raw_norm_ceiling"]
     if floor is not None and raw_norm < floor:
         trips.append(Trip("raw_norm_collapse", "collapse", {"raw_norm": raw_norm, "floor": floor}))
+    if ceiling is not None and raw_norm > ceiling:
+        trips.append(Trip("raw_norm_explosion", "collapse", {"raw_norm": raw_norm, "ceiling": ceiling}))
     limit = cfg["lambda_pinned_steps"]
     for r in rows:
         pinned = r["train/lambda_eff"] >= r["train/lambda_max"] * (1 - 1e-6)
-        pinned_steps = pinned_steps + 1 if pinned else 0
-    if limit is not None and pinned_steps > limit:
-        trips.append(Trip("lambda_pinned", "warning", {"steps": float(pinned_steps), "lambda_max": rows[-1]["train/lambda_max"]}))
-    return trips, pinned_steps
+        streaks.pinned = streaks.pinned + 1 if pinned else 0
+    if limit is not None and streaks.pinned > limit:
+        trips.append(Trip("lambda_pinned", "warning", {"steps": float(streaks.pinned), "lambda_max": rows[-1]["train/lambda_max"]}))
+    return trips
 
 
 def check_nonfinite(rows: Sequence[Mapping[str, float]], cfg: Mapping[str, Any]) -> list[Trip]:
-    """A NaN or inf in any row (no warm-up: a non-finite model is collapsed from step 0)."""
-    bad = next((r for r in rows if not all(map(math.isfinite, r.values()))), None) if cfg["nonfinite"] else None
+    """A NaN or inf in any row whose update was taken (no warm-up: a non-finite model is collapsed
+    from step 0)."""
+    bad = next((r for r in rows if not skipped(r) and not all(map(math.isfinite, r.values()))), None) if cfg["nonfinite"] else None
     return [] if bad is None else [Trip("nonfinite", "collapse", {"loss": bad["train/loss"], "mse": bad["train/mse"]})]
 
 
@@ -109,19 +134,20 @@ def check_validation(metrics: Mapping[str, float], best_cos: float | None, cfg: 
 
 def detector_problems(cfg: Mapping[str, Any], mini5cat: bool) -> list[str]:
     """What is wrong with `guard.detectors` (every problem, named)."""
-    known = {"start_step", "tail_steps", "nonfinite", "negative_cosines", "orthogonal_eps", "raw_norm_floor", "diversity_floor", "ca_floor",
+    known = {"start_step", "tail_steps", "nonfinite", "negative_cosines", "orthogonal_eps", "raw_norm_floor", "raw_norm_ceiling",
+             "max_skipped_run", "diversity_floor", "ca_floor",
              "lambda_pinned_steps", "val_floor", "val_drop", "below_copy_last", "below_mean_context",
              "val_diversity_floor", "val_ca_floor"}
     problems = [f"guard.detectors.{k}: no such detector setting (known: {', '.join(sorted(known))})" for k in cfg if k not in known]
     problems += [f"guard.detectors.{k} is missing" for k in sorted(known - set(cfg))]
     if problems:
         return problems
-    for k in ("orthogonal_eps", "raw_norm_floor", "diversity_floor", "ca_floor", "val_drop", "below_copy_last",
+    for k in ("orthogonal_eps", "raw_norm_floor", "raw_norm_ceiling", "diversity_floor", "ca_floor", "val_drop", "below_copy_last",
               "below_mean_context", "val_diversity_floor", "val_ca_floor", "val_floor"):
         v = cfg[k]
         if v is not None and not (isinstance(v, (int, float)) and math.isfinite(v) and (v >= 0 or k == "val_floor")):
             problems.append(f"guard.detectors.{k} must be null or a finite number >= 0 (got {v!r})")
-    for k in ("start_step", "lambda_pinned_steps"):
+    for k in ("start_step", "lambda_pinned_steps", "max_skipped_run"):
         v = cfg[k]
         if v is not None and not (isinstance(v, int) and v >= 0):
             problems.append(f"guard.detectors.{k} must be null or an integer >= 0 (got {v!r})")

@@ -3,10 +3,11 @@
 Each drill (conf/drill.yaml) trains its recipe three ways, every run a normal `python -m lvm.train`
 subprocess with its own run directory: with the fault and the guard on (`guard=rollback`), with the
 fault and the guard off, and without the fault (the healthy control). The shipped experiments
-also run as controls over several seeds: any collapse event on them is a false alarm. Each drill is
+also run as controls over several seeds: any action on them (a rollback, a stop, a skipped update) is a
+false alarm. Each drill is
 scored against the guard's goals:
 
-- detected: a collapse event (events.jsonl) at or after the fault's onset;
+- detected: a collapse event or a skipped update (events.jsonl) at or after the fault's onset;
 - latency: steps from the onset to the first action; an injected in-training fault (`instant`)
   must be acted on within one statistics window (logger.flush_every) and before its epoch ends;
 - recovered: the guarded run's final val cos at most `tolerance` below its control's, or a clean
@@ -103,14 +104,14 @@ def plan(cfg: DictConfig, drills: list[Drill]) -> tuple[list[Run], dict[str, dic
         onset = d.onset_epoch * n + int(d.onset_frac * n)
         fault = tuple(f.replace("{onset}", str(onset)) for f in d.fault)
         control = Run(f"control_{d.control}{'_' + '_'.join(_slug(o) for o in d.overrides) if d.overrides else ''}_seed0",
-                      (*d.recipe(extra, d.control), "guard=rollback", "seed=0"))
-        on, off = Run(f"{d.name}_guard_on", (*recipe, *fault, "guard=rollback")), Run(f"{d.name}_guard_off", (*recipe, *fault, f"guard={d.guard_off}"))
+                      (*d.recipe(extra, d.control), *cfg.guard_on, "seed=0"))
+        on, off = Run(f"{d.name}_guard_on", (*recipe, *fault, *cfg.guard_on)), Run(f"{d.name}_guard_off", (*recipe, *fault, f"guard={d.guard_off}"))
         for r in (control, on, off):
             runs[r.key] = r
         layout[d.name] = {"drill": d, "onset": onset, "steps_per_epoch": n, "flush_every": flush,
                           "on": on.key, "off": off.key, "control": control.key}
     shipped = [] if cfg.quick else list(cfg.controls)
-    controls = [Run(f"control_{e}_seed{s}", (f"+experiment={e}", *extra, "guard=rollback", f"seed={s}")) for e in shipped for s in cfg.control_seeds]
+    controls = [Run(f"control_{e}_seed{s}", (f"+experiment={e}", *extra, *cfg.guard_on, f"seed={s}")) for e in shipped for s in cfg.control_seeds]
     controls += [r for r in runs.values() if r.key.startswith("control_") and r not in controls]
     for r in controls:
         runs[r.key] = r
@@ -140,24 +141,34 @@ def final_cos(results: dict[str, Any]) -> float | None:
     return results.get("final", {}).get("val/cos")
 
 
+def acts(event: dict[str, Any]) -> bool:
+    """A guard action on a fault: a collapse (rollback or stop) or a skipped update."""
+    return event["severity"] == "collapse" or event["action"] == "skipped update"
+
+
+def action_step(event: dict[str, Any]) -> int:
+    """The step the guard acted at: a skipped update's own step (recorded at the next flush)."""
+    return int(event["values"]["first_step"]) if event["action"] == "skipped update" else event["step"]
+
+
 def assess(layout: dict[str, Any], results: dict[str, dict[str, Any]], out: Path, tolerance: float) -> dict[str, Any]:
     """One drill's row: detection, latency, action, recovery and which goals it missed."""
     d: Drill = layout["drill"]
     onset, n, flush = layout["onset"], layout["steps_per_epoch"], layout["flush_every"]
     on, off, control = (results[layout[k]] for k in ("on", "off", "control"))
-    acted = [e for e in read_events(out / layout["on"] / "events.jsonl") if e["severity"] == "collapse" and e["step"] >= onset]
+    acted = [e for e in read_events(out / layout["on"] / "events.jsonl") if acts(e) and action_step(e) >= onset]
     first = acted[0] if acted else None
     row: dict[str, Any] = {
         "drill": d.name, "onset_step": onset, "instant": d.instant, "detected": first is not None,
         "detector": first["detector"] if first else None, "where": first.get("where") if first else None,
-        "latency_steps": first["step"] - onset if first else None, "action": first["action"] if first else None,
+        "latency_steps": action_step(first) - onset if first else None, "action": first["action"] if first else None,
         "checkpoint": first.get("checkpoint") if first else None, "actions": len(acted),
         "status_on": on["status"], "final_on": final_cos(on), "final_off": final_cos(off), "final_control": final_cos(control),
     }
     missed = []
     if first is None:
         missed.append("not detected")
-    elif d.instant and not (row["latency_steps"] <= flush and first["step"] < (onset // n + 1) * n):
+    elif d.instant and not (row["latency_steps"] <= flush and action_step(first) < (onset // n + 1) * n):
         missed.append(f"acted {row['latency_steps']} steps after onset (goal: <= {flush}, before the epoch ends)")
     f_on, f_ctl = row["final_on"], row["final_control"]
     stopped_clean = on["status"].startswith("stopped") and on.get("best_checkpoint") and Path(on["best_checkpoint"]).is_file()
@@ -170,7 +181,7 @@ def assess(layout: dict[str, Any], results: dict[str, dict[str, Any]], out: Path
 def false_alarms(controls: list[Run], results: dict[str, dict[str, Any]], out: Path) -> list[dict[str, Any]]:
     rows = []
     for r in controls:
-        alarms = [e for e in read_events(out / r.key / "events.jsonl") if e["severity"] == "collapse"]
+        alarms = [e for e in read_events(out / r.key / "events.jsonl") if acts(e)]
         rows.append({"control": r.key, "status": results[r.key]["status"], "final": final_cos(results[r.key]),
                      "false_alarms": len(alarms), "detectors": sorted({e["detector"] for e in alarms})})
     return rows
@@ -185,7 +196,7 @@ def report(rows: list[dict[str, Any]], controls: list[dict[str, Any]], out: Path
              "met" if not r["missed"] else "; ".join(r["missed"])] for r in rows]
     ctl = [[c["control"], c["status"], fmt(c["final"], 4), str(c["false_alarms"]), ", ".join(c["detectors"]) or "-"] for c in controls]
     met = all(not r["missed"] for r in rows) and all(c["false_alarms"] == 0 for c in controls)
-    lines = ["# Guard drills", "", *md_table(head, body), "", "## Healthy controls (any collapse event is a false alarm)", "",
+    lines = ["# Guard drills", "", *md_table(head, body), "", "## Healthy controls (any action of the guard is a false alarm)", "",
              *md_table(["control", "status", "final val cos", "false alarms", "by"], ctl), "",
              f"Every goal met: {'yes' if met else 'no'}"]
     path = out / "drills.md"

@@ -19,6 +19,7 @@ from lvm.losses import MSE_ON, DirectionalKnobs, LossTerms, SkipRule, VariantTer
 from lvm import metrics as M
 from lvm.metrics import cos
 from lvm.model import P6Transformer
+from lvm.optim import SkipStepAdamW
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +109,7 @@ class LVMModule(L.LightningModule):
         self.variant = variant_of(config["loss"])
         self.prev_slot = config["window"]["prev_slot"]
         self.optim_cfg = config["optim"]
+        self.skip_steps = bool((config["guard"].get("spike") or {}).get("skip", False))
         self.print_every = config["logger"]["print_every"]
         self._knobs_cached: tuple[tuple[float, ...], torch.Tensor] | None = None
         self.eval_metrics = torch.nn.ModuleDict(
@@ -165,9 +167,9 @@ class LVMModule(L.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         o = self.optim_cfg
-        optimizer = torch.optim.AdamW(
-            self.parameters(), lr=o["lr"], weight_decay=o["weight_decay"], betas=tuple(o["betas"])
-        )
+        # SkipStepAdamW only where updates may be skipped (guard.spike.skip): otherwise torch's own.
+        adamw = SkipStepAdamW if self.skip_steps else torch.optim.AdamW
+        optimizer = adamw(self.parameters(), lr=o["lr"], weight_decay=o["weight_decay"], betas=tuple(o["betas"]))
         sched = o["scheduler"]
         if sched["name"] == "none":
             return {"optimizer": optimizer}

@@ -32,8 +32,8 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
-from callbacks import (ExactResume, FaultInjection, FiniteModelCheckpoint, Mini5CAT, RampSchedule, RollbackGuard, ShareCPUs,
-                       SkipReport, StepStatistics, TensorBoardDashboard)
+from callbacks import (SPIKE_STATS, ExactResume, FaultInjection, FiniteModelCheckpoint, Mini5CAT, RampSchedule, RollbackGuard,
+                       ShareCPUs, SkipReport, SpikeSkip, StepStatistics, TensorBoardDashboard)
 from lvm.atomic import atomic_write_text
 from lvm.baselines import baseline_cosines, fit_slot_linear
 from lvm.checkpoints import AtomicCheckpointIO, check_dim, read_checkpoint
@@ -97,16 +97,21 @@ def build_callbacks(cfg: DictConfig, splits: dict[str, Windows], run_dir: Path, 
     if g.policy == "rollback":
         guard = RollbackGuard(run_dir, OmegaConf.to_container(g.detectors), g.max_rollbacks, g.backoff.hold_epochs,
                               g.backoff.target_frac_scale, g.backoff.lambda_max_scale, g.keep_good, schedule)
+    spike_cfg = g.get("spike")
+    spike = (SpikeSkip(spike_cfg.sigma, spike_cfg.window, spike_cfg.min_history, spike_cfg.skip)
+             if spike_cfg is not None and spike_cfg.enabled else None)
     # The statistics first: they hand each flushed window to the guard before it decides.
-    out: list[L.Callback] = [schedule, StepStatistics(STEP_STATS, cfg.logger.flush_every, [guard.on_rows] if guard else [])]
+    stats = StepStatistics(STEP_STATS, cfg.logger.flush_every, [guard.on_rows] if guard else [],
+                           [(SPIKE_STATS, spike.stats)] if spike else [])
+    out: list[L.Callback] = [schedule, stats, *([spike] if spike else [])]
     if g.policy in ("skip", "rollback"):
         out.append(SkipReport(STEP_STATS, cfg.logger.print_every))
     if guard is not None:
         out.append(guard)
-    fi = cb.fault_injection
-    if fi.nan_at_steps or fi.constant_from_step is not None or fi.corrupt_good_at_step is not None:
-        constant = splits["train"].store.vectors.mean(dim=0) if fi.constant_from_step is not None else None
-        out.append(FaultInjection(fi.nan_at_steps, fi.constant_from_step, constant, fi.corrupt_good_at_step))
+    fi = OmegaConf.to_container(cb.fault_injection)
+    if any(v not in (None, []) for k, v in fi.items() if not k.endswith("_factor")):
+        constant = splits["train"].store.vectors.mean(dim=0) if fi["constant_from_step"] is not None else None
+        out.append(FaultInjection(**fi, constant=constant))
     if cb.mini5cat.enabled:
         out.append(Mini5CAT(splits["val"], cb.mini5cat.windows, cb.mini5cat.seed, cfg.window.prev_slot, cfg.data.eval_batch_size,
                             slot_weights))

@@ -4,12 +4,12 @@ import math
 
 import pytest
 
-from lvm.detectors import check_training, check_validation, detector_problems
+from lvm.detectors import Streaks, check_training, check_validation, detector_problems
 from tests.helpers import compose_cfg
 
 CFG = {
     "start_step": 0, "tail_steps": 3, "nonfinite": True, "negative_cosines": True, "orthogonal_eps": 0.05,
-    "raw_norm_floor": 0.01, "diversity_floor": 0.2, "ca_floor": 0.6, "lambda_pinned_steps": 3,
+    "raw_norm_floor": 0.01, "raw_norm_ceiling": 10.0, "max_skipped_run": 3, "diversity_floor": 0.2, "ca_floor": 0.6, "lambda_pinned_steps": 3,
     "val_floor": 0.1, "val_drop": 0.15, "below_copy_last": 0.2, "below_mean_context": 0.15,
     "val_diversity_floor": 0.2, "val_ca_floor": 0.6,
 }
@@ -32,41 +32,60 @@ def names(trips):
 
 
 def test_healthy_window_trips_nothing():
-    trips, pinned = check_training([row() for _ in range(5)], CFG, 0)
-    assert trips == [] and pinned == 0
+    streaks = Streaks()
+    assert check_training([row() for _ in range(5)], CFG, streaks) == [] and streaks == Streaks()
 
 
 def test_seed_collapse_signature():
     # Late epoch 3 of the seed: pos -0.058, neg -0.519, gap +0.46.
-    trips, _ = check_training([row(pos=-0.058, neg=-0.519)] * 4, CFG, 0)
+    trips = check_training([row(pos=-0.058, neg=-0.519)] * 4, CFG, Streaks())
     assert names(trips) == ["negative_cosines"] and trips[0].severity == "collapse"
     assert math.isclose(trips[0].values["gap"], 0.461)
 
 
 def test_single_negative_batch_is_not_a_collapse():
     rows = [row()] * 9 + [row(pos=-0.05, neg=-0.1)]
-    assert check_training(rows, CFG, 0)[0] == []
+    assert check_training(rows, CFG, Streaks()) == []
 
 
 def test_orthogonal_escape_and_raw_norm():
-    trips, _ = check_training([row(pos=0.03, neg=-0.02, raw_norm=0.005)] * 3, CFG, 0)
+    trips = check_training([row(pos=0.03, neg=-0.02, raw_norm=0.005)] * 3, CFG, Streaks())
     assert set(names(trips)) == {"orthogonal_escape", "raw_norm_collapse"}
     # Near-zero cosines with a gap below the margin are an untrained model, not an escape.
-    assert check_training([row(pos=0.01, neg=0.0)] * 3, CFG, 0)[0] == []
+    assert check_training([row(pos=0.01, neg=0.0)] * 3, CFG, Streaks()) == []
 
 
 def test_nonfinite_is_reported_first():
-    trips, _ = check_training([row(), row(loss=float("nan"))], CFG, 0)
+    trips = check_training([row(), row(loss=float("nan"))], CFG, Streaks())
     assert names(trips) == ["nonfinite"]
 
 
 def test_lambda_pinned_counts_across_windows_and_resets():
     pinned_row = row(lam=0.05, lam_max=0.05)
-    trips, n = check_training([pinned_row] * 2, CFG, 0)
-    assert trips == [] and n == 2
-    trips, n = check_training([pinned_row] * 2, CFG, n)
-    assert names(trips) == ["lambda_pinned"] and trips[0].severity == "warning" and n == 4
-    assert check_training([row()], CFG, n)[1] == 0
+    streaks = Streaks()
+    assert check_training([pinned_row] * 2, CFG, streaks) == [] and streaks.pinned == 2
+    trips = check_training([pinned_row] * 2, CFG, streaks)
+    assert names(trips) == ["lambda_pinned"] and trips[0].severity == "warning" and streaks.pinned == 4
+    check_training([row()], CFG, streaks)
+    assert streaks.pinned == 0
+
+
+def test_skipped_updates_stay_out_of_the_means_and_a_long_run_of_them_is_a_collapse():
+    nan_batch = {**row(loss=float("nan"), pos=float("nan")), "train/update_skipped": 1.0}
+    taken = {**row(), "train/update_skipped": 0.0}
+    streaks = Streaks()
+    # One NaN batch whose update was skipped: the weights never took it, nothing trips.
+    assert check_training([taken] * 4 + [nan_batch] + [taken] * 4, CFG, streaks) == [] and streaks.skipped == 0
+    # Broken weights: every update skipped, the run grows across windows until it passes the limit.
+    assert check_training([taken, nan_batch, nan_batch], CFG, streaks) == [] and streaks.skipped == 2
+    trips = check_training([nan_batch] * 2, CFG, streaks)
+    assert names(trips) == ["persistent_spikes"] and trips[0].values["skipped_run"] == 4.0
+    # Without the skip (no update_skipped column) a NaN row is a collapse at once.
+    assert names(check_training([row(), row(loss=float("nan"))], CFG, Streaks())) == ["nonfinite"]
+
+
+def test_exploding_raw_norm():
+    assert names(check_training([row(raw_norm=40.0)] * 3, CFG, Streaks())) == ["raw_norm_explosion"]
 
 
 def test_validation_detectors():
@@ -87,13 +106,13 @@ def test_constant_output_on_anisotropic_data_trips_diversity_and_contrastive_acc
     # its contrastive accuracy chance.
     constant = val(0.70, copy_last=0.72, mean_context=0.75, diversity=0.0, ca=0.5)
     assert names(check_validation(constant, 0.75, CFG)) == ["val_low_diversity", "val_contrastive_chance"]
-    trips, _ = check_training([row(diversity=0.0, ca=0.5)] * 5, CFG, 0)
+    trips = check_training([row(diversity=0.0, ca=0.5)] * 5, CFG, Streaks())
     assert names(trips) == ["low_diversity", "contrastive_chance"]
     # A collapse in the window's last rows trips at this flush, not one window later; one odd
     # batch among them does not.
     late = [row()] * 47 + [row(diversity=0.0, ca=0.5)] * 3
-    assert names(check_training(late, CFG, 0)[0]) == ["low_diversity", "contrastive_chance"]
-    assert check_training([row()] * 47 + [row(diversity=0.0, ca=0.5), row(), row()], CFG, 0)[0] == []
+    assert names(check_training(late, CFG, Streaks())) == ["low_diversity", "contrastive_chance"]
+    assert check_training([row()] * 47 + [row(diversity=0.0, ca=0.5), row(), row()], CFG, Streaks()) == []
     # Without mini-5CAT's figures those validation detectors have nothing to read.
     bare = {k: v for k, v in constant.items() if not k.startswith("mini5cat/")}
     assert check_validation(bare, 0.75, CFG) == []

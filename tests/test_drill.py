@@ -15,14 +15,17 @@ def test_quick_drills_meet_every_goal(tmp_path):
     summary = json.loads((out / "drills.json").read_text())
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = {r["drill"]: r for r in summary["drills"]}
-    assert set(rows) == {"constant_output", "constant_output_anisotropic", "nan_weights_late"}
+    assert set(rows) == {"constant_output", "constant_output_anisotropic", "nan_batch"}
     for name, r in rows.items():
-        assert r["detected"] and r["action"] == "rollback" and r["where"] == "train", (name, r)
+        expected = "skipped update" if name == "nan_batch" else "rollback"  # a bad record needs no rollback
+        assert r["detected"] and r["action"] == expected and r["actions"] == 1, (name, r)
         assert 0 <= r["latency_steps"] <= 50 and r["missed"] == [], (name, r)
         assert r["final_on"] >= r["final_control"] - 0.01, (name, r)
         assert Path(r["plot"]).is_file()
-    # Unguarded, the faults stay: the constant model keeps its cosine on anisotropic data, the NaN model has none.
-    assert rows["nan_weights_late"]["final_off"] is None
+    assert rows["nan_batch"]["latency_steps"] == 0  # the NaN batch's own update was the one skipped
+    # Unguarded, the faults stay: the constant model keeps its cosine on anisotropic data, one NaN
+    # record poisons the weights for good.
+    assert rows["nan_batch"]["final_off"] is None
     assert rows["constant_output_anisotropic"]["final_off"] < rows["constant_output_anisotropic"]["final_control"]
     assert summary["controls"] and all(c["false_alarms"] == 0 for c in summary["controls"])
     assert "Every goal met: yes" in (out / "drills.md").read_text()

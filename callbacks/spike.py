@@ -1,0 +1,61 @@
+"""SpikeSkip: gradient-norm spikes against a rolling window, and a skipped update for a spiking or
+non-finite step, decided on the device (OLMo-core's approach: no host sync per step).
+
+After backward (`on_before_optimizer_step`, the gradients already averaged over ranks, so every rank
+computes the same norm and takes the same decision without another collective) it computes the
+total gradient norm and its z-score against the last `window` steps. With `skip` on, a step whose
+norm is non-finite or more than `sigma` standard deviations above the window's mean gets the
+optimizer's 0/1 factor 0 (lvm/optim.py SkipStepAdamW): weights, moments and step count stay as
+they were. Each step's `grad_norm`, `grad_z` and `update_skipped` ride in the per-step statistics
+(callbacks/stats.py), so the guard sees and records every skip at the next flush.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+
+from lvm.optim import RollingStat, SkipStepAdamW, grad_norm
+
+SPIKE_STATS = ("grad_norm", "grad_z", "update_skipped")
+
+
+class SpikeSkip(L.Callback):
+    def __init__(self, sigma: float, window: int, min_history: int, skip: bool) -> None:
+        self.sigma, self.min_history, self.skip = sigma, min_history, skip
+        self.norms = RollingStat(window)
+        self.row: torch.Tensor | None = None  # this step's SPIKE_STATS, on device
+        self._full, self._short = 0, False  # the largest batch seen; whether this one is smaller
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        # An epoch's short remainder batch has a larger gradient norm by nature (fewer windows to
+        # average over: measured z ~17-23 for a batch of 1): its norm is neither judged nor kept.
+        n = len(batch["target"])
+        self._full = max(self._full, n)
+        self._short = n < self._full
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer) -> None:
+        norm = grad_norm(pl_module.parameters())
+        z = torch.zeros_like(norm) if self._short else self.norms.zscore(norm, self.min_history)
+        bad = ~torch.isfinite(norm) | (z > self.sigma)
+        skipped = bad & self.skip
+        if self.skip:
+            if not isinstance(optimizer, SkipStepAdamW):
+                raise TypeError("guard.spike.skip needs lvm.optim.SkipStepAdamW (built by the module when it is on)")
+            optimizer.keep = (~skipped).float()
+        if not self._short:
+            self.norms.push(norm)
+        self.row = torch.stack([norm, z, skipped.float()])
+
+    def stats(self) -> torch.Tensor:
+        """The newest step's SPIKE_STATS (zeros before the first optimizer step)."""
+        return self.row if self.row is not None else torch.zeros(len(SPIKE_STATS))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"norms": self.norms.state_dict(), "full_batch": self._full}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.norms.load_state_dict(state_dict["norms"])
+        self._full = state_dict["full_batch"]

@@ -1,0 +1,106 @@
+"""SkipStepAdamW against torch's AdamW, its skipped step, the rolling z-score, and the spike skip end to end."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from lvm.optim import RollingStat, SkipStepAdamW
+from lvm.train import run
+from tests.helpers import cfg_for, events, steps_per_epoch
+
+
+def model_pair(seed=0):
+    torch.manual_seed(seed)
+    a = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    b = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    b.load_state_dict(a.state_dict())
+    return a, b
+
+
+def train_steps(model, opt, steps, keep=None, poison=()):
+    gen = torch.Generator().manual_seed(1)
+    for i in range(steps):
+        x, y = torch.randn(16, 6, generator=gen), torch.randn(16, 3, generator=gen)
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        if i in poison:
+            for p in model.parameters():
+                p.grad.fill_(float("nan"))
+        if keep is not None:
+            opt.keep = torch.tensor(keep[i])
+        opt.step()
+
+
+def test_kept_steps_are_torch_adamw():
+    a, b = model_pair()
+    kw = dict(lr=1e-2, betas=(0.9, 0.999), weight_decay=0.05)
+    train_steps(a, torch.optim.AdamW(a.parameters(), **kw), 30)
+    train_steps(b, SkipStepAdamW(b.parameters(), **kw), 30, keep=[1.0] * 30)
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert torch.allclose(pa, pb, rtol=1e-5, atol=1e-6)
+
+
+def test_a_skipped_step_changes_nothing_even_with_nan_gradients():
+    a, b = model_pair()
+    kw = dict(lr=1e-2, weight_decay=0.05)
+    opt_a, opt_b = SkipStepAdamW(a.parameters(), **kw), SkipStepAdamW(b.parameters(), **kw)
+    train_steps(a, opt_a, 5, keep=[1.0] * 5)
+    train_steps(b, opt_b, 5, keep=[1.0] * 5)
+    before = {k: v.clone() for k, v in b.state_dict().items()}
+    moments = [(s["step"].clone(), s["exp_avg"].clone(), s["exp_avg_sq"].clone()) for s in opt_b.state.values()]
+    # One more step whose gradients are NaN, skipped: parameters, moments and step count as they were.
+    train_steps(b, opt_b, 1, keep=[0.0], poison={0})
+    assert all(torch.equal(before[k], v) for k, v in b.state_dict().items())
+    for (step, m, v), s in zip(moments, opt_b.state.values()):
+        assert torch.equal(step, s["step"]) and torch.equal(m, s["exp_avg"]) and torch.equal(v, s["exp_avg_sq"])
+    # A skip from the very first step is a no-op too (no division by a zero bias correction).
+    c, _ = model_pair()
+    start = {k: v.clone() for k, v in c.state_dict().items()}
+    train_steps(c, SkipStepAdamW(c.parameters(), lr=1e-2), 1, keep=[0.0], poison={0})
+    assert all(torch.equal(start[k], v) for k, v in c.state_dict().items())
+
+
+def test_rolling_zscore_matches_numpy():
+    stat = RollingStat(window=4)
+    history: list[float] = []  # every value pushed so far
+    for x in [1.0, 2.0, 4.0, float("nan"), 3.0, 5.0, 2.5, 9.0, 3.5]:
+        z = stat.zscore(torch.tensor(x), min_history=3).item()
+        recent = np.array([v for v in history[-4:] if math.isfinite(v)])  # the last 4 steps' finite values
+        if len(recent) < 3:
+            assert z == 0.0  # not enough history to call anything a spike
+        elif math.isfinite(x):
+            assert z == pytest.approx((x - recent.mean()) / recent.std(ddof=1), rel=1e-5)
+        stat.push(torch.tensor(x))
+        history.append(x)
+
+
+def test_a_nan_batch_is_skipped_on_its_own_step_and_nothing_rolls_back(tmp_path):
+    guarded = ["+experiment=p6b_v2", "guard.spike.skip=true", "logger.flush_every=5", "trainer.max_epochs=3",
+               "guard.detectors.val_floor=null", "guard.detectors.val_drop=null", "guard.detectors.below_copy_last=null"]
+    run(cfg_for(*guarded, "trainer.max_epochs=1"), tmp_path / "probe")
+    n = steps_per_epoch(tmp_path / "probe")
+    bad = n + 2
+    results = run(cfg_for(*guarded, f"callbacks.fault_injection.nan_batch_at_steps=[{bad}]"), tmp_path / "run")
+    ev = events(tmp_path / "run")
+    assert [e["action"] for e in ev] == ["skipped update"], ev
+    assert ev[0]["values"]["first_step"] == bad and ev[0]["values"]["count"] == 1
+    assert results["status"] == "completed" and math.isfinite(results["final"]["val/cos"])
+    assert all(torch.isfinite(v).all() for v in torch.load(results["last_checkpoint"], weights_only=True)["state_dict"].values())
+    # Without the skip the same record poisons the weights and the guard has to roll back.
+    plain = run(cfg_for(*[g for g in guarded if "spike" not in g], f"callbacks.fault_injection.nan_batch_at_steps=[{bad}]"),
+                tmp_path / "plain")
+    assert [e["detector"] for e in events(tmp_path / "plain") if e["action"] == "rollback"] == ["nonfinite"]
+    assert plain["guard"]["rollbacks"] == 1
+
+
+def test_bench_times_the_detector_statistics():
+    from lvm.bench import measure_detectors, training_config
+    from tests.helpers import TINY, compose_cfg
+
+    seconds = measure_detectors(training_config(compose_cfg("bench", *TINY)), calls=5)
+    assert 0 < seconds < 0.1
