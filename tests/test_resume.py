@@ -14,7 +14,7 @@ import torch
 
 from callbacks.resume import ExactResume
 from lvm.train import run
-from tests.helpers import cfg_for, history, steps_per_epoch
+from tests.helpers import cfg_for, events, history, steps_per_epoch
 
 # Deterministic CPU run with dropout, a plateau scheduler that acts every epoch (patience 0), the
 # guard on, and a mid-epoch last.ckpt every 4 steps: anything that a resume could replay
@@ -68,6 +68,18 @@ def test_mid_epoch_kill_resumes_exactly(whole, tmp_path):
     assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == n + 2
     run(cfg_for(*EXACT, "ckpt_path=last"), tmp_path)
     assert_same_run(whole, tmp_path)
+
+
+def test_mid_epoch_kill_resumes_exactly_with_spike_skip(tmp_path):
+    """guard.spike.skip: SkipStepAdamW's state and the gradient-norm history ride in last.ckpt, so
+    the resumed run takes the same skip decisions (one NaN record skipped after the resume point)."""
+    spiky = [*EXACT, "guard.spike.skip=true", "guard.spike.min_history=2", "callbacks.fault_injection.nan_batch_at_steps=[11]"]
+    run(cfg_for(*spiky), tmp_path / "whole")
+    with pytest.raises(Kill):
+        run(cfg_for(*spiky), tmp_path / "killed", extra_callbacks=[KillAtStep(10)])
+    run(cfg_for(*spiky, "ckpt_path=last"), tmp_path / "killed")
+    assert_same_run(tmp_path / "whole", tmp_path / "killed")
+    assert [e["values"]["first_step"] for e in events(tmp_path / "killed")] == [11]
 
 
 def test_kill_between_metrics_row_and_checkpoint(whole, tmp_path, monkeypatch):
