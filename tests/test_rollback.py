@@ -197,6 +197,28 @@ def test_two_process_ddp_rolls_back_together(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("fault, action", [
+    (["callbacks.fault_injection.constant_from_step=4"], "rollback"),
+    (["callbacks.fault_injection.nan_batch_at_steps=[4]", "guard.spike.skip=true", "guard.spike.min_history=2"], "skipped update"),
+])
+def test_two_process_ddp_drills_take_the_same_decision_on_both_ranks(tmp_path, fault, action):
+    """The constant-output and NaN-record drills under gloo DDP, the fault on rank 0 only: the
+    guard acts once, at the fault, and both ranks end with the same weights' validation."""
+    run_dir = tmp_path / "ddp"
+    proc = train_cli(
+        "+experiment=p6b_v2", *TINY, "trainer.max_epochs=3", "logger.flush_every=2", "guard.detectors.start_step=0",
+        *[f"guard.detectors.{k}=null" for k in ("val_floor", "val_drop", "below_copy_last")], *fault,
+        "trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp", f"hydra.run.dir={run_dir}", cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    acted = [e for e in events(run_dir) if e["severity"] == "collapse" or e["action"] == "skipped update"]
+    assert [e["action"] for e in acted] == [action], acted
+    out = proc.stdout + proc.stderr
+    finals = sorted(line.split("final val cos ")[-1] for line in out.splitlines() if "of 2 finished" in line)
+    assert len(finals) == 2 and finals[0] == finals[1], out[-2000:]
+
+
+@pytest.mark.slow
 def test_collapse_drill(tmp_path):
     """The documented drill on the built-in data: unguarded v1-stress collapses, the guard recovers."""
     def val_cos(run_dir):
