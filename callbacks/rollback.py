@@ -69,6 +69,7 @@ class RollbackGuard(L.Callback):
         self.streaks = Streaks()
         self._pending: list[Trip] = []
         self._flushed = False  # a window was flushed since the last decision (same steps on every rank)
+        self._skips_in_window = 0  # updates the spike skip kept out in the newest flushed window
         self._ignore_before = 0  # rows from before the last rollback describe the discarded weights
 
     # --- wiring: StepStatistics hands every flushed window of rows to `on_rows` -----------------
@@ -94,6 +95,7 @@ class RollbackGuard(L.Callback):
         if not trips and len(warm) < len(current):
             trips = check_nonfinite([r for _, r in current], self.detectors)
         skips = [(s, r) for s, r in current if skipped(r)]
+        self._skips_in_window = len(skips)  # the same on every rank (decided from averaged gradients)
         if skips:  # guard.spike.skip kept these updates out: recorded, one line per window
             trips.append(Trip("update_skipped", "warning", {"count": float(len(skips)), "first_step": float(skips[0][0]),
                                                             "grad_z_max": max(r["train/grad_z"] for _, r in skips)}))
@@ -106,6 +108,10 @@ class RollbackGuard(L.Callback):
             return
         self._flushed = False
         trips, self._pending = self._pending, []
+        # A skipped step was a bad batch if the weights are finite, broken weights if not (a NaN row
+        # alone cannot tell): one check, on every rank alike, only after a window with skips.
+        if self._skips_in_window and not any(t.detector == "nonfinite" for t in trips) and not finite_weights(trainer):
+            trips.append(Trip("nonfinite", "collapse", {"finite_weights": 0.0}))
         self._decide(trainer, pl_module, trips, where="train")
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -224,7 +230,7 @@ class RollbackGuard(L.Callback):
 
     def state_dict(self) -> dict[str, Any]:
         return {"rollbacks": self.rollbacks, "good": list(self.good), "best_val_cos": self.best_val_cos,
-                "pinned_steps": self.streaks.pinned, "skipped_run": self.streaks.skipped,
+                "pinned_steps": self.streaks.pinned,
                 "ignore_before": self._ignore_before, "stopped": self.stopped}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -236,4 +242,4 @@ class RollbackGuard(L.Callback):
         self.best_val_cos = state_dict["best_val_cos"]
         if "lambda_factor" in state_dict:  # a checkpoint from before the schedule owned lambda_max
             self.schedule.lambda_max_factor = state_dict["lambda_factor"]
-        self.streaks = Streaks(state_dict["pinned_steps"], state_dict.get("skipped_run", 0))
+        self.streaks = Streaks(state_dict["pinned_steps"])

@@ -15,7 +15,7 @@ from typing import Any, Literal
 Severity = Literal["collapse", "warning"]
 # Every collapse detector, in a fixed order (ranks exchange which ones tripped as a multi-hot vector).
 COLLAPSE_DETECTORS = (
-    "nonfinite", "persistent_spikes", "negative_cosines", "orthogonal_escape", "raw_norm_collapse", "raw_norm_explosion",
+    "nonfinite", "spike_burst", "negative_cosines", "orthogonal_escape", "raw_norm_collapse", "raw_norm_explosion",
     "low_diversity", "contrastive_chance",
     "val_floor", "val_drop", "below_copy_last", "below_mean_context", "val_low_diversity", "val_contrastive_chance",
 )
@@ -39,7 +39,6 @@ class Streaks:
     """Runs of consecutive steps that continue across windows (kept in the guard's checkpoints)."""
 
     pinned: int = 0  # lambda_eff at lambda_max
-    skipped: int = 0  # updates skipped by guard.spike.skip
 
 
 def skipped(row: Mapping[str, float]) -> bool:
@@ -52,15 +51,14 @@ def check_training(rows: Sequence[Mapping[str, float]], cfg: Mapping[str, Any], 
 
     Window means, not single batches: one odd batch is the skip rule's business, a window of them
     is a collapse. Steps whose update was skipped are left out of the means (their batch was the
-    anomaly, and the weights never took it); a run of them longer than `max_skipped_run` is a
-    collapse of its own (the anomaly persists: broken weights, not a bad batch).
+    anomaly, and the weights never took it); more of them in one window than `max_skips_per_window`
+    is a collapse of its own (a burst of spikes: the weights are somewhere bad, not one batch).
     """
     trips: list[Trip] = []
-    for r in rows:
-        streaks.skipped = streaks.skipped + 1 if skipped(r) else 0
-    limit = cfg["max_skipped_run"]
-    if limit is not None and streaks.skipped > limit:
-        trips.append(Trip("persistent_spikes", "collapse", {"skipped_run": float(streaks.skipped), "limit": float(limit)}))
+    n_skipped = sum(map(skipped, rows))
+    limit = cfg["max_skips_per_window"]
+    if limit is not None and n_skipped > limit:
+        trips.append(Trip("spike_burst", "collapse", {"skipped": float(n_skipped), "limit": float(limit)}))
     rows = [r for r in rows if not skipped(r)]
     if not rows:
         return trips
@@ -135,7 +133,7 @@ def check_validation(metrics: Mapping[str, float], best_cos: float | None, cfg: 
 def detector_problems(cfg: Mapping[str, Any], mini5cat: bool) -> list[str]:
     """What is wrong with `guard.detectors` (every problem, named)."""
     known = {"start_step", "tail_steps", "nonfinite", "negative_cosines", "orthogonal_eps", "raw_norm_floor", "raw_norm_ceiling",
-             "max_skipped_run", "diversity_floor", "ca_floor",
+             "max_skips_per_window", "diversity_floor", "ca_floor",
              "lambda_pinned_steps", "val_floor", "val_drop", "below_copy_last", "below_mean_context",
              "val_diversity_floor", "val_ca_floor"}
     problems = [f"guard.detectors.{k}: no such detector setting (known: {', '.join(sorted(known))})" for k in cfg if k not in known]
@@ -147,7 +145,7 @@ def detector_problems(cfg: Mapping[str, Any], mini5cat: bool) -> list[str]:
         v = cfg[k]
         if v is not None and not (isinstance(v, (int, float)) and math.isfinite(v) and (v >= 0 or k == "val_floor")):
             problems.append(f"guard.detectors.{k} must be null or a finite number >= 0 (got {v!r})")
-    for k in ("start_step", "lambda_pinned_steps", "max_skipped_run"):
+    for k in ("start_step", "lambda_pinned_steps", "max_skips_per_window"):
         v = cfg[k]
         if v is not None and not (isinstance(v, int) and v >= 0):
             problems.append(f"guard.detectors.{k} must be null or an integer >= 0 (got {v!r})")

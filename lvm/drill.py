@@ -110,7 +110,7 @@ def plan(cfg: DictConfig, drills: list[Drill]) -> tuple[list[Run], dict[str, dic
             runs[r.key] = r
         layout[d.name] = {"drill": d, "onset": onset, "steps_per_epoch": n, "flush_every": flush,
                           "on": on.key, "off": off.key, "control": control.key}
-    shipped = [] if cfg.quick else list(cfg.controls)
+    shipped = [] if cfg.quick else [*cfg.controls, *(e for e, path in cfg.controls_with_data.items() if Path(path).is_file())]
     controls = [Run(f"control_{e}_seed{s}", (f"+experiment={e}", *extra, *cfg.guard_on, f"seed={s}")) for e in shipped for s in cfg.control_seeds]
     controls += [r for r in runs.values() if r.key.startswith("control_") and r not in controls]
     for r in controls:
@@ -122,9 +122,15 @@ def _slug(override: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in override.split("=")[-1])
 
 
-def train(run: Run, out: Path) -> dict[str, Any]:
-    """One lvm.train subprocess (one torch thread) into out/<key>; its results.json."""
+def train(run: Run, out: Path, reuse: bool) -> dict[str, Any]:
+    """One lvm.train subprocess (one torch thread) into out/<key>; its results.json. `reuse`: a run
+    that finished before (results.json present, the same overrides) is read, not trained again."""
     run_dir = out / run.key
+    done = run_dir / "results.json"
+    if reuse and done.is_file() and (out / f"{run.key}.args").is_file() and (out / f"{run.key}.args").read_text() == "\n".join(run.overrides):
+        log.info("[drill] %s: reused", run.key)
+        return {**json.loads(done.read_text()), "exit_code": None}
+    (out / f"{run.key}.args").write_text("\n".join(run.overrides))
     args = [sys.executable, "-m", "lvm.train", *run.overrides, "threads=1", f"hydra.run.dir={run_dir}", "overwrite=true"]
     with (out / f"{run.key}.log").open("w") as logf:
         proc = subprocess.run(args, stdout=logf, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -253,7 +259,7 @@ def run_suite(cfg: DictConfig) -> dict[str, Any]:
     runs, layouts, controls = plan(cfg, drills)
     log.info("[drill] %d drills, %d runs (%d side by side) into %s", len(drills), len(runs), cfg.jobs, out)
     with ThreadPoolExecutor(cfg.jobs) as pool:
-        results = dict(zip((r.key for r in runs), pool.map(lambda r: train(r, out), runs)))
+        results = dict(zip((r.key for r in runs), pool.map(lambda r: train(r, out, bool(cfg.reuse)), runs)))
     rows = [assess(layouts[d.name], results, out, cfg.tolerance) for d in drills]
     for d, row in zip(drills, rows):
         row["plot"] = str(plot(layouts[d.name], row, out))
