@@ -239,10 +239,10 @@ def plot(layout: dict[str, Any], row: dict[str, Any], out: Path) -> Path:
         ax.axvline(layout["onset"], color="red", linestyle="--", linewidth=1)
         ax.set_ylabel(name, fontsize=8)
     for e in read_events(out / layout["on"] / "events.jsonl"):
-        if e["severity"] == "collapse":
-            a3.axvline(e["step"], color="black", linewidth=1)
+        if acts(e):  # rollbacks and stops black, skipped updates grey
+            a3.axvline(action_step(e), color="black" if e["severity"] == "collapse" else "grey", linewidth=1)
     a1.legend(fontsize=8)
-    a1.set_title(f"{row['drill']}: onset (red) and the guard's actions (black)")
+    a1.set_title(f"{row['drill']}: onset (red), rollbacks (black), skipped updates (grey)")
     a3.set_xlabel("step")
     path = out / f"{row['drill']}.png"
     fig.savefig(path, dpi=90, bbox_inches="tight")
