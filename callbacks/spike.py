@@ -28,6 +28,7 @@ class SpikeSkip(L.Callback):
         self.norms = RollingStat(window)
         self.row: torch.Tensor | None = None  # this step's SPIKE_STATS, on device
         self._full, self._short = 0, False  # the largest batch seen; whether this one is smaller
+        self._params: list[torch.nn.Parameter] | None = None
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
         # An epoch's short remainder batch has a larger gradient norm by nature (fewer windows to
@@ -37,7 +38,9 @@ class SpikeSkip(L.Callback):
         self._short = n < self._full
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer) -> None:
-        norm = grad_norm(pl_module.parameters())
+        if self._params is None:  # walking the module's parameters costs more than the norm itself (measured)
+            self._params = [p for p in pl_module.parameters() if p.requires_grad]
+        norm = grad_norm(self._params)
         z = torch.zeros_like(norm) if self._short else self.norms.zscore(norm, self.min_history)
         bad = ~torch.isfinite(norm) | (z > self.sigma)
         skipped = bad & self.skip
