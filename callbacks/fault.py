@@ -26,7 +26,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
-from callbacks.rollback import RollbackGuard
+from callbacks.rollback import RollbackGuard, rollbacks_of
 
 
 class FaultInjection(L.Callback):
@@ -76,10 +76,10 @@ class FaultInjection(L.Callback):
         if self.constant_from_step is None or self.ended:
             return
         if self._hook is None and trainer.global_step >= self.constant_from_step:
-            self._rollbacks_at_start = _rollbacks(trainer)
+            self._rollbacks_at_start = rollbacks_of(trainer)
             self._collapse_weights(pl_module.model)
             self._hook = pl_module.model.register_forward_hook(self._constant_output)
-        elif self._hook is not None and _rollbacks(trainer) > self._rollbacks_at_start:
+        elif self._hook is not None and rollbacks_of(trainer) > self._rollbacks_at_start:
             self._hook.remove()
             self._hook, self.ended = None, True
 
@@ -102,7 +102,3 @@ class FaultInjection(L.Callback):
             self._hook.remove()
             self._hook = None
 
-
-def _rollbacks(trainer: L.Trainer) -> int:
-    """Rollbacks the run's guard has made so far (0 without a guard)."""
-    return sum(c.rollbacks for c in trainer.callbacks if isinstance(c, RollbackGuard))

@@ -243,3 +243,9 @@ class RollbackGuard(L.Callback):
         if "lambda_factor" in state_dict:  # a checkpoint from before the schedule owned lambda_max
             self.schedule.lambda_max_factor = state_dict["lambda_factor"]
         self.streaks = Streaks(state_dict["pinned_steps"])
+
+
+def rollbacks_of(trainer: L.Trainer) -> int:
+    """Rollbacks the run's guard has made so far (0 without a guard): for callbacks whose state
+    describes the weights before a rollback (the spike history, a drill's fault)."""
+    return sum(c.rollbacks for c in trainer.callbacks if isinstance(c, RollbackGuard))

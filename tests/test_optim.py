@@ -104,3 +104,26 @@ def test_bench_times_the_detector_statistics():
 
     seconds = measure_detectors(training_config(compose_cfg("bench", *TINY)), calls=5)
     assert 0 < seconds < 0.1
+
+
+def test_a_rollback_starts_the_gradient_norm_history_again(tmp_path):
+    """The restored weights' gradients are not what the history describes (before: 3 false skips
+    at z ~8 right after the corrupt-checkpoint drill's rollback, and a second rollback)."""
+    from types import SimpleNamespace
+
+    from callbacks.ramp import RampSchedule
+    from callbacks.rollback import RollbackGuard
+    from callbacks.spike import SpikeSkip
+
+    guard = RollbackGuard(tmp_path, {}, 3, 1, 0.5, 0.5, 2, RampSchedule([{"until": None, "margin": 0.02, "target_frac": 0.1}], 0, 0.02))
+    trainer = SimpleNamespace(callbacks=[guard])
+    spike = SpikeSkip(sigma=6.0, window=8, min_history=2, skip=False)
+    batch = {"target": torch.zeros(4, 3)}
+    for x in (1.0, 1.1, 0.9):
+        spike.on_train_batch_start(trainer, None, batch, 0)
+        spike.norms.zscore(torch.tensor(x), 2)
+        spike.norms.push(torch.tensor(x))
+    assert spike.norms.zscore(torch.tensor(5.0), 2).item() > 6  # a spike against this history
+    guard.rollbacks = 1
+    spike.on_train_batch_start(trainer, None, batch, 0)
+    assert spike.norms.zscore(torch.tensor(5.0), 2).item() == 0.0  # no history yet: nothing is a spike
