@@ -20,6 +20,7 @@ every goal is met, 1 when one is missed (each miss named in the table).
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -84,8 +85,10 @@ def drills_of(cfg: DictConfig) -> list[Drill]:
     return out
 
 
+@functools.lru_cache(maxsize=None)
 def steps_per_epoch(overrides: tuple[str, ...]) -> tuple[int, int]:
-    """(training steps per epoch, logger.flush_every) of the run these overrides compose."""
+    """(training steps per epoch, logger.flush_every) of the run these overrides compose (built
+    once per recipe: most drills share theirs)."""
     from lvm.train import build_data
 
     cfg = compose(config_name="train", overrides=list(overrides))

@@ -127,3 +127,24 @@ def test_a_rollback_starts_the_gradient_norm_history_again(tmp_path):
     guard.rollbacks = 1
     spike.on_train_batch_start(trainer, None, batch, 0)
     assert spike.norms.zscore(torch.tensor(5.0), 2).item() == 0.0  # no history yet: nothing is a spike
+
+
+def test_an_epochs_short_remainder_batch_is_neither_judged_nor_kept():
+    """Its gradient norm is larger by nature (before: z 17-23 for a batch of one, a skipped update
+    on every healthy control at every epoch's end)."""
+    from types import SimpleNamespace
+
+    from callbacks.spike import SpikeSkip
+
+    layer = torch.nn.Linear(3, 1)
+    module = SimpleNamespace(parameters=layer.parameters)
+    trainer = SimpleNamespace(callbacks=[])
+    spike = SpikeSkip(sigma=6.0, window=16, min_history=2, skip=True)
+    opt = SkipStepAdamW(layer.parameters(), lr=1e-3)
+    for size, scale in ((32, 1.0), (32, 1.1), (32, 0.9), (32, 1.0), (1, 50.0)):
+        spike.on_train_batch_start(trainer, module, {"target": torch.zeros(size, 1)}, 0)
+        for p in layer.parameters():
+            p.grad = torch.full_like(p, scale)
+        spike.on_before_optimizer_step(trainer, module, opt)
+    assert opt.keep.item() == 1.0 and spike.stats()[1].item() == 0.0  # the batch of one: not a spike
+    assert int(spike.norms.valid.sum()) == 4  # and not part of the history
