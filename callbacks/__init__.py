@@ -8,9 +8,9 @@ from callbacks.ramp import RampSchedule, RampStage
 from callbacks.resume import ExactResume
 from callbacks.rollback import RollbackGuard
 from callbacks.skip import SkipReport
-from callbacks.spike import SPIKE_STATS, SpikeSkip
+from callbacks.spike import SPIKE_STATS, SpikeSkip, spike_of
 from callbacks.stats import StepStatistics
 from callbacks.threads import ShareCPUs
 
 __all__ = ["ExactResume", "FaultInjection", "FiniteModelCheckpoint", "Mini5CAT", "RampSchedule", "RampStage", "RollbackGuard",
-           "SPIKE_STATS", "ShareCPUs", "SkipReport", "SpikeSkip", "StepStatistics", "TensorBoardDashboard"]
+           "SPIKE_STATS", "ShareCPUs", "SkipReport", "SpikeSkip", "StepStatistics", "TensorBoardDashboard", "spike_of"]

@@ -3,9 +3,11 @@ non-finite step, decided on the device (OLMo-core's approach: no host sync per s
 
 After backward (`on_before_optimizer_step`, the gradients already averaged over ranks, so every rank
 computes the same norm and takes the same decision without another collective) it computes the
-total gradient norm and its z-score against the last `window` steps. With `skip` on, a step whose
-norm is non-finite or more than `sigma` standard deviations above the window's mean gets the
-optimizer's 0/1 factor 0 (lvm/optim.py SkipStepAdamW): weights, moments and step count stay as
+total gradient norm and its z-score against the last `window` steps. A spike is a norm both
+improbable (more than `sigma` standard deviations above the window's mean) and large (at least
+`min_ratio` times that mean): a smooth run's window is so narrow that a healthy 1.4x step read z 6.8
+(a ramp stage's first steps, measured on a control), while every fault drill's spike is >= 2.7x. With
+`skip` on, a spiking or non-finite step gets the optimizer's 0/1 factor 0 (lvm/optim.py SkipStepAdamW): weights, moments and step count stay as
 they were. Each step's `grad_norm`, `grad_z` and `update_skipped` ride in the per-step statistics
 (callbacks/stats.py), so the guard sees and records every skip at the next flush.
 """
@@ -13,6 +15,8 @@ they were. Each step's `grad_norm`, `grad_z` and `update_skipped` ride in the pe
 from __future__ import annotations
 
 from typing import Any
+
+from lvm.errors import finite
 
 import lightning as L
 import torch
@@ -23,9 +27,21 @@ from lvm.optim import RollingStat, SkipStepAdamW, grad_norm
 SPIKE_STATS = ("grad_norm", "grad_z", "update_skipped")
 
 
+def spike_of(guard: dict[str, Any]) -> SpikeSkip | None:
+    """The spike callback `guard.spike` describes, or None where it is absent or disabled."""
+    c = guard.get("spike")
+    if not c or not c["enabled"]:
+        return None
+    return SpikeSkip(c["sigma"], c["min_ratio"], c["window"], c["min_history"], c["skip"])
+
+
 class SpikeSkip(L.Callback):
-    def __init__(self, sigma: float, window: int, min_history: int, skip: bool) -> None:
-        self.sigma, self.min_history, self.skip = sigma, min_history, skip
+    def __init__(self, sigma: float, min_ratio: float, window: int, min_history: int, skip: bool) -> None:
+        if not (finite(sigma) and sigma > 0 and finite(min_ratio) and min_ratio >= 1):
+            raise ValueError(f"guard.spike needs sigma > 0 and min_ratio >= 1 (got {sigma}, {min_ratio})")
+        if not (isinstance(window, int) and isinstance(min_history, int) and 2 <= min_history <= window):
+            raise ValueError(f"guard.spike needs integers 2 <= min_history <= window (got {min_history}, {window})")
+        self.sigma, self.min_ratio, self.min_history, self.skip = sigma, min_ratio, min_history, skip
         self.norms = RollingStat(window)
         self.row: torch.Tensor | None = None  # this step's SPIKE_STATS, on device
         self._full, self._short = 0, False  # the largest batch seen; whether this one is smaller
@@ -49,8 +65,11 @@ class SpikeSkip(L.Callback):
         if self._params is None:  # walking the module's parameters costs more than the norm itself (measured)
             self._params = [p for p in pl_module.parameters() if p.requires_grad]
         norm = grad_norm(self._params)
-        z = torch.zeros_like(norm) if self._short else self.norms.zscore(norm, self.min_history)
-        bad = ~torch.isfinite(norm) | (z > self.sigma)
+        if self._short:
+            z = ratio = torch.zeros_like(norm)
+        else:
+            z, ratio = self.norms.score(norm, self.min_history)
+        bad = ~torch.isfinite(norm) | ((z > self.sigma) & (ratio >= self.min_ratio))
         skipped = bad & self.skip
         if self.skip:
             if not isinstance(optimizer, SkipStepAdamW):

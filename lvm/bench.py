@@ -218,7 +218,7 @@ def measure_detectors(cfg: DictConfig, calls: int) -> float:
         for _ in range(calls):
             batch_health(pred.detach(), batch["target"])
             norm = grad_norm(params)
-            history.zscore(norm, cfg.guard.spike.min_history)
+            history.score(norm, cfg.guard.spike.min_history)
             history.push(norm)
         best = min(best, (time.perf_counter() - start) / calls)
     return best

@@ -9,6 +9,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from callbacks.ramp import RampSchedule
+from callbacks.spike import spike_of
 from lvm.data.loaders import check_source
 from lvm.data.store import WindowSpec, check_policy
 from lvm.errors import ConfigError, LvmError, finite
@@ -59,6 +60,7 @@ def _problems(cfg: DictConfig) -> list[str]:
     built(lambda: knobs_of(plain["loss"]))
     built(lambda: mse_on_of(plain["loss"]))
     built(lambda: skip_rule_of(plain["guard"]))
+    built(lambda: spike_of(plain["guard"]))
     built(lambda: variant_of(plain["loss"]))
     built(lambda: RampSchedule(plain["ramp"]["stages"], plain["ramp"]["epoch_base"], plain["loss"]["lambda_max"]))
     built(lambda: StepLog([], plain["logger"]["flush_every"]))

@@ -62,24 +62,24 @@ def slot_linear(context: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     return F.normalize(torch.einsum("nkd,k->nd", context, weights.to(context.dtype)), dim=-1)
 
 
-def unit_spread(x: torch.Tensor) -> torch.Tensor:
+def unit_spread(x: torch.Tensor, units: bool = False) -> torch.Tensor:
     """Spread of a batch of directions: the std over the batch of the L2-normalised [B, D] rows,
     averaged over dimensions (lightly's std_of_l2_normalized). 0 for a constant output; a NaN row
-    makes it NaN. Needs B >= 2."""
-    return F.normalize(x, dim=-1).std(dim=0).mean()
+    makes it NaN. Needs B >= 2. `units`: the rows are unit vectors already (not normalised again)."""
+    return (x if units else F.normalize(x, dim=-1)).std(dim=0).mean()
 
 
-def diversity(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def diversity(pred: torch.Tensor, target: torch.Tensor, units: bool = False) -> torch.Tensor:
     """unit_spread(pred) / unit_spread(target): ~0 for a constant prediction whatever the data's
     anisotropy (vectors sharing a common direction have a small spread of their own)."""
-    return unit_spread(pred) / unit_spread(target).clamp_min(torch.finfo(target.dtype).tiny)
+    return unit_spread(pred, units) / unit_spread(target, units).clamp_min(torch.finfo(target.dtype).tiny)
 
 
-def contrastive_accuracy(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def contrastive_accuracy(pred: torch.Tensor, target: torch.Tensor, units: bool = False) -> torch.Tensor:
     """Per sample: the share of the batch's other targets that sit strictly farther from the
     prediction (lower cosine) than its own target; 0.5 is chance (the Large Concept Model's CA).
     A NaN prediction scores 0 (no comparison holds), never 1. Needs B >= 2."""
-    p, t = F.normalize(pred, dim=-1), F.normalize(target, dim=-1)
+    p, t = (pred, target) if units else (F.normalize(pred, dim=-1), F.normalize(target, dim=-1))
     scores = p @ t.T
     own = scores.diagonal().unsqueeze(1)
     n = len(p)

@@ -67,17 +67,20 @@ class RollingStat:
         self.valid: torch.Tensor | None = None
         self.pos = 0
 
-    def zscore(self, x: torch.Tensor, min_history: int) -> torch.Tensor:
-        """(x - mean) / std of the history; 0 until it holds `min_history` values."""
+    def score(self, x: torch.Tensor, min_history: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x - mean) / std of the history, and x / mean; both 0 until it holds `min_history` values."""
         if self.values is None:
             self.values = torch.zeros(self.window, device=x.device)
             self.valid = torch.zeros(self.window, dtype=torch.bool, device=x.device)
-        n = self.valid.sum()
         w = self.valid.float()
-        mean = (self.values * w).sum() / n.clamp(min=1)
-        std = (((self.values - mean) * w).pow(2).sum() / (n - 1).clamp(min=1)).sqrt()
-        z = (x - mean) / std.clamp(min=torch.finfo(torch.float32).eps * mean.abs().clamp(min=1.0))
-        return torch.where(n >= min_history, z, torch.zeros_like(z))
+        n = w.sum()
+        mean = self.values.dot(w) / n.clamp(min=1)
+        dev = (self.values - mean) * w
+        std = (dev.dot(dev) / (n - 1).clamp(min=1)).sqrt()
+        tiny = torch.finfo(torch.float32).eps * mean.abs().clamp(min=1.0)
+        z, ratio = (x - mean) / std.clamp(min=tiny), x / mean.clamp(min=tiny)
+        enough = n >= min_history
+        return torch.where(enough, z, torch.zeros_like(z)), torch.where(enough, ratio, torch.zeros_like(ratio))
 
     def push(self, x: torch.Tensor) -> None:
         """Record this step's value (a non-finite one as a gap). Spikes enter the history too: a level that

@@ -33,7 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
 from callbacks import (SPIKE_STATS, ExactResume, FaultInjection, FiniteModelCheckpoint, Mini5CAT, RampSchedule, RollbackGuard,
-                       ShareCPUs, SkipReport, SpikeSkip, StepStatistics, TensorBoardDashboard)
+                       ShareCPUs, SkipReport, StepStatistics, TensorBoardDashboard, spike_of)
 from lvm.atomic import atomic_write_text
 from lvm.baselines import baseline_cosines, fit_slot_linear
 from lvm.checkpoints import AtomicCheckpointIO, check_dim, read_checkpoint
@@ -97,9 +97,7 @@ def build_callbacks(cfg: DictConfig, splits: dict[str, Windows], run_dir: Path, 
     if g.policy == "rollback":
         guard = RollbackGuard(run_dir, OmegaConf.to_container(g.detectors), g.max_rollbacks, g.backoff.hold_epochs,
                               g.backoff.target_frac_scale, g.backoff.lambda_max_scale, g.keep_good, schedule)
-    spike_cfg = g.get("spike")
-    spike = (SpikeSkip(spike_cfg.sigma, spike_cfg.window, spike_cfg.min_history, spike_cfg.skip)
-             if spike_cfg is not None and spike_cfg.enabled else None)
+    spike = spike_of(OmegaConf.to_container(g, resolve=True))
     # The statistics first: they hand each flushed window to the guard before it decides.
     stats = StepStatistics(STEP_STATS, cfg.logger.flush_every, [guard.on_rows] if guard else [],
                            [(SPIKE_STATS, spike.stats)] if spike else [])

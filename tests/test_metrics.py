@@ -229,6 +229,12 @@ def test_diversity_and_contrastive_accuracy(setup, predictor):
         assert M.contrastive_accuracy(pred, tgt).mean().item() == pytest.approx(0.5)
     if predictor == "copy_last":  # unit vectors as spread out as the targets (this store has no structure to find)
         assert 0.8 < M.diversity(pred, tgt).item() < 1.2
+    # The training step's path: unit predictions, the target normalised once for both statistics.
+    from lvm.module import batch_health
+
+    health = batch_health(torch.nn.functional.normalize(pred, dim=-1), 3.0 * tgt)  # a target's scale does not matter
+    assert health[0].item() == pytest.approx(div, rel=1e-4, abs=1e-6)
+    assert health[1].item() == pytest.approx(ca.mean(), abs=1e-6)
 
 
 def test_nan_predictions_score_no_diversity_and_no_contrastive_accuracy(setup):

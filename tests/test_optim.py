@@ -7,10 +7,11 @@ import math
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from lvm.optim import RollingStat, SkipStepAdamW
 from lvm.train import run
-from tests.helpers import cfg_for, events, steps_per_epoch
+from tests.helpers import cfg_for, compose_cfg, events, steps_per_epoch
 
 
 def model_pair(seed=0):
@@ -65,18 +66,53 @@ def test_a_skipped_step_changes_nothing_even_with_nan_gradients():
     assert all(torch.equal(start[k], v) for k, v in c.state_dict().items())
 
 
-def test_rolling_zscore_matches_numpy():
+def test_rolling_score_matches_numpy():
     stat = RollingStat(window=4)
     history: list[float] = []  # every value pushed so far
     for x in [1.0, 2.0, 4.0, float("nan"), 3.0, 5.0, 2.5, 9.0, 3.5]:
-        z = stat.zscore(torch.tensor(x), min_history=3).item()
+        z, ratio = (v.item() for v in stat.score(torch.tensor(x), min_history=3))
         recent = np.array([v for v in history[-4:] if math.isfinite(v)])  # the last 4 steps' finite values
         if len(recent) < 3:
-            assert z == 0.0  # not enough history to call anything a spike
+            assert z == 0.0 and ratio == 0.0  # not enough history to call anything a spike
         elif math.isfinite(x):
             assert z == pytest.approx((x - recent.mean()) / recent.std(ddof=1), rel=1e-5)
+            assert ratio == pytest.approx(x / recent.mean(), rel=1e-6)
         stat.push(torch.tensor(x))
         history.append(x)
+
+
+def _spike_decisions(spike, norms: list[float]) -> list[bool]:
+    """Feed gradient norms (full batches) through the callback; whether each step was skipped."""
+    from types import SimpleNamespace
+
+    layer = torch.nn.Linear(4, 1, bias=False)
+    module = SimpleNamespace(parameters=layer.parameters)
+    trainer = SimpleNamespace(callbacks=[])
+    opt = SkipStepAdamW(layer.parameters(), lr=1e-3)
+    skipped = []
+    for norm in norms:
+        spike.on_train_batch_start(trainer, module, {"target": torch.zeros(8, 1)}, 0)
+        layer.weight.grad = torch.full_like(layer.weight, norm / 2)  # 4 components: total norm = `norm`
+        spike.on_before_optimizer_step(trainer, module, opt)
+        skipped.append(opt.keep.item() == 0.0)
+    return skipped
+
+
+def test_a_healthy_step_up_in_a_smooth_run_is_not_a_spike_but_a_fault_is():
+    """Measured on the plain-model control: the window's norms 0.050 +- 0.003, then a ramp stage's
+    0.070 (1.4x) read z 6.8 and was skipped with sigma alone (a false alarm). The shipped settings
+    need the norm also to be min_ratio (2) times the window's mean; every drill's spike is >= 2.7x."""
+    from callbacks.spike import spike_of
+
+    shipped = OmegaConf.to_container(compose_cfg("train", "guard=rollback", "guard.spike.skip=true").guard)
+    rng = np.random.default_rng(0)
+    smooth = list(0.05 + 0.003 * rng.standard_normal(128))
+    for value, spike in ((0.07, False), (0.16, True), (float("nan"), True)):
+        decisions = _spike_decisions(spike_of(shipped), smooth + [value])
+        assert not any(decisions[:-1])
+        assert decisions[-1] == spike, value
+    # sigma alone (min_ratio 1) calls the healthy 1.4x step a spike: the false alarm, reproduced.
+    assert _spike_decisions(spike_of({"spike": {**shipped["spike"], "min_ratio": 1.0}}), smooth + [0.07])[-1]
 
 
 def test_a_nan_batch_is_skipped_on_its_own_step_and_nothing_rolls_back(tmp_path):
@@ -117,16 +153,16 @@ def test_a_rollback_starts_the_gradient_norm_history_again(tmp_path):
 
     guard = RollbackGuard(tmp_path, {}, 3, 1, 0.5, 0.5, 2, RampSchedule([{"until": None, "margin": 0.02, "target_frac": 0.1}], 0, 0.02))
     trainer = SimpleNamespace(callbacks=[guard])
-    spike = SpikeSkip(sigma=6.0, window=8, min_history=2, skip=False)
+    spike = SpikeSkip(sigma=6.0, min_ratio=2.0, window=8, min_history=2, skip=False)
     batch = {"target": torch.zeros(4, 3)}
     for x in (1.0, 1.1, 0.9):
         spike.on_train_batch_start(trainer, None, batch, 0)
-        spike.norms.zscore(torch.tensor(x), 2)
+        spike.norms.score(torch.tensor(x), 2)
         spike.norms.push(torch.tensor(x))
-    assert spike.norms.zscore(torch.tensor(5.0), 2).item() > 6  # a spike against this history
+    assert spike.norms.score(torch.tensor(5.0), 2)[0].item() > 6  # a spike against this history
     guard.rollbacks = 1
     spike.on_train_batch_start(trainer, None, batch, 0)
-    assert spike.norms.zscore(torch.tensor(5.0), 2).item() == 0.0  # no history yet: nothing is a spike
+    assert spike.norms.score(torch.tensor(5.0), 2)[0].item() == 0.0  # no history yet: nothing is a spike
 
 
 def test_an_epochs_short_remainder_batch_is_neither_judged_nor_kept():
@@ -139,7 +175,7 @@ def test_an_epochs_short_remainder_batch_is_neither_judged_nor_kept():
     layer = torch.nn.Linear(3, 1)
     module = SimpleNamespace(parameters=layer.parameters)
     trainer = SimpleNamespace(callbacks=[])
-    spike = SpikeSkip(sigma=6.0, window=16, min_history=2, skip=True)
+    spike = SpikeSkip(sigma=6.0, min_ratio=2.0, window=16, min_history=2, skip=True)
     opt = SkipStepAdamW(layer.parameters(), lr=1e-3)
     for size, scale in ((32, 1.0), (32, 1.1), (32, 0.9), (32, 1.0), (1, 50.0)):
         spike.on_train_batch_start(trainer, module, {"target": torch.zeros(size, 1)}, 0)

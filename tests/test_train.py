@@ -104,6 +104,8 @@ def test_resume_continues_at_right_epoch_and_stage(tmp_path, caplog):
         ("ramp.epoch_base=2", "ramp.epoch_base"),
         ("ramp.stages=[{until:null,margin:0.1,target_frac:-0.5}]", "target_frac"),
         ("guard.pos_below=.nan", "guard.pos_below"),
+        ("guard.spike.min_ratio=0.5", "guard.spike"),
+        ("guard.spike.min_history=500", "guard.spike"),
     ],
 )
 def test_impossible_configs_rejected_at_startup(override, setting, tmp_path):
