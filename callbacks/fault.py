@@ -15,10 +15,14 @@
 - `lr_spike_at_step`: the learning rate times `lr_spike_factor` for that one step (a scheduler bug).
 - `raw_scale_at_step`: the output layer (and the context skip) times `raw_scale_factor`: an
   exploding output.
+- `kill_at_step`: every rank sends itself SIGKILL at the start of that step (kill -9: nothing is
+  saved on the way out); resume with ckpt_path=last.
 """
 
 from __future__ import annotations
 
+import os
+import signal
 from collections.abc import Iterable
 from typing import Any
 
@@ -33,7 +37,7 @@ class FaultInjection(L.Callback):
     def __init__(self, nan_at_steps: Iterable[int] = (), constant_from_step: int | None = None,
                  constant: torch.Tensor | None = None, corrupt_good_at_step: int | None = None,
                  nan_batch_at_steps: Iterable[int] = (), lr_spike_at_step: int | None = None, lr_spike_factor: float = 1000.0,
-                 raw_scale_at_step: int | None = None, raw_scale_factor: float = 100.0) -> None:
+                 raw_scale_at_step: int | None = None, raw_scale_factor: float = 100.0, kill_at_step: int | None = None) -> None:
         if constant_from_step is not None and constant is None:
             raise ValueError("constant_from_step needs the constant direction")
         self.steps = set(nan_at_steps)
@@ -41,6 +45,7 @@ class FaultInjection(L.Callback):
         self.nan_batch_steps = set(nan_batch_at_steps)
         self.lr_spike_at_step, self.lr_spike_factor = lr_spike_at_step, lr_spike_factor
         self.raw_scale_at_step, self.raw_scale_factor = raw_scale_at_step, raw_scale_factor
+        self.kill_at_step = kill_at_step
         self._lrs: list[float] | None = None  # the learning rates before a spike, restored a step later
         self.constant_from_step = constant_from_step
         self.constant = None if constant is None else F.normalize(constant.float(), dim=-1)
@@ -54,6 +59,8 @@ class FaultInjection(L.Callback):
             if guard is not None and guard.good:
                 (guard.ckpt_dir / guard.good[-1]).write_bytes(b"not a checkpoint")
         step = trainer.global_step
+        if step == self.kill_at_step:
+            os.kill(os.getpid(), signal.SIGKILL)
         if step in self.steps and trainer.is_global_zero:
             with torch.no_grad():
                 for p in pl_module.parameters():

@@ -25,6 +25,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -36,6 +37,7 @@ import hydra
 from hydra import compose
 from omegaconf import DictConfig, OmegaConf
 
+from lvm.atomic import atomic_write_text
 from lvm.cli import EXIT_FAIL, entry_point, run_entry_point
 from lvm.errors import ConfigError, LvmError
 from lvm.sweep import read_events
@@ -46,10 +48,15 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Run:
-    """One training run of the suite: its directory name and its lvm.train overrides."""
+    """One training run of the suite: its directory name and its lvm.train overrides. An
+    interrupted run (`first` not None) is trained first with `first` added (the fault that stops
+    it), its directory moved away and back under its name when `move`, then resumed with
+    ckpt_path=last."""
 
     key: str
     overrides: tuple[str, ...]
+    first: tuple[str, ...] | None = None
+    move: bool = False
 
 
 @dataclass(frozen=True)
@@ -63,6 +70,8 @@ class Drill:
     guard_off: str
     instant: bool
     control: str  # the experiment of the healthy control (the drill's own when its fault is injected)
+    first: tuple[str, ...] | None  # an interrupted drill: the overrides that stop its first invocation
+    move: bool  # ... and whether its run directory is moved before the resume
 
     def recipe(self, extra: tuple[str, ...], experiment: str | None = None) -> tuple[str, ...]:
         return (f"+experiment={experiment or self.experiment}", *self.overrides, *extra)
@@ -80,8 +89,10 @@ def drills_of(cfg: DictConfig) -> list[Drill]:
         d = known[n]
         if not (isinstance(d.onset.epoch, int) and d.onset.epoch >= 0 and 0 <= d.onset.frac < 1):
             raise ConfigError(f"drills.{n}.onset needs an epoch >= 0 and a frac in [0, 1) (got {OmegaConf.to_container(d.onset)})")
+        stop = d.get("interrupt")
         out.append(Drill(n, d.experiment, tuple(d.overrides), tuple(d.fault), d.onset.epoch, float(d.onset.frac),
-                         d.guard_off, bool(d.instant), d.get("control") or d.experiment))
+                         d.guard_off, bool(d.instant), d.get("control") or d.experiment,
+                         tuple(stop.first) if stop else None, bool(stop.move) if stop else False))
     return out
 
 
@@ -105,10 +116,11 @@ def plan(cfg: DictConfig, drills: list[Drill]) -> tuple[list[Run], dict[str, dic
         recipe = d.recipe(extra)
         n, flush = steps_per_epoch(recipe)
         onset = d.onset_epoch * n + int(d.onset_frac * n)
-        fault = tuple(f.replace("{onset}", str(onset)) for f in d.fault)
+        fault, first = (tuple(f.replace("{onset}", str(onset)) for f in fs) if fs is not None else None for fs in (d.fault, d.first))
         control = Run(f"control_{d.control}{'_' + '_'.join(_slug(o) for o in d.overrides) if d.overrides else ''}_seed0",
                       (*d.recipe(extra, d.control), *cfg.guard_on, "seed=0"))
-        on, off = Run(f"{d.name}_guard_on", (*recipe, *fault, *cfg.guard_on)), Run(f"{d.name}_guard_off", (*recipe, *fault, f"guard={d.guard_off}"))
+        on = Run(f"{d.name}_guard_on", (*recipe, *fault, *cfg.guard_on), first, d.move)
+        off = Run(f"{d.name}_guard_off", (*recipe, *fault, f"guard={d.guard_off}"), first, d.move)
         for r in (control, on, off):
             runs[r.key] = r
         layout[d.name] = {"drill": d, "onset": onset, "steps_per_epoch": n, "flush_every": flush,
@@ -126,24 +138,46 @@ def _slug(override: str) -> str:
 
 
 def train(run: Run, out: Path, reuse: bool) -> dict[str, Any]:
-    """One lvm.train subprocess (one torch thread) into out/<key>; its results.json. `reuse`: a run
-    that finished before (results.json present, the same overrides) is read, not trained again."""
+    """One run of lvm.train subprocesses (one torch thread) into out/<key>; its results.json.
+    `reuse`: a run that finished before (results.json present, the same plan) is read, not trained again."""
     run_dir = out / run.key
     done = run_dir / "results.json"
-    if reuse and done.is_file() and (out / f"{run.key}.args").is_file() and (out / f"{run.key}.args").read_text() == "\n".join(run.overrides):
+    args_file, plan_text = out / f"{run.key}.args", "\n".join(run.overrides) + (f"\nfirst: {run.first} move: {run.move}" if run.first is not None else "")
+    if reuse and done.is_file() and args_file.is_file() and args_file.read_text() == plan_text:
         log.info("[drill] %s: reused", run.key)
-        return {**json.loads(done.read_text()), "exit_code": None}
-    (out / f"{run.key}.args").write_text("\n".join(run.overrides))
-    args = [sys.executable, "-m", "lvm.train", *run.overrides, "threads=1", f"hydra.run.dir={run_dir}", "overwrite=true"]
+        stop = out / f"{run.key}.interrupted.json"
+        return {**json.loads(done.read_text()), "exit_code": None, **({"interrupted": json.loads(stop.read_text())} if stop.is_file() else {})}
+    args_file.write_text(plan_text)
     with (out / f"{run.key}.log").open("w") as logf:
-        proc = subprocess.run(args, stdout=logf, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        interrupted = None
+        if run.first is not None:
+            first_dir = out / f"{run.key}.before_move" if run.move else run_dir
+            code = _lvm_train([*run.overrides, *run.first, "overwrite=true"], first_dir, logf)
+            interrupted = {"exit_code": code, "moved_from": str(first_dir) if run.move else None}
+            atomic_write_text(out / f"{run.key}.interrupted.json", json.dumps(interrupted))
+            if run.move:
+                if run_dir.exists():  # an earlier suite's run of this name (the suite owns `out`)
+                    shutil.rmtree(run_dir)
+                shutil.move(first_dir, run_dir)
+        resume = ["ckpt_path=last"] if run.first is not None else ["overwrite=true"]
+        code = _lvm_train([*run.overrides, *resume], run_dir, logf)
     try:
         results = json.loads((run_dir / "results.json").read_text())
     except (OSError, ValueError):
-        results = {"status": f"failed: no results.json (exit code {proc.returncode}, see {run.key}.log)"}
-    results["exit_code"] = proc.returncode
-    log.info("[drill] %s: %s (exit %d)", run.key, results["status"], proc.returncode)
+        results = {"status": f"failed: no results.json (exit code {code}, see {run.key}.log)"}
+    results["exit_code"] = code
+    if interrupted is not None:
+        results["interrupted"] = interrupted
+    log.info("[drill] %s: %s (exit %d)", run.key, results["status"], code)
     return results
+
+
+def _lvm_train(overrides: list[str], run_dir: Path, logf: Any) -> int:
+    args = [sys.executable, "-m", "lvm.train", *overrides, "threads=1", f"hydra.run.dir={run_dir}"]
+    logf.write(f"$ {' '.join(args[1:])}\n")
+    logf.flush()
+    proc = subprocess.run(args, stdout=logf, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    return proc.returncode
 
 
 def final_cos(results: dict[str, Any]) -> float | None:
@@ -160,25 +194,55 @@ def action_step(event: dict[str, Any]) -> int:
     return int(event["values"]["first_step"]) if event["action"] == "skipped update" else event["step"]
 
 
+def resume_event(results: dict[str, Any]) -> dict[str, Any] | None:
+    """A killed run's resume as the drill's action: the step it picked up at (its last.ckpt)."""
+    stop, picked = results.get("interrupted"), results.get("resumed_from")
+    if not stop or stop["exit_code"] != -9 or not picked:
+        return None
+    return {"detector": "last.ckpt", "where": "resume", "action": f"resumed from step {picked['step']}", "step": picked["step"],
+            "severity": "resume", "values": {}}
+
+
 def assess(layout: dict[str, Any], results: dict[str, dict[str, Any]], out: Path, tolerance: float) -> dict[str, Any]:
-    """One drill's row: detection, latency, action, recovery and which goals it missed."""
+    """One drill's row: detection, latency, action (and the decisive one after skipped updates),
+    recovery and which goals it missed. A killed drill's action is its resume, its latency the
+    steps it lost (trained again); a moved drill must roll back to a checkpoint in its new place."""
     d: Drill = layout["drill"]
     onset, n, flush = layout["onset"], layout["steps_per_epoch"], layout["flush_every"]
     on, off, control = (results[layout[k]] for k in ("on", "off", "control"))
-    acted = [e for e in read_events(out / layout["on"] / "events.jsonl") if acts(e) and action_step(e) >= onset]
+    killed = d.first is not None and not d.move
+    if killed:
+        resumed = resume_event(on)
+        acted = [resumed] if resumed else []
+    else:
+        acted = [e for e in read_events(out / layout["on"] / "events.jsonl") if acts(e) and action_step(e) >= onset]
     first = acted[0] if acted else None
+    decisive = next((e for e in acted if e["severity"] == "collapse"), None) if first and first["action"] == "skipped update" else None
+    latency = (onset - first["step"] if killed else action_step(first) - onset) if first else None
     row: dict[str, Any] = {
         "drill": d.name, "onset_step": onset, "instant": d.instant, "detected": first is not None,
         "detector": first["detector"] if first else None, "where": first.get("where") if first else None,
-        "latency_steps": action_step(first) - onset if first else None, "action": first["action"] if first else None,
+        "latency_steps": latency, "action": first["action"] if first else None,
+        "then": f"{decisive['action']} ({decisive['detector']}, step {decisive['step']})" if decisive else None,
         "checkpoint": first.get("checkpoint") if first else None, "actions": len(acted),
         "status_on": on["status"], "final_on": final_cos(on), "final_off": final_cos(off), "final_control": final_cos(control),
     }
     missed = []
     if first is None:
-        missed.append("not detected")
-    elif d.instant and not (row["latency_steps"] <= flush and action_step(first) < (onset // n + 1) * n):
-        missed.append(f"acted {row['latency_steps']} steps after onset (goal: <= {flush}, before the epoch ends)")
+        missed.append("not resumed after the kill" if killed else "not detected")
+    elif killed and not latency <= flush:
+        missed.append(f"lost {latency} steps to the kill (goal: <= {flush})")
+    elif not killed and d.instant and not (latency <= flush and action_step(first) < (onset // n + 1) * n):
+        missed.append(f"acted {latency} steps after onset (goal: <= {flush}, before the epoch ends)")
+    if d.move:
+        restored = [e["checkpoint"] for e in acted if e.get("checkpoint")]
+        moved_from = (on.get("interrupted") or {}).get("moved_from")
+        if moved_from and Path(moved_from).exists():
+            missed.append(f"{moved_from} still exists after the move")
+        if not all((out / layout["on"] / c).is_file() for c in restored):
+            missed.append(f"restored {restored}: not all inside the moved run directory")
+    if killed:
+        row["exact"] = row["final_on"] is not None and row["final_on"] == row["final_control"]
     f_on, f_ctl = row["final_on"], row["final_control"]
     stopped_clean = on["status"].startswith("stopped") and on.get("best_checkpoint") and Path(on["best_checkpoint"]).is_file()
     if not stopped_clean and (f_on is None or f_ctl is None or f_on < f_ctl - tolerance):
@@ -198,15 +262,16 @@ def false_alarms(controls: list[Run], results: dict[str, dict[str, Any]], out: P
 
 def report(rows: list[dict[str, Any]], controls: list[dict[str, Any]], out: Path) -> Path:
     """drills.md: one table of the drills, one of the controls, and the goals' verdict."""
-    head = ["drill", "onset", "detected", "by", "where", "latency (steps)", "action", "final val cos on / off / control", "goals"]
+    head = ["drill", "onset", "detected", "by", "where", "latency (steps)", "action", "then", "final val cos on / off / control", "goals"]
     body = [[r["drill"], str(r["onset_step"]), fmt(r["detected"]), r["detector"] or "-", r["where"] or "-",
-             fmt(r["latency_steps"]), r["action"] or "-",
+             fmt(r["latency_steps"]), r["action"] or "-", r["then"] or "-",
              f"{fmt(r['final_on'], 4)} / {fmt(r['final_off'], 4)} / {fmt(r['final_control'], 4)}",
              "met" if not r["missed"] else "; ".join(r["missed"])] for r in rows]
     ctl = [[c["control"], c["status"], fmt(c["final"], 4), str(c["false_alarms"]), ", ".join(c["detectors"]) or "-"] for c in controls]
     met = all(not r["missed"] for r in rows) and all(c["false_alarms"] == 0 for c in controls)
     lines = ["# Guard drills", "", *md_table(head, body), "", "## Healthy controls (any action of the guard is a false alarm)", "",
              *md_table(["control", "status", "final val cos", "false alarms", "by"], ctl), "",
+             "A killed drill's action is its resume (by its last step checkpoint), its latency the steps it lost.", "",
              f"Every goal met: {'yes' if met else 'no'}"]
     path = out / "drills.md"
     path.write_text("\n".join(lines) + "\n")

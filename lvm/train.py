@@ -288,6 +288,8 @@ def run(
                 status = "preempted"
                 log.warning("Run preempted (%s): resume with ckpt_path=last", e)
         results = {**summarize_run(cfg, trainer, module, run_dir, status), "baselines": baselines}
+        if ckpt:  # where a resumed run picked up (a killed run's lost steps are the difference)
+            results["resumed_from"] = {"checkpoint": ckpt[0], "epoch": ckpt[1].get("epoch"), "step": ckpt[1].get("global_step")}
         if trainer.is_global_zero and status != "preempted" and cfg.eval.after_fit:
             # Full 5CAT of the best-by-val-cosine and the last checkpoint, with their epochs.
             results["5cat"] = evaluate_after_fit(cfg, splits, {"best": results["best_checkpoint"], "last": results["last_checkpoint"]}, run_dir,

@@ -32,7 +32,7 @@ def test_quick_drills_meet_every_goal(tmp_path):
 
 
 def test_scoring_names_each_missed_goal(tmp_path):
-    drill = Drill("d", "p6b_v2", (), (), 1, 0.5, "skip", True, "p6b_v2")
+    drill = Drill("d", "p6b_v2", (), (), 1, 0.5, "skip", True, "p6b_v2", None, False)
     event = {"severity": "collapse", "detector": "low_diversity", "where": "train", "action": "rollback"}
     control = {"status": "completed", "final": {"val/cos": 0.60}}
 
@@ -51,3 +51,36 @@ def test_scoring_names_each_missed_goal(tmp_path):
     # An event before the onset is not a detection of this fault; ending 0.05 below the control is a miss.
     early = score("early", [{**event, "step": 120}], 0.55)
     assert early["missed"] == ["not detected", "final val cos 0.5500 vs control 0.6000 (goal: at most 0.01 below)"]
+
+
+def test_scoring_of_a_killed_and_of_a_moved_run(tmp_path):
+    control = {"status": "completed", "final": {"val/cos": 0.60}}
+
+    def score(drill, name, on, on_events=()):
+        (tmp_path / name).mkdir(exist_ok=True)
+        (tmp_path / name / "events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in on_events))
+        layout = {"drill": drill, "onset": 150, "steps_per_epoch": 100, "flush_every": 50, "on": name, "off": "off", "control": "ctl"}
+        return assess(layout, {name: on, "off": {"status": "completed", "final": {}}, "ctl": control}, tmp_path, 0.01)
+
+    killed = Drill("k", "p6b_v2", (), (), 1, 0.5, "skip", True, "p6b_v2", ("kill",), False)
+    done = {"status": "completed", "final": {"val/cos": 0.60}}
+    row = score(killed, "k1", {**done, "interrupted": {"exit_code": -9, "moved_from": None}, "resumed_from": {"step": 140}})
+    assert row["action"] == "resumed from step 140" and row["latency_steps"] == 10 and row["exact"] and row["missed"] == []
+    # The first invocation ended by itself (the kill never came), or the resume lost more than a window.
+    row = score(killed, "k2", {**done, "interrupted": {"exit_code": 0, "moved_from": None}, "resumed_from": {"step": 140}})
+    assert row["missed"] == ["not resumed after the kill"]
+    row = score(killed, "k3", {**done, "final": {"val/cos": 0.5999}, "interrupted": {"exit_code": -9, "moved_from": None},
+                               "resumed_from": {"step": 90}})
+    assert row["missed"] == ["lost 60 steps to the kill (goal: <= 50)"] and not row["exact"]
+
+    moved = Drill("m", "p6b_v2", (), (), 1, 0.5, "skip", True, "p6b_v2", ("trainer.max_epochs=1",), True)
+    rollback = {"severity": "collapse", "detector": "nonfinite", "where": "train", "action": "rollback", "step": 160,
+                "checkpoint": "checkpoints/good-epoch00.ckpt"}
+    gone = tmp_path / "m.before_move"
+    on = {**done, "interrupted": {"exit_code": 0, "moved_from": str(gone)}}
+    (tmp_path / "m1" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "m1" / "checkpoints" / "good-epoch00.ckpt").write_bytes(b"x")
+    assert score(moved, "m1", on, [rollback])["missed"] == []
+    assert score(moved, "m2", on, [rollback])["missed"] == ["restored ['checkpoints/good-epoch00.ckpt']: not all inside the moved run directory"]
+    gone.mkdir()
+    assert score(moved, "m3", on, [])["missed"][:2] == ["not detected", f"{gone} still exists after the move"]
