@@ -54,8 +54,9 @@ class Mini5CAT(L.Callback):
     """Runs at the end of every validation epoch (not during the sanity check)."""
 
     def __init__(self, windows: Windows, n_windows: int, seed: int, prev_slot: int, batch_size: int,
-                 slot_weights: torch.Tensor) -> None:
+                 slot_weights: torch.Tensor, precision: str) -> None:
         self.windows = windows
+        self.precision = precision  # resolved (not auto): eval.precision
         self.prev_slot = prev_slot
         self.batch_size = batch_size
         self.index = torch.from_numpy(stratified_sample(windows.article_ids(), n_windows, seed))
@@ -70,7 +71,7 @@ class Mini5CAT(L.Callback):
         )
 
     def predict(self, pl_module: L.LightningModule) -> torch.Tensor:
-        return predict_units(pl_module, self.batch["context"], self.batch_size)
+        return predict_units(pl_module, self.batch["context"], self.batch_size, self.precision)
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking:

@@ -19,6 +19,12 @@ i.e. the built-in synthetic data and the small model; CPU):
     (the batch's prediction diversity and contrastive accuracy, the total gradient norm and its
     rolling z-score), timed alone on a real batch of the model, over the full Lightning loop's
     time per step. Goal < 2%.
+(f) 5cat_fp32, 5cat_bf16: 5CAT's matmul FLOP rate (its model forwards, FlopCounterMode) over the
+    rate of a GEMM of the model's feed-forward shape, in fp32 and in bf16 (lvm/throughput.py), with
+    5CAT's windows/s. Goal >= 0.7.
+
+`bench.figures` picks the figures to measure (for example `bench.figures=[fivecat] model=p6
+data.synthetic.dim=768` for 5CAT alone at the original's scale).
 
 What a Lightning timing includes: the wall time from the start of the first measured training
 batch to the end of the last (everything the loop, the module and the callbacks do per step,
@@ -63,13 +69,16 @@ from lvm.data.synthetic import synthetic_corpus
 from lvm.losses import p6b_loss
 from lvm.module import LVMModule, batch_health
 from lvm.optim import RollingStat, grad_norm
+from lvm.precision import BF16, FP32
+from lvm.throughput import FiveCatRate, fivecat_rate
 from lvm.train import build_data, build_fit, make_loader
 
 log = logging.getLogger("lvm.bench")
 
 VARIANTS = ("raw", "lightning_bare", "lightning_full")
 GOALS = {"lightning/raw": ">= 0.95", "callbacks_overhead": "<= +3%", "data_mem": "<= 1.1x", "side_by_side": ">= 0.40",
-         "detectors": "< 2%"}
+         "detectors": "< 2%", "5cat_fp32": ">= 0.7", "5cat_bf16": ">= 0.7"}
+FIGURES = ("loops", "detectors", "data_mem", "side_by_side", "fivecat")
 
 
 @dataclass(frozen=True)
@@ -318,8 +327,12 @@ def measure_side_by_side(overrides: list[str], work_dir: Path) -> tuple[float, l
 @entry_point("lvm.bench")
 def main(cfg: DictConfig) -> None:
     b = cfg.bench
-    if b.steps < 1 or b.warmup < 0 or b.repeats < 1 or b.threads < 1 or b.mem_rows < 1:
-        raise ConfigError(f"bench.steps, bench.repeats, bench.threads and bench.mem_rows must be >= 1, bench.warmup >= 0 (got {dict(b)})")
+    if b.steps < 1 or b.warmup < 0 or b.repeats < 1 or b.threads < 1 or b.mem_rows < 1 or b.fivecat_windows < 1:
+        raise ConfigError("bench.steps, bench.repeats, bench.threads, bench.mem_rows and bench.fivecat_windows must be >= 1, "
+                          f"bench.warmup >= 0 (got {dict(b)})")
+    unknown = [f for f in b.figures if f not in FIGURES]
+    if unknown or not b.figures:
+        raise ConfigError(f"bench.figures must name some of {list(FIGURES)} (got {list(b.figures)})")
     # The training overrides given (for the side-by-side runs, which start `python -m lvm.train`).
     overrides = [o for o in HydraConfig.get().overrides.task if not o.lstrip("+~").startswith("bench.")]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
@@ -333,20 +346,45 @@ def main(cfg: DictConfig) -> None:
 
     started = time.perf_counter()
     cfg = training_config(cfg)
-    log.info("loops: %d measured steps after %d warm-up, best of %d rounds, batch %d, %d torch thread(s)",
-             b.steps, b.warmup, b.repeats, cfg.data.batch_size, torch.get_num_threads())
+    figures: dict[str, str] = {}
     with tempfile.TemporaryDirectory(prefix="lvm-bench-") as tmp:
-        best = measure_loops(cfg, b.steps, b.warmup, b.repeats, Path(tmp))
-        detectors = measure_detectors(cfg, b.steps)
-        log.info("detector statistics alone: %.3f ms/step", 1e3 * detectors)
-        data_mem = measure_data_memory(cfg, b.mem_rows, Path(tmp))
-        lone, pair = measure_side_by_side(overrides, Path(tmp) / "side_by_side")
-    log.info("side by side: lone %.1f steps/s, together %.1f and %.1f steps/s", lone, *pair)
-    ratio = best["raw"] / best["lightning_full"]
-    overhead = 100 * (best["lightning_full"] / best["lightning_bare"] - 1)
-    log.info("goals: %s; took %.0f s", ", ".join(f"{k} {v}" for k, v in GOALS.items()), time.perf_counter() - started)
-    print(f"bench: lightning/raw={ratio:.2f} callbacks_overhead={overhead:+.1f}% data_mem={data_mem:.2f}x "
-          f"side_by_side={min(pair) / lone:.2f} detectors={100 * detectors / best['lightning_full']:.2f}%", flush=True)
+        if "loops" in b.figures:
+            log.info("loops: %d measured steps after %d warm-up, best of %d rounds, batch %d, %d torch thread(s)",
+                     b.steps, b.warmup, b.repeats, cfg.data.batch_size, torch.get_num_threads())
+            best = measure_loops(cfg, b.steps, b.warmup, b.repeats, Path(tmp))
+            figures["lightning/raw"] = f"{best['raw'] / best['lightning_full']:.2f}"
+            figures["callbacks_overhead"] = f"{100 * (best['lightning_full'] / best['lightning_bare'] - 1):+.1f}%"
+        if "detectors" in b.figures:
+            detectors = measure_detectors(cfg, b.steps)
+            log.info("detector statistics alone: %.3f ms/step", 1e3 * detectors)
+            if "loops" in b.figures:
+                figures["detectors"] = f"{100 * detectors / best['lightning_full']:.2f}%"
+        if "data_mem" in b.figures:
+            figures["data_mem"] = f"{measure_data_memory(cfg, b.mem_rows, Path(tmp)):.2f}x"
+        if "side_by_side" in b.figures:
+            lone, pair = measure_side_by_side(overrides, Path(tmp) / "side_by_side")
+            log.info("side by side: lone %.1f steps/s, together %.1f and %.1f steps/s", lone, *pair)
+            figures["side_by_side"] = f"{min(pair) / lone:.2f}"
+        if "fivecat" in b.figures:
+            for rate in measure_fivecat(cfg, b.fivecat_windows):
+                figures[f"5cat_{'bf16' if rate.precision == BF16 else 'fp32'}"] = f"{rate.of_limit:.2f}"
+    log.info("goals: %s; took %.0f s", ", ".join(f"{k} {v}" for k, v in GOALS.items() if k in figures), time.perf_counter() - started)
+    print("bench: " + " ".join(f"{k}={v}" for k, v in figures.items()), flush=True)
+
+
+def measure_fivecat(cfg: DictConfig, windows: int) -> list[FiveCatRate]:
+    """Figure (f): 5CAT's model work on `windows` val windows, in fp32 and in bf16, against the GEMM limit."""
+    splits = build_data(cfg)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    module = LVMModule(to_plain(cfg), dim=splits["val"].store.dim)
+    rates = []
+    for precision in (FP32, BF16):
+        r = fivecat_rate(module, splits["val"], windows, cfg.eval.horizon, cfg.data.eval_batch_size, precision, to_plain(cfg)["model"])
+        log.info("5CAT %s: %d windows in %.1f s = %.1f windows/s (%.1f model forwards per window); matmul %.1f GFLOP/s "
+                 "of a %.1f GFLOP/s GEMM limit = %.2f", r.precision, r.windows, r.seconds, r.windows_per_s, r.forwards_per_window,
+                 r.achieved_gflops, r.gemm_gflops, r.of_limit)
+        rates.append(r)
+    return rates
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from lvm.errors import ConfigError, LvmError, finite
 from lvm.detectors import detector_problems
 from lvm.gates import parse_eval
 from lvm.module import knobs_of, model_of, mse_on_of, skip_rule_of, variant_of
+from lvm.precision import check_precision
 from lvm.steplog import StepLog
 from lvm.threads import thread_count
 
@@ -67,6 +68,8 @@ def _problems(cfg: DictConfig) -> list[str]:
     built(lambda: check_source(plain["data"]))
     built(lambda: check_policy(plain["data"]["normalize"]))
     built(lambda: thread_count(plain["threads"]))
+    built(lambda: check_precision("trainer.precision", plain["trainer"]["precision"]))
+    built(lambda: check_precision("eval.precision", plain["eval"]["precision"]))
 
     o = cfg.optim
     need(finite(o.lr) and o.lr > 0, f"optim.lr must be > 0 (got {o.lr})")

@@ -33,6 +33,7 @@ from lvm.errors import ConfigError, LvmError
 from lvm.fivecat import CROSS, SPLIT_NAMES, Predictor, compare_splits, make_perturbation, score_windows, summarize
 from lvm.gates import judge, parse_eval
 from lvm.module import LVMModule, predict_units
+from lvm.precision import check_precision, resolve_precision
 from lvm.report import write_outputs
 
 log = logging.getLogger(__name__)
@@ -46,9 +47,15 @@ def references(train: Windows, batch_size: int) -> dict[str, Predictor]:
     return reference_predictors(fit_slot_linear(train, batch_size))
 
 
-def model_predictor(module: LVMModule, batch_size: int) -> Predictor:
-    """The model's unit predictions, in forwards of at most `batch_size` windows."""
-    return lambda batch: predict_units(module, batch["context"], batch_size)
+def model_predictor(module: LVMModule, batch_size: int, precision: str) -> Predictor:
+    """The model's unit predictions, in forwards of at most `batch_size` windows at `precision`."""
+    return lambda batch: predict_units(module, batch["context"], batch_size, precision)
+
+
+def eval_precision(module: LVMModule, windows: Windows, eval_cfg: Mapping[str, Any], batch_size: int) -> tuple[str, dict[str, Any] | None]:
+    """eval.precision for this model, measured on `batch_size` of `windows` when auto."""
+    context = windows.gather(torch.arange(min(batch_size, len(windows))))["context"].to(module.device)
+    return resolve_precision("eval.precision", eval_cfg["precision"], module, context, None, eval_cfg["precision_auto"])
 
 
 def load_model(ckpt: dict[str, Any], path: str | Path, dim: int) -> LVMModule:
@@ -170,10 +177,12 @@ def evaluate_checkpoint(
     module = load_model(ckpt, path, splits["val"].store.dim)
     if slot_weights is None:
         slot_weights = fit_slot_linear(splits["train"], batch_size)
-    predictors = {"model": model_predictor(module, batch_size), **reference_predictors(slot_weights)}
+    precision, measured = eval_precision(module, splits["val"], eval_cfg, batch_size)
+    predictors = {"model": model_predictor(module, batch_size, precision), **reference_predictors(slot_weights)}
     evaluation = evaluate(splits, predictors, eval_cfg, sample, seed, batch_size, progress)
     info = {"path": str(path), "epoch": int(ckpt["epoch"]), "global_step": int(ckpt["global_step"])}
     report = build_report("model", evaluation, splits, data_cfg, spec, info, sample, seed)
+    report["precision"] = {"model": precision, "measured": measured}
     out_dir = out_dir or run_dir_of(path) / "eval" / Path(path).stem
     report["outputs"] = write_outputs(report, out_dir)
     return report
@@ -232,6 +241,7 @@ def run(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict[str, Any]:
         raise ConfigError(f"batch_size must be an integer >= 1 (got {cfg.batch_size!r})")
     eval_cfg = to_plain(cfg.eval)
     parse_eval(eval_cfg)  # fail before loading anything
+    check_precision("eval.precision", eval_cfg["precision"])
     ckpt = read_checkpoint(cfg.ckpt) if cfg.ckpt else None
     stored = ckpt["hyper_parameters"]["config"] if ckpt else None
     data_cfg = group_config("data", cfg, stored, overrides)

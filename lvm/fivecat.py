@@ -187,7 +187,8 @@ def score_batch(
         for h in range(horizon):
             truth_rows = true_rows[sel, h]
             truth = vectors[truth_rows]
-            step = predictor({"context": ctx, "target": truth, "target_row": truth_rows})
+            # The first step predicts from the unchanged context: the base prediction, not a forward again.
+            step = pred[sel] if h == 0 else predictor({"context": ctx, "target": truth, "target_row": truth_rows})
             roll[sel, h] = M.cos(step, truth)
             ctx = torch.cat([ctx[:, 1:], step.unsqueeze(1).to(ctx.dtype)], dim=1)
     out["rollout.cos"] = roll

@@ -105,6 +105,7 @@ class P6Transformer(nn.Module):
         raw = self.head(h[:, -1])
         if self.skip_weights is not None:
             raw = raw + torch.einsum("bkd,k->bd", context, self.skip_weights[-k:])
+        raw = raw.float()  # under bf16 autocast too: the loss, metrics and guard statistics stay fp32
         return raw, F.normalize(raw, dim=-1)
 
 

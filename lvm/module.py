@@ -21,6 +21,7 @@ from lvm import metrics as M
 from lvm.metrics import cos
 from lvm.model import P6Transformer
 from lvm.optim import SkipStepAdamW
+from lvm.precision import autocast
 
 log = logging.getLogger(__name__)
 
@@ -32,10 +33,12 @@ STEP_STATS = ("loss", "mse", "dir", "lambda_eff", "frac_of_mse", "pos", "neg", "
 
 
 @torch.no_grad()
-def predict_units(module: torch.nn.Module, context: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """Unit predictions [N, D] on the CPU for contexts [N, K, D], in forwards of at most
-    `batch_size` on the module's device (`module.device`); mini-5CAT and 5CAT use it."""
-    parts = [module(context[s : s + batch_size].to(module.device))[1].float().cpu() for s in range(0, len(context), batch_size)]
+def predict_units(module: torch.nn.Module, context: torch.Tensor, batch_size: int, precision: str) -> torch.Tensor:
+    """Unit predictions [N, D] (fp32) on the CPU for contexts [N, K, D], in forwards of at most
+    `batch_size` on the module's device (`module.device`) at `precision` (lvm/precision.py);
+    mini-5CAT and 5CAT use it."""
+    with autocast(precision, module.device):
+        parts = [module(context[s : s + batch_size].to(module.device))[1].float().cpu() for s in range(0, len(context), batch_size)]
     return torch.cat(parts)
 
 

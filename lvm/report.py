@@ -46,6 +46,9 @@ def markdown(report: dict[str, Any]) -> str:
     ck = report.get("checkpoint")
     if ck:
         lines.append(f"- checkpoint: `{ck['path']}` (epoch {ck['epoch']}, 0-based; global step {ck['global_step']})")
+    pr = report.get("precision")
+    if pr:
+        lines.append(f"- model forwards: precision {pr['model']}" + (f" (eval.precision=auto: {pr['measured']['reason']})" if pr["measured"] else ""))
     d = report["data"]
     lines += [
         f"- data: {d['source']} ({d['chunks']} chunks, {d['articles']} articles, D={d['dim']}); window: " + ", ".join(f"{k} {v}" for k, v in report["window"].items()),

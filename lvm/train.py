@@ -11,6 +11,7 @@ stopped: max_rollbacks 3; preempted (SIGTERM/SIGUSR1: last.ckpt saved, resume wi
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
 import sys
@@ -45,7 +46,8 @@ from lvm.data.sampler import EpochSampler
 from lvm.data.store import Windows, WindowSpec, collate_batch
 from lvm.errors import LvmError, Preempted, RunFailed
 from lvm.evaluate import evaluate_after_fit
-from lvm.module import STEP_STATS, LVMModule
+from lvm.module import STEP_STATS, LVMModule, model_of
+from lvm.precision import check_precision, resolve_precision
 from lvm.launchers import launcher_choice, missing_launcher_plugin, own_gpu, resume_on_requeue, sweep_jobs
 from lvm.rundir import auto_start_fresh, claim_run_dir, write_failure, write_results
 from lvm.sweep import read_events
@@ -112,7 +114,7 @@ def build_callbacks(cfg: DictConfig, splits: dict[str, Windows], run_dir: Path, 
         out.append(FaultInjection(**fi, constant=constant))
     if cb.mini5cat.enabled:
         out.append(Mini5CAT(splits["val"], cb.mini5cat.windows, cb.mini5cat.seed, cfg.window.prev_slot, cfg.data.eval_batch_size,
-                            slot_weights))
+                            slot_weights, cfg.eval.precision))
     ckpt_dir = run_dir / "checkpoints"
     # Best by val cosine first: trainer.checkpoint_callback is the first ModelCheckpoint.
     out.append(FiniteModelCheckpoint(dirpath=ckpt_dir, filename="best-epoch{epoch:02d}", monitor="val/cos", mode="max",
@@ -170,6 +172,35 @@ def resolve_checkpoint(ckpt_path: str | None, run_dir: Path) -> tuple[str, dict[
     if ckpt_path == "auto":
         log.info("ckpt_path=auto: resuming from %s (epoch %s, step %s)", path, ckpt.get("epoch"), ckpt.get("global_step"))
     return str(path), ckpt
+
+
+def with_precision(cfg: DictConfig, train: Windows, resume: dict[str, Any] | None) -> tuple[DictConfig, dict[str, Any]]:
+    """The config with trainer.precision and eval.precision resolved (lvm/precision.py) and what
+    was measured. `auto` measures on the run's first training batch with a fresh model (on its own
+    RNG stream: the run's weights and dropout masks do not depend on the measurement); a resumed
+    run keeps the precision its checkpoint was trained at."""
+    values = {"trainer": check_precision("trainer.precision", cfg.trainer.precision),
+              "eval": check_precision("eval.precision", cfg.eval.precision)}
+    record: dict[str, Any] = dict(values)
+    if "auto" not in values.values():
+        return cfg, record
+    cfg = copy.deepcopy(cfg)
+    stored = resume["hyper_parameters"]["config"] if resume else None
+    device = torch.device("cuda" if torch.cuda.is_available() and cfg.trainer.accelerator != "cpu" else "cpu")
+    batch = train.gather(torch.arange(min(cfg.data.batch_size, len(train))))
+    for group, value in values.items():
+        if value != "auto":
+            continue
+        if stored is not None:
+            record[group] = stored[group]["precision"]
+        else:
+            with torch.random.fork_rng(devices=[]):
+                model = model_of(to_plain(cfg), train.store.dim).to(device)
+                target = batch["target"].to(device) if group == "trainer" else None
+                record[group], record[f"{group}_measured"] = resolve_precision(
+                    f"{group}.precision", value, model, batch["context"].to(device), target, cfg.eval.precision_auto)
+        cfg[group].precision = record[group]
+    return cfg, record
 
 
 def with_checkpoint_model(cfg: DictConfig, ckpt: tuple[str, dict[str, Any]]) -> DictConfig:
@@ -267,6 +298,7 @@ def run(
     splits = build_data(cfg)
     if ckpt:
         check_compatible(ckpt, cfg, splits["train"].store.dim)
+    cfg, precision = with_precision(cfg, splits["train"], ckpt[1] if ckpt else None)
     slot_weights = fit_slot_linear(splits["train"], cfg.data.eval_batch_size)
     baselines = {"slot_weights": [round(w, 6) for w in slot_weights.tolist()],
                  **baseline_cosines({s: splits[s] for s in ("val", "ood")}, slot_weights, cfg.data.eval_batch_size)}
@@ -288,6 +320,7 @@ def run(
                 status = "preempted"
                 log.warning("Run preempted (%s): resume with ckpt_path=last", e)
         results = {**summarize_run(cfg, trainer, module, run_dir, status), "baselines": baselines}
+        results["precision"] = precision
         if ckpt:  # where a resumed run picked up (a killed run's lost steps are the difference)
             results["resumed_from"] = {"checkpoint": ckpt[0], "epoch": ckpt[1].get("epoch"), "step": ckpt[1].get("global_step")}
         if trainer.is_global_zero and status != "preempted" and cfg.eval.after_fit:

@@ -160,12 +160,13 @@ def test_rollout_feeds_predictions_back(store, spec):
     batch = windows.gather(index)
     F5.score_batch(recording_oracle, batch, windows, F5.make_perturbation(windows, index, 0), horizon=3)
     steps = seen[1:]  # the first call holds the base prediction and the ablations
-    assert len(steps) == 3
+    # Rollout step 1 predicts from the unchanged context: that is the base prediction, not a second forward.
+    assert len(steps) == 2
     _, ok = F5.rows_at(store, batch["target_row"], [h * spec.target_offset for h in range(3)])
     rows = batch["target_row"][ok]
     ctx = batch["context"][ok]
     off = spec.target_offset
-    for h, step in enumerate(steps):
+    for h, step in enumerate(steps, start=1):
         assert torch.equal(step["target_row"], rows + h * off)  # step h+1 is target + h * offset
         # The context is the original window shifted by h, with the h fed-back predictions last.
         assert torch.equal(step["context"][:, : 5 - h], ctx[:, h:])

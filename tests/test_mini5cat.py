@@ -51,7 +51,7 @@ def test_collapse_is_visible_while_six_bank_is_perfect():
                               drift_weight=1.0, drift_step=0.5, noise=1.2, seed=0)
     store = ArticleStore(*corpus, source="synthetic")
     windows = store.windows(P6)
-    cat = Mini5CAT(windows, n_windows=40, seed=0, prev_slot=-2, batch_size=16, slot_weights=COPY_LAST_WEIGHTS)
+    cat = Mini5CAT(windows, n_windows=40, seed=0, prev_slot=-2, batch_size=16, slot_weights=COPY_LAST_WEIGHTS, precision="32")
     prev = cat.batch["context"][:, -2]
     collapsed = cat.predict(Oracle(cat.batch, lambda b: -b["context"][:, -2]))
     assert torch.allclose(collapsed, -prev)
@@ -80,7 +80,7 @@ def test_nan_and_zero_predictions_score_worst_not_perfect(fill):
     store = ArticleStore(*corpus, source="synthetic")
     windows = store.windows(P6)
     weights = torch.tensor([0.1, 0.1, 0.2, 0.2, 0.4], dtype=torch.float64)
-    cat = Mini5CAT(windows, n_windows=30, seed=0, prev_slot=-2, batch_size=8, slot_weights=weights)
+    cat = Mini5CAT(windows, n_windows=30, seed=0, prev_slot=-2, batch_size=8, slot_weights=weights, precision="32")
     module = Recorder(cat.batch, lambda b: torch.full_like(b["target"], fill))
     trainer = SimpleNamespace(sanity_checking=False, is_global_zero=True, current_epoch=0)
     cat.on_validation_epoch_end(trainer, module)

@@ -219,13 +219,16 @@ def test_two_process_ddp_drills_take_the_same_decision_on_both_ranks(tmp_path, f
 
 
 @pytest.mark.slow
-def test_collapse_drill(tmp_path):
-    """The documented drill on the built-in data: unguarded v1-stress collapses, the guard recovers."""
+@pytest.mark.parametrize("precision", ["32", "bf16-mixed"])
+def test_collapse_drill(tmp_path, precision):
+    """The documented drill on the built-in data: unguarded v1-stress collapses, the guard recovers,
+    with the same decision (epoch, checkpoint, back-off) in fp32 and in bf16."""
     def val_cos(run_dir):
         return [json.loads(line)["val/cos"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
-    none = compose_cfg("train", "+experiment=p6b_v1_stress", "guard=none", "trainer.max_epochs=4", "trainer.enable_progress_bar=false")
-    guarded = compose_cfg("train", "+experiment=p6b_v1_stress", "guard=rollback", "trainer.max_epochs=4", "trainer.enable_progress_bar=false")
+    common = ["+experiment=p6b_v1_stress", "trainer.max_epochs=4", "trainer.enable_progress_bar=false", f"trainer.precision={precision}"]
+    none = compose_cfg("train", *common, "guard=none")
+    guarded = compose_cfg("train", *common, "guard=rollback")
     run(none, tmp_path / "none")
     assert min(val_cos(tmp_path / "none")) < 0.1  # collapsed: below the guard's val floor
     results = run(guarded, tmp_path / "rollback")
