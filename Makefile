@@ -10,7 +10,7 @@ EXTRAS_STAMP := $(VENV)/.installed-extras
 WHEELS  := data/cache
 WIKI_MEMBER := gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2
 
-.PHONY: setup setup-text setup-extras train test test-full sweep tensorboard bench drills data-wiki clean
+.PHONY: setup setup-text setup-extras train test test-full sweep tensorboard bench bench-gpu drills data-wiki clean
 
 setup: $(STAMP)
 
@@ -62,6 +62,10 @@ tensorboard: setup
 
 bench: setup
 	$(BIN)/python -m lvm.bench $(ARGS)
+
+# Training speed on a CUDA GPU at the original's scale (lvm.bench_gpu; says so and exits 2 without one).
+bench-gpu: setup
+	$(BIN)/python -m lvm.bench_gpu $(ARGS)
 
 # The guard's fault drills and healthy controls (lvm.drill): one table, one timeline per drill.
 drills: setup

@@ -1,7 +1,8 @@
-"""Lightning callbacks of lvm, one concern per module: ramp, step statistics, skip count, rollback guard, mini-5CAT, dashboard, checkpoints, resume, CPU sharing, gradient spikes."""
+"""Lightning callbacks of lvm, one concern per module: ramp, step statistics, skip count, rollback guard, mini-5CAT, dashboard, checkpoints, resume, CPU sharing, gradient spikes, the device-resident data path."""
 
 from callbacks.checkpoint import FiniteModelCheckpoint
 from callbacks.dashboard import TensorBoardDashboard
+from callbacks.device_data import DeviceData, on_device_of
 from callbacks.fault import FaultInjection
 from callbacks.mini5cat import Mini5CAT
 from callbacks.ramp import RampSchedule, RampStage
@@ -12,5 +13,5 @@ from callbacks.spike import SPIKE_STATS, SpikeSkip, spike_of
 from callbacks.stats import StepStatistics
 from callbacks.threads import ShareCPUs
 
-__all__ = ["ExactResume", "FaultInjection", "FiniteModelCheckpoint", "Mini5CAT", "RampSchedule", "RampStage", "RollbackGuard",
-           "SPIKE_STATS", "ShareCPUs", "SkipReport", "SpikeSkip", "StepStatistics", "TensorBoardDashboard", "spike_of"]
+__all__ = ["DeviceData", "ExactResume", "FaultInjection", "FiniteModelCheckpoint", "Mini5CAT", "RampSchedule", "RampStage", "RollbackGuard",
+           "SPIKE_STATS", "ShareCPUs", "SkipReport", "SpikeSkip", "StepStatistics", "TensorBoardDashboard", "on_device_of", "spike_of"]

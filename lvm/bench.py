@@ -109,10 +109,12 @@ class StepTimer(L.Callback):
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
         if batch_idx == self.first:
+            _sync(pl_module.device)
             self.t_first = time.perf_counter()
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         if batch_idx == self.last:
+            _sync(pl_module.device)
             self.t_last = time.perf_counter()
 
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -123,6 +125,12 @@ class StepTimer(L.Callback):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.timing = Timing(self.t_last - self.t_first, time.perf_counter() - self.t_last - self.val_s)
+
+
+def _sync(device: torch.device) -> None:
+    """Wait for the GPU's queued work, so a timing ends where the work does (nothing on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def training_config(cfg: DictConfig) -> DictConfig:
@@ -166,18 +174,19 @@ def raw_loop(cfg: DictConfig, train: Windows, warmup: int, steps: int) -> Timing
     return Timing(time.perf_counter() - t_first, 0.0)
 
 
-def lightning_loop(cfg: DictConfig, splits: dict[str, Windows], run_dir: Path, warmup: int, steps: int, full: bool) -> Timing:
+def lightning_loop(cfg: DictConfig, splits: dict[str, Windows], run_dir: Path, warmup: int, steps: int, full: bool,
+                   accelerator: str = "cpu", extra: tuple[L.Callback, ...] = ()) -> Timing:
     """A one-epoch fit cut to warmup + steps batches, built as `lvm.train.run` builds it.
 
     full: every callback of `build_callbacks`, and the TensorBoard logger; otherwise none of them
-    and no checkpointing.
+    and no checkpointing. `extra`: callbacks after the timer (lvm.bench_gpu's sync counter).
     """
     run_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     timer = StepTimer(warmup, steps)
     trainer, module, train_loader, val_loaders = build_fit(
-        cfg, splits, run_dir, lvm_callbacks=full, extra_callbacks=[timer],
-        max_epochs=1, limit_train_batches=warmup + steps, accelerator="cpu",
+        cfg, splits, run_dir, lvm_callbacks=full, extra_callbacks=[timer, *extra],
+        max_epochs=1, limit_train_batches=warmup + steps, accelerator=accelerator,
         enable_model_summary=False, enable_checkpointing=full,
     )
     trainer.fit(module, train_loader, val_loaders)

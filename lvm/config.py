@@ -9,6 +9,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from callbacks.ramp import RampSchedule
+from callbacks.device_data import on_device_of
 from callbacks.spike import spike_of
 from lvm.data.loaders import check_source
 from lvm.data.store import WindowSpec, check_policy
@@ -66,6 +67,7 @@ def _problems(cfg: DictConfig) -> list[str]:
     built(lambda: RampSchedule(plain["ramp"]["stages"], plain["ramp"]["epoch_base"], plain["loss"]["lambda_max"]))
     built(lambda: StepLog([], plain["logger"]["flush_every"]))
     built(lambda: check_source(plain["data"]))
+    built(lambda: on_device_of(plain["data"]["on_device"], plain["data"]["device_share"], 0, torch.device("cpu")))
     built(lambda: check_policy(plain["data"]["normalize"]))
     built(lambda: thread_count(plain["threads"]))
     built(lambda: check_precision("trainer.precision", plain["trainer"]["precision"]))

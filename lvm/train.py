@@ -33,8 +33,8 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
-from callbacks import (SPIKE_STATS, ExactResume, FaultInjection, FiniteModelCheckpoint, Mini5CAT, RampSchedule, RollbackGuard,
-                       ShareCPUs, SkipReport, StepStatistics, TensorBoardDashboard, spike_of)
+from callbacks import (SPIKE_STATS, DeviceData, ExactResume, FaultInjection, FiniteModelCheckpoint, Mini5CAT, RampSchedule, RollbackGuard,
+                       ShareCPUs, SkipReport, StepStatistics, TensorBoardDashboard, on_device_of, spike_of)
 from lvm.atomic import atomic_write_text
 from lvm.baselines import baseline_cosines, fit_slot_linear
 from lvm.checkpoints import AtomicCheckpointIO, check_dim, read_checkpoint
@@ -43,7 +43,7 @@ from lvm.config import to_plain, validate
 from lvm.data.loaders import load_splits
 from lvm.detectors import summarize_events
 from lvm.data.sampler import EpochSampler
-from lvm.data.store import Windows, WindowSpec, collate_batch
+from lvm.data.store import WindowIndex, Windows, WindowSpec, collate_batch
 from lvm.errors import LvmError, Preempted, RunFailed
 from lvm.evaluate import evaluate_after_fit
 from lvm.module import STEP_STATS, LVMModule, model_of
@@ -75,10 +75,11 @@ def build_data(cfg: DictConfig) -> dict[str, Windows]:
     return load_splits(to_plain(cfg.data), WindowSpec(**cfg.window))
 
 
-def make_loader(windows: Windows, batch_size: int, shuffle: bool, num_workers: int, seed: int) -> DataLoader:
-    """Batches of `windows`; shuffled by (seed, epoch) alone when `shuffle` (lvm/data/sampler.py)."""
+def make_loader(windows: Windows, batch_size: int, shuffle: bool, num_workers: int, seed: int, on_device: bool = False) -> DataLoader:
+    """Batches of `windows`; shuffled by (seed, epoch) alone when `shuffle` (lvm/data/sampler.py).
+    `on_device`: batches of window indices, gathered on the device (callbacks/device_data.py)."""
     return DataLoader(
-        windows,
+        WindowIndex(windows) if on_device else windows,
         batch_size=batch_size,
         sampler=EpochSampler(windows, seed) if shuffle else None,
         num_workers=num_workers,
@@ -174,6 +175,11 @@ def resolve_checkpoint(ckpt_path: str | None, run_dir: Path) -> tuple[str, dict[
     return str(path), ckpt
 
 
+def training_device(cfg: DictConfig) -> torch.device:
+    """The device the Trainer will train on (the first GPU when there is one and the accelerator allows it)."""
+    return torch.device("cuda" if torch.cuda.is_available() and cfg.trainer.accelerator in ("auto", "gpu", "cuda") else "cpu")
+
+
 def with_precision(cfg: DictConfig, train: Windows, resume: dict[str, Any] | None) -> tuple[DictConfig, dict[str, Any]]:
     """The config with trainer.precision and eval.precision resolved (lvm/precision.py) and what
     was measured. `auto` measures on the run's first training batch with a fresh model (on its own
@@ -186,7 +192,7 @@ def with_precision(cfg: DictConfig, train: Windows, resume: dict[str, Any] | Non
         return cfg, record
     cfg = copy.deepcopy(cfg)
     stored = resume["hyper_parameters"]["config"] if resume else None
-    device = torch.device("cuda" if torch.cuda.is_available() and cfg.trainer.accelerator != "cpu" else "cpu")
+    device = training_device(cfg)
     batch = train.gather(torch.arange(min(cfg.data.batch_size, len(train))))
     for group, value in values.items():
         if value != "auto":
@@ -247,13 +253,17 @@ def build_fit(
     plain = to_plain(cfg)
     module = LVMModule(plain, dim=splits["train"].store.dim)
     d = cfg.data
-    train_loader = make_loader(splits["train"], d.batch_size, True, d.num_workers, cfg.seed)
-    val_loaders = [make_loader(splits[s], d.eval_batch_size, False, d.num_workers, cfg.seed) for s in ("val", "ood") if len(splits[s])]
+    store = splits["train"].store
+    on_device = on_device_of(d.on_device, d.device_share, store.vectors.nbytes, training_device(cfg))
+    evals = [splits[s] for s in ("val", "ood") if len(splits[s])]
+    train_loader = make_loader(splits["train"], d.batch_size, True, d.num_workers, cfg.seed, on_device)
+    val_loaders = [make_loader(w, d.eval_batch_size, False, d.num_workers, cfg.seed, on_device) for w in evals]
     logger: TensorBoardLogger | bool = False
     if lvm_callbacks and cfg.logger.tensorboard:
         purge = {"purge_step": first_unlogged_step(resume)} if resume else {}
         logger = TensorBoardLogger(save_dir=str(run_dir), name="tb", version="", default_hp_metric=False, **purge)
-    callbacks = [*extra_callbacks]
+    # The device gather first: every other callback's batch hooks read the gathered batch.
+    callbacks = [*([DeviceData(splits["train"], evals)] if on_device else []), *extra_callbacks]
     if lvm_callbacks:
         if slot_weights is None:
             slot_weights = fit_slot_linear(splits["train"], d.eval_batch_size)

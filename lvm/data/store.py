@@ -197,14 +197,11 @@ class Windows(Dataset):
 
     def gather(self, idx: torch.Tensor | np.ndarray | list[int]) -> dict[str, torch.Tensor]:
         """Batch of windows `idx`: context [B, K, D], target [B, D] and their store rows."""
-        idx = torch.as_tensor(idx, dtype=torch.long)
-        rows = self.context_rows(idx)
-        target_rows = self.targets[idx]
-        return {
-            "context": self.store.vectors[rows],
-            "target": self.store.vectors[target_rows],
-            "target_row": target_rows,
-        }
+        return gather_windows(self.store.vectors, self.starts, self.targets, self._offsets, idx)
+
+    def on(self, device: torch.device, vectors: torch.Tensor) -> DeviceWindows:
+        """These windows' index arrays on `device`, over `vectors` (the store's, already there)."""
+        return DeviceWindows(vectors, self.starts.to(device), self.targets.to(device), self._offsets.to(device))
 
     def batches(self, size: int) -> Iterator[dict[str, torch.Tensor]]:
         """Every window once, in order, `size` at a time (passes over a whole split)."""
@@ -221,6 +218,47 @@ class Windows(Dataset):
     def article_ids(self) -> np.ndarray:
         """Article id of each window."""
         return self.store.article_id_of[self.store.row_article[self.starts.numpy()]]
+
+
+def gather_windows(vectors: torch.Tensor, starts: torch.Tensor, targets: torch.Tensor, offsets: torch.Tensor,
+                   idx: torch.Tensor | np.ndarray | list[int]) -> dict[str, torch.Tensor]:
+    """Context [B, K, D], target [B, D] and target rows of windows `idx`, gathered where the
+    arrays are (host or device): one vectorised index per tensor."""
+    idx = torch.as_tensor(idx, dtype=torch.long, device=starts.device)
+    rows = starts[idx].unsqueeze(1) + offsets
+    target_rows = targets[idx]
+    return {"context": vectors[rows], "target": vectors[target_rows], "target_row": target_rows}
+
+
+@dataclass(frozen=True)
+class DeviceWindows:
+    """A split's windows with the store's vectors and its index arrays on the training device
+    (data.on_device): a batch is one gather there, with no host copy."""
+
+    vectors: torch.Tensor
+    starts: torch.Tensor
+    targets: torch.Tensor
+    offsets: torch.Tensor
+
+    def gather(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
+        return gather_windows(self.vectors, self.starts, self.targets, self.offsets, idx)
+
+
+class WindowIndex(Dataset):
+    """A split's window indices as a Dataset (data.on_device): its batches are {"index": [B]},
+    gathered into windows on the device (callbacks/device_data.py)."""
+
+    def __init__(self, windows: Windows) -> None:
+        self.windows = windows
+
+    def __len__(self) -> int:
+        return len(self.windows)
+
+    def __getitems__(self, idx: list[int]) -> dict[str, torch.Tensor]:
+        return {"index": torch.as_tensor(idx, dtype=torch.long)}
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"index": torch.tensor(i)}
 
 
 def collate_batch(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

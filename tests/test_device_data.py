@@ -1,0 +1,61 @@
+"""The device-resident data path (data.on_device, callbacks/device_data.py): on the CPU, where both
+paths exist, it gives the host path's batches, runs and resumes exactly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from callbacks.device_data import DeviceData, on_device_of
+from lvm.errors import ConfigError, LvmError
+from lvm.train import build_data, make_loader, run
+from tests.helpers import cfg_for, history
+from tests.test_resume import EXACT, Kill, KillAtStep, assert_same_run
+
+
+def test_device_batches_are_the_host_batches():
+    cfg = cfg_for()
+    splits = build_data(cfg)
+    host = make_loader(splits["train"], 8, True, 0, seed=3)
+    device = make_loader(splits["train"], 8, True, 0, seed=3, on_device=True)
+    data = DeviceData(splits["train"], [splits["val"]])
+    data.on_fit_start(None, _OnCpu())
+    for epoch in (0, 1):
+        host.sampler.set_epoch(epoch)
+        device.sampler.set_epoch(epoch)
+        n = 0
+        for a, b in zip(host, device, strict=True):
+            assert set(b) == {"index"}  # the loader hands out indices only
+            data.on_train_batch_start(None, None, b, 0)
+            assert set(b) == set(a) and all(torch.equal(a[k], b[k]) for k in a)
+            n += 1
+        assert n == len(host)
+    val = make_loader(splits["val"], 16, False, 0, seed=3, on_device=True)
+    first = next(iter(val))
+    data.on_validation_batch_start(None, None, first, 0, 0)
+    assert torch.equal(first["context"], splits["val"].gather(torch.arange(16))["context"])
+
+
+class _OnCpu:
+    device = torch.device("cpu")
+
+
+def test_a_run_on_the_device_path_is_the_host_run_and_resumes_exactly(tmp_path):
+    run(cfg_for(*EXACT), tmp_path / "host")
+    run(cfg_for(*EXACT, "data.on_device=true"), tmp_path / "device")
+    assert_same_run(tmp_path / "host", tmp_path / "device")
+    with pytest.raises(Kill):
+        run(cfg_for(*EXACT, "data.on_device=true"), tmp_path / "killed", extra_callbacks=[KillAtStep(10)])
+    run(cfg_for(*EXACT, "data.on_device=true", "ckpt_path=last"), tmp_path / "killed")
+    assert_same_run(tmp_path / "host", tmp_path / "killed")
+    assert len(history(tmp_path / "killed")) == 3
+
+
+def test_on_device_settings():
+    cpu, gb = torch.device("cpu"), 2**30
+    assert on_device_of("auto", 0.5, gb, cpu) is False  # the host path already reads the vectors in place
+    assert on_device_of(True, 0.5, gb, cpu) is True and on_device_of(False, 0.5, gb, cpu) is False
+    with pytest.raises(ConfigError, match="data.on_device must be true, false or auto"):
+        on_device_of("yes", 0.5, gb, cpu)
+    with pytest.raises(LvmError, match=r"data\.device_share must be in \(0, 1\]"):
+        run(cfg_for("data.device_share=0"), "/nonexistent/never-written")
