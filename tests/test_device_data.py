@@ -59,3 +59,16 @@ def test_on_device_settings():
         on_device_of("yes", 0.5, gb, cpu)
     with pytest.raises(LvmError, match=r"data\.device_share must be in \(0, 1\]"):
         run(cfg_for("data.device_share=0"), "/nonexistent/never-written")
+
+
+@pytest.mark.slow
+def test_ddp_on_the_device_path_is_the_ddp_host_run(tmp_path):
+    """Two gloo processes: each rank gathers its own shard's batches on its device; the run is the
+    host path's, epoch for epoch."""
+    from tests.helpers import ROOT, TINY, train_cli
+
+    for name, on in (("host", "false"), ("device", "true")):
+        proc = train_cli("+experiment=p6b_v2", *TINY, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
+                         f"data.on_device={on}", f"hydra.run.dir={tmp_path / name}", cwd=ROOT)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    assert history(tmp_path / "device") == history(tmp_path / "host") and len(history(tmp_path / "host")) == 2
