@@ -6,11 +6,12 @@ STAMP   := $(VENV)/.installed
 ARGS    ?=
 
 TEXT_STAMP := $(VENV)/.installed-text
+SEARCH_STAMP := $(VENV)/.installed-search
 EXTRAS_STAMP := $(VENV)/.installed-extras
 WHEELS  := data/cache
 WIKI_MEMBER := gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2
 
-.PHONY: setup setup-text setup-extras train test test-full sweep tensorboard bench bench-gpu drills data-wiki clean
+.PHONY: setup setup-text setup-extras train test test-full sweep tensorboard bench bench-gpu drills search data-wiki clean
 
 setup: $(STAMP)
 
@@ -28,12 +29,17 @@ $(TEXT_STAMP): $(STAMP)
 	$(BIN)/pip install --quiet -e '.[dev,text]'
 	touch $(TEXT_STAMP)
 
-# Every optional extra (text, sweep: joblib launcher, slurm: submitit launcher): what CI tests with.
+# The optional search extra (optuna) for lvm.search.
+$(SEARCH_STAMP): $(STAMP)
+	$(BIN)/pip install --quiet -e '.[dev,search]'
+	touch $(SEARCH_STAMP)
+
+# Every optional extra (text, sweep: joblib launcher, slurm: submitit launcher, search: optuna): what CI tests with.
 setup-extras: $(EXTRAS_STAMP)
 
 $(EXTRAS_STAMP): $(STAMP)
-	$(BIN)/pip install --quiet -e '.[dev,text,sweep,slurm]'
-	touch $(EXTRAS_STAMP) $(TEXT_STAMP)
+	$(BIN)/pip install --quiet -e '.[dev,text,sweep,slurm,search]'
+	touch $(EXTRAS_STAMP) $(TEXT_STAMP) $(SEARCH_STAMP)
 
 # The Wikipedia excerpt inside the gensim 4.4.0 wheel (106 real articles), read straight from the
 # wheel (gensim itself is not installed), embedded with MiniLM into data/wiki_minilm/, then
@@ -54,6 +60,10 @@ test: setup
 test-full: setup
 	$(BIN)/python -m pytest -q $(ARGS)
 
+# An Optuna search for a stable P6b v2 recipe on the built-in data (lvm.search; conf/search/p6b_v2.yaml).
+search: $(SEARCH_STAMP)
+	$(BIN)/python -m lvm.search +search=p6b_v2 $(ARGS)
+
 sweep: setup
 	$(BIN)/python -m lvm.train +experiment=p6b_v2 +sweep=gamma_clamp trainer.max_epochs=3 $(ARGS)
 
@@ -72,5 +82,5 @@ drills: setup
 	$(BIN)/python -m lvm.drill $(ARGS)
 
 clean:
-	rm -rf outputs/runs outputs/sweeps outputs/dev outputs/bench outputs/drills .pytest_cache
+	rm -rf outputs/runs outputs/sweeps outputs/dev outputs/bench outputs/bench_gpu outputs/drills outputs/search .pytest_cache
 	find . -name __pycache__ -type d -prune -not -path './$(VENV)/*' -exec rm -rf {} +

@@ -175,11 +175,12 @@ def raw_loop(cfg: DictConfig, train: Windows, warmup: int, steps: int) -> Timing
 
 
 def lightning_loop(cfg: DictConfig, splits: dict[str, Windows], run_dir: Path, warmup: int, steps: int, full: bool,
-                   accelerator: str = "cpu", extra: tuple[L.Callback, ...] = ()) -> Timing:
+                   accelerator: str = "cpu", extra: tuple[L.Callback, ...] = (), **trainer_overrides: Any) -> Timing:
     """A one-epoch fit cut to warmup + steps batches, built as `lvm.train.run` builds it.
 
     full: every callback of `build_callbacks`, and the TensorBoard logger; otherwise none of them
-    and no checkpointing. `extra`: callbacks after the timer (lvm.bench_gpu's sync counter).
+    and no checkpointing. `extra`: callbacks after the timer (lvm.bench_gpu's sync counter);
+    `trainer_overrides`: more Trainer settings (lvm.bench_gpu's limit_val_batches).
     """
     run_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -187,7 +188,7 @@ def lightning_loop(cfg: DictConfig, splits: dict[str, Windows], run_dir: Path, w
     trainer, module, train_loader, val_loaders = build_fit(
         cfg, splits, run_dir, lvm_callbacks=full, extra_callbacks=[timer, *extra],
         max_epochs=1, limit_train_batches=warmup + steps, accelerator=accelerator,
-        enable_model_summary=False, enable_checkpointing=full,
+        enable_model_summary=False, enable_checkpointing=full, **trainer_overrides,
     )
     trainer.fit(module, train_loader, val_loaders)
     assert timer.timing is not None

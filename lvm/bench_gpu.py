@@ -75,7 +75,8 @@ def measure(cfg: DictConfig, b: DictConfig, work_dir: Path) -> list[dict[str, An
                 variant.data.batch_size, variant.trainer.precision, variant.data.on_device = int(batch), precision, on_device
                 counter = SyncCounter(b.warmup, b.warmup + b.steps - 1)
                 name = f"b{batch}-{precision}-{'device' if on_device else 'host'}"
-                t = lightning_loop(variant, splits, work_dir / name, b.warmup, b.steps, full=True, accelerator=device, extra=(counter,))
+                t = lightning_loop(variant, splits, work_dir / name, b.warmup, b.steps, full=True, accelerator=device, extra=(counter,),
+                                   limit_val_batches=b.val_batches)  # validation is not what is measured
                 steps_per_s = b.steps / t.steps_s
                 epoch_steps = math.ceil(train_windows / batch)
                 rows.append({"batch": int(batch), "precision": precision, "data": "device" if on_device else "host",

@@ -57,9 +57,15 @@ def read_job(job_dir: Path) -> Job:
     overrides = [str(o) for o in OmegaConf.load(hydra_dir / "overrides.yaml")]
     cfg = OmegaConf.load(hydra_dir / "config.yaml")
     axes = {k: OmegaConf.select(cfg, k, default=None) for k in AXES}
-    results_path = job_dir / "results.json"
+    values, status = run_values(job_dir)
+    return Job(num, overrides, values, axes, status)
+
+
+def run_values(run_dir: Path) -> tuple[dict[str, Any], str]:
+    """A run directory's METRICS (results.json and events.jsonl; None where missing) and status."""
+    results_path = run_dir / "results.json"
     results = json.loads(results_path.read_text()) if results_path.is_file() else {"status": "failed: no results.json"}
-    record = summarize_events(read_events(job_dir / "events.jsonl"))
+    record = summarize_events(read_events(run_dir / "events.jsonl"))
     final = results.get("final", {})
     values = {
         "best_val_cos": results.get("best_val_cos"),
@@ -72,8 +78,7 @@ def read_job(job_dir: Path) -> Job:
         "skipped_batches": results.get("guard", {}).get("skipped_batches"),
         "wall_time_s": results.get("wall_time_s"),
     }
-    status = job_status(results)
-    return Job(num, overrides, values, axes, status)
+    return values, job_status(results)
 
 
 def read_events(path: Path) -> list[dict[str, Any]]:

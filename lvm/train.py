@@ -324,8 +324,7 @@ def run(
                 resume=ckpt[1] if ckpt else None, slot_weights=slot_weights)
             try:
                 trainer.fit(module, train_loader, val_loaders, ckpt_path=ckpt[0] if ckpt else None)
-                guard = next((c for c in trainer.callbacks if isinstance(c, RollbackGuard)), None)
-                status = "stopped: max_rollbacks" if guard is not None and guard.stopped else "completed"
+                status = ending(trainer)
             except (Preempted, SIGTERMException) as e:
                 status = "preempted"
                 log.warning("Run preempted (%s): resume with ckpt_path=last", e)
@@ -347,6 +346,16 @@ def run(
         write_results(run_dir, results)
         log.info("Run %s: best val cos %s at %s", results["status"], results["best_val_cos"], results["best_checkpoint"])
     return results
+
+
+def ending(trainer: L.Trainer) -> str:
+    """The status of a fit that returned: stopped by the guard (max_rollbacks), stopped by a
+    callback that says why (`stop_reason`, e.g. a search's pruning), or completed."""
+    guard = next((c for c in trainer.callbacks if isinstance(c, RollbackGuard)), None)
+    if guard is not None and guard.stopped:
+        return "stopped: max_rollbacks"
+    reason = next((c.stop_reason for c in trainer.callbacks if getattr(c, "stop_reason", None)), None)
+    return f"stopped: {reason}" if reason else "completed"
 
 
 def guard_record(cfg: DictConfig, trainer: L.Trainer, run_dir: Path) -> dict[str, Any]:
