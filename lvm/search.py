@@ -121,6 +121,12 @@ class Search:
         make_sampler(self.optuna, self.s["sampler"])  # checked before any trial runs
         make_pruner(self.optuna, self.s["pruner"])
 
+    def defaults(self) -> dict[str, Any]:
+        """The searched parameters' values in the experiment as shipped (a group parameter: its choice)."""
+        cfg = compose(config_name="train", overrides=self.overrides, return_hydra_config=True)
+        choices = cfg.hydra.runtime.choices
+        return {name: choices[name] if "choices" in p else OmegaConf.select(cfg, name) for name, p in self.s["params"].items()}
+
     def study(self, worker: int = 0) -> Any:
         return self.optuna.create_study(study_name=self.s["name"], storage=self.storage, load_if_exists=True,
                                         direction=self.s["direction"], sampler=make_sampler(self.optuna, self.s["sampler"], worker),
@@ -202,6 +208,8 @@ def run_search(cfg: DictConfig, train_overrides: list[str]) -> dict[str, Any]:
     for t in stale:  # cut short by an interruption: recorded as failed, its recipe tried again as a new trial
         study.tell(t.number, state=search.optuna.trial.TrialState.FAIL)
         study.enqueue_trial(t.params)
+    if search.s["enqueue_defaults"] and not study.get_trials(deepcopy=False):
+        study.enqueue_trial(search.defaults())  # trial 0: the experiment as shipped, the recipe to beat
     done = search.finished(study)
     log.info("[search] %s: %d of %d trials finished%s, into %s", search.s["name"], done, search.s["trials"],
              f" ({len(stale)} interrupted trial(s) to run again)" if stale else "", search.out)
