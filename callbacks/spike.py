@@ -27,21 +27,24 @@ from lvm.optim import RollingStat, SkipStepAdamW, grad_norm
 SPIKE_STATS = ("grad_norm", "grad_z", "update_skipped")
 
 
-def spike_of(guard: dict[str, Any]) -> SpikeSkip | None:
-    """The spike callback `guard.spike` describes, or None where it is absent or disabled."""
+def spike_of(guard: dict[str, Any], clip: float | None = None) -> SpikeSkip | None:
+    """The spike callback `guard.spike` describes, or None where it is absent or disabled. `clip`:
+    the run's gradient-clipping norm, which it then applies with the norm it has computed anyway
+    (lvm.train hands clipping over to it: one gradient norm per step, not two)."""
     c = guard.get("spike")
     if not c or not c["enabled"]:
         return None
-    return SpikeSkip(c["sigma"], c["min_ratio"], c["window"], c["min_history"], c["skip"])
+    return SpikeSkip(c["sigma"], c["min_ratio"], c["window"], c["min_history"], c["skip"], clip)
 
 
 class SpikeSkip(L.Callback):
-    def __init__(self, sigma: float, min_ratio: float, window: int, min_history: int, skip: bool) -> None:
+    def __init__(self, sigma: float, min_ratio: float, window: int, min_history: int, skip: bool, clip: float | None = None) -> None:
         if not (finite(sigma) and sigma > 0 and finite(min_ratio) and min_ratio >= 1):
             raise ValueError(f"guard.spike needs sigma > 0 and min_ratio >= 1 (got {sigma}, {min_ratio})")
         if not (isinstance(window, int) and isinstance(min_history, int) and 2 <= min_history <= window):
             raise ValueError(f"guard.spike needs integers 2 <= min_history <= window (got {min_history}, {window})")
         self.sigma, self.min_ratio, self.min_history, self.skip = sigma, min_ratio, min_history, skip
+        self.clip = clip  # clip the gradients to this total norm after judging them (Lightning's clipping, with this norm)
         self.norms = RollingStat(window)
         self.row: torch.Tensor | None = None  # this step's SPIKE_STATS, on device
         self._full, self._short = 0, False  # the largest batch seen; whether this one is smaller
@@ -77,6 +80,8 @@ class SpikeSkip(L.Callback):
             optimizer.keep = (~skipped).float()
         if not self._short:
             self.norms.push(norm)
+        if self.clip is not None:  # what Lightning's clip_grad_norm_ would do, from the same norm
+            torch.nn.utils.clip_grads_with_norm_(self._params, self.clip, norm)
         self.row = torch.stack([norm, z, skipped.float()])
 
     def stats(self) -> torch.Tensor:

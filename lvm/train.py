@@ -34,7 +34,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
 from callbacks import (SPIKE_STATS, DeviceData, ExactResume, FaultInjection, FiniteModelCheckpoint, Mini5CAT, RampSchedule, RollbackGuard,
-                       ShareCPUs, SkipReport, StepStatistics, TensorBoardDashboard, on_device_of, spike_of)
+                       ShareCPUs, SkipReport, SpikeSkip, StepStatistics, TensorBoardDashboard, on_device_of, spike_of)
 from lvm.atomic import atomic_write_text
 from lvm.baselines import baseline_cosines, fit_slot_linear
 from lvm.checkpoints import AtomicCheckpointIO, check_dim, read_checkpoint
@@ -100,7 +100,7 @@ def build_callbacks(cfg: DictConfig, splits: dict[str, Windows], run_dir: Path, 
     if g.policy == "rollback":
         guard = RollbackGuard(run_dir, OmegaConf.to_container(g.detectors), g.max_rollbacks, g.backoff.hold_epochs,
                               g.backoff.target_frac_scale, g.backoff.lambda_max_scale, g.keep_good, schedule)
-    spike = spike_of(OmegaConf.to_container(g, resolve=True))
+    spike = spike_of(OmegaConf.to_container(g, resolve=True), clip_by_norm(cfg))
     # The statistics first: they hand each flushed window to the guard before it decides.
     stats = StepStatistics(STEP_STATS, cfg.logger.flush_every, [guard.on_rows] if guard else [],
                            [(SPIKE_STATS, spike.stats)] if spike else [])
@@ -132,6 +132,12 @@ def build_callbacks(cfg: DictConfig, splits: dict[str, Windows], run_dir: Path, 
     if cfg.threads == "auto" and not cfg.trainer.deterministic:  # a deterministic run keeps its thread count
         out.append(ShareCPUs(ThreadShare(limit=usable_cpus())))
     return out
+
+
+def clip_by_norm(cfg: DictConfig) -> float | None:
+    """The run's gradient-clipping norm (trainer.gradient_clip_val with the norm algorithm), if any."""
+    t = cfg.trainer
+    return t.gradient_clip_val if t.get("gradient_clip_val") and t.get("gradient_clip_algorithm", "norm") == "norm" else None
 
 
 def dashboard_hparams(cfg: DictConfig, choices: dict[str, str]) -> dict[str, Any]:
@@ -269,7 +275,10 @@ def build_fit(
             slot_weights = fit_slot_linear(splits["train"], d.eval_batch_size)
         callbacks += build_callbacks(cfg, splits, run_dir, dashboard_hparams(cfg, choices or {}), train_loader.sampler, signals,
                                      slot_weights)
-    trainer = L.Trainer(**{**plain["trainer"], **trainer_overrides}, callbacks=callbacks, logger=logger,
+    settings = {**plain["trainer"], **trainer_overrides}
+    if any(isinstance(c, SpikeSkip) and c.clip is not None for c in callbacks):
+        settings["gradient_clip_val"] = None  # the spike check clips, with the gradient norm it computes anyway
+    trainer = L.Trainer(**settings, callbacks=callbacks, logger=logger,
                         default_root_dir=str(run_dir), plugins=[AtomicCheckpointIO()])
     return trainer, module, train_loader, val_loaders
 

@@ -184,3 +184,28 @@ def test_an_epochs_short_remainder_batch_is_neither_judged_nor_kept():
         spike.on_before_optimizer_step(trainer, module, opt)
     assert opt.keep.item() == 1.0 and spike.stats()[1].item() == 0.0  # the batch of one: not a spike
     assert int(spike.norms.valid.sum()) == 4  # and not part of the history
+
+
+def test_the_spike_check_clips_as_lightning_would_from_the_same_norm(tmp_path):
+    """With the spike check on, it clips the gradients with the norm it computed (Lightning's
+    clipping is handed over: one gradient norm per step, not two); the run is bit for bit the run
+    Lightning's own clipping gives. A tight clip makes clipping act on every step."""
+    from tests.test_resume import final_state
+
+    from callbacks.spike import SpikeSkip
+    from lvm.train import build_data, build_fit
+
+    common = ["+experiment=p6b_v2", "trainer.gradient_clip_val=0.05", "trainer.max_epochs=2"]
+    cfg = cfg_for(*common)
+    trainer = build_fit(cfg, build_data(cfg), tmp_path / "built")[0]
+    assert trainer.gradient_clip_val is None and [c.clip for c in trainer.callbacks if isinstance(c, SpikeSkip)] == [0.05]
+    run(cfg, tmp_path / "spike")
+    run(cfg_for(*common, "guard.spike.enabled=false"), tmp_path / "lightning")
+    a, b = final_state(tmp_path / "spike"), final_state(tmp_path / "lightning")
+    assert all(torch.equal(v, b["weights"][k]) for k, v in a["weights"].items())
+    from tests.helpers import history
+
+    assert history(tmp_path / "spike") == history(tmp_path / "lightning")
+    # And the clip does act: unclipped, the same run ends elsewhere.
+    run(cfg_for(*common[:1], "trainer.gradient_clip_val=null", "trainer.max_epochs=2"), tmp_path / "unclipped")
+    assert history(tmp_path / "unclipped") != history(tmp_path / "spike")
