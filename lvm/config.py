@@ -16,6 +16,7 @@ from lvm.data.store import WindowSpec, check_policy
 from lvm.errors import ConfigError, LvmError, finite
 from lvm.detectors import detector_problems
 from lvm.gates import parse_eval
+from lvm.launchers import is_ddp
 from lvm.module import knobs_of, model_of, mse_on_of, skip_rule_of, variant_of
 from lvm.precision import check_precision
 from lvm.steplog import StepLog
@@ -72,6 +73,9 @@ def _problems(cfg: DictConfig) -> list[str]:
     built(lambda: thread_count(plain["threads"]))
     built(lambda: check_precision("trainer.precision", plain["trainer"]["precision"]))
     built(lambda: check_precision("eval.precision", plain["eval"]["precision"]))
+    # auto measures in each process before the ranks meet: ranks could choose apart.
+    need(not (is_ddp(cfg) and "auto" in (str(cfg.trainer.precision), str(cfg.eval.precision))),
+         "trainer.precision=auto and eval.precision=auto measure on one process: under DDP choose 32 or bf16-mixed")
 
     o = cfg.optim
     need(finite(o.lr) and o.lr > 0, f"optim.lr must be > 0 (got {o.lr})")

@@ -4,7 +4,7 @@
 `auto`. `auto` times fp32 and bf16 autocast on real batches of the run's own model (forward and
 backward for training, forward only for evaluation) and keeps bf16 only when it is at least
 `min_speedup` times faster and its predictions agree with fp32's to `min_cos` on every window
-(conf/train.yaml `precision_auto`). The model's output is cast to fp32 (lvm/model.py), so the loss,
+(`eval.precision_auto`, conf/eval/original.yaml). The model's output is cast to fp32 (lvm/model.py), so the loss,
 the metrics and the guard's statistics are fp32 whatever the precision.
 """
 
@@ -104,7 +104,7 @@ def _best_ms(model: torch.nn.Module, context: torch.Tensor, target: torch.Tensor
 
 
 def resolve_precision(setting: str, value: Any, model: torch.nn.Module, context: torch.Tensor, target: torch.Tensor | None,
-            settings: Mapping[str, Any]) -> tuple[str, dict[str, Any] | None]:
+                      settings: Mapping[str, Any]) -> tuple[str, dict[str, Any] | None]:
     """The precision to use for `value` (measured when `auto`) and the measurement, logged."""
     value = check_precision(setting, value)
     if value != "auto":

@@ -26,6 +26,8 @@ def test_precision_settings_are_checked(tmp_path):
         run(cfg_for("trainer.precision=16-mixed"), tmp_path / "a")
     with pytest.raises(ConfigError, match="eval.precision must be 32, bf16-mixed or auto"):
         run(cfg_for("eval.precision=fast"), tmp_path / "b")
+    with pytest.raises(ConfigError, match="under DDP choose 32 or bf16-mixed"):  # ranks could choose apart
+        run(cfg_for("trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=auto"), tmp_path / "c")
 
 
 def test_auto_keeps_bf16_only_when_faster_and_in_agreement():
