@@ -234,13 +234,15 @@ def assess(layout: dict[str, Any], results: dict[str, dict[str, Any]], out: Path
         missed.append(f"lost {latency} steps to the kill (goal: <= {flush})")
     elif not killed and d.instant and not (latency <= flush and action_step(first) < (onset // n + 1) * n):
         missed.append(f"acted {latency} steps after onset (goal: <= {flush}, before the epoch ends)")
-    if d.move:
-        restored = [e["checkpoint"] for e in acted if e.get("checkpoint")]
+    if d.move:  # the old place is gone, so a restore could only read the new one; none may have failed
         moved_from = (on.get("interrupted") or {}).get("moved_from")
         if moved_from and Path(moved_from).exists():
             missed.append(f"{moved_from} still exists after the move")
-        if not all((out / layout["on"] / c).is_file() for c in restored):
-            missed.append(f"restored {restored}: not all inside the moved run directory")
+        if not any(e.get("checkpoint") for e in acted):
+            missed.append("no checkpoint was restored after the move")
+        failed = [e["action"] for e in read_events(out / layout["on"] / "events.jsonl") if e["detector"] == "corrupt_checkpoint"]
+        if failed:
+            missed.append(f"a restore failed after the move: {'; '.join(failed)}")
     if killed:
         row["exact"] = row["final_on"] is not None and row["final_on"] == row["final_control"]
     f_on, f_ctl = row["final_on"], row["final_control"]

@@ -78,9 +78,10 @@ def test_scoring_of_a_killed_and_of_a_moved_run(tmp_path):
                 "checkpoint": "checkpoints/good-epoch00.ckpt"}
     gone = tmp_path / "m.before_move"
     on = {**done, "interrupted": {"exit_code": 0, "moved_from": str(gone)}}
-    (tmp_path / "m1" / "checkpoints").mkdir(parents=True)
-    (tmp_path / "m1" / "checkpoints" / "good-epoch00.ckpt").write_bytes(b"x")
+    # The restored good checkpoint may be rotated out later (keep_good): the record is what counts.
     assert score(moved, "m1", on, [rollback])["missed"] == []
-    assert score(moved, "m2", on, [rollback])["missed"] == ["restored ['checkpoints/good-epoch00.ckpt']: not all inside the moved run directory"]
+    corrupt = {"severity": "warning", "detector": "corrupt_checkpoint", "action": "skipped good-epoch01.ckpt: cannot be loaded", "step": 160}
+    assert score(moved, "m2", on, [corrupt, rollback])["missed"] == ["a restore failed after the move: skipped good-epoch01.ckpt: cannot be loaded"]
     gone.mkdir()
-    assert score(moved, "m3", on, [])["missed"][:2] == ["not detected", f"{gone} still exists after the move"]
+    assert score(moved, "m3", on, [])["missed"][:3] == ["not detected", f"{gone} still exists after the move",
+                                                        "no checkpoint was restored after the move"]
