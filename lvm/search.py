@@ -35,7 +35,7 @@ from hydra import compose
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from lvm.cli import entry_point, run_entry_point
+from lvm.cli import EXIT_FAIL, EXIT_OK, entry_point, run_entry_point
 from lvm.errors import ConfigError, LvmError
 from lvm.sweep import run_values
 from lvm.tables import fmt, md_table
@@ -150,7 +150,7 @@ class Search:
         log.info("[search] trial %d: %s", trial.number, " ".join(f"{k}={v}" for k, v in values.items()))
         try:
             results = run(cfg, run_dir, choices, extra_callbacks=[pruning], jobs=self.jobs)
-        except RunFailed as e:
+        except (RunFailed, LvmError) as e:
             trial.set_user_attr("status", f"failed: {e}")
             raise
         metrics, status = run_values(run_dir)
@@ -177,12 +177,13 @@ def work(search: Search, worker: int) -> None:
     import torch
 
     from lvm.launchers import claim_gpu
+    from lvm.train import RunFailed
 
     study = search.study(worker)  # threads: each trial's run() shares the CPUs out among search.jobs
     optuna = search.optuna
     missing = search.s["trials"] - search.finished(study)
     stop = optuna.study.MaxTrialsCallback(search.s["trials"], states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED))
-    catch = (LvmError, RuntimeError)  # a failed trial is recorded as failed; the search goes on
+    catch = (LvmError, RunFailed)  # a failed trial (refused at start, or failed in training) is recorded; the search goes on
     gpus = torch.cuda.device_count()
     if search.jobs > 1 and gpus:
         with claim_gpu(search.out / ".gpu_locks", worker % gpus, gpus) as gpu:
@@ -305,11 +306,12 @@ def plot(search: Search, study: Any, complete: list[dict[str, Any]]) -> list[Pat
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="study")
 @entry_point("lvm.search")
-def main(cfg: DictConfig) -> None:
+def main(cfg: DictConfig) -> int:
     if "search" not in cfg:
         raise ConfigError("name a search preset: python -m lvm.search +search=p6b_v2 (conf/search/)")
     train_overrides = [o for o in HydraConfig.get().overrides.task if o.lstrip("+~").split("=")[0].split(".")[0] not in DRIVER_KEYS]
-    run_search(cfg, train_overrides)
+    summary = run_search(cfg, train_overrides)
+    return EXIT_OK if summary["best"] else EXIT_FAIL  # no trial completed: say so in the exit code
 
 
 if __name__ == "__main__":

@@ -80,3 +80,12 @@ def test_search_without_optuna_names_the_extra(monkeypatch):
 def test_search_needs_a_preset():
     proc = run_module("lvm.search", timeout=120)
     assert proc.returncode == 2 and "+search=p6b_v2" in proc.stderr
+
+
+def test_failed_trials_are_recorded_and_the_exit_code_says_none_completed(tmp_path):
+    out = tmp_path / "search"
+    proc = run_module("lvm.search", *SEARCH, "search.trials=2", "optim.weight_decay=-1", f"out={out}", timeout=300)
+    assert proc.returncode == 1, proc.stderr[-2000:]  # every trial was refused at start: none completed
+    rows = list(csv.DictReader((out / "summary.csv").open()))
+    assert [r["state"] for r in rows] == ["fail", "fail"]
+    assert all("optim.weight_decay must be >= 0" in r["status"] for r in rows)
