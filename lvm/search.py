@@ -187,7 +187,7 @@ def work(search: Search, worker: int) -> None:
     gpus = torch.cuda.device_count()
     if search.jobs > 1 and gpus:
         with claim_gpu(search.out / ".gpu_locks", worker % gpus, gpus) as gpu:
-            torch.cuda.set_device(gpu)
+            search.overrides.append(f"trainer.devices=[{gpu}]")  # this worker's trials train on its GPU
             study.optimize(search.objective, n_trials=missing, callbacks=[stop], catch=catch)
     else:
         study.optimize(search.objective, n_trials=missing, callbacks=[stop], catch=catch)
