@@ -390,10 +390,11 @@ def measure_fivecat(cfg: DictConfig, windows: int) -> list[FiveCatRate]:
     """Figure (f): 5CAT's model work on `windows` val windows, in fp32 and in bf16, against the GEMM limit."""
     splits = build_data(cfg)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    module = LVMModule(to_plain(cfg), dim=splits["val"].store.dim)
+    plain = to_plain(cfg)
+    module = LVMModule(plain, dim=splits["val"].store.dim)
     rates = []
     for precision in (FP32, BF16):
-        r = fivecat_rate(module, splits["val"], windows, cfg.eval.horizon, cfg.data.eval_batch_size, precision, to_plain(cfg)["model"])
+        r = fivecat_rate(module, splits["val"], windows, cfg.eval.horizon, cfg.data.eval_batch_size, precision, plain["model"])
         log.info("5CAT %s: %d windows in %.1f s = %.1f windows/s (%.1f model forwards per window); matmul %.1f GFLOP/s "
                  "of a %.1f GFLOP/s GEMM limit = %.2f", r.precision, r.windows, r.seconds, r.windows_per_s, r.forwards_per_window,
                  r.achieved_gflops, r.gemm_gflops, r.of_limit)

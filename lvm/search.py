@@ -234,8 +234,8 @@ def summarize(search: Search, study: Any) -> dict[str, Any]:
     rows = []
     for t in study.get_trials(deepcopy=False):
         a = t.user_attrs
-        complete = t.state == search.optuna.trial.TrialState.COMPLETE  # a pruned trial's value is only its last report
-        rows.append({"trial": t.number, "state": t.state.name.lower(), "objective": t.value if complete else None,
+        done = t.state == search.optuna.trial.TrialState.COMPLETE  # a pruned trial's value is only its last report
+        rows.append({"trial": t.number, "state": t.state.name.lower(), "objective": t.value if done else None,
                      **{n: t.params.get(n) for n in names},
                      "best_val_cos": a.get("best_val_cos"), "final_val_cos": a.get("final_val_cos"), "rollbacks": a.get("rollbacks"),
                      "skipped_updates": a.get("skipped_batches"), "epochs": a.get("epochs"), "status": a.get("status", "")})
