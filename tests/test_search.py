@@ -89,3 +89,27 @@ def test_failed_trials_are_recorded_and_the_exit_code_says_none_completed(tmp_pa
     rows = list(csv.DictReader((out / "summary.csv").open()))
     assert [r["state"] for r in rows] == ["fail", "fail"]
     assert all("optim.weight_decay must be >= 0" in r["status"] for r in rows)
+
+
+def test_a_trial_that_fails_in_training_is_recorded_and_the_search_goes_on(tmp_path, monkeypatch):
+    """A failure after a run has started is a RunFailed, not an LvmError: before, it escaped
+    Optuna's catch list and ended the whole search."""
+    from hydra import compose, initialize_config_dir
+
+    import lvm.train
+    from lvm.search import Search, work
+    from lvm.train import RunFailed
+    from tests.helpers import ROOT
+
+    def failing_run(*args, **kwargs):
+        raise RunFailed("RuntimeError: boom in epoch 0")
+
+    monkeypatch.setattr(lvm.train, "run", failing_run)
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("study", overrides=["+search=p6b_v2", "search.trials=2", f"out={tmp_path}", "search.enqueue_defaults=false"])
+        search = Search(cfg, [o for o in SEARCH[1:] if not o.startswith("search.")])
+        search.out.mkdir(parents=True, exist_ok=True)
+        work(search, 0)
+    trials = trials_of(tmp_path)
+    assert [t.state for t in trials] == [optuna.trial.TrialState.FAIL] * 2
+    assert all(t.user_attrs["status"] == "failed: RuntimeError: boom in epoch 0" for t in trials)
