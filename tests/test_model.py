@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from lvm.model import P6Transformer, count_parameters, sinusoidal_positions
+from lvm.model import P6Transformer, ShortAttention, count_parameters, short_attention, sinusoidal_positions
 
 
 def p6(dim=768, block="decoder", **kw):
@@ -67,3 +67,51 @@ def test_context_skip_starts_at_the_mean_of_context_and_learns_slot_weights():
     with torch.no_grad():
         m.skip_weights.copy_(torch.tensor([0.0, 0.0, 0.0, 0.0, 1.0]))
     torch.testing.assert_close(m(ctx)[0], ctx[:, -1])  # all weight on the last slot: copy-last
+
+
+@pytest.mark.parametrize("cross", [False, True])
+@pytest.mark.parametrize("bool_mask", [False, True])
+def test_short_attention_is_pytorchs_multihead_attention(cross, bool_mask):
+    # The oracle: nn.MultiheadAttention itself (fused kernel) with the same parameters, outputs and
+    # gradients, under the causal mask the P6 layers pass and with none.
+    torch.manual_seed(0)
+    ref = torch.nn.MultiheadAttention(32, 4, dropout=0.0, batch_first=True)
+    short = short_attention(ref)
+    x = torch.randn(6, 5, 32, requires_grad=True)
+    mem = torch.randn(6, 5, 32) if cross else x
+    causal = torch.triu(torch.ones(5, 5, dtype=torch.bool), 1)
+    mask = causal if bool_mask else torch.zeros(5, 5).masked_fill(causal, float("-inf"))
+    for kw in ({"attn_mask": mask, "is_causal": True}, {"attn_mask": mask}, {}):
+        a = ref(x, mem, mem, need_weights=False, **kw)[0]
+        b = short(x, mem, mem, need_weights=False, **kw)[0]
+        torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-5)
+        ga = torch.autograd.grad(a.pow(2).sum(), [x, ref.in_proj_weight, ref.out_proj.weight])
+        gb = torch.autograd.grad(b.pow(2).sum(), [x, short.in_proj_weight, short.out_proj.weight])
+        for u, v in zip(ga, gb):
+            torch.testing.assert_close(v, u, atol=1e-5, rtol=1e-4)
+
+
+def test_short_attention_keeps_parameters_and_the_seeded_stream():
+    torch.manual_seed(0)
+    ref = torch.nn.MultiheadAttention(32, 4, dropout=0.1, batch_first=True)
+    after = torch.get_rng_state()
+    short = short_attention(ref)
+    assert torch.equal(torch.get_rng_state(), after)  # no init drawn: seeded models are nn.MultiheadAttention's
+    assert short.state_dict().keys() == ref.state_dict().keys()
+    assert all(torch.equal(short.state_dict()[k], v) for k, v in ref.state_dict().items())
+    assert short.dropout == 0.1 and short.num_heads == 4
+    assert all(isinstance(layer.self_attn, ShortAttention) and isinstance(layer.multihead_attn, ShortAttention)
+               for layer in p6(dim=16).blocks.layers)
+    with torch.device("meta"):  # config validation builds the model on the meta device
+        assert p6(dim=2).blocks.layers[0].self_attn.in_proj_weight.is_meta
+
+
+def test_short_attention_refuses_what_it_does_not_compute():
+    short = short_attention(torch.nn.MultiheadAttention(8, 2, batch_first=True))
+    x = torch.randn(2, 5, 8)
+    with pytest.raises(ValueError, match="key padding"):
+        short(x, x, x, key_padding_mask=torch.zeros(2, 5, dtype=torch.bool))
+    with pytest.raises(ValueError, match="key padding"):
+        short(x, x, x, need_weights=True)
+    with pytest.raises(ValueError, match="is_causal"):
+        short(x, x, x, is_causal=True)
