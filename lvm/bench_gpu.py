@@ -33,6 +33,7 @@ from lvm.bench import lightning_loop, training_config
 from lvm.cli import entry_point, run_entry_point
 from lvm.errors import ConfigError, LvmError
 from lvm.tables import md_table
+from lvm.threads import set_threads
 from lvm.train import build_data
 
 log = logging.getLogger("lvm.bench_gpu")
@@ -99,6 +100,7 @@ def main(cfg: DictConfig) -> None:
     for name in ("lvm.module", "callbacks", "lightning.pytorch", "lightning.fabric", "tensorboard"):
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
+    b.threads = set_threads(b.threads)  # a fixed count for every variant (training_config)
     train_cfg = training_config(cfg)
     with tempfile.TemporaryDirectory(prefix="lvm-bench-gpu-") as tmp:
         rows = measure(train_cfg, b, Path(tmp))
