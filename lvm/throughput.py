@@ -67,8 +67,10 @@ class FiveCatRate:
 def fivecat_rate(module: LVMModule, windows: Windows, n: int, horizon: int, batch_size: int, precision: str,
                  model_cfg: Mapping[str, Any]) -> FiveCatRate:
     """5CAT's model work on `n` windows at `precision`: windows/s and matmul FLOP rate, against the
-    GEMM rate of the model's feed-forward shape at the rows one 5CAT forward holds."""
-    module = module.eval()
+    GEMM rate of the model's feed-forward shape at the rows one 5CAT forward holds. The module
+    is left in the mode it came in."""
+    was = module.training
+    module.eval()
     rows = 0
 
     def predictor(batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -86,4 +88,5 @@ def fivecat_rate(module: LVMModule, windows: Windows, n: int, horizon: int, batc
         flops = forward_flops(module, context) * rows
     k = context.shape[1]
     gemm = gemm_flops_per_s(batch_size * k, model_cfg["d_model"], model_cfg["ffn"], precision)
+    module.train(was)
     return FiveCatRate(precision, len(index), rows / len(index), seconds, len(index) / seconds, flops / seconds / 1e9, gemm / 1e9)

@@ -34,6 +34,7 @@ def test_fivecat_rate_counts_every_forward_it_makes():
     windows = splits["val"]
     horizon = cfg.eval.horizon
     rate = fivecat_rate(module, windows, 50, horizon, 16, "32", to_plain(cfg)["model"])
+    assert module.training  # left in the mode it came in (it was left in eval mode)
     n = min(50, len(windows))
     rows = windows.gather(torch.arange(n))["target_row"]
     _, ok = F5.rows_at(windows.store, rows, [h * windows.spec.target_offset for h in range(horizon)])
