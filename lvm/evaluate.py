@@ -35,6 +35,7 @@ from lvm.gates import judge, parse_eval
 from lvm.module import LVMModule, predict_units
 from lvm.precision import check_precision, resolve_precision
 from lvm.report import write_outputs
+from lvm.threads import set_threads
 
 log = logging.getLogger(__name__)
 
@@ -242,6 +243,7 @@ def run(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict[str, Any]:
     eval_cfg = to_plain(cfg.eval)
     parse_eval(eval_cfg)  # fail before loading anything
     check_precision("eval.precision", eval_cfg["precision"])
+    set_threads(cfg.threads)
     ckpt = read_checkpoint(cfg.ckpt) if cfg.ckpt else None
     stored = ckpt["hyper_parameters"]["config"] if ckpt else None
     data_cfg = group_config("data", cfg, stored, overrides)

@@ -27,7 +27,7 @@ def eval_cfg(*overrides: str):
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
-    return run_module("lvm.evaluate", *args, "progress=false", timeout=300, threads=1)
+    return run_module("lvm.evaluate", *args, "progress=false", "threads=1", timeout=300)
 
 
 def strict_load(path: Path) -> dict:
@@ -38,6 +38,7 @@ def test_cli_oracle_outputs_and_exit_codes(tmp_path):
     proc = cli("predictor=oracle", *TINY_DATA, f"out_dir={tmp_path / 'o'}")
     # The oracle ignores its context, so the ablation gate C fails and "all gates" fails: exit 1.
     assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "torch threads: 1 (threads=1" in proc.stdout + proc.stderr  # lvm.evaluate sets its threads (it did not)
     report = strict_load(tmp_path / "o" / "5cat.json")
     assert report["subject"] == "oracle" and report["checkpoint"] is None
     assert set(report["results"]) == {"oracle", "copy_last", "mean_context", "slot_linear"}
@@ -134,6 +135,7 @@ def test_sample_is_seeded_across_articles(tmp_path):
         (["predictor=guess"], "predictor must be one of"),
         (["predictor=oracle", "sample=0"], "sample must be"),
         (["predictor=oracle", "eval.pass_rule.mode=most"], "eval.pass_rule.mode"),
+        (["predictor=oracle", "threads=0"], "threads must be auto or an integer"),
     ],
 )
 def test_bad_settings_named(overrides, message):
