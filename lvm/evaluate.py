@@ -32,7 +32,7 @@ from lvm.data.store import Windows, WindowSpec
 from lvm.errors import ConfigError, LvmError
 from lvm.fivecat import CROSS, SPLIT_NAMES, Predictor, compare_splits, make_perturbation, score_windows, summarize
 from lvm.gates import judge, parse_eval
-from lvm.module import LVMModule, predict_units
+from lvm.module import LVMModule, accelerator_device, predict_units
 from lvm.precision import check_precision, resolve_precision
 from lvm.report import write_outputs
 from lvm.threads import set_threads
@@ -65,8 +65,7 @@ def load_model(ckpt: dict[str, Any], path: str | Path, dim: int) -> LVMModule:
     check_dim(path, hp, dim)
     module = LVMModule(hp["config"], dim)
     module.load_state_dict(ckpt["state_dict"])
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    return module.to(device).eval()
+    return module.to(accelerator_device()).eval()
 
 
 def run_dir_of(ckpt_path: str | Path) -> Path:

@@ -46,7 +46,7 @@ from lvm.data.sampler import EpochSampler
 from lvm.data.store import WindowIndex, Windows, WindowSpec, collate_batch
 from lvm.errors import LvmError, Preempted, RunFailed
 from lvm.evaluate import evaluate_after_fit
-from lvm.module import STEP_STATS, LVMModule, model_of
+from lvm.module import STEP_STATS, LVMModule, accelerator_device, model_of
 from lvm.precision import check_precision, resolve_precision
 from lvm.launchers import launcher_choice, missing_launcher_plugin, own_gpu, resume_on_requeue, sweep_jobs
 from lvm.rundir import auto_start_fresh, claim_run_dir, write_failure, write_results
@@ -181,11 +181,6 @@ def resolve_checkpoint(ckpt_path: str | None, run_dir: Path) -> tuple[str, dict[
     return str(path), ckpt
 
 
-def training_device(cfg: DictConfig) -> torch.device:
-    """The device the Trainer will train on (the first GPU when there is one and the accelerator allows it)."""
-    return torch.device("cuda" if torch.cuda.is_available() and cfg.trainer.accelerator in ("auto", "gpu", "cuda") else "cpu")
-
-
 def with_precision(cfg: DictConfig, train: Windows, resume: dict[str, Any] | None) -> tuple[DictConfig, dict[str, Any]]:
     """The config with trainer.precision and eval.precision resolved (lvm/precision.py) and what
     was measured. `auto` measures on the run's first training batch with a fresh model (on its own
@@ -198,7 +193,7 @@ def with_precision(cfg: DictConfig, train: Windows, resume: dict[str, Any] | Non
         return cfg, record
     cfg = copy.deepcopy(cfg)
     stored = resume["hyper_parameters"]["config"] if resume else None
-    device = training_device(cfg)
+    device = accelerator_device(cfg.trainer.accelerator)
     batch = train.gather(torch.arange(min(cfg.data.batch_size, len(train))))
     for group, value in values.items():
         if value != "auto":
@@ -260,7 +255,7 @@ def build_fit(
     module = LVMModule(plain, dim=splits["train"].store.dim)
     d = cfg.data
     store = splits["train"].store
-    on_device = on_device_of(d.on_device, d.device_share, store.vectors.nbytes, training_device(cfg))
+    on_device = on_device_of(d.on_device, d.device_share, store.vectors.nbytes, accelerator_device(cfg.trainer.accelerator))
     evals = [splits[s] for s in ("val", "ood") if len(splits[s])]
     train_loader = make_loader(splits["train"], d.batch_size, True, d.num_workers, cfg.seed, on_device)
     val_loaders = [make_loader(w, d.eval_batch_size, False, d.num_workers, cfg.seed, on_device) for w in evals]
