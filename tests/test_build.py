@@ -64,9 +64,10 @@ def assert_same_build(a: Path, b: Path) -> None:
 
 def test_mediawiki_build_end_to_end(tmp_path):
     out = tmp_path / "store"
-    proc = run_cli(str(WIKI_FIXTURE), f"out_dir={out}", "encoder=hashing", "progress=false")
+    proc = run_cli(str(WIKI_FIXTURE), f"out_dir={out}", "encoder=hashing", "progress=false", "threads=1")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "built " in proc.stdout and "3 articles" in proc.stdout
+    assert "torch threads: 1 (threads=1" in proc.stdout + proc.stderr  # the encoder's threads are set (they were not)
 
     z = np.load(out / "store.npz")
     assert sorted(z.files) == ["article_indices", "chunk_indices", "doc_ids", "titles", "vectors"]

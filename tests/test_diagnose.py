@@ -32,13 +32,14 @@ def cfg(*overrides: str):
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
-    return run_module("lvm.diagnosis.diagnose", *args, "progress=false", "bootstrap=50", "pairs=2000", timeout=120, threads=1)
+    return run_module("lvm.diagnosis.diagnose", *args, "progress=false", "bootstrap=50", "pairs=2000", "threads=1", timeout=120)
 
 
 def test_cli_end_to_end(tmp_path):
     path = write_store(tmp_path / "my store.npz")
     proc = cli(str(path), "max_offset=2")
     assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "torch threads: 1 (threads=1" in proc.stdout + proc.stderr  # it set none before
     out = tmp_path / "diagnose"
     report = json.loads((out / "diagnose.json").read_text(), parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
     assert report["store"]["path"] == str(path) and report["settings"]["max_offset"] == 2

@@ -35,6 +35,7 @@ from lvm.cli import entry_point, run_entry_point
 from lvm.corpus.encoders import Encoder, make_encoder
 from lvm.corpus.text import Chunker, Document, read_documents
 from lvm.errors import ConfigError, DataError
+from lvm.threads import set_threads
 
 log = logging.getLogger(__name__)
 
@@ -250,6 +251,7 @@ def validate(cfg: DictConfig) -> None:
 def build(cfg: DictConfig) -> dict[str, Any]:
     """Run a build (or finish an interrupted one) and return its build info."""
     validate(cfg)
+    set_threads(cfg.threads)
     start = time.perf_counter()
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -25,6 +25,7 @@ from lvm.data.store import ArticleStore
 from lvm.diagnosis.report import findings, write_outputs
 from lvm.diagnosis.stats import FIT, HELDOUT, TUNE, Layout, Settings, diagnose
 from lvm.errors import ConfigError
+from lvm.threads import set_threads
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         raise ConfigError("no store given: python -m lvm.diagnosis.diagnose <store.npz> (or store=PATH)")
     settings = settings_of(cfg)
     check_fractions(float(cfg.split.val), float(cfg.ridge.tune))  # before loading a large store
+    set_threads(cfg.threads)
     path = Path(str(cfg.store))
     t0 = time.perf_counter()
     store = load_store_npz(path, cfg.normalize)
