@@ -32,7 +32,6 @@ STEP_STATS = ("loss", "mse", "dir", "lambda_eff", "frac_of_mse", "pos", "neg", "
               "penalties", "dir_grad_share", "diversity", "ca", "margin", "target_frac", "lambda_min", "lambda_max")
 
 
-@torch.no_grad()
 def accelerator_device(accelerator: str = "auto") -> torch.device:
     """The device Lightning's `accelerator` setting trains on here, for the work lvm places itself
     (the device data path, precision measurement, evaluation): the first GPU when there is one and
@@ -40,6 +39,7 @@ def accelerator_device(accelerator: str = "auto") -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() and accelerator in ("auto", "gpu", "cuda") else "cpu")
 
 
+@torch.no_grad()
 def predict_units(module: torch.nn.Module, context: torch.Tensor, batch_size: int, precision: str) -> torch.Tensor:
     """Unit predictions [N, D] (fp32) on the CPU for contexts [N, K, D], in forwards of at most
     `batch_size` on the module's device (`module.device`) at `precision` (lvm/precision.py);

@@ -12,7 +12,7 @@ from lvm.config import to_plain
 from lvm.data.store import WindowSpec
 from lvm.errors import ConfigError
 from lvm.evaluate import evaluate_checkpoint
-from lvm.module import model_of
+from lvm.module import LVMModule, model_of, predict_units
 from lvm.precision import agreement, check_precision, measure
 from lvm.train import build_data, run
 from tests.helpers import cfg_for, compose_cfg, history
@@ -102,3 +102,14 @@ def test_5cat_in_bf16_agrees_with_fp32(tmp_path):
         for key in ("cos", "margin_last"):
             assert b[key] == pytest.approx(a[key], abs=0.005), (split, key)
         assert b["retrieval"]["r5"] == pytest.approx(a["retrieval"]["r5"], abs=0.02)
+
+
+@pytest.mark.parametrize("precision", ["32", "bf16-mixed"])
+def test_predict_units_builds_no_graph_and_returns_unit_fp32(precision):
+    # Called with autograd on (a caller outside inference mode), it must not record a graph.
+    torch.manual_seed(0)
+    module = LVMModule(to_plain(cfg_for()), dim=16).train()
+    context = F.normalize(torch.randn(10, 5, 16), dim=-1)
+    pred = predict_units(module, context, 4, precision)
+    assert not pred.requires_grad and pred.dtype == torch.float32 and pred.shape == (10, 16)
+    torch.testing.assert_close(pred.norm(dim=-1), torch.ones(10))
