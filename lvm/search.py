@@ -22,6 +22,7 @@ Needs the `search` extra (optuna): `pip install -e '.[search]'`.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import logging
 import math
@@ -185,11 +186,10 @@ def work(search: Search, worker: int) -> None:
     stop = optuna.study.MaxTrialsCallback(search.s["trials"], states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED))
     catch = (LvmError, RunFailed)  # a failed trial (refused at start, or failed in training) is recorded; the search goes on
     gpus = torch.cuda.device_count()
-    if search.jobs > 1 and gpus:
-        with claim_gpu(search.out / ".gpu_locks", worker % gpus, gpus) as gpu:
+    claim = claim_gpu(search.out / ".gpu_locks", worker % gpus, gpus) if search.jobs > 1 and gpus else contextlib.nullcontext()
+    with claim as gpu:
+        if gpu is not None:
             search.overrides.append(f"trainer.devices=[{gpu}]")  # this worker's trials train on its GPU
-            study.optimize(search.objective, n_trials=missing, callbacks=[stop], catch=catch)
-    else:
         study.optimize(search.objective, n_trials=missing, callbacks=[stop], catch=catch)
 
 
