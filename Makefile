@@ -11,7 +11,7 @@ EXTRAS_STAMP := $(VENV)/.installed-extras
 WHEELS  := data/cache
 WIKI_MEMBER := gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2
 
-.PHONY: setup setup-text setup-extras train test test-full sweep tensorboard bench bench-gpu drills search data-wiki clean
+.PHONY: setup setup-text setup-extras lint format train test test-full sweep tensorboard bench bench-gpu drills search data-wiki clean
 
 setup: $(STAMP)
 
@@ -51,6 +51,15 @@ data-wiki: $(TEXT_STAMP)
 		input_member=$(WIKI_MEMBER) encoder=minilm out_dir=data/wiki_minilm $(ARGS)
 	$(BIN)/python -m lvm.diagnosis.diagnose data/wiki_minilm/store.npz progress=false
 
+# ruff (configured in pyproject.toml): lint and format check over the whole tree.
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: setup
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
 train: setup
 	$(BIN)/python -m lvm.train +experiment=p6b_v2 $(ARGS)
 
@@ -60,9 +69,9 @@ test: setup
 test-full: setup
 	$(BIN)/python -m pytest -q $(ARGS)
 
-# An Optuna search for a stable P6b v2 recipe on the built-in data (lvm.search; conf/search/p6b_v2.yaml).
+# An Optuna search for a stable P6b v2 recipe on the built-in data (lvm.tools.search; conf/search/p6b_v2.yaml).
 search: $(SEARCH_STAMP)
-	$(BIN)/python -m lvm.search +search=p6b_v2 $(ARGS)
+	$(BIN)/python -m lvm.tools.search +search=p6b_v2 $(ARGS)
 
 sweep: setup
 	$(BIN)/python -m lvm.train +experiment=p6b_v2 +sweep=gamma_clamp trainer.max_epochs=3 $(ARGS)
@@ -73,13 +82,13 @@ tensorboard: setup
 bench: setup
 	$(BIN)/python -m lvm.bench $(ARGS)
 
-# Training speed on a CUDA GPU at the original's scale (lvm.bench_gpu; says so and exits 2 without one).
+# Training speed on a CUDA GPU at the original's scale (lvm.bench.gpu; says so and exits 2 without one).
 bench-gpu: setup
-	$(BIN)/python -m lvm.bench_gpu $(ARGS)
+	$(BIN)/python -m lvm.bench.gpu $(ARGS)
 
-# The guard's fault drills and healthy controls (lvm.drill): one table, one timeline per drill.
+# The guard's fault drills and healthy controls (lvm.tools.drill): one table, one timeline per drill.
 drills: setup
-	$(BIN)/python -m lvm.drill $(ARGS)
+	$(BIN)/python -m lvm.tools.drill $(ARGS)
 
 clean:
 	rm -rf outputs/runs outputs/sweeps outputs/dev outputs/bench outputs/bench_gpu outputs/drills outputs/search .pytest_cache

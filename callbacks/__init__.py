@@ -13,5 +13,21 @@ from callbacks.spike import SPIKE_STATS, SpikeSkip, spike_of
 from callbacks.stats import StepStatistics
 from callbacks.threads import ShareCPUs
 
-__all__ = ["DeviceData", "ExactResume", "FaultInjection", "FiniteModelCheckpoint", "Mini5CAT", "RampSchedule", "RampStage", "RollbackGuard",
-           "SPIKE_STATS", "ShareCPUs", "SkipReport", "SpikeSkip", "StepStatistics", "TensorBoardDashboard", "on_device_of", "spike_of"]
+__all__ = [
+    "DeviceData",
+    "ExactResume",
+    "FaultInjection",
+    "FiniteModelCheckpoint",
+    "Mini5CAT",
+    "RampSchedule",
+    "RampStage",
+    "RollbackGuard",
+    "SPIKE_STATS",
+    "ShareCPUs",
+    "SkipReport",
+    "SpikeSkip",
+    "StepStatistics",
+    "TensorBoardDashboard",
+    "on_device_of",
+    "spike_of",
+]

@@ -12,7 +12,7 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from lvm.checkpoints import finite_weights
+from lvm.runtime.checkpoints import finite_weights
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +31,5 @@ class FiniteModelCheckpoint(ModelCheckpoint):
     def _finite(self, trainer: L.Trainer) -> bool:
         if finite_weights(trainer):
             return True
-        log.warning("Not saving a %s checkpoint at step %d: the model has non-finite weights",
-                    self.filename or "best", trainer.global_step)
+        log.warning("Not saving a %s checkpoint at step %d: the model has non-finite weights", self.filename or "best", trainer.global_step)
         return False

@@ -10,7 +10,7 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from lvm.atomic import drop_rows_after
+from lvm.runtime.files import drop_rows_after
 
 LAYOUT = {
     "P6b directional": {
@@ -24,9 +24,15 @@ LAYOUT = {
         "loss terms (variant penalties: v2.1-v2.3)": ["Multiline", ["train/mse", "train/dir", "train/penalties"]],
     },
     "Validation": {
-        "cosine vs baselines": ["Multiline", ["val/cos", "ood/cos", "mini5cat/cos", "mini5cat/copy_last_cos", "mini5cat/mean_context_cos", "mini5cat/slot_linear_cos"]],
+        "cosine vs baselines": [
+            "Multiline",
+            ["val/cos", "ood/cos", "mini5cat/cos", "mini5cat/copy_last_cos", "mini5cat/mean_context_cos", "mini5cat/slot_linear_cos"],
+        ],
         "mini-5CAT margins": ["Multiline", ["mini5cat/margin_last", "mini5cat/margin_prev"]],
-        "within-article retrieval": ["Multiline", ["mini5cat/r1", "mini5cat/r5", "mini5cat/mrr", "mini5cat/copy_last_r5", "mini5cat/r5_bank6"]],
+        "within-article retrieval": [
+            "Multiline",
+            ["mini5cat/r1", "mini5cat/r5", "mini5cat/mrr", "mini5cat/copy_last_r5", "mini5cat/r5_bank6"],
+        ],
         "loss": ["Multiline", ["val/loss", "val/mse", "ood/loss", "ood/mse"]],
         "non-finite predictions (share)": ["Multiline", ["mini5cat/nonfinite"]],
         "collapse: diversity and contrastive accuracy": ["Multiline", ["mini5cat/diversity", "mini5cat/ca", "mini5cat/mean_context_ca"]],

@@ -19,7 +19,7 @@ import lightning as L
 import torch
 
 from lvm.data.store import DeviceWindows, Windows
-from lvm.errors import ConfigError
+from lvm.runtime.errors import ConfigError
 
 
 def on_device_of(setting: Any, share: float, store_bytes: int, device: torch.device) -> bool:
@@ -51,6 +51,7 @@ class DeviceData(L.Callback):
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
         batch.update(self.on["train"].gather(batch.pop("index")))
 
-    def on_validation_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int,
-                                  dataloader_idx: int = 0) -> None:
+    def on_validation_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
         batch.update(self.on[str(dataloader_idx)].gather(batch.pop("index")))

@@ -1,4 +1,4 @@
-"""FaultInjection: break a run on purpose at given steps, to drill the guard (tests, lvm.drill).
+"""FaultInjection: break a run on purpose at given steps, to drill the guard (tests, lvm.tools.drill).
 
 - `nan_at_steps`: every weight set to NaN at the start of those global steps, on rank 0 only (the
   gradient all-reduce then carries the fault to the other ranks, as a real one would).
@@ -34,10 +34,19 @@ from callbacks.rollback import RollbackGuard, rollbacks_of
 
 
 class FaultInjection(L.Callback):
-    def __init__(self, nan_at_steps: Iterable[int] = (), constant_from_step: int | None = None,
-                 constant: torch.Tensor | None = None, corrupt_good_at_step: int | None = None,
-                 nan_batch_at_steps: Iterable[int] = (), lr_spike_at_step: int | None = None, lr_spike_factor: float = 1000.0,
-                 raw_scale_at_step: int | None = None, raw_scale_factor: float = 100.0, kill_at_step: int | None = None) -> None:
+    def __init__(
+        self,
+        nan_at_steps: Iterable[int] = (),
+        constant_from_step: int | None = None,
+        constant: torch.Tensor | None = None,
+        corrupt_good_at_step: int | None = None,
+        nan_batch_at_steps: Iterable[int] = (),
+        lr_spike_at_step: int | None = None,
+        lr_spike_factor: float = 1000.0,
+        raw_scale_at_step: int | None = None,
+        raw_scale_factor: float = 100.0,
+        kill_at_step: int | None = None,
+    ) -> None:
         if constant_from_step is not None and constant is None:
             raise ValueError("constant_from_step needs the constant direction")
         self.steps = set(nan_at_steps)
@@ -78,7 +87,10 @@ class FaultInjection(L.Callback):
                 g["lr"] *= self.lr_spike_factor
         if step == self.raw_scale_at_step:
             with torch.no_grad():
-                for p in (*pl_module.model.head[-1].parameters(), *([pl_module.model.skip_weights] if pl_module.model.skip_weights is not None else [])):
+                for p in (
+                    *pl_module.model.head[-1].parameters(),
+                    *([pl_module.model.skip_weights] if pl_module.model.skip_weights is not None else []),
+                ):
                     p.mul_(self.raw_scale_factor)
         if self.constant_from_step is None or self.ended:
             return
@@ -98,7 +110,9 @@ class FaultInjection(L.Callback):
         if model.skip_weights is not None:
             model.skip_weights.zero_()
 
-    def _constant_output(self, module: torch.nn.Module, inputs: Any, output: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _constant_output(
+        self, module: torch.nn.Module, inputs: Any, output: tuple[torch.Tensor, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         raw = output[0]
         c = self.constant.to(device=raw.device, dtype=raw.dtype)
         raw = c.expand_as(raw) + 0.0 * raw
@@ -108,4 +122,3 @@ class FaultInjection(L.Callback):
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
-

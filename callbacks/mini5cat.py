@@ -18,24 +18,20 @@ import lightning as L
 import numpy as np
 import torch
 
-from lvm import metrics as M
-from lvm.baselines import BASELINES, reference_predictors
 from lvm.data.splits import stratified_sample
 from lvm.data.store import Windows
-from lvm.module import predict_units
+from lvm.evaluation import metrics as M
+from lvm.evaluation.baselines import BASELINES, reference_predictors
+from lvm.model.module import predict_units
 
 log = logging.getLogger(__name__)
 
 
-def health_metrics(
-    pred: torch.Tensor, batch: dict[str, torch.Tensor], windows: Windows, prev_slot: int
-) -> dict[str, float]:
+def health_metrics(pred: torch.Tensor, batch: dict[str, torch.Tensor], windows: Windows, prev_slot: int) -> dict[str, float]:
     """Mini-5CAT figures of predictions `pred` for the windows in `batch`."""
     context, target, rows = batch["context"], batch["target"], batch["target_row"]
     start, length = windows.store.article_span(rows.numpy())
-    ranks = M.within_article_ranks(
-        pred, windows.store.vectors, rows, torch.from_numpy(start), torch.from_numpy(length)
-    )
+    ranks = M.within_article_ranks(pred, windows.store.vectors, rows, torch.from_numpy(start), torch.from_numpy(length))
     return {
         "nonfinite": M.nonfinite(pred).float().mean().item(),
         "cos": M.cos(pred, target).mean().item(),
@@ -53,8 +49,9 @@ def health_metrics(
 class Mini5CAT(L.Callback):
     """Runs at the end of every validation epoch (not during the sanity check)."""
 
-    def __init__(self, windows: Windows, n_windows: int, seed: int, prev_slot: int, batch_size: int,
-                 slot_weights: torch.Tensor, precision: str) -> None:
+    def __init__(
+        self, windows: Windows, n_windows: int, seed: int, prev_slot: int, batch_size: int, slot_weights: torch.Tensor, precision: str
+    ) -> None:
         self.windows = windows
         self.precision = precision  # resolved (not auto): eval.precision
         self.prev_slot = prev_slot
@@ -66,7 +63,8 @@ class Mini5CAT(L.Callback):
         self.last: dict[str, float] = {}
         log.info(
             "Mini-5CAT: %d windows from %d val articles; baselines cos copy-last %.3f, mean-of-context %.3f, slot-linear %.3f",
-            len(self.index), len(np.unique(windows.article_ids()[self.index.numpy()])),
+            len(self.index),
+            len(np.unique(windows.article_ids()[self.index.numpy()])),
             *(self.baselines[name]["cos"] for name in BASELINES),
         )
 
@@ -86,11 +84,22 @@ class Mini5CAT(L.Callback):
         if trainer.is_global_zero:
             m, b = self.last, self.baselines
             if m["nonfinite"]:
-                log.warning("[Mini-5CAT] %.1f%% of predictions hold NaN/inf: cos and margins are NaN, "
-                            "retrieval ranks them last | epoch %d", 100 * m["nonfinite"], trainer.current_epoch)
+                log.warning(
+                    "[Mini-5CAT] %.1f%% of predictions hold NaN/inf: cos and margins are NaN, retrieval ranks them last | epoch %d",
+                    100 * m["nonfinite"],
+                    trainer.current_epoch,
+                )
             log.info(
                 "[Mini-5CAT] Margin: %.3f | R@5: %.3f | cos %.3f (copy-last %.3f, mean-ctx %.3f, slot-linear %.3f) | "
                 "margin_prev %.3f | R@1 %.3f | R@5_bank6 %.3f | diversity %.2f | CA %.3f | epoch %d",
-                m["margin_last"], m["r5"], m["cos"], *(b[name]["cos"] for name in BASELINES),
-                m["margin_prev"], m["r1"], m["r5_bank6"], m["diversity"], m["ca"], trainer.current_epoch,
+                m["margin_last"],
+                m["r5"],
+                m["cos"],
+                *(b[name]["cos"] for name in BASELINES),
+                m["margin_prev"],
+                m["r1"],
+                m["r5_bank6"],
+                m["diversity"],
+                m["ca"],
+                trainer.current_epoch,
             )

@@ -1,4 +1,4 @@
-"""TrialPruning: a search trial (lvm.search) reports each epoch's val cosine to its Optuna trial and
+"""TrialPruning: a search trial (lvm.tools.search) reports each epoch's val cosine to its Optuna trial and
 stops at that epoch boundary when the pruner says so: cleanly, through `trainer.should_stop`, so
 the run ends with its checkpoints, metrics and results.json (status `stopped: pruned`).
 

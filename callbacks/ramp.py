@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import math
-
 import logging
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -91,12 +90,19 @@ class RampSchedule(L.Callback):
         k.margin, k.target_frac = s.margin, s.target_frac * self.target_frac_factor
         k.lambda_max = self.lambda_max * self.lambda_max_factor
         if idx != self.stage:
-            log.info("[Ramp] epoch %d (%d-based): stage %d, margin=%.3f target_frac=%.2f",
-                     epoch + self.epoch_base, self.epoch_base, idx, s.margin, k.target_frac)
+            log.info(
+                "[Ramp] epoch %d (%d-based): stage %d, margin=%.3f target_frac=%.2f",
+                epoch + self.epoch_base,
+                self.epoch_base,
+                idx,
+                s.margin,
+                k.target_frac,
+            )
         self.stage = idx
 
-    def back_off(self, epoch: int, pl_module: L.LightningModule, hold_epochs: int,
-                 target_frac_scale: float, lambda_max_scale: float) -> dict[str, Any]:
+    def back_off(
+        self, epoch: int, pl_module: L.LightningModule, hold_epochs: int, target_frac_scale: float, lambda_max_scale: float
+    ) -> dict[str, Any]:
         """After a rollback: hold the stage before the current one for `hold_epochs` more epochs and
         scale target_frac and lambda_max by this rollback's scales; returns what now applies."""
         self.hold_stage = max((self.stage or 0) - 1, 0)
@@ -104,12 +110,22 @@ class RampSchedule(L.Callback):
         self.target_frac_factor *= target_frac_scale
         self.lambda_max_factor *= lambda_max_scale
         self.apply(epoch, pl_module)
-        return {"hold_stage": self.hold_stage, "hold_until_epoch": self.hold_until, "target_frac_factor": self.target_frac_factor,
-                "lambda_max_factor": self.lambda_max_factor, "lambda_max": pl_module.knobs.lambda_max}
+        return {
+            "hold_stage": self.hold_stage,
+            "hold_until_epoch": self.hold_until,
+            "target_frac_factor": self.target_frac_factor,
+            "lambda_max_factor": self.lambda_max_factor,
+            "lambda_max": pl_module.knobs.lambda_max,
+        }
 
     def state_dict(self) -> dict[str, Any]:
-        return {"stage": self.stage, "hold_stage": self.hold_stage, "hold_until": self.hold_until,
-                "target_frac_factor": self.target_frac_factor, "lambda_max_factor": self.lambda_max_factor}
+        return {
+            "stage": self.stage,
+            "hold_stage": self.hold_stage,
+            "hold_until": self.hold_until,
+            "target_frac_factor": self.target_frac_factor,
+            "lambda_max_factor": self.lambda_max_factor,
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.stage = state_dict["stage"]

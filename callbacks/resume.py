@@ -5,7 +5,7 @@
   the same batches and the same dropout masks as the uninterrupted run.
 - It is written at every epoch end, every `every_n_steps` steps mid-epoch (`auto`: the steps of
   about `every_minutes`, timed on this run's first steps), and when SIGTERM or SIGUSR1 arrives
-  (then the run stops with `Preempted`); always atomically (lvm/atomic.py via the trainer's
+  (then the run stops with `Preempted`); always atomically (lvm/runtime/files.py via the trainer's
   CheckpointIO), so kill -9 at any moment loses at most `every_n_steps` steps.
 - A model with a non-finite weight is never written as last.ckpt (the older file stays).
 - Epoch-interval LR schedulers (ReduceLROnPlateau) step after an epoch's last.ckpt is written,
@@ -29,10 +29,10 @@ import lightning as L
 import numpy as np
 import torch
 
-from lvm.checkpoints import finite_weights
 from lvm.data.sampler import EpochSampler
-from lvm.errors import Preempted
-from lvm.signals import StopSignals
+from lvm.runtime.checkpoints import finite_weights
+from lvm.runtime.errors import Preempted
+from lvm.runtime.signals import StopSignals
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +41,11 @@ def rng_states() -> dict[str, Any]:
     """Every RNG state a training step can draw from (as tensors and plain containers, so that
     checkpoints load under torch's weights_only rules)."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    states: dict[str, Any] = {"torch": torch.get_rng_state(), "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
-                              "python": random.getstate()}
+    states: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+        "python": random.getstate(),
+    }
     if torch.cuda.is_available():
         states["cuda"] = torch.cuda.get_rng_state_all()
     return states
@@ -79,9 +82,16 @@ _WARMUP_STEPS, _TIMED_STEPS = 10, 50
 
 
 class ExactResume(L.Callback):
-    def __init__(self, sampler: EpochSampler, batch_size: int, last_path: str | Path,
-                 every_n_steps: int | str | None, every_minutes: float, signals: StopSignals | None,
-                 signal_check_every: int) -> None:
+    def __init__(
+        self,
+        sampler: EpochSampler,
+        batch_size: int,
+        last_path: str | Path,
+        every_n_steps: int | str | None,
+        every_minutes: float,
+        signals: StopSignals | None,
+        signal_check_every: int,
+    ) -> None:
         self.sampler = sampler
         self.batch_size = batch_size
         self.last_path = Path(last_path)
@@ -100,7 +110,7 @@ class ExactResume(L.Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Stop signals are lvm's: the run stops at a batch end or an epoch end, where last.ckpt is
-        # written in step with the records (lvm/signals.py).
+        # written in step with the records (lvm/runtime/signals.py).
         if self.signals is not None:
             self.signals.take_over()
         # After the trainer restored a checkpoint.
@@ -174,14 +184,14 @@ class ExactResume(L.Callback):
     def save(self, trainer: L.Trainer) -> None:
         """Write last.ckpt (atomically), unless the model has a non-finite weight."""
         if not finite_weights(trainer):
-            log.warning("Not writing %s at step %d: the model has non-finite weights (the older file is kept)",
-                        self.last_path, trainer.global_step)
+            log.warning(
+                "Not writing %s at step %d: the model has non-finite weights (the older file is kept)", self.last_path, trainer.global_step
+            )
             return
         trainer.save_checkpoint(self.last_path)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "batches_done": self.batches_done, "rng": rng_states(),
-                "scheduler_inputs": self.scheduler_inputs}
+        return {"epoch": self.epoch, "batches_done": self.batches_done, "rng": rng_states(), "scheduler_inputs": self.scheduler_inputs}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         # Called while the trainer restores a checkpoint, before the training data is iterated.

@@ -35,22 +35,46 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from callbacks.ramp import RampSchedule
-from lvm.atomic import drop_rows_after
-from lvm.checkpoints import finite_weights, read_checkpoint
-from lvm.detectors import COLLAPSE_DETECTORS, Streaks, Trip, check_nonfinite, check_training, check_validation, skipped
-from lvm.errors import LvmError
+from lvm.guard.detectors import (
+    COLLAPSE_DETECTORS,
+    Streaks,
+    Trip,
+    check_nonfinite,
+    check_training,
+    check_validation,
+    skipped,
+)
+from lvm.runtime.checkpoints import finite_weights, read_checkpoint
+from lvm.runtime.errors import LvmError
+from lvm.runtime.files import drop_rows_after
 
 log = logging.getLogger(__name__)
 
 # Detectors that an untrained model also trips: before the first healthy validation they are
 # warnings (the run has only its starting weights to go back to, and no history to compare with).
-STILL_LEARNING = ("val_floor", "below_copy_last", "below_mean_context", "val_low_diversity", "val_contrastive_chance",
-                  "low_diversity", "contrastive_chance")
+STILL_LEARNING = (
+    "val_floor",
+    "below_copy_last",
+    "below_mean_context",
+    "val_low_diversity",
+    "val_contrastive_chance",
+    "low_diversity",
+    "contrastive_chance",
+)
 
 
 class RollbackGuard(L.Callback):
-    def __init__(self, run_dir: str | Path, detectors: Mapping[str, Any], max_rollbacks: int, hold_epochs: int,
-                 target_frac_scale: float, lambda_max_scale: float, keep_good: int, schedule: RampSchedule) -> None:
+    def __init__(
+        self,
+        run_dir: str | Path,
+        detectors: Mapping[str, Any],
+        max_rollbacks: int,
+        hold_epochs: int,
+        target_frac_scale: float,
+        lambda_max_scale: float,
+        keep_good: int,
+        schedule: RampSchedule,
+    ) -> None:
         self.ckpt_dir = Path(run_dir) / "checkpoints"
         self.events_path = Path(run_dir) / "events.jsonl"
         self.detectors = dict(detectors)
@@ -97,8 +121,13 @@ class RollbackGuard(L.Callback):
         skips = [(s, r) for s, r in current if skipped(r)]
         self._skips_in_window = len(skips)  # the same on every rank (decided from averaged gradients)
         if skips:  # guard.spike.skip kept these updates out: recorded, one line per window
-            trips.append(Trip("update_skipped", "warning", {"count": float(len(skips)), "first_step": float(skips[0][0]),
-                                                            "grad_z_max": max(r["train/grad_z"] for _, r in skips)}))
+            trips.append(
+                Trip(
+                    "update_skipped",
+                    "warning",
+                    {"count": float(len(skips)), "first_step": float(skips[0][0]), "grad_z_max": max(r["train/grad_z"] for _, r in skips)},
+                )
+            )
         self._pending += self._still_learning(trips)
 
     # --- decisions ----------------------------------------------------------------------------
@@ -159,7 +188,9 @@ class RollbackGuard(L.Callback):
     def _act(self, trainer: L.Trainer, pl_module: L.LightningModule, collapses: list[Trip], where: str) -> None:
         """Roll back, or stop after max_rollbacks; the same path on every rank."""
         if self.rollbacks >= self.max_rollbacks:
-            self._record(trainer, collapses[0], action="stop", extra={"rollbacks": self.rollbacks, "others": [t.detector for t in collapses[1:]]})
+            self._record(
+                trainer, collapses[0], action="stop", extra={"rollbacks": self.rollbacks, "others": [t.detector for t in collapses[1:]]}
+            )
             log.error("[P6b GUARD] max_rollbacks (%d) reached: stopping; the best checkpoint is kept", self.max_rollbacks)
             trainer.should_stop = True
             self.stopped = True
@@ -172,10 +203,18 @@ class RollbackGuard(L.Callback):
         self._ignore_before = trainer.global_step
         backoff = self.schedule.back_off(trainer.current_epoch, pl_module, self.hold_epochs, self.target_frac_scale, self.lambda_max_scale)
         self.streaks = Streaks()
-        self._record(trainer, collapses[0], action="rollback", extra={
-            "where": where, "checkpoint": restored, "backoff": backoff, "rollbacks": self.rollbacks,
-            "others": [t.detector for t in collapses[1:]],
-        })
+        self._record(
+            trainer,
+            collapses[0],
+            action="rollback",
+            extra={
+                "where": where,
+                "checkpoint": restored,
+                "backoff": backoff,
+                "rollbacks": self.rollbacks,
+                "others": [t.detector for t in collapses[1:]],
+            },
+        )
 
     # --- checkpoints --------------------------------------------------------------------------
     def _save_good(self, trainer: L.Trainer, name: str) -> None:
@@ -185,7 +224,7 @@ class RollbackGuard(L.Callback):
             log.warning("[P6b GUARD] not saving %s: the model has non-finite weights", name)
             return
         self.good = [n for n in self.good if n != name] + [name]
-        stale, self.good = self.good[:-self.keep_good], self.good[-self.keep_good:]
+        stale, self.good = self.good[: -self.keep_good], self.good[-self.keep_good :]
         trainer.save_checkpoint(self.ckpt_dir / name)
         if trainer.is_global_zero:
             for n in stale:
@@ -216,22 +255,40 @@ class RollbackGuard(L.Callback):
     def _record(self, trainer: L.Trainer, trip: Trip, action: str, extra: dict[str, Any] | None = None) -> None:
         if not trainer.is_global_zero:
             return
-        event = {"time": time.time(), "step": trainer.global_step, "epoch": trainer.current_epoch,
-                 **asdict(trip), "action": action, **(extra or {})}
+        event = {
+            "time": time.time(),
+            "step": trainer.global_step,
+            "epoch": trainer.current_epoch,
+            **asdict(trip),
+            "action": action,
+            **(extra or {}),
+        }
         event["values"] = {k: v if math.isfinite(v) else str(v) for k, v in trip.values.items()}  # strict JSON
         with self.events_path.open("a") as f:
             f.write(json.dumps(event) + "\n")
         values = " ".join(f"{k}={v:.3f}" for k, v in trip.values.items())
-        log.warning("[P6b GUARD] %s (%s) at epoch %d step %d: %s -> %s", trip.detector, trip.severity,
-                    trainer.current_epoch, trainer.global_step, values, action)
+        log.warning(
+            "[P6b GUARD] %s (%s) at epoch %d step %d: %s -> %s",
+            trip.detector,
+            trip.severity,
+            trainer.current_epoch,
+            trainer.global_step,
+            values,
+            action,
+        )
         for lg in trainer.loggers:
             if isinstance(lg, TensorBoardLogger):
                 lg.experiment.add_text("guard/events", json.dumps(event), trainer.global_step)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"rollbacks": self.rollbacks, "good": list(self.good), "best_val_cos": self.best_val_cos,
-                "pinned_steps": self.streaks.pinned,
-                "ignore_before": self._ignore_before, "stopped": self.stopped}
+        return {
+            "rollbacks": self.rollbacks,
+            "good": list(self.good),
+            "best_val_cos": self.best_val_cos,
+            "pinned_steps": self.streaks.pinned,
+            "ignore_before": self._ignore_before,
+            "stopped": self.stopped,
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.rollbacks = state_dict["rollbacks"]

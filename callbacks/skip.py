@@ -1,6 +1,6 @@
 """SkipReport: counts the batches whose directional term the v2 skip rule zeroed, and says so.
 
-The rule itself is part of the loss (lvm/losses.py `SkipRule`, decided on the batch means averaged
+The rule itself is part of the loss (lvm/model/losses.py `SkipRule`, decided on the batch means averaged
 over ranks); this callback reads each step's statistics from `outputs` and keeps the count.
 """
 
@@ -58,7 +58,11 @@ class SkipReport(L.Callback):
             if trainer.is_global_zero:
                 log.warning(
                     "[P6b WARNING] Negative cosines detected (pos=%.3f, neg=%.3f), skipping directional loss "
-                    "(%d batches skipped since last report, %d in total)", pos, neg, n, self.skips_total,
+                    "(%d batches skipped since last report, %d in total)",
+                    pos,
+                    neg,
+                    n,
+                    self.skips_total,
                 )
             self._window.zero_()
 

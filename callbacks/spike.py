@@ -7,7 +7,7 @@ total gradient norm and its z-score against the last `window` steps. A spike is 
 improbable (more than `sigma` standard deviations above the window's mean) and large (at least
 `min_ratio` times that mean): a smooth run's window is so narrow that a healthy 1.4x step read z 6.8
 (a ramp stage's first steps, measured on a control), while every fault drill's spike is >= 2.7x.
-With `skip` on, a spiking or non-finite step gets the optimizer's 0/1 factor 0 (lvm/optim.py
+With `skip` on, a spiking or non-finite step gets the optimizer's 0/1 factor 0 (lvm/model/optim.py
 SkipStepAdamW): weights, moments and step count stay as they were. Each step's `grad_norm`,
 `grad_z` and `update_skipped` ride in the per-step statistics (callbacks/stats.py), so the guard
 sees and records every skip at the next flush.
@@ -21,8 +21,8 @@ import lightning as L
 import torch
 
 from callbacks.rollback import rollbacks_of
-from lvm.errors import finite
-from lvm.optim import RollingStat, SkipStepAdamW, grad_norm
+from lvm.model.optim import RollingStat, SkipStepAdamW, grad_norm
+from lvm.runtime.errors import finite
 
 SPIKE_STATS = ("grad_norm", "grad_z", "update_skipped")
 

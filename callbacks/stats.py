@@ -1,7 +1,7 @@
 """StepStatistics: the one owner of the per-step training statistics.
 
 Each training step returns its statistics (`outputs["stats"]`, names in lvm.module.STEP_STATS);
-this callback buffers them on device and flushes them (lvm/steplog.py: every `flush_every` steps,
+this callback buffers them on device and flushes them (lvm/guard/steplog.py: every `flush_every` steps,
 before each validation, at the epoch's and the fit's end) to the loggers, each row at its own
 step, and to the subscribers it was built with (the guard's in-training detectors). Unflushed rows
 ride in checkpoints, so a resumed run logs and flushes at the same steps as the uninterrupted one.
@@ -15,13 +15,17 @@ from typing import Any
 import lightning as L
 import torch
 
-from lvm.steplog import StepLog
+from lvm.guard.steplog import StepLog
 
 
 class StepStatistics(L.Callback):
-    def __init__(self, names: Sequence[str], flush_every: int,
-                 subscribers: Sequence[Callable[[list[int], list[dict[str, float]]], None]] = (),
-                 extra: Sequence[tuple[Sequence[str], Callable[[], torch.Tensor]]] = ()) -> None:
+    def __init__(
+        self,
+        names: Sequence[str],
+        flush_every: int,
+        subscribers: Sequence[Callable[[list[int], list[dict[str, float]]], None]] = (),
+        extra: Sequence[tuple[Sequence[str], Callable[[], torch.Tensor]]] = (),
+    ) -> None:
         """`extra`: (names, source) of statistics another callback computes each step after the
         module's (callbacks/spike.py: the gradient norm), appended to the row."""
         self.extra = list(extra)

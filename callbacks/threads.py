@@ -1,4 +1,4 @@
-"""ShareCPUs: keep torch's thread count fitted to the CPUs other work leaves free (lvm/threads.py)."""
+"""ShareCPUs: keep torch's thread count fitted to the CPUs other work leaves free (lvm/runtime/threads.py)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from typing import Any
 
 import lightning as L
 
-from lvm.threads import ThreadShare
+from lvm.runtime.threads import ThreadShare
 
 
 class ShareCPUs(L.Callback):

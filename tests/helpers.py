@@ -19,9 +19,9 @@ from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
-from lvm import fivecat as F5
 from lvm.corpus.encoders import TEXT_EXTRA
 from lvm.data.store import ArticleStore, WindowSpec
+from lvm.evaluation import fivecat as F5
 
 ROOT = Path(__file__).resolve().parents[1]
 P6 = WindowSpec(context=5, target_offset=2, prev_slot=-2)

@@ -20,7 +20,7 @@ from lvm.corpus.encoders import hashed_bow
 from lvm.corpus.text import Chunker, Document, read_documents
 from lvm.data.loaders import load_store_npz
 from lvm.diagnosis.diagnose import run as diagnose_run
-from lvm.errors import ConfigError, DataError
+from lvm.runtime.errors import ConfigError, DataError
 from tests.helpers import HAVE_TEXT, NEEDS_TEXT, WIKI_FIXTURE, compose_cfg, run_module
 
 KEPT = ["Agricultural science", "Astronomer", "Arithmetic mean"]  # Alien (18 words) and Ada (0) are too short
@@ -77,7 +77,9 @@ def test_mediawiki_build_end_to_end(tmp_path):
     # Independently: chunk the fixture's documents ourselves and embed them with the toy encoder.
     chunker = Chunker()
     docs = {d.title: d for d in read_documents(WIKI_FIXTURE) if isinstance(d, Document)}
-    expected = [(a, i, text) for a, title in enumerate(KEPT) for i, text in enumerate(chunker.chunks(chunker.kept_paragraphs(docs[title].text)[0]))]
+    expected = [
+        (a, i, text) for a, title in enumerate(KEPT) for i, text in enumerate(chunker.chunks(chunker.kept_paragraphs(docs[title].text)[0]))
+    ]
     assert [(c["article_index"], c["chunk_index"], c["text"]) for c in chunks] == expected
     assert z["article_indices"].tolist() == [a for a, _, _ in expected]
     assert z["chunk_indices"].tolist() == [i for _, i, _ in expected]
@@ -259,7 +261,9 @@ def test_store_without_a_window_warns_and_says_why(tmp_path, caplog):
     assert info["counts"][f"windows_context{longest}_next"] == 0 and info["counts"]["longest_article_chunks"] == longest
     expected = f"no article has more than {longest} chunks (the longest has {longest})"
     assert len(info["warnings"]) == 1 and expected in info["warnings"][0]
-    assert [r.getMessage() for r in caplog.records if r.name == "lvm.corpus.build" and r.levelno == logging.WARNING] == [f"WARNING: {w}" for w in info["warnings"]]
+    assert [r.getMessage() for r in caplog.records if r.name == "lvm.corpus.build" and r.levelno == logging.WARNING] == [
+        f"WARNING: {w}" for w in info["warnings"]
+    ]
     assert json.loads((tmp_path / "none" / "build_info.json").read_text())["warnings"] == info["warnings"]
 
 
@@ -307,7 +311,10 @@ def test_other_settings_in_the_same_out_dir_are_refused(tmp_path):
 
 def test_bad_input_is_one_clear_line(tmp_path):
     proc = run_cli(f"input={tmp_path / 'missing.xml'}", f"out_dir={tmp_path / 'o'}", "encoder=hashing")
-    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == f"lvm.corpus.build: input={tmp_path / 'missing.xml'}: no such file or folder"
+    assert (
+        proc.returncode == 2
+        and proc.stderr.strip().splitlines()[-1] == f"lvm.corpus.build: input={tmp_path / 'missing.xml'}: no such file or folder"
+    )
     proc = run_cli(f"input={WIKI_FIXTURE}", "encoder=hashing")
     assert proc.returncode == 2 and "out_dir must be set" in proc.stderr
     dup = tmp_path / "dup.jsonl"
@@ -329,9 +336,18 @@ def test_built_store_is_diagnosed_and_trains(tmp_path):
     assert report["adjacent"]["mean"] == pytest.approx(float((v[1:] * v[:-1]).sum(1)[same].mean()), abs=1e-5)
     assert all((out / "diagnose" / f"diagnose.{ext}").is_file() for ext in ("json", "md", "png"))
     proc = run_module(
-        "lvm.train", "+experiment=p6b_v2_wiki", f"data.path={out / 'store.npz'}",
-        "data.split.val=0.34", "data.split.ood=0", "model.d_model=16", "model.ffn=32", "model.layers=1", "model.heads=2",
-        "trainer.max_epochs=1", f"hydra.run.dir={tmp_path / 'run'}", timeout=300,
+        "lvm.train",
+        "+experiment=p6b_v2_wiki",
+        f"data.path={out / 'store.npz'}",
+        "data.split.val=0.34",
+        "data.split.ood=0",
+        "model.d_model=16",
+        "model.ffn=32",
+        "model.layers=1",
+        "model.heads=2",
+        "trainer.max_epochs=1",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = read_jsonl(tmp_path / "run" / "metrics.jsonl")

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from callbacks.fault import FaultInjection
-from lvm.atomic import drop_rows_after
-from lvm.checkpoints import AtomicCheckpointIO, read_checkpoint
-from lvm.errors import LvmError
-from lvm.train import run
+from lvm.runtime.checkpoints import AtomicCheckpointIO, read_checkpoint
+from lvm.runtime.errors import LvmError
+from lvm.runtime.files import drop_rows_after
+from lvm.training.run import run
 from tests.helpers import cfg_for
 
 UNREADABLE = {

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from lvm.cli import positional_override
+from lvm.runtime.cli import positional_override
 from tests.helpers import run_module
 
 
@@ -18,15 +18,15 @@ def test_a_bare_first_argument_is_the_store():
 @pytest.mark.parametrize(
     "module,args,words",
     [
-        ("lvm.sweep_report", ["/nowhere/sweep"], "/nowhere/sweep: no such directory"),
-        ("lvm.sweep_report", ["/tmp", "metric=accuracy"], "must be one of"),
+        ("lvm.tools.sweep_report", ["/nowhere/sweep"], "/nowhere/sweep: no such directory"),
+        ("lvm.tools.sweep_report", ["/tmp", "metric=accuracy"], "must be one of"),
         ("lvm.bench", ["bench.steps=0"], "bench.steps"),
         ("lvm.bench", ["model.heads=3"], "model.d_model"),
         ("lvm.bench", ["no_such_key=1"], "no_such_key"),
     ],
 )
 def test_every_tool_answers_bad_input_with_one_line_and_exit_2(module, args, words):
-    """lvm.bench and lvm.sweep_report follow the same convention as train, evaluate, build and diagnose."""
+    """lvm.bench and lvm.tools.sweep_report follow the same convention as train, evaluate, build and diagnose."""
     proc = run_module(module, *args, timeout=120, threads=1)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr and words in proc.stderr, proc.stderr[-2000:]

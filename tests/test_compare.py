@@ -1,4 +1,4 @@
-"""`python -m lvm.compare`: runs side by side against their baselines (table and plot), bad input."""
+"""`python -m lvm.tools.compare`: runs side by side against their baselines (table and plot), bad input."""
 
 from __future__ import annotations
 
@@ -6,9 +6,10 @@ import json
 
 import pytest
 
-from lvm.compare import compare, read_steps
-from lvm.errors import ConfigError, LvmError
-from lvm.train import run
+from lvm.runtime.errors import ConfigError, LvmError
+from lvm.tools.compare import compare
+from lvm.tools.runs import read_steps
+from lvm.training.run import run
 from tests.helpers import cfg_for, run_module
 
 BASE = {"copy_last": 0.52, "mean_context": 0.608, "slot_linear": 0.615}
@@ -39,7 +40,7 @@ def test_table_and_plot(tmp_path):
 
 
 def test_cli_names_a_missing_run(tmp_path):
-    proc = run_module("lvm.compare", f"runs=[{tmp_path / 'nope'}]", f"out={tmp_path / 'o'}", timeout=120, threads=1)
+    proc = run_module("lvm.tools.compare", f"runs=[{tmp_path / 'nope'}]", f"out={tmp_path / 'o'}", timeout=120, threads=1)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and "not a finished run directory" in proc.stderr
 
 

@@ -4,26 +4,60 @@ import math
 
 import pytest
 
-from lvm.detectors import Streaks, check_training, check_validation, detector_problems
+from lvm.guard.detectors import (
+    Streaks,
+    check_training,
+    check_validation,
+    detector_problems,
+)
 from tests.helpers import compose_cfg
 
 CFG = {
-    "start_step": 0, "tail_steps": 3, "nonfinite": True, "negative_cosines": True, "orthogonal_eps": 0.05,
-    "raw_norm_floor": 0.01, "raw_norm_ceiling": 10.0, "max_skips_per_window": 3, "diversity_floor": 0.2, "ca_floor": 0.6, "lambda_pinned_steps": 3,
-    "val_floor": 0.1, "val_drop": 0.15, "below_copy_last": 0.2, "below_mean_context": 0.15,
-    "val_diversity_floor": 0.2, "val_ca_floor": 0.6,
+    "start_step": 0,
+    "tail_steps": 3,
+    "nonfinite": True,
+    "negative_cosines": True,
+    "orthogonal_eps": 0.05,
+    "raw_norm_floor": 0.01,
+    "raw_norm_ceiling": 10.0,
+    "max_skips_per_window": 3,
+    "diversity_floor": 0.2,
+    "ca_floor": 0.6,
+    "lambda_pinned_steps": 3,
+    "val_floor": 0.1,
+    "val_drop": 0.15,
+    "below_copy_last": 0.2,
+    "below_mean_context": 0.15,
+    "val_diversity_floor": 0.2,
+    "val_ca_floor": 0.6,
 }
 
 
 def row(pos=0.5, neg=0.45, lam=0.01, lam_max=0.05, raw_norm=0.6, margin=0.02, loss=0.01, diversity=0.8, ca=0.95):
-    return {"train/loss": loss, "train/mse": loss, "train/pos": pos, "train/neg": neg, "train/gap": pos - neg,
-            "train/lambda_eff": lam, "train/lambda_max": lam_max, "train/raw_norm": raw_norm, "train/margin": margin,
-            "train/diversity": diversity, "train/ca": ca}
+    return {
+        "train/loss": loss,
+        "train/mse": loss,
+        "train/pos": pos,
+        "train/neg": neg,
+        "train/gap": pos - neg,
+        "train/lambda_eff": lam,
+        "train/lambda_max": lam_max,
+        "train/raw_norm": raw_norm,
+        "train/margin": margin,
+        "train/diversity": diversity,
+        "train/ca": ca,
+    }
 
 
 def val(cos=0.5, copy_last=0.52, mini_cos=None, mean_context=0.6, diversity=0.8, ca=0.95):
-    out = {"val/cos": cos, "val/cos_copy_last": copy_last, "mini5cat/cos": cos if mini_cos is None else mini_cos,
-           "mini5cat/mean_context_cos": mean_context, "mini5cat/diversity": diversity, "mini5cat/ca": ca}
+    out = {
+        "val/cos": cos,
+        "val/cos_copy_last": copy_last,
+        "mini5cat/cos": cos if mini_cos is None else mini_cos,
+        "mini5cat/mean_context_cos": mean_context,
+        "mini5cat/diversity": diversity,
+        "mini5cat/ca": ca,
+    }
     return out
 
 
@@ -119,7 +153,9 @@ def test_constant_output_on_anisotropic_data_trips_diversity_and_contrastive_acc
 
 def test_a_nan_figure_trips_its_detector():
     assert names(check_validation(val(0.5, diversity=float("nan"), ca=float("nan")), 0.5, CFG)) == [
-        "val_low_diversity", "val_contrastive_chance"]
+        "val_low_diversity",
+        "val_contrastive_chance",
+    ]
 
 
 def test_detector_settings_are_checked_at_start_up():
@@ -139,7 +175,8 @@ def test_detector_settings_are_checked_at_start_up():
 
 @pytest.mark.parametrize("setting", ["guard.detectors.ca_floor=-0.1", "callbacks.mini5cat.enabled=false"])
 def test_bad_detector_settings_refuse_to_start(setting):
-    from lvm.config import validate
-    from lvm.errors import ConfigError
+    from lvm.runtime.errors import ConfigError
+    from lvm.training.config import validate
+
     with pytest.raises(ConfigError, match="guard.detectors"):
         validate(compose_cfg("train", "+experiment=p6b_v2", setting))

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from callbacks.device_data import DeviceData, on_device_of
-from lvm.errors import ConfigError, LvmError
-from lvm.train import build_data, make_loader, run
+from lvm.runtime.errors import ConfigError, LvmError
+from lvm.training.build import build_data, make_loader
+from lvm.training.run import run
 from tests.helpers import cfg_for, history
 from tests.test_resume import EXACT, Kill, KillAtStep, assert_same_run
 
@@ -68,7 +69,15 @@ def test_ddp_on_the_device_path_is_the_ddp_host_run(tmp_path):
     from tests.helpers import ROOT, TINY, train_cli
 
     for name, on in (("host", "false"), ("device", "true")):
-        proc = train_cli("+experiment=p6b_v2", *TINY, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
-                         f"data.on_device={on}", f"hydra.run.dir={tmp_path / name}", cwd=ROOT)
+        proc = train_cli(
+            "+experiment=p6b_v2",
+            *TINY,
+            "trainer=ddp",
+            "trainer.accelerator=cpu",
+            "trainer.devices=2",
+            f"data.on_device={on}",
+            f"hydra.run.dir={tmp_path / name}",
+            cwd=ROOT,
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
     assert history(tmp_path / "device") == history(tmp_path / "host") and len(history(tmp_path / "host")) == 2

@@ -11,9 +11,8 @@ import numpy as np
 import pytest
 
 from lvm.diagnosis.diagnose import run
-from lvm.errors import ConfigError, DataError
+from lvm.runtime.errors import ConfigError, DataError
 from tests.helpers import THETA, compose_cfg, rotation_store, run_module, unit_rows
-
 
 # ----------------------------------------------------------------------------- CLI
 
@@ -59,7 +58,9 @@ def test_cli_bad_input_exits_2_naming_the_file(tmp_path):
 
 def test_bad_inputs_name_the_file(tmp_path):
     no_key = write_store(tmp_path / "nokey.npz", vectors=unit_rows(10, 4), chunk_indices=np.arange(10))
-    short = write_store(tmp_path / "short.npz", vectors=unit_rows(8, 4), article_indices=np.repeat([0, 1], 4), chunk_indices=np.r_[0:4, 0:4])
+    short = write_store(
+        tmp_path / "short.npz", vectors=unit_rows(8, 4), article_indices=np.repeat([0, 1], 4), chunk_indices=np.r_[0:4, 0:4]
+    )
     for path, words in ((tmp_path / "nope.npz", "no such file"), (no_key, "article_indices"), (short, "no window")):
         with pytest.raises(DataError) as e:
             run(cfg(f"store={path}", f"out_dir={tmp_path / 'o'}"))

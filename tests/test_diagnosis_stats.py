@@ -10,7 +10,7 @@ from lvm.data.store import ArticleStore
 from lvm.diagnosis import stats
 from lvm.diagnosis.diagnose import layout_of, settings_of, split_codes
 from lvm.diagnosis.report import findings
-from lvm.errors import ConfigError
+from lvm.runtime.errors import ConfigError
 from tests.helpers import STANDARD, THETA, compose_cfg, rotation_store, unit_rows
 
 
@@ -84,7 +84,9 @@ def test_slot_linear_is_exact_on_rotations_and_agrees_with_training():
     np.testing.assert_allclose(b["ridge"]["forward"]["slot_weights"], stats.fit_slot_linear(X, *stats.block_rows(train, 5, "forward")).w)
     X = unit_rows(300, 8, seed=3)
     ctx, tgt = stats.block_rows(np.arange(0, 290, 3), 5, "forward")
-    expected, *_ = np.linalg.lstsq(X[ctx].astype(np.float64).transpose(0, 2, 1).reshape(-1, 5), X[tgt].astype(np.float64).reshape(-1), rcond=None)
+    expected, *_ = np.linalg.lstsq(
+        X[ctx].astype(np.float64).transpose(0, 2, 1).reshape(-1, 5), X[tgt].astype(np.float64).reshape(-1), rcond=None
+    )
     np.testing.assert_allclose(stats.fit_slot_linear(X, ctx, tgt).w, expected, rtol=1e-9, atol=1e-12)
 
 
@@ -92,7 +94,11 @@ def test_ridge_learns_a_shared_rotation_and_oracle_scores_one():
     store = rotation_store([14, 17, 12, 20, 15, 16, 13, 18, 19, 11, 14, 16], shared_plane=True)
     r = diagnose(store)
     b = r["baselines"]
-    for scores, key in ((b["next"]["predictors"]["ridge"], "next"), (b["direction"]["predictors"]["ridge"], "forward"), (b["direction"]["predictors"]["ridge"], "backward")):
+    for scores, key in (
+        (b["next"]["predictors"]["ridge"], "next"),
+        (b["direction"]["predictors"]["ridge"], "forward"),
+        (b["direction"]["predictors"]["ridge"], "backward"),
+    ):
         assert scores[key]["cos_target"]["mean"] == pytest.approx(1.0, abs=1e-4)
         assert scores[key]["cos_last"]["mean"] == pytest.approx(np.cos(THETA), abs=1e-4)
     for direction in ("forward", "backward"):

@@ -1,17 +1,17 @@
-"""lvm.drill: the quick drill suite end to end (what CI runs) and its scoring on hand-made runs."""
+"""lvm.tools.drill: the quick drill suite end to end (what CI runs) and its scoring on hand-made runs."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from lvm.drill import Drill, assess
+from lvm.tools.drill import Drill, assess
 from tests.helpers import run_module
 
 
 def test_quick_drills_meet_every_goal(tmp_path):
     out = tmp_path / "drills"
-    proc = run_module("lvm.drill", "quick=true", f"out={out}", timeout=900)
+    proc = run_module("lvm.tools.drill", "quick=true", f"out={out}", timeout=900)
     summary = json.loads((out / "drills.json").read_text())
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = {r["drill"]: r for r in summary["drills"]}
@@ -40,7 +40,11 @@ def test_scoring_names_each_missed_goal(tmp_path):
         (tmp_path / name).mkdir()
         (tmp_path / name / "events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in on_events))
         layout = {"drill": drill, "onset": 150, "steps_per_epoch": 100, "flush_every": 50, "on": name, "off": "off", "control": "ctl"}
-        results = {name: {"status": "completed", "final": {"val/cos": final_on}}, "off": {"status": "completed", "final": {}}, "ctl": control}
+        results = {
+            name: {"status": "completed", "final": {"val/cos": final_on}},
+            "off": {"status": "completed", "final": {}},
+            "ctl": control,
+        }
         return assess(layout, results, tmp_path, 0.01)
 
     ok = score("ok", [{**event, "step": 180}], 0.595)
@@ -69,19 +73,38 @@ def test_scoring_of_a_killed_and_of_a_moved_run(tmp_path):
     # The first invocation ended by itself (the kill never came), or the resume lost more than a window.
     row = score(killed, "k2", {**done, "interrupted": {"exit_code": 0, "moved_from": None}, "resumed_from": {"step": 140}})
     assert row["missed"] == ["not resumed after the kill"]
-    row = score(killed, "k3", {**done, "final": {"val/cos": 0.5999}, "interrupted": {"exit_code": -9, "moved_from": None},
-                               "resumed_from": {"step": 90}})
+    row = score(
+        killed,
+        "k3",
+        {**done, "final": {"val/cos": 0.5999}, "interrupted": {"exit_code": -9, "moved_from": None}, "resumed_from": {"step": 90}},
+    )
     assert row["missed"] == ["lost 60 steps to the kill (goal: <= 50)"] and not row["exact"]
 
     moved = Drill("m", "p6b_v2", (), (), 1, 0.5, "skip", True, "p6b_v2", ("trainer.max_epochs=1",), True)
-    rollback = {"severity": "collapse", "detector": "nonfinite", "where": "train", "action": "rollback", "step": 160,
-                "checkpoint": "checkpoints/good-epoch00.ckpt"}
+    rollback = {
+        "severity": "collapse",
+        "detector": "nonfinite",
+        "where": "train",
+        "action": "rollback",
+        "step": 160,
+        "checkpoint": "checkpoints/good-epoch00.ckpt",
+    }
     gone = tmp_path / "m.before_move"
     on = {**done, "interrupted": {"exit_code": 0, "moved_from": str(gone)}}
     # The restored good checkpoint may be rotated out later (keep_good): the record is what counts.
     assert score(moved, "m1", on, [rollback])["missed"] == []
-    corrupt = {"severity": "warning", "detector": "corrupt_checkpoint", "action": "skipped good-epoch01.ckpt: cannot be loaded", "step": 160}
-    assert score(moved, "m2", on, [corrupt, rollback])["missed"] == ["a restore failed after the move: skipped good-epoch01.ckpt: cannot be loaded"]
+    corrupt = {
+        "severity": "warning",
+        "detector": "corrupt_checkpoint",
+        "action": "skipped good-epoch01.ckpt: cannot be loaded",
+        "step": 160,
+    }
+    assert score(moved, "m2", on, [corrupt, rollback])["missed"] == [
+        "a restore failed after the move: skipped good-epoch01.ckpt: cannot be loaded"
+    ]
     gone.mkdir()
-    assert score(moved, "m3", on, [])["missed"][:3] == ["not detected", f"{gone} still exists after the move",
-                                                        "no checkpoint was restored after the move"]
+    assert score(moved, "m3", on, [])["missed"][:3] == [
+        "not detected",
+        f"{gone} still exists after the move",
+        "no checkpoint was restored after the move",
+    ]

@@ -6,10 +6,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lvm.corpus.encoders import _import_extra, hashed_bow, make_encoder, resolve_callable, unit_rows
-from lvm.errors import ConfigError, DataError
+from lvm.corpus.encoders import (
+    _import_extra,
+    hashed_bow,
+    make_encoder,
+    resolve_callable,
+    unit_rows,
+)
+from lvm.runtime.errors import ConfigError, DataError
 from tests.helpers import HAVE_TEXT, HAVE_WORDLLAMA, NEEDS_TEXT
-
 
 RELATED = [
     "The cat sat on the mat and purred at the dog.",
@@ -41,8 +46,12 @@ def test_hashing_encoder_through_the_callable_kind():
     np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, atol=1e-6)
     raw = hashed_bow(RELATED, dim=48)
     np.testing.assert_allclose(out, raw / np.linalg.norm(raw, axis=1, keepdims=True), atol=1e-6)
-    assert enc.describe() == {"kind": "callable", "name": "lvm.corpus.encoders:hashed_bow",
-                              "target": "lvm.corpus.encoders:hashed_bow", "kwargs": {"dim": 48}}
+    assert enc.describe() == {
+        "kind": "callable",
+        "name": "lvm.corpus.encoders:hashed_bow",
+        "target": "lvm.corpus.encoders:hashed_bow",
+        "kwargs": {"dim": 48},
+    }
 
 
 def test_unit_rows_rejects_bad_encoder_output():

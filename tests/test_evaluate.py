@@ -12,11 +12,24 @@ import pytest
 import torch
 
 from lvm import evaluate as E
-from lvm.checkpoints import read_checkpoint
+from lvm.data.loaders import load_splits
+from lvm.data.store import WindowSpec
 from lvm.data.synthetic import synthetic_corpus
-from lvm.errors import ConfigError
-from lvm.train import run as train_run
-from tests.helpers import CONSTANT, DEGENERATE, TINY, cfg_for, compose_cfg, numpy_r1_of_constant, run_module
+from lvm.evaluation import suite as S
+from lvm.evaluation.fivecat_report import write_outputs
+from lvm.runtime.checkpoints import read_checkpoint
+from lvm.runtime.errors import ConfigError, LvmError
+from lvm.training.config import to_plain
+from lvm.training.run import run as train_run
+from tests.helpers import (
+    CONSTANT,
+    DEGENERATE,
+    TINY,
+    cfg_for,
+    compose_cfg,
+    numpy_r1_of_constant,
+    run_module,
+)
 
 # Articles long enough for a P6 rollout (target + 4 * 2 must exist: 15 chunks from the context start).
 TINY_DATA = [o for o in TINY if o.startswith("data.")] + ["data.synthetic.max_chunks=20"]
@@ -87,7 +100,7 @@ def test_checkpoint_after_fit_and_cli(tmp_path):
     assert report["checkpoint"] == {"path": last["path"], "epoch": 1, "global_step": last["global_step"]}
     # A data override on top of the checkpoint's settings; a mismatched D is named.
     cfg = eval_cfg(f"ckpt={last['path']}", "data.synthetic.dim=24", f"out_dir={tmp_path / 'bad'}")
-    with pytest.raises(E.LvmError, match="D=16 vectors, the data has D=24"):
+    with pytest.raises(LvmError, match="D=16 vectors, the data has D=24"):
         E.run(cfg, ["data.synthetic.dim=24"])
     # A checkpoint written before model.context_skip existed reads as context_skip=false.
     old = torch.load(last["path"], weights_only=True)
@@ -101,12 +114,21 @@ def test_checkpoint_after_fit_and_cli(tmp_path):
 
 @pytest.mark.parametrize("window,last_k", [("p6", -2), ("next", -1)])
 def test_store_npz_and_window_formats(tmp_path, window, last_k):
-    vectors, articles, chunks = synthetic_corpus(dim=12, articles=40, min_chunks=9, max_chunks=16, topic_weight=1.0,
-                                                 drift_weight=1.0, drift_step=0.5, noise=1.2, seed=3)
+    vectors, articles, chunks = synthetic_corpus(
+        dim=12, articles=40, min_chunks=9, max_chunks=16, topic_weight=1.0, drift_weight=1.0, drift_step=0.5, noise=1.2, seed=3
+    )
     path = tmp_path / "store.npz"
     np.savez(path, vectors=vectors, article_indices=articles + 100, chunk_indices=chunks)
-    overrides = ["predictor=copy_last", "data=store_npz", f"data.path={path}", f"window={window}",
-                 "data.split.val=0.2", "data.split.ood=0.2", "sample=20", f"out_dir={tmp_path / 'out'}"]
+    overrides = [
+        "predictor=copy_last",
+        "data=store_npz",
+        f"data.path={path}",
+        f"window={window}",
+        "data.split.val=0.2",
+        "data.split.ood=0.2",
+        "sample=20",
+        f"out_dir={tmp_path / 'out'}",
+    ]
     report = E.run(eval_cfg(*overrides), overrides)
     assert report["data"]["source"] == "store_npz" and report["data"]["dim"] == 12
     assert report["window"]["target_offset"] == -last_k
@@ -119,13 +141,13 @@ def test_store_npz_and_window_formats(tmp_path, window, last_k):
 
 def test_sample_is_seeded_across_articles(tmp_path):
     cfg = eval_cfg("predictor=oracle", *TINY_DATA)
-    splits = E.load_splits(E.to_plain(cfg.data), E.WindowSpec(**cfg.window))
-    idx = E.sample_index(splits["val"], 12, seed=0)
+    splits = load_splits(to_plain(cfg.data), WindowSpec(**cfg.window))
+    idx = S.sample_index(splits["val"], 12, seed=0)
     arts = splits["val"].article_ids()
     assert len(idx) == 12 and len(np.unique(arts[idx.numpy()])) == min(12, len(np.unique(arts)))
-    assert torch.equal(idx, E.sample_index(splits["val"], 12, seed=0))
-    assert not torch.equal(idx, E.sample_index(splits["val"], 12, seed=1))
-    assert len(E.sample_index(splits["val"], None, 0)) == len(splits["val"])
+    assert torch.equal(idx, S.sample_index(splits["val"], 12, seed=0))
+    assert not torch.equal(idx, S.sample_index(splits["val"], 12, seed=1))
+    assert len(S.sample_index(splits["val"], None, 0)) == len(splits["val"])
 
 
 @pytest.mark.parametrize(
@@ -156,10 +178,15 @@ def test_nan_zero_and_constant_models_fail_and_are_reported(tmp_path):
     """Predictors as functions through the whole 5CAT: NaN, zero and constant models get no perfect
     retrieval and FAIL; the report shows the non-finite share and writes NaN as null."""
     cfg = eval_cfg("predictor=oracle", *TINY_DATA)
-    data_cfg, spec = E.to_plain(cfg.data), E.WindowSpec(**cfg.window)
-    splits = E.load_splits(data_cfg, spec)
-    predictors = {"model": DEGENERATE["nan"], "zero": DEGENERATE["zero"], "constant": DEGENERATE["constant"], **E.references(splits["train"], 64)}
-    evaluation = E.evaluate(splits, predictors, E.to_plain(cfg.eval), cfg.sample, cfg.seed, cfg.batch_size, progress=False)
+    data_cfg, spec = to_plain(cfg.data), WindowSpec(**cfg.window)
+    splits = load_splits(data_cfg, spec)
+    predictors = {
+        "model": DEGENERATE["nan"],
+        "zero": DEGENERATE["zero"],
+        "constant": DEGENERATE["constant"],
+        **S.references(splits["train"], 64),
+    }
+    evaluation = S.evaluate(splits, predictors, to_plain(cfg.eval), cfg.sample, cfg.seed, cfg.batch_size, progress=False)
     res, verdicts = evaluation["results"], evaluation["verdicts"]
     for split in ("val", "ood"):
         assert res["oracle"][split]["retrieval"]["r1"] == 1.0 and res["oracle"][split]["nonfinite"] == 0.0
@@ -171,8 +198,8 @@ def test_nan_zero_and_constant_models_fail_and_are_reported(tmp_path):
         assert res["model"][split]["nonfinite"] == 1.0 and res["constant"][split]["nonfinite"] == 0.0
     for name in ("model", "zero", "constant"):
         assert not verdicts[name]["passed"] and not verdicts[name]["gates"]["B"]["passed"]
-    report = E.build_report("model", evaluation, splits, data_cfg, spec, None, None, 0)
-    outputs = E.write_outputs(report, tmp_path)
+    report = S.build_report("model", evaluation, splits, data_cfg, spec, None, None, 0)
+    outputs = write_outputs(report, tmp_path)
     saved = strict_load(Path(outputs["json"]))
     assert saved["results"]["model"]["val"]["cos"] is None and saved["results"]["model"]["val"]["nonfinite"] == 1.0
     md = Path(outputs["md"]).read_text()

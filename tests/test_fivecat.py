@@ -10,13 +10,21 @@ import numpy as np
 import pytest
 import torch
 
-from lvm import fivecat as F5
-from lvm import gates as G
-from lvm import metrics as M
-from lvm.baselines import fit_slot_linear, reference_predictors
 from lvm.data.store import ArticleStore
 from lvm.data.synthetic import synthetic_corpus
-from tests.helpers import CONSTANT, DEGENERATE, P6, STANDARD, numpy_r1_of_constant, original_eval
+from lvm.evaluation import fivecat as F5
+from lvm.evaluation import gates as G
+from lvm.evaluation import metrics as M
+from lvm.evaluation.baselines import fit_slot_linear, reference_predictors
+from lvm.runtime.files import strict_json
+from tests.helpers import (
+    CONSTANT,
+    DEGENERATE,
+    P6,
+    STANDARD,
+    numpy_r1_of_constant,
+    original_eval,
+)
 
 ORACLE = lambda b: b["target"]  # noqa: E731
 COPY_LAST = lambda b: M.copy_last(b["context"])  # noqa: E731
@@ -26,8 +34,9 @@ BINS = {"low": 0.45, "high": 0.55}
 
 @pytest.fixture(scope="module")
 def store() -> ArticleStore:
-    corpus = synthetic_corpus(dim=16, articles=30, min_chunks=8, max_chunks=24, topic_weight=1.0,
-                              drift_weight=1.0, drift_step=0.5, noise=1.2, seed=0)
+    corpus = synthetic_corpus(
+        dim=16, articles=30, min_chunks=8, max_chunks=24, topic_weight=1.0, drift_weight=1.0, drift_step=0.5, noise=1.2, seed=0
+    )
     return ArticleStore(*corpus, source="synthetic")
 
 
@@ -195,7 +204,7 @@ def test_coherence_bins(store):
 
 def test_strict_json_round_trip():
     report = {"a": math.nan, "b": [1.0, math.inf, np.float32(0.5)], "c": {"d": torch.tensor(2.0), "e": None}, "f": np.int64(3)}
-    text = json.dumps(F5.strict_json(report), allow_nan=False)
+    text = json.dumps(strict_json(report), allow_nan=False)
     back = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
     assert back == {"a": None, "b": [1.0, None, 0.5], "c": {"d": 2.0, "e": None}, "f": 3}
 
@@ -216,7 +225,7 @@ def test_degenerate_predictors_score_low_and_fail(store, name):
     for pass_rule in (rule, G.PassRule("k_of_5", 3, True)):
         v = G.judge(metrics, gates, pass_rule)
         assert not v["passed"] and not v["gates"]["B"]["passed"] and v["gates_passed"] <= 1
-    strict = json.loads(json.dumps(F5.strict_json(s), allow_nan=False))
+    strict = json.loads(json.dumps(strict_json(s), allow_nan=False))
     if name != "constant":  # every offset mean is NaN or 0: no peak, not k = -3
         assert s["offset"]["peak_k"] is None
     if name == "nan":  # reported as NaN (null in JSON), never as a number

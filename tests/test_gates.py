@@ -1,4 +1,4 @@
-"""5CAT gates and the pass rule (lvm/gates.py): thresholds, k of 5, the margin rule, config errors."""
+"""5CAT gates and the pass rule (lvm/evaluation/gates.py): thresholds, k of 5, the margin rule, config errors."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import math
 import pytest
 from omegaconf import OmegaConf
 
-from lvm import gates as G
-from lvm.errors import ConfigError
+from lvm.evaluation import gates as G
+from lvm.runtime.errors import ConfigError
 from tests.helpers import compose_cfg, original_eval
 
 

@@ -20,16 +20,30 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from lvm import launchers
-from lvm.errors import ConfigError
-from lvm.launchers import own_gpu, resume_on_requeue
-from lvm.train import run
-from tests.helpers import ROOT, TINY, cfg_for, check_tensorboard_runs, compose_cfg, history, job_dirs, sweep_rows, train_cli
+from lvm.runtime import launchers
+from lvm.runtime.errors import ConfigError
+from lvm.runtime.launchers import own_gpu, resume_on_requeue
+from lvm.training.run import run
+from tests.helpers import (
+    ROOT,
+    TINY,
+    cfg_for,
+    check_tensorboard_runs,
+    compose_cfg,
+    history,
+    job_dirs,
+    sweep_rows,
+    train_cli,
+)
 
-HAS_JOBLIB = importlib.util.find_spec("hydra_plugins") is not None and importlib.util.find_spec("hydra_plugins.hydra_joblib_launcher") is not None
-HAS_SUBMITIT = (importlib.util.find_spec("hydra_plugins") is not None
-                and importlib.util.find_spec("hydra_plugins.hydra_submitit_launcher") is not None
-                and importlib.util.find_spec("submitit") is not None)
+HAS_JOBLIB = (
+    importlib.util.find_spec("hydra_plugins") is not None and importlib.util.find_spec("hydra_plugins.hydra_joblib_launcher") is not None
+)
+HAS_SUBMITIT = (
+    importlib.util.find_spec("hydra_plugins") is not None
+    and importlib.util.find_spec("hydra_plugins.hydra_submitit_launcher") is not None
+    and importlib.util.find_spec("submitit") is not None
+)
 needs_joblib = pytest.mark.skipif(not HAS_JOBLIB, reason="extra `sweep` (hydra-joblib-launcher) not installed")
 needs_submitit = pytest.mark.skipif(not HAS_SUBMITIT, reason="extra `slurm` (hydra-submitit-launcher) not installed")
 
@@ -131,8 +145,11 @@ def test_parallel_jobs_get_a_gpu_each(monkeypatch, tmp_path):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
 
     def hc(num):
-        return SimpleNamespace(launcher=SimpleNamespace(_target_=launchers.JOBLIB_LAUNCHER), sweep=SimpleNamespace(dir=str(tmp_path)),
-                               job=SimpleNamespace(num=num))
+        return SimpleNamespace(
+            launcher=SimpleNamespace(_target_=launchers.JOBLIB_LAUNCHER),
+            sweep=SimpleNamespace(dir=str(tmp_path)),
+            job=SimpleNamespace(num=num),
+        )
 
     a, b = trainer_cfg(), trainer_cfg()
     with own_gpu(a, hc(0)), own_gpu(b, hc(2)):
@@ -161,8 +178,17 @@ def test_default_parallel_jobs(monkeypatch):
 @needs_joblib
 def test_joblib_sweep_runs_in_workers_and_is_summarised(tmp_path):
     sweep_dir = tmp_path / "sweep"
-    proc = train_cli("-m", "hydra/launcher=parallel", "hydra.launcher.n_jobs=2", "+experiment=p6b_v2", "loss.gamma=4,8", *TINY,
-                     "trainer.max_epochs=1", f"hydra.sweep.dir={sweep_dir}", cwd=ROOT)
+    proc = train_cli(
+        "-m",
+        "hydra/launcher=parallel",
+        "hydra.launcher.n_jobs=2",
+        "+experiment=p6b_v2",
+        "loss.gamma=4,8",
+        *TINY,
+        "trainer.max_epochs=1",
+        f"hydra.sweep.dir={sweep_dir}",
+        cwd=ROOT,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Joblib.Parallel(n_jobs=2" in proc.stdout + proc.stderr
     assert [r["status"] for r in sweep_rows(sweep_dir)] == ["completed", "completed"]  # written by on_multirun_end in the parent
@@ -185,8 +211,9 @@ def sbatch_script(monkeypatch, tmp_path: Path, *overrides: str) -> str:
     cfg = compose_cfg("train", *overrides, f"hydra.sweep.dir={tmp_path}", return_hydra_config=True)
     launchers.check_multirun(cfg)
     params = dict(instantiate(cfg.hydra.launcher).params)
-    executor = submitit.AutoExecutor(folder=params.pop("submitit_folder"), cluster="slurm",
-                                     slurm_max_num_timeout=params.pop("max_num_timeout"))
+    executor = submitit.AutoExecutor(
+        folder=params.pop("submitit_folder"), cluster="slurm", slurm_max_num_timeout=params.pop("max_num_timeout")
+    )
     base = set(OmegaConf.structured(BaseQueueConf).keys())
     executor.update_parameters(**{k if k in base else f"slurm_{k}": v for k, v in params.items()})
     return executor._executor._make_submission_file_text("python -u -m submitit.core._submit x", "uid")
@@ -194,10 +221,28 @@ def sbatch_script(monkeypatch, tmp_path: Path, *overrides: str) -> str:
 
 @needs_submitit
 def test_slurm_gpu_preset_follows_the_ddp_trainer(monkeypatch, tmp_path):
-    text = sbatch_script(monkeypatch, tmp_path, "hydra/launcher=slurm_gpu", "trainer=ddp", "trainer.devices=4",
-                         "trainer.num_nodes=2", "hydra.launcher.partition=gpu", "hydra.launcher.setup=[module load cuda]")
-    for line in ("--ntasks-per-node=4", "--gpus-per-node=4", "--nodes=2", "--partition=gpu", "--time=240",
-                 "--signal=USR2@120", "--cpus-per-task=4", "--mem=64GB", "module load cuda", f"--output={tmp_path}/.submitit/"):
+    text = sbatch_script(
+        monkeypatch,
+        tmp_path,
+        "hydra/launcher=slurm_gpu",
+        "trainer=ddp",
+        "trainer.devices=4",
+        "trainer.num_nodes=2",
+        "hydra.launcher.partition=gpu",
+        "hydra.launcher.setup=[module load cuda]",
+    )
+    for line in (
+        "--ntasks-per-node=4",
+        "--gpus-per-node=4",
+        "--nodes=2",
+        "--partition=gpu",
+        "--time=240",
+        "--signal=USR2@120",
+        "--cpus-per-task=4",
+        "--mem=64GB",
+        "module load cuda",
+        f"--output={tmp_path}/.submitit/",
+    ):
         assert line in text, line
 
 
@@ -209,8 +254,15 @@ def test_slurm_cpu_preset_reserves_no_gpu(monkeypatch, tmp_path):
 
 @needs_submitit
 def test_slurm_preset_refuses_mismatched_tasks(tmp_path):
-    proc = train_cli("-m", "hydra/launcher=slurm_gpu", "trainer=ddp", "trainer.devices=2", "hydra.launcher.tasks_per_node=1",
-                     f"hydra.sweep.dir={tmp_path / 's'}", cwd=ROOT)
+    proc = train_cli(
+        "-m",
+        "hydra/launcher=slurm_gpu",
+        "trainer=ddp",
+        "trainer.devices=2",
+        "hydra.launcher.tasks_per_node=1",
+        f"hydra.sweep.dir={tmp_path / 's'}",
+        cwd=ROOT,
+    )
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert "hydra.launcher.tasks_per_node=1" in proc.stderr and not (tmp_path / "s").exists()
 
@@ -236,10 +288,23 @@ def test_submitit_requeue_resumes_in_the_same_job_dir(tmp_path):
     """A preemption signal to a running job under submitit's local executor: submitit requeues it as
     on SLURM, and the requeued job finds the same directory (the sweep's timestamp is the
     submission's, not the requeue's) and resumes from its last.ckpt (ckpt_path=auto by default)."""
-    args = ["-m", "hydra/launcher=submitit_local", "+experiment=p6b_v2", *TINY, "data.synthetic.articles=600",
-            "trainer.max_epochs=25", f"hydra.sweep.dir={tmp_path}/" + "${now:%H-%M-%S-%f}"]
-    proc = subprocess.Popen([sys.executable, "-m", "lvm.train", *args], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    args = [
+        "-m",
+        "hydra/launcher=submitit_local",
+        "+experiment=p6b_v2",
+        *TINY,
+        "data.synthetic.articles=600",
+        "trainer.max_epochs=25",
+        f"hydra.sweep.dir={tmp_path}/" + "${now:%H-%M-%S-%f}",
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lvm.train", *args],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         signal_when_checkpointed(proc, tmp_path)
         out, _ = proc.communicate(timeout=300)
@@ -263,8 +328,9 @@ def test_ddp_preset_two_processes_on_cpu(tmp_path):
     """trainer=ddp with two gloo processes through the CLI: one run directory, rank 0 writes every
     file once, both ranks end with the same validation metrics."""
     run_dir = tmp_path / "ddp"
-    proc = train_cli("+experiment=p6b_v2", *TINY, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
-                     f"hydra.run.dir={run_dir}", cwd=ROOT)
+    proc = train_cli(
+        "+experiment=p6b_v2", *TINY, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", f"hydra.run.dir={run_dir}", cwd=ROOT
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert [p.name for p in tmp_path.iterdir()] == ["ddp"]
     names = sorted(p.name for p in (run_dir / "checkpoints").iterdir())  # each file once, from rank 0

@@ -11,8 +11,7 @@ import torch
 from lvm.data import loaders
 from lvm.data.loaders import load_splits, load_store, load_store_npz, load_windows_npz
 from lvm.data.store import ArticleStore, Windows, WindowSpec
-from lvm.errors import DataError
-
+from lvm.runtime.errors import DataError
 from tests.helpers import P6, STANDARD
 from tests.helpers import unit_rows as _unit_rows
 
@@ -222,8 +221,7 @@ def test_windows_with_metadata_dicts(tmp_path):
     _, w, arr = source_windows()
     meta = np.empty(len(w), dtype=object)
     meta[:] = [
-        {"article_index": int(a), "target_chunk_index": int(t), "other": "x"}
-        for a, t in zip(arr["article_ids"], arr["target_indices"])
+        {"article_index": int(a), "target_chunk_index": int(t), "other": "x"} for a, t in zip(arr["article_ids"], arr["target_indices"])
     ]
     path = tmp_path / "win_meta.npz"
     np.savez(path, context_sequences=arr["contexts"], target_vectors=arr["targets"], metadata=meta)
@@ -340,8 +338,15 @@ def data_cfg(**kw):
         "path": None,
         "normalize": "renormalize",
         "synthetic": {
-            "dim": 16, "articles": 12, "min_chunks": 8, "max_chunks": 12, "topic_weight": 1.0,
-            "drift_weight": 1.0, "drift_step": 0.5, "noise": 1.2, "seed": 3,
+            "dim": 16,
+            "articles": 12,
+            "min_chunks": 8,
+            "max_chunks": 12,
+            "topic_weight": 1.0,
+            "drift_weight": 1.0,
+            "drift_step": 0.5,
+            "noise": 1.2,
+            "seed": 3,
         },
     }
     cfg.update(kw)

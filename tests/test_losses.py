@@ -6,7 +6,15 @@ import numpy as np
 import pytest
 import torch
 
-from lvm.losses import DirectionalKnobs, SkipRule, VariantTerms, adaptive_lambda, directional_grad_share, directional_term, p6b_loss
+from lvm.model.losses import (
+    DirectionalKnobs,
+    SkipRule,
+    VariantTerms,
+    adaptive_lambda,
+    directional_grad_share,
+    directional_term,
+    p6b_loss,
+)
 
 KNOBS = DirectionalKnobs(margin=0.04, target_frac=0.2, gamma=8.0, lambda_min=1e-4, lambda_max=0.05)
 
@@ -137,8 +145,9 @@ def test_skip_decides_on_the_means_over_ranks():
 
     shared = p6b_loss(-raw, target, prev, KNOBS, skip=rule, mean_over_ranks=mean_with_other_rank)
     assert not shared.skipped.item()
-    local = torch.stack([torch.nn.functional.cosine_similarity(-pred, target).mean(),
-                         torch.nn.functional.cosine_similarity(-pred, prev).mean()])
+    local = torch.stack(
+        [torch.nn.functional.cosine_similarity(-pred, target).mean(), torch.nn.functional.cosine_similarity(-pred, prev).mean()]
+    )
     assert torch.allclose(seen[0], local, atol=1e-6)  # the rule was handed this rank's batch means
 
 
@@ -151,8 +160,16 @@ def test_disabled_term_is_plain_mse():
     assert t.lambda_eff.item() > 0  # still computed and logged
 
 
-OFF = dict(ratio_weight=0.0, ratio_margin=0.05, share_cap=None, gate_low=None, gate_width=0.15,
-           pos_floor_weight=0.0, pos_floor=0.10, orthogonality=0.0)
+OFF = dict(
+    ratio_weight=0.0,
+    ratio_margin=0.05,
+    share_cap=None,
+    gate_low=None,
+    gate_width=0.15,
+    pos_floor_weight=0.0,
+    pos_floor=0.10,
+    orthogonality=0.0,
+)
 
 
 def reference_variant(raw, target, prev, k: DirectionalKnobs, v: dict):
@@ -173,19 +190,23 @@ def reference_variant(raw, target, prev, k: DirectionalKnobs, v: dict):
         lam = min(lam, v["share_cap"] * mse / d)
     if v["gate_low"] is not None:
         lam *= min(max((pos.mean() - v["gate_low"]) / v["gate_width"], 0.0), 1.0)
-    pen = v["pos_floor_weight"] * np.mean(np.maximum(v["pos_floor"] - pos, 0) ** 2) + v["orthogonality"] * np.mean(neg ** 2)
+    pen = v["pos_floor_weight"] * np.mean(np.maximum(v["pos_floor"] - pos, 0) ** 2) + v["orthogonality"] * np.mean(neg**2)
     return dict(loss=mse + lam * d + pen, dir=d, lam=lam, penalties=pen, share=lam * d / mse)
 
 
-@pytest.mark.parametrize("terms", [
-    {},
-    {"ratio_weight": 0.3},
-    {"share_cap": 0.05},
-    {"gate_low": 0.15},
-    {"pos_floor_weight": 1e-3, "pos_floor": 0.9},
-    {"orthogonality": 5e-4},
-    {"ratio_weight": 0.3, "share_cap": 0.25, "pos_floor_weight": 1e-3, "orthogonality": 5e-4, "gate_low": 0.15, "gate_width": 0.15},
-], ids=["off", "ratio", "cap", "gate", "pos_floor", "orthogonality", "all"])
+@pytest.mark.parametrize(
+    "terms",
+    [
+        {},
+        {"ratio_weight": 0.3},
+        {"share_cap": 0.05},
+        {"gate_low": 0.15},
+        {"pos_floor_weight": 1e-3, "pos_floor": 0.9},
+        {"orthogonality": 5e-4},
+        {"ratio_weight": 0.3, "share_cap": 0.25, "pos_floor_weight": 1e-3, "orthogonality": 5e-4, "gate_low": 0.15, "gate_width": 0.15},
+    ],
+    ids=["off", "ratio", "cap", "gate", "pos_floor", "orthogonality", "all"],
+)
 @pytest.mark.parametrize("seed", [0, 1])
 def test_variant_terms_match_float64_reference(terms, seed):
     raw, target, prev = batch(seed)

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from lvm import metrics as M
 from lvm.data.store import ArticleStore
+from lvm.evaluation import metrics as M
 from tests.helpers import P6, ROOT
 
 
@@ -96,8 +96,11 @@ def test_slot_linear_matches_an_independent_float64_least_squares(setup):
     np.testing.assert_allclose(pred.numpy(), direct, atol=1e-6)
     ranks = M.within_article_ranks(pred, store.vectors, b["target_row"], start, length)
     assert np.array_equal(ranks.numpy(), numpy_within_article_rank(direct, store, b["target_row"].numpy()))
+
     # Least squares on the training windows: its MSE there is at most copy-last's and the mean's.
-    mse = lambda p: float(((p - t) ** 2).sum(-1).mean())
+    def mse(p):
+        return float(((p - t) ** 2).sum(-1).mean())
+
     assert mse(np.einsum("nkd,k->nd", c, expected)) <= min(mse(c[:, -1]), mse(c.mean(1))) + 1e-12
 
 
@@ -135,8 +138,17 @@ def test_six_bank_reads_perfect_for_collapsed_model(setup):
 
 # Hand-built store for the tie rule (D = 2). Article 0 holds a duplicate (rows 0 and 2); article 1
 # is shorter, so its batch row is padded to article 0's length.
-TIE_VECTORS = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [-1.0, 0.0],  # article 0: rows 0-3
-                            [1.0, 0.0], [0.6, 0.8], [0.0, -1.0]])  # article 1: rows 4-6
+TIE_VECTORS = torch.tensor(
+    [
+        [1.0, 0.0],
+        [0.0, 1.0],
+        [1.0, 0.0],
+        [-1.0, 0.0],  # article 0: rows 0-3
+        [1.0, 0.0],
+        [0.6, 0.8],
+        [0.0, -1.0],
+    ]
+)  # article 1: rows 4-6
 NAN, INF = float("nan"), float("inf")
 # (prediction, target row, expected rank by hand: 1 + other chunks of the article scoring >= the target)
 TIE_CASES = [
@@ -189,15 +201,16 @@ def test_slot_linear_fit_holds_no_memory_per_batch():
     (a list of per-batch Gram results once held ~30 MB per batch: 14 GB on the original's scale)."""
     code = (
         "import resource, torch\n"
-        "from lvm import metrics as M\n"
+        "from lvm.evaluation import metrics as M\n"
         "c, t = torch.randn(1024, 5, 768), torch.randn(1024, 768)\n"
         "M.fit_slot_weights([(c, t)])\n"
         "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
         "M.fit_slot_weights((c, t) for _ in range(60))\n"
         "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert float(proc.stdout) < 500, f"peak RSS grew by {float(proc.stdout):.0f} MB over 60 batches"
 
@@ -217,8 +230,12 @@ def numpy_diversity_and_ca(pred, target):
 def test_diversity_and_contrastive_accuracy(setup, predictor):
     _, _, b, _, _ = setup
     ctx, tgt = b["context"], b["target"]
-    pred = {"oracle": tgt, "copy_last": M.copy_last(ctx), "mean_context": M.mean_context(ctx),
-            "constant": tgt.mean(0, keepdim=True).expand_as(tgt)}[predictor]
+    pred = {
+        "oracle": tgt,
+        "copy_last": M.copy_last(ctx),
+        "mean_context": M.mean_context(ctx),
+        "constant": tgt.mean(0, keepdim=True).expand_as(tgt),
+    }[predictor]
     div, ca = numpy_diversity_and_ca(pred.double().numpy(), tgt.double().numpy())
     assert M.diversity(pred, tgt).item() == pytest.approx(div, rel=1e-4, abs=1e-6)
     assert np.allclose(M.contrastive_accuracy(pred, tgt).numpy(), ca, atol=1e-6)
@@ -230,7 +247,7 @@ def test_diversity_and_contrastive_accuracy(setup, predictor):
     if predictor == "copy_last":  # unit vectors as spread out as the targets (this store has no structure to find)
         assert 0.8 < M.diversity(pred, tgt).item() < 1.2
     # The training step's path: unit predictions, the target normalised once for both statistics.
-    from lvm.module import batch_health
+    from lvm.model.module import batch_health
 
     health = batch_health(torch.nn.functional.normalize(pred, dim=-1), 3.0 * tgt)  # a target's scale does not matter
     assert health[0].item() == pytest.approx(div, rel=1e-4, abs=1e-6)

@@ -47,8 +47,9 @@ COPY_LAST_WEIGHTS = torch.tensor([0.0, 0.0, 0.0, 0.0, 1.0], dtype=torch.float64)
 
 
 def test_collapse_is_visible_while_six_bank_is_perfect():
-    corpus = synthetic_corpus(dim=32, articles=12, min_chunks=10, max_chunks=20, topic_weight=1.0,
-                              drift_weight=1.0, drift_step=0.5, noise=1.2, seed=0)
+    corpus = synthetic_corpus(
+        dim=32, articles=12, min_chunks=10, max_chunks=20, topic_weight=1.0, drift_weight=1.0, drift_step=0.5, noise=1.2, seed=0
+    )
     store = ArticleStore(*corpus, source="synthetic")
     windows = store.windows(P6)
     cat = Mini5CAT(windows, n_windows=40, seed=0, prev_slot=-2, batch_size=16, slot_weights=COPY_LAST_WEIGHTS, precision="32")
@@ -75,8 +76,9 @@ class Recorder(Oracle):
 @pytest.mark.parametrize("fill", [float("nan"), 0.0], ids=["nan", "zero"])
 def test_nan_and_zero_predictions_score_worst_not_perfect(fill):
     """A NaN (or zero: every score ties at 0) prediction ranks its target last in its article."""
-    corpus = synthetic_corpus(dim=16, articles=10, min_chunks=10, max_chunks=16, topic_weight=1.0,
-                              drift_weight=1.0, drift_step=0.5, noise=1.2, seed=1)
+    corpus = synthetic_corpus(
+        dim=16, articles=10, min_chunks=10, max_chunks=16, topic_weight=1.0, drift_weight=1.0, drift_step=0.5, noise=1.2, seed=1
+    )
     store = ArticleStore(*corpus, source="synthetic")
     windows = store.windows(P6)
     weights = torch.tensor([0.1, 0.1, 0.2, 0.2, 0.4], dtype=torch.float64)

@@ -3,7 +3,13 @@
 import pytest
 import torch
 
-from lvm.model import P6Transformer, ShortAttention, count_parameters, short_attention, sinusoidal_positions
+from lvm.model.transformer import (
+    P6Transformer,
+    ShortAttention,
+    count_parameters,
+    short_attention,
+    sinusoidal_positions,
+)
 
 
 def p6(dim=768, block="decoder", **kw):
@@ -100,8 +106,10 @@ def test_short_attention_keeps_parameters_and_the_seeded_stream():
     assert short.state_dict().keys() == ref.state_dict().keys()
     assert all(torch.equal(short.state_dict()[k], v) for k, v in ref.state_dict().items())
     assert short.dropout == 0.1 and short.num_heads == 4
-    assert all(isinstance(layer.self_attn, ShortAttention) and isinstance(layer.multihead_attn, ShortAttention)
-               for layer in p6(dim=16).blocks.layers)
+    assert all(
+        isinstance(layer.self_attn, ShortAttention) and isinstance(layer.multihead_attn, ShortAttention)
+        for layer in p6(dim=16).blocks.layers
+    )
     with torch.device("meta"):  # config validation builds the model on the meta device
         assert p6(dim=2).blocks.layers[0].self_attn.in_proj_weight.is_meta
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from lvm.optim import RollingStat, SkipStepAdamW
-from lvm.train import run
+from lvm.model.optim import RollingStat, SkipStepAdamW
+from lvm.training.run import run
 from tests.helpers import cfg_for, compose_cfg, events, steps_per_epoch
 
 
@@ -116,8 +116,15 @@ def test_a_healthy_step_up_in_a_smooth_run_is_not_a_spike_but_a_fault_is():
 
 
 def test_a_nan_batch_is_skipped_on_its_own_step_and_nothing_rolls_back(tmp_path):
-    guarded = ["+experiment=p6b_v2", "guard.spike.skip=true", "logger.flush_every=5", "trainer.max_epochs=3",
-               "guard.detectors.val_floor=null", "guard.detectors.val_drop=null", "guard.detectors.below_copy_last=null"]
+    guarded = [
+        "+experiment=p6b_v2",
+        "guard.spike.skip=true",
+        "logger.flush_every=5",
+        "trainer.max_epochs=3",
+        "guard.detectors.val_floor=null",
+        "guard.detectors.val_drop=null",
+        "guard.detectors.below_copy_last=null",
+    ]
     run(cfg_for(*guarded, "trainer.max_epochs=1"), tmp_path / "probe")
     n = steps_per_epoch(tmp_path / "probe")
     bad = n + 2
@@ -128,14 +135,15 @@ def test_a_nan_batch_is_skipped_on_its_own_step_and_nothing_rolls_back(tmp_path)
     assert results["status"] == "completed" and math.isfinite(results["final"]["val/cos"])
     assert all(torch.isfinite(v).all() for v in torch.load(results["last_checkpoint"], weights_only=True)["state_dict"].values())
     # Without the skip the same record poisons the weights and the guard has to roll back.
-    plain = run(cfg_for(*[g for g in guarded if "spike" not in g], f"callbacks.fault_injection.nan_batch_at_steps=[{bad}]"),
-                tmp_path / "plain")
+    plain = run(
+        cfg_for(*[g for g in guarded if "spike" not in g], f"callbacks.fault_injection.nan_batch_at_steps=[{bad}]"), tmp_path / "plain"
+    )
     assert [e["detector"] for e in events(tmp_path / "plain") if e["action"] == "rollback"] == ["nonfinite"]
     assert plain["guard"]["rollbacks"] == 1
 
 
 def test_bench_times_the_detector_statistics():
-    from lvm.bench import measure_detectors, training_config
+    from lvm.bench.loops import measure_detectors, training_config
     from tests.helpers import TINY, compose_cfg
 
     seconds = measure_detectors(training_config(compose_cfg("bench", *TINY)), calls=5)
@@ -190,10 +198,9 @@ def test_the_spike_check_clips_as_lightning_would_from_the_same_norm(tmp_path):
     """With the spike check on, it clips the gradients with the norm it computed (Lightning's
     clipping is handed over: one gradient norm per step, not two); the run is bit for bit the run
     Lightning's own clipping gives. A tight clip makes clipping act on every step."""
-    from tests.test_resume import final_state
-
     from callbacks.spike import SpikeSkip
-    from lvm.train import build_data, build_fit
+    from lvm.training.build import build_data, build_fit
+    from tests.test_resume import final_state
 
     common = ["+experiment=p6b_v2", "trainer.gradient_clip_val=0.05", "trainer.max_epochs=2"]
     cfg = cfg_for(*common)

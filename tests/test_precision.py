@@ -1,4 +1,4 @@
-"""Precision by measurement (lvm/precision.py): the choice, its record, and bf16 runs against fp32."""
+"""Precision by measurement (lvm/runtime/precision.py): the choice, its record, and bf16 runs against fp32."""
 
 from __future__ import annotations
 
@@ -8,13 +8,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lvm.config import to_plain
 from lvm.data.store import WindowSpec
-from lvm.errors import ConfigError
-from lvm.evaluate import evaluate_checkpoint
-from lvm.module import LVMModule, model_of, predict_units
-from lvm.precision import agreement, check_precision, measure
-from lvm.train import build_data, run
+from lvm.evaluation.suite import evaluate_checkpoint
+from lvm.model.module import LVMModule, model_of, predict_units
+from lvm.runtime.errors import ConfigError
+from lvm.runtime.precision import agreement, check_precision, measure
+from lvm.training.build import build_data
+from lvm.training.config import to_plain
+from lvm.training.run import run
 from tests.helpers import cfg_for, compose_cfg, history
 
 QUARTER = ["+experiment=p6b_v2", "data.synthetic.articles=240", "trainer.max_epochs=2", "trainer.enable_progress_bar=false"]
@@ -94,8 +95,18 @@ def test_5cat_in_bf16_agrees_with_fp32(tmp_path):
     reports = {}
     for precision in ("32", "bf16-mixed"):
         eval_cfg = {**plain["eval"], "precision": precision}
-        reports[precision] = evaluate_checkpoint(results["last_checkpoint"], splits, plain["data"], WindowSpec(**plain["window"]), eval_cfg,
-                                                 tmp_path / precision, sample=300, seed=0, batch_size=256, progress=False)
+        reports[precision] = evaluate_checkpoint(
+            results["last_checkpoint"],
+            splits,
+            plain["data"],
+            WindowSpec(**plain["window"]),
+            eval_cfg,
+            tmp_path / precision,
+            sample=300,
+            seed=0,
+            batch_size=256,
+            progress=False,
+        )
     assert reports["bf16-mixed"]["precision"] == {"model": "bf16-mixed", "measured": None}
     for split in ("val", "ood"):
         a, b = reports["32"]["results"]["model"][split], reports["bf16-mixed"]["results"]["model"][split]

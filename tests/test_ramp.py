@@ -1,12 +1,12 @@
 """Ramp stage boundaries for the v1 and v2 tables as they live in conf/, and the callback."""
 
-
 import pytest
 from omegaconf import OmegaConf
 
 from callbacks.ramp import RampSchedule, parse_stages, stage_index
-from lvm.losses import DirectionalKnobs
+from lvm.model.losses import DirectionalKnobs
 from tests.helpers import compose_cfg
+
 
 def ramp_table(name):
     cfg = compose_cfg("train", f"ramp={name}")
@@ -15,7 +15,16 @@ def ramp_table(name):
 
 # (0-based epoch, margin, target_frac) from reference section 3.
 V1 = [(0, 0.02, 0.10), (1, 0.02, 0.10), (2, 0.04, 0.20), (4, 0.04, 0.20), (5, 0.05, 0.25), (11, 0.05, 0.25)]
-V2 = [(0, 0.02, 0.10), (2, 0.02, 0.10), (3, 0.03, 0.15), (5, 0.03, 0.15), (6, 0.04, 0.20), (8, 0.04, 0.20), (9, 0.05, 0.25), (40, 0.05, 0.25)]
+V2 = [
+    (0, 0.02, 0.10),
+    (2, 0.02, 0.10),
+    (3, 0.03, 0.15),
+    (5, 0.03, 0.15),
+    (6, 0.04, 0.20),
+    (8, 0.04, 0.20),
+    (9, 0.05, 0.25),
+    (40, 0.05, 0.25),
+]
 
 
 @pytest.mark.parametrize("name,table", [("p6b_v1", V1), ("p6b_v2", V2)])
@@ -105,7 +114,14 @@ def test_knobs_are_set_when_a_run_resumes_mid_epoch():
     "stages,msg",
     [
         ([], "empty"),
-        ([{"until": 3, "margin": 0.1, "target_frac": 0.1}, {"until": 2, "margin": 0.1, "target_frac": 0.1}, {"until": None, "margin": 0.1, "target_frac": 0.1}], "increase"),
+        (
+            [
+                {"until": 3, "margin": 0.1, "target_frac": 0.1},
+                {"until": 2, "margin": 0.1, "target_frac": 0.1},
+                {"until": None, "margin": 0.1, "target_frac": 0.1},
+            ],
+            "increase",
+        ),
         ([{"until": 3, "margin": 0.1, "target_frac": 0.1}], "last stage"),
         ([{"until": None, "margin": 0.1, "target_frac": 0.1}, {"until": None, "margin": 0.1, "target_frac": 0.1}], "only the last"),
     ],

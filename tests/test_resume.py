@@ -13,15 +13,24 @@ import pytest
 import torch
 
 from callbacks.resume import ExactResume
-from lvm.train import run
+from lvm.training.run import run
 from tests.helpers import cfg_for, events, history, steps_per_epoch
 
 # Deterministic CPU run with dropout, a plateau scheduler that acts every epoch (patience 0), the
 # guard on, and a mid-epoch last.ckpt every 4 steps: anything that a resume could replay
 # differently shows up in the metrics or the weights.
-EXACT = ["+experiment=p6b_v2", "trainer.deterministic=true", "trainer.max_epochs=3", "model.dropout=0.1",
-         "optim.scheduler.patience=0", "callbacks.checkpoint.every_n_steps=4", "logger.flush_every=3",
-         "guard.detectors.val_floor=null", "guard.detectors.val_drop=null", "guard.detectors.below_copy_last=null"]
+EXACT = [
+    "+experiment=p6b_v2",
+    "trainer.deterministic=true",
+    "trainer.max_epochs=3",
+    "model.dropout=0.1",
+    "optim.scheduler.patience=0",
+    "callbacks.checkpoint.every_n_steps=4",
+    "logger.flush_every=3",
+    "guard.detectors.val_floor=null",
+    "guard.detectors.val_drop=null",
+    "guard.detectors.below_copy_last=null",
+]
 
 
 class Kill(BaseException):
@@ -39,8 +48,12 @@ class KillAtStep(L.Callback):
 
 def final_state(run_dir: Path) -> dict:
     ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
-    return {"weights": ckpt["state_dict"], "optimizer": ckpt["optimizer_states"][0]["state"],
-            "scheduler": ckpt["lr_schedulers"], "step": ckpt["global_step"]}
+    return {
+        "weights": ckpt["state_dict"],
+        "optimizer": ckpt["optimizer_states"][0]["state"],
+        "scheduler": ckpt["lr_schedulers"],
+        "step": ckpt["global_step"],
+    }
 
 
 def assert_same_run(a: Path, b: Path) -> None:
@@ -112,8 +125,10 @@ def test_resume_at_epoch_end_continues_the_shuffle(whole, tmp_path):
 def test_auto_interval_is_timed_on_the_first_steps(tmp_path, caplog):
     """every_n_steps=auto: steps 10..60 are timed and last.ckpt is then written every ~every_minutes."""
     with caplog.at_level("INFO", logger="callbacks.resume"):
-        run(cfg_for("trainer.max_epochs=12", "callbacks.checkpoint.every_n_steps=auto",
-                    "callbacks.checkpoint.every_minutes=0.002"), tmp_path)  # 0.12 s: a few steps
+        run(
+            cfg_for("trainer.max_epochs=12", "callbacks.checkpoint.every_n_steps=auto", "callbacks.checkpoint.every_minutes=0.002"),
+            tmp_path,
+        )  # 0.12 s: a few steps
     line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("Mid-epoch last.ckpt every"))
     n, ms = int(line.split()[3]), float(line.split("(")[1].split()[0])
     assert n >= 1 and abs(n * ms - 120) <= ms  # n steps of the timed length span 0.12 s, to within one step

@@ -12,16 +12,27 @@ import torch
 
 from callbacks.fault import FaultInjection
 from callbacks.ramp import RampSchedule
-from callbacks.rollback import RollbackGuard
+from callbacks.rollback import STILL_LEARNING, RollbackGuard
 from callbacks.stats import StepStatistics
-from lvm.train import run
-from callbacks.rollback import STILL_LEARNING
-from tests.helpers import ROOT, TINY, cfg_for, compose_cfg, events, steps_per_epoch, train_cli
+from lvm.training.run import run
+from tests.helpers import (
+    ROOT,
+    TINY,
+    cfg_for,
+    compose_cfg,
+    events,
+    steps_per_epoch,
+    train_cli,
+)
 
 GUARDED = [
-    "guard=rollback", "logger.flush_every=5", "trainer.max_epochs=4",
+    "guard=rollback",
+    "logger.flush_every=5",
+    "trainer.max_epochs=4",
     # A tiny model this young scores below any sensible val floor: only the injected faults trip.
-    "guard.detectors.val_floor=null", "guard.detectors.val_drop=null", "guard.detectors.below_copy_last=null",
+    "guard.detectors.val_floor=null",
+    "guard.detectors.val_drop=null",
+    "guard.detectors.below_copy_last=null",
 ]
 
 
@@ -82,8 +93,11 @@ def test_corrupt_good_checkpoint_falls_back_to_older(tmp_path, damage):
 def test_max_rollbacks_stops_cleanly(tmp_path):
     run(cfg_for(*GUARDED, "trainer.max_epochs=1"), tmp_path / "probe")
     n = steps_per_epoch(tmp_path / "probe")
-    results = run(cfg_for(*GUARDED, "guard.max_rollbacks=1", "trainer.max_epochs=6"), tmp_path / "run",
-                  extra_callbacks=[FaultInjection([n + 1, 2 * n + 1])])
+    results = run(
+        cfg_for(*GUARDED, "guard.max_rollbacks=1", "trainer.max_epochs=6"),
+        tmp_path / "run",
+        extra_callbacks=[FaultInjection([n + 1, 2 * n + 1])],
+    )
     actions = [e["action"] for e in events(tmp_path / "run") if e["severity"] == "collapse"]
     assert actions == ["rollback", "stop"]
     assert results["epochs_completed"] < 6 and results["status"] == "stopped: max_rollbacks"
@@ -112,8 +126,16 @@ def test_constant_output_is_caught_and_never_saved_as_good(tmp_path, data):
     run(cfg_for(*guarded, "trainer.max_epochs=1"), tmp_path / "probe")
     n = steps_per_epoch(tmp_path / "probe")
     onset = n + 2
-    results = run(cfg_for(*guarded, "trainer.max_epochs=3", "guard.detectors.start_step=0", "logger.flush_every=2",
-                          f"callbacks.fault_injection.constant_from_step={onset}"), tmp_path / "run")
+    results = run(
+        cfg_for(
+            *guarded,
+            "trainer.max_epochs=3",
+            "guard.detectors.start_step=0",
+            "logger.flush_every=2",
+            f"callbacks.fault_injection.constant_from_step={onset}",
+        ),
+        tmp_path / "run",
+    )
     ev = events(tmp_path / "run")
     acted = [e for e in ev if e["severity"] == "collapse"]
     assert acted and acted[0]["action"] == "rollback", ev
@@ -148,7 +170,9 @@ def test_restart_after_kill_takes_the_same_decisions(tmp_path):
     run(cfg_for(*args, "ckpt_path=last"), tmp_path / "killed", extra_callbacks=[FaultInjection(faults)])
 
     def decisions(d):
-        return [(e["step"], e["detector"], e["action"], Path(e.get("checkpoint", "")).name) for e in events(d) if e["severity"] == "collapse"]
+        return [
+            (e["step"], e["detector"], e["action"], Path(e.get("checkpoint", "")).name) for e in events(d) if e["severity"] == "collapse"
+        ]
 
     assert decisions(tmp_path / "whole") == decisions(tmp_path / "killed")
     assert [d[2] for d in decisions(tmp_path / "whole")] == ["rollback", "stop"]
@@ -157,8 +181,10 @@ def test_restart_after_kill_takes_the_same_decisions(tmp_path):
 def test_recovery_experiment_resumes_a_v1_checkpoint_under_v2(tmp_path, caplog):
     """The recovery takes the checkpoint's model (here the plain one, without the default context
     skip) and v2's loss settings."""
-    run(cfg_for("+experiment=p6b_v1", "trainer.max_epochs=2", "callbacks.checkpoint.every_epoch=true", "model.context_skip=false"),
-        tmp_path / "v1")
+    run(
+        cfg_for("+experiment=p6b_v1", "trainer.max_epochs=2", "callbacks.checkpoint.every_epoch=true", "model.context_skip=false"),
+        tmp_path / "v1",
+    )
     epoch0 = tmp_path / "v1" / "checkpoints" / "epoch00.ckpt"
     v1_weights = torch.load(epoch0, weights_only=True)["state_dict"]
     caplog.clear()
@@ -172,7 +198,9 @@ def test_recovery_experiment_resumes_a_v1_checkpoint_under_v2(tmp_path, caplog):
     cfg = torch.load(results["last_checkpoint"], weights_only=True)["hyper_parameters"]["config"]
     assert cfg["loss"]["gamma"] == 4.0 and cfg["loss"]["lambda_max"] == 0.02
     assert cfg["model"]["context_skip"] is False and "ckpt_model=true: the model settings" in caplog.text
-    assert any(not torch.equal(v, v1_weights[k]) for k, v in torch.load(results["last_checkpoint"], weights_only=True)["state_dict"].items())
+    assert any(
+        not torch.equal(v, v1_weights[k]) for k, v in torch.load(results["last_checkpoint"], weights_only=True)["state_dict"].items()
+    )
 
 
 @pytest.mark.slow
@@ -181,10 +209,18 @@ def test_two_process_ddp_rolls_back_together(tmp_path):
     run_dir = tmp_path / "ddp"
     off = [f"guard.detectors.{k}=null" for k in ("val_floor", "val_drop", "below_copy_last", "orthogonal_eps")]
     proc = train_cli(
-        "+experiment=p6b_v2", *TINY, "trainer.max_epochs=3", "logger.flush_every=2",
-        "guard.detectors.start_step=0", "guard.detectors.negative_cosines=false", *off,
+        "+experiment=p6b_v2",
+        *TINY,
+        "trainer.max_epochs=3",
+        "logger.flush_every=2",
+        "guard.detectors.start_step=0",
+        "guard.detectors.negative_cosines=false",
+        *off,
         "callbacks.fault_injection.nan_at_steps=[3]",
-        "trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp", f"hydra.run.dir={run_dir}",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "trainer.strategy=ddp",
+        f"hydra.run.dir={run_dir}",
         cwd=ROOT,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -197,18 +233,30 @@ def test_two_process_ddp_rolls_back_together(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("fault, action", [
-    (["callbacks.fault_injection.constant_from_step=4"], "rollback"),
-    (["callbacks.fault_injection.nan_batch_at_steps=[4]", "guard.spike.skip=true", "guard.spike.min_history=2"], "skipped update"),
-])
+@pytest.mark.parametrize(
+    "fault, action",
+    [
+        (["callbacks.fault_injection.constant_from_step=4"], "rollback"),
+        (["callbacks.fault_injection.nan_batch_at_steps=[4]", "guard.spike.skip=true", "guard.spike.min_history=2"], "skipped update"),
+    ],
+)
 def test_two_process_ddp_drills_take_the_same_decision_on_both_ranks(tmp_path, fault, action):
     """The constant-output and NaN-record drills under gloo DDP, the fault on rank 0 only: the
     guard acts once, at the fault, and both ranks end with the same weights' validation."""
     run_dir = tmp_path / "ddp"
     proc = train_cli(
-        "+experiment=p6b_v2", *TINY, "trainer.max_epochs=3", "logger.flush_every=2", "guard.detectors.start_step=0",
-        *[f"guard.detectors.{k}=null" for k in ("val_floor", "val_drop", "below_copy_last")], *fault,
-        "trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp", f"hydra.run.dir={run_dir}", cwd=ROOT,
+        "+experiment=p6b_v2",
+        *TINY,
+        "trainer.max_epochs=3",
+        "logger.flush_every=2",
+        "guard.detectors.start_step=0",
+        *[f"guard.detectors.{k}=null" for k in ("val_floor", "val_drop", "below_copy_last")],
+        *fault,
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "trainer.strategy=ddp",
+        f"hydra.run.dir={run_dir}",
+        cwd=ROOT,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     acted = [e for e in events(run_dir) if e["severity"] == "collapse" or e["action"] == "skipped update"]
@@ -223,6 +271,7 @@ def test_two_process_ddp_drills_take_the_same_decision_on_both_ranks(tmp_path, f
 def test_collapse_drill(tmp_path, precision):
     """The documented drill on the built-in data: unguarded v1-stress collapses, the guard recovers,
     with the same decision (epoch, checkpoint, back-off) in fp32 and in bf16."""
+
     def val_cos(run_dir):
         return [json.loads(line)["val/cos"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
@@ -243,6 +292,13 @@ def test_old_guard_state_hands_its_lambda_factor_to_the_schedule(tmp_path):
     """Checkpoints from before the schedule owned lambda_max kept its factor in the guard's state."""
     schedule = RampSchedule([{"until": None, "margin": 0.02, "target_frac": 0.1}], 0, lambda_max=0.02)
     guard = RollbackGuard(tmp_path, {}, 3, 2, 0.5, 0.5, 2, schedule)
-    guard.load_state_dict({"rollbacks": 1, "good": [str(tmp_path / "elsewhere" / "good-epoch00.ckpt")], "best_val_cos": 0.5,
-                           "lambda_factor": 0.25, "pinned_steps": 0})
+    guard.load_state_dict(
+        {
+            "rollbacks": 1,
+            "good": [str(tmp_path / "elsewhere" / "good-epoch00.ckpt")],
+            "best_val_cos": 0.5,
+            "lambda_factor": 0.25,
+            "pinned_steps": 0,
+        }
+    )
     assert schedule.lambda_max_factor == 0.25 and guard.good == ["good-epoch00.ckpt"]  # a path became a name

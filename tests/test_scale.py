@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from lvm.bench import measure_data_memory, training_config
+from lvm.bench.loops import measure_data_memory, training_config
 from lvm.data.synthetic import synthetic_corpus
 from tests.helpers import compose_cfg, run_module
 
@@ -25,15 +25,23 @@ def test_a_200k_by_768_store_trains_and_evaluates(tmp_path):
     np.savez(store, vectors=vectors, article_indices=article_ids, chunk_indices=chunk_indices)
     del vectors
     run_dir = tmp_path / "run"
-    proc = run_module("lvm.train", "+experiment=p6b_v2", "data=store_npz", f"data.path={store}", "trainer.max_epochs=1",
-                      "+trainer.limit_train_batches=300", "trainer.enable_progress_bar=false", "threads=1",
-                      f"hydra.run.dir={run_dir}", timeout=1800)
+    proc = run_module(
+        "lvm.train",
+        "+experiment=p6b_v2",
+        "data=store_npz",
+        f"data.path={store}",
+        "trainer.max_epochs=1",
+        "+trainer.limit_train_batches=300",
+        "trainer.enable_progress_bar=false",
+        "threads=1",
+        f"hydra.run.dir={run_dir}",
+        timeout=1800,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((run_dir / "results.json").read_text())
     assert results["status"] == "completed" and results["final"]["val/cos"] > 0.3
     out = tmp_path / "5cat"
-    proc = run_module("lvm.evaluate", f"ckpt={results['last_checkpoint']}", "sample=500", "progress=false", f"out_dir={out}",
-                      timeout=1800)
+    proc = run_module("lvm.evaluate", f"ckpt={results['last_checkpoint']}", "sample=500", "progress=false", f"out_dir={out}", timeout=1800)
     assert proc.returncode in (0, 1), proc.stderr[-3000:]  # 1: a gate failed, as an epoch's model may
     report = json.loads((out / "5cat.json").read_text())
     assert report["data"]["dim"] == 768 and report["splits"]["val"]["evaluated"] == 500

@@ -1,4 +1,4 @@
-"""lvm.search: a small search on tiny data prunes, resumes without repeating finished trials and
+"""lvm.tools.search: a small search on tiny data prunes, resumes without repeating finished trials and
 writes its summary; without Optuna it names the extra to install."""
 
 from __future__ import annotations
@@ -9,13 +9,20 @@ import sys
 
 import pytest
 
-from lvm.errors import LvmError
+from lvm.runtime.errors import LvmError
 from tests.helpers import TINY, hparams_session, run_module
 
 optuna = pytest.importorskip("optuna")
 
-SEARCH = ["+search=p6b_v2", *[o for o in TINY if not o.startswith("trainer.max_epochs")], "trainer.max_epochs=3", "threads=1",
-          "search.pruner.name=halving", "search.pruner.reduction_factor=4", "search.sampler.startup_trials=2"]
+SEARCH = [
+    "+search=p6b_v2",
+    *[o for o in TINY if not o.startswith("trainer.max_epochs")],
+    "trainer.max_epochs=3",
+    "threads=1",
+    "search.pruner.name=halving",
+    "search.pruner.reduction_factor=4",
+    "search.sampler.startup_trials=2",
+]
 
 
 def trials_of(out):
@@ -25,14 +32,14 @@ def trials_of(out):
 
 def test_search_prunes_resumes_and_summarises(tmp_path):
     out = tmp_path / "search"
-    first = run_module("lvm.search", *SEARCH, "search.trials=3", f"out={out}", timeout=900)
+    first = run_module("lvm.tools.search", *SEARCH, "search.trials=3", f"out={out}", timeout=900)
     assert first.returncode == 0, first.stderr[-3000:]
     done = {t.number: (out / f"trial_{t.number:03d}" / "results.json").stat().st_mtime for t in trials_of(out)}
     assert sorted(done) == [0, 1, 2]
     # An interruption left a trial running: it is recorded as failed and its recipe tried again.
     study = optuna.load_study(study_name="p6b_v2", storage=f"sqlite:///{out / 'study.db'}")
     cut = study.ask({"loss.gamma": optuna.distributions.FloatDistribution(1.0, 16.0, log=True)})
-    second = run_module("lvm.search", *SEARCH, "search.trials=6", f"out={out}", timeout=900)
+    second = run_module("lvm.tools.search", *SEARCH, "search.trials=6", f"out={out}", timeout=900)
     assert second.returncode == 0, second.stderr[-3000:]
     trials = trials_of(out)
     states = {t.number: t.state for t in trials}
@@ -70,7 +77,7 @@ def test_search_prunes_resumes_and_summarises(tmp_path):
 
 
 def test_search_without_optuna_names_the_extra(monkeypatch):
-    from lvm.search import need_optuna
+    from lvm.tools.search import need_optuna
 
     monkeypatch.setitem(sys.modules, "optuna", None)
     with pytest.raises(LvmError, match=r"install the search extra \(pip install -e '.\[search\]'"):
@@ -78,13 +85,13 @@ def test_search_without_optuna_names_the_extra(monkeypatch):
 
 
 def test_search_needs_a_preset():
-    proc = run_module("lvm.search", timeout=120)
+    proc = run_module("lvm.tools.search", timeout=120)
     assert proc.returncode == 2 and "+search=p6b_v2" in proc.stderr
 
 
 def test_failed_trials_are_recorded_and_the_exit_code_says_none_completed(tmp_path):
     out = tmp_path / "search"
-    proc = run_module("lvm.search", *SEARCH, "search.trials=2", "optim.weight_decay=-1", f"out={out}", timeout=300)
+    proc = run_module("lvm.tools.search", *SEARCH, "search.trials=2", "optim.weight_decay=-1", f"out={out}", timeout=300)
     assert proc.returncode == 1, proc.stderr[-2000:]  # every trial was refused at start: none completed
     rows = list(csv.DictReader((out / "summary.csv").open()))
     assert [r["state"] for r in rows] == ["fail", "fail"]
@@ -96,15 +103,15 @@ def test_a_trial_that_fails_in_training_is_recorded_and_the_search_goes_on(tmp_p
     Optuna's catch list and ended the whole search."""
     from hydra import compose, initialize_config_dir
 
-    import lvm.train
-    from lvm.search import Search, work
-    from lvm.train import RunFailed
+    import lvm.training.run
+    from lvm.runtime.errors import RunFailed
+    from lvm.tools.search import Search, work
     from tests.helpers import ROOT
 
     def failing_run(*args, **kwargs):
         raise RunFailed("RuntimeError: boom in epoch 0")
 
-    monkeypatch.setattr(lvm.train, "run", failing_run)
+    monkeypatch.setattr(lvm.training.run, "run", failing_run)
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("study", overrides=["+search=p6b_v2", "search.trials=2", f"out={tmp_path}", "search.enqueue_defaults=false"])
         search = Search(cfg, [o for o in SEARCH[1:] if not o.startswith("search.")])

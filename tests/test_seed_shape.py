@@ -17,9 +17,16 @@ from tests.helpers import ROOT, history
 def test_seed_shape_v1_collapses_in_its_third_epoch_and_v2_does_not(tmp_path):
     common = ["data=seed_shape", "trainer.max_epochs=3", "threads=1", "trainer.enable_progress_bar=false"]
     runs = {"v1": ["+experiment=p6b_v1"], "v2": ["+experiment=p6b_v2", "guard=skip"]}
-    procs = {name: subprocess.Popen([sys.executable, "-m", "lvm.train", *args, *common, f"hydra.run.dir={tmp_path / name}"],
-                                    cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-             for name, args in runs.items()}
+    procs = {
+        name: subprocess.Popen(
+            [sys.executable, "-m", "lvm.train", *args, *common, f"hydra.run.dir={tmp_path / name}"],
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for name, args in runs.items()
+    }
     for name, proc in procs.items():
         _, err = proc.communicate(timeout=3600)
         assert proc.returncode == 0, (name, err[-3000:])
@@ -29,7 +36,7 @@ def test_seed_shape_v1_collapses_in_its_third_epoch_and_v2_does_not(tmp_path):
     assert v1[0] > 0.55 and v1[1] > 0.55 and v1[2] < 0
     assert min(v2) > 0.60
     # The seed's signature late in the third epoch: both mean cosines negative, lambda at its clamp.
-    from lvm.compare import read_steps
+    from lvm.tools.runs import read_steps
 
     steps = read_steps(tmp_path / "v1", ["train/pos", "train/neg", "train/lambda_eff", "train/lambda_max"])
     last = slice(-500, None)

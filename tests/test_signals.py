@@ -13,9 +13,9 @@ import lightning as L
 import pytest
 import torch
 
-from lvm.cli import EXIT_PREEMPTED
-from lvm.signals import StopSignals
-from lvm.train import run
+from lvm.runtime.cli import EXIT_PREEMPTED
+from lvm.runtime.signals import StopSignals
+from lvm.training.run import run
 from tests.helpers import ROOT, TINY, cfg_for, history, steps_per_epoch, train_cli
 
 
@@ -32,8 +32,9 @@ def test_signal_saves_a_resumable_checkpoint_and_exits_preempted(tmp_path, sig):
     run_dir = tmp_path / "run"
     args = [*TINY, "trainer.max_epochs=200", f"hydra.run.dir={run_dir}"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "lvm.train", *args], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lvm.train", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     deadline = time.monotonic() + 120
     while not (run_dir / "metrics.jsonl").is_file() and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.05)  # training has run an epoch: the handlers are in place
@@ -44,7 +45,9 @@ def test_signal_saves_a_resumable_checkpoint_and_exits_preempted(tmp_path, sig):
     assert results["status"] == "preempted" and results["epochs_completed"] < 200
     last = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
     assert last["global_step"] == results["global_step"]  # saved at the step it stopped, mid-epoch or not
-    resumed = train_cli(*TINY, f"trainer.max_epochs={results['epochs_completed'] + 1}", "ckpt_path=last", f"hydra.run.dir={run_dir}", cwd=ROOT)
+    resumed = train_cli(
+        *TINY, f"trainer.max_epochs={results['epochs_completed'] + 1}", "ckpt_path=last", f"hydra.run.dir={run_dir}", cwd=ROOT
+    )
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     final = json.loads((run_dir / "results.json").read_text())
     # The resume finishes the epoch it stopped in (a stop at its last batch leaves only its

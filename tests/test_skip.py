@@ -3,7 +3,7 @@
 import torch
 
 from callbacks.skip import SkipReport
-from lvm.module import STEP_STATS
+from lvm.model.module import STEP_STATS
 
 
 def outputs(skipped, pos, neg):

@@ -7,7 +7,7 @@ import pytest
 
 from lvm.data.splits import make_splits, split_articles
 from lvm.data.store import ArticleStore, WindowSpec
-from lvm.errors import DataError
+from lvm.runtime.errors import DataError
 from tests.helpers import P6
 
 IDS = np.arange(100) * 3 + 11  # non-contiguous article ids

@@ -2,7 +2,7 @@
 
 import torch
 
-from lvm.steplog import StepLog
+from lvm.guard.steplog import StepLog
 
 
 class ListLogger:

@@ -9,8 +9,7 @@ from torch.utils.data import DataLoader
 
 from lvm.data import store as store_mod
 from lvm.data.store import ArticleStore, Windows, WindowSpec, collate_batch, window_rows
-from lvm.errors import DataError
-
+from lvm.runtime.errors import DataError
 from tests.helpers import P6, STANDARD
 from tests.helpers import unit_rows as _unit_rows
 
@@ -65,9 +64,7 @@ def naive_windows(spec: WindowSpec, articles=None) -> list[tuple[int, int, int]]
 
 def window_keys(store: ArticleStore, w: Windows) -> list[tuple[int, int, int]]:
     s, t = w.starts.numpy(), w.targets.numpy()
-    return [
-        (int(store.article_ids[i]), int(store.chunk_indices[i]), int(store.chunk_indices[j])) for i, j in zip(s, t)
-    ]
+    return [(int(store.article_ids[i]), int(store.chunk_indices[i]), int(store.chunk_indices[j])) for i, j in zip(s, t)]
 
 
 @pytest.fixture
@@ -117,10 +114,7 @@ def test_store_sorts_rows(store, raw):
 def test_window_rows_match_naive(store, spec):
     starts, targets = window_rows(store.article_ids, store.chunk_indices, spec)
     assert np.issubdtype(starts.dtype, np.integer) and np.issubdtype(targets.dtype, np.integer)
-    got = [
-        (int(store.article_ids[s]), int(store.chunk_indices[s]), int(store.chunk_indices[t]))
-        for s, t in zip(starts, targets)
-    ]
+    got = [(int(store.article_ids[s]), int(store.chunk_indices[s]), int(store.chunk_indices[t])) for s, t in zip(starts, targets)]
     assert got == naive_windows(spec)
     # Context rows are consecutive rows of the same article with consecutive chunk indices.
     for s, t in zip(starts, targets):

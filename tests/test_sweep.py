@@ -5,13 +5,30 @@ from __future__ import annotations
 
 import json
 
-from tests.helpers import ROOT, TINY, check_tensorboard_runs, hparams_session, job_dirs, run_module, sweep_rows, train_cli
+from tests.helpers import (
+    ROOT,
+    TINY,
+    check_tensorboard_runs,
+    hparams_session,
+    job_dirs,
+    run_module,
+    sweep_rows,
+    train_cli,
+)
 
 
 def test_grid_sweep_summarised_and_regenerated(tmp_path):
     sweep = tmp_path / "sweep"
-    proc = train_cli("-m", "+experiment=p6b_v2", "loss.gamma=4,8", "loss.lambda_max=0.02,0.05", *TINY,
-                     "trainer.max_epochs=1", f"hydra.sweep.dir={sweep}", cwd=ROOT)
+    proc = train_cli(
+        "-m",
+        "+experiment=p6b_v2",
+        "loss.gamma=4,8",
+        "loss.lambda_max=0.02,0.05",
+        *TINY,
+        "trainer.max_epochs=1",
+        f"hydra.sweep.dir={sweep}",
+        cwd=ROOT,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert len(job_dirs(sweep)) == 4
     table = sweep_rows(sweep)
@@ -35,15 +52,14 @@ def test_grid_sweep_summarised_and_regenerated(tmp_path):
 
     for name in ("summary.csv", "summary.md", "summary_heatmap.png"):
         (sweep / name).unlink()
-    report = run_module("lvm.sweep_report", str(sweep), "metric=final_val_cos", timeout=120)
+    report = run_module("lvm.tools.sweep_report", str(sweep), "metric=final_val_cos", timeout=120)
     assert report.returncode == 0, report.stderr[-3000:]
     assert sweep_rows(sweep) == table and png.is_file() and (sweep / "summary.md").is_file()
 
 
 def test_failed_job_reported_and_sweep_goes_on(tmp_path):
     sweep = tmp_path / "sweep"
-    proc = train_cli("-m", "+experiment=p6b_v2", "loss.gamma=4,-1", *TINY, "trainer.max_epochs=1",
-                     f"hydra.sweep.dir={sweep}", cwd=ROOT)
+    proc = train_cli("-m", "+experiment=p6b_v2", "loss.gamma=4,-1", *TINY, "trainer.max_epochs=1", f"hydra.sweep.dir={sweep}", cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ok, failed = sweep_rows(sweep)
     assert ok["overrides"] == "loss.gamma=4" and ok["status"] == "completed"
@@ -56,8 +72,7 @@ def test_failed_job_reported_and_sweep_goes_on(tmp_path):
 
 def test_ddp_multirun_refused(tmp_path):
     sweep = tmp_path / "sweep"
-    proc = train_cli("-m", "loss.gamma=4,8", *TINY, "trainer.strategy=ddp", "trainer.devices=2",
-                     f"hydra.sweep.dir={sweep}", cwd=ROOT)
+    proc = train_cli("-m", "loss.gamma=4,8", *TINY, "trainer.strategy=ddp", "trainer.devices=2", f"hydra.sweep.dir={sweep}", cwd=ROOT)
     assert proc.returncode != 0
     assert "relaunch the whole sweep" in proc.stderr and "trainer.strategy=ddp" in proc.stderr
     assert "without -m" in proc.stderr and "hydra/launcher=slurm_gpu" in proc.stderr  # the two ways that work
@@ -69,15 +84,23 @@ def test_heatmap_has_a_panel_per_other_swept_setting(tmp_path):
     """gamma x clamp x ramp: one gamma x clamp panel per ramp preset, values placed, never averaged."""
     import math
 
-    from lvm.sweep import Job, heatmap_panels, metric_grid, plot_heatmap
+    from lvm.tools.sweep import Job, heatmap_panels, metric_grid, plot_heatmap
 
     jobs = []
     for r, ramp in enumerate(("p6b_v1", "p6b_v2")):
         for g, gamma in enumerate((4.0, 8.0)):
             for m, lam in enumerate((0.02, 0.05)):
                 value = None if (r, g, m) == (1, 1, 1) else 0.5 + r / 10 + g / 100 + m / 1000
-                jobs.append(Job(len(jobs), [f"loss.gamma={gamma}", f"loss.lambda_max={lam}", f"ramp={ramp}", "trainer.max_epochs=1"],
-                                {}, {"loss.gamma": gamma, "loss.lambda_max": lam}, "ok", {"best_val_cos": value}))
+                jobs.append(
+                    Job(
+                        len(jobs),
+                        [f"loss.gamma={gamma}", f"loss.lambda_max={lam}", f"ramp={ramp}", "trainer.max_epochs=1"],
+                        {},
+                        {"loss.gamma": gamma, "loss.lambda_max": lam},
+                        "ok",
+                        {"best_val_cos": value},
+                    )
+                )
     panels = heatmap_panels(jobs)
     assert list(panels) == ["ramp=p6b_v1", "ramp=p6b_v2"] and [len(p) for p in panels.values()] == [4, 4]
     v1 = metric_grid(panels["ramp=p6b_v1"], "best_val_cos", [4.0, 8.0], [0.02, 0.05])

@@ -16,9 +16,7 @@ KW = dict(topic_weight=1.0, drift_weight=1.0, drift_step=0.5, noise=1.2)
 
 def corpus(seed: int = 0, dim: int = 16, articles: int = 20, min_chunks: int = 3, max_chunks: int = 9, **kw):
     args = KW | kw
-    return synthetic_corpus(
-        dim=dim, articles=articles, min_chunks=min_chunks, max_chunks=max_chunks, seed=seed, **args
-    )
+    return synthetic_corpus(dim=dim, articles=articles, min_chunks=min_chunks, max_chunks=max_chunks, seed=seed, **args)
 
 
 def test_deterministic_for_a_seed():

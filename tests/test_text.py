@@ -8,11 +8,19 @@ import zipfile
 
 import pytest
 
-from lvm.corpus.text import (Chunker, Document, Skipped, is_prose, paragraphs, prose_documents, read_documents,
-                           read_mediawiki, split_sentences)
-from lvm.errors import ConfigError, DataError
+from lvm.corpus.text import (
+    Chunker,
+    Document,
+    Skipped,
+    is_prose,
+    paragraphs,
+    prose_documents,
+    read_documents,
+    read_mediawiki,
+    split_sentences,
+)
+from lvm.runtime.errors import ConfigError, DataError
 from tests.helpers import WIKI_FIXTURE
-
 
 
 def docs_of(records) -> list[Document]:
@@ -92,7 +100,9 @@ def test_text_folder_errors(tmp_path):
 
 def test_jsonl_documents_and_errors(tmp_path):
     good = tmp_path / "docs.jsonl"
-    good.write_text(json.dumps({"id": 7, "title": "T", "text": "Hello."}) + "\n\n" + json.dumps({"id": "b", "title": "U", "text": "Bye."}) + "\n")
+    good.write_text(
+        json.dumps({"id": 7, "title": "T", "text": "Hello."}) + "\n\n" + json.dumps({"id": "b", "title": "U", "text": "Bye."}) + "\n"
+    )
     assert list(read_documents(good)) == [Document("7", "T", "Hello."), Document("b", "U", "Bye.")]
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"id": 1, "title": "T", "text": "x"}) + "\n" + json.dumps({"id": 2, "text": "y"}) + "\n")
@@ -108,7 +118,11 @@ def test_jsonl_documents_and_errors(tmp_path):
 def test_sentences_respect_abbreviations_initials_and_quotes():
     text = 'He said "yes." Then Dr. Smith left at 5 p.m. today. J. R. R. Tolkien wrote it! Was it 1950? 12 men came.'
     assert split_sentences(text) == [
-        'He said "yes."', "Then Dr. Smith left at 5 p.m. today.", "J. R. R. Tolkien wrote it!", "Was it 1950?", "12 men came.",
+        'He said "yes."',
+        "Then Dr. Smith left at 5 p.m. today.",
+        "J. R. R. Tolkien wrote it!",
+        "Was it 1950?",
+        "12 men came.",
     ]
 
 

@@ -11,10 +11,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from lvm import threads as T
-from lvm.errors import ConfigError
-from lvm.launchers import JOBLIB_LAUNCHER
-from lvm.launchers import sweep_jobs
+from lvm.runtime import threads as T
+from lvm.runtime.errors import ConfigError
+from lvm.runtime.launchers import JOBLIB_LAUNCHER, sweep_jobs
 from tests.helpers import ROOT, TINY
 
 
@@ -54,8 +53,13 @@ def test_training_uses_the_cpus_it_may_use(tmp_path):
         pytest.skip("needs 2 CPUs to tell the affinity from the machine")
     if shutil.which("taskset") is None:
         pytest.skip("needs taskset (util-linux)")
-    proc = subprocess.run(["taskset", "-c", "0", sys.executable, "-m", "lvm.train", *TINY, "trainer.max_epochs=1",
-                           f"hydra.run.dir={tmp_path}"], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        ["taskset", "-c", "0", sys.executable, "-m", "lvm.train", *TINY, "trainer.max_epochs=1", f"hydra.run.dir={tmp_path}"],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "torch threads: 1 (threads=auto, 1 usable CPUs" in (tmp_path / "train.log").read_text()

@@ -1,15 +1,15 @@
-"""5CAT against the matmul limit (lvm/throughput.py): the forwards and FLOPs it counts."""
+"""5CAT against the matmul limit (lvm/bench/fivecat_rate.py): the forwards and FLOPs it counts."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from lvm import fivecat as F5
-from lvm.config import to_plain
-from lvm.module import LVMModule
-from lvm.throughput import fivecat_rate, forward_flops, gemm_flops_per_s
-from lvm.train import build_data
+from lvm.bench.fivecat_rate import fivecat_rate, forward_flops, gemm_flops_per_s
+from lvm.evaluation import fivecat as F5
+from lvm.model.module import LVMModule
+from lvm.training.build import build_data
+from lvm.training.config import to_plain
 from tests.helpers import cfg_for
 
 

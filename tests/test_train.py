@@ -13,9 +13,11 @@ import torch
 from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from lvm.errors import ConfigError, LvmError, RunFailed
-from lvm.train import build_data, run
+from lvm.runtime.errors import ConfigError, LvmError, RunFailed
+from lvm.training.build import build_data
+from lvm.training.run import run
 from tests.helpers import ROOT, TINY, cfg_for, history, train_cli
+
 
 @pytest.mark.parametrize("experiment", ["p6_baseline", "p6b_v1", "p6b_v2", "p6b_v2_1", "p6b_v2_2", "p6b_v2_3"])
 def test_experiment_trains_end_to_end(experiment, tmp_path):
@@ -33,7 +35,16 @@ def test_experiment_trains_end_to_end(experiment, tmp_path):
     acc = EventAccumulator(str(tmp_path / "tb"))
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
-    for tag in ("train/pos", "train/neg", "train/gap", "train/lambda_eff", "train/frac_of_mse", "train/skipped", "train/penalties", "val/cos"):
+    for tag in (
+        "train/pos",
+        "train/neg",
+        "train/gap",
+        "train/lambda_eff",
+        "train/frac_of_mse",
+        "train/skipped",
+        "train/penalties",
+        "val/cos",
+    ):
         assert tag in tags
     # Logged every step.
     steps = [e.step for e in acc.Scalars("train/loss")]
@@ -92,7 +103,10 @@ def test_resume_continues_at_right_epoch_and_stage(tmp_path, caplog):
         ("model.heads=3", "model.d_model"),
         ("optim.lr=-1", "optim.lr"),
         ("data.split.val=0", "data.split"),
-        ("ramp.stages=[{until:3,margin:0.1,target_frac:0.1},{until:2,margin:0.1,target_frac:0.1},{until:null,margin:0.1,target_frac:0.1}]", "increase"),
+        (
+            "ramp.stages=[{until:3,margin:0.1,target_frac:0.1},{until:2,margin:0.1,target_frac:0.1},{until:null,margin:0.1,target_frac:0.1}]",
+            "increase",
+        ),
         ("guard.policy=maybe", "guard.policy"),
         ("callbacks.checkpoint.every_n_steps=0", "callbacks.checkpoint.every_n_steps"),
         ("threads=0", "threads"),
@@ -159,8 +173,13 @@ def files(d: Path) -> dict[str, bytes]:
 def test_resume_elsewhere_never_touches_the_source_run(tmp_path):
     """The README's `ckpt_path=<old>/last.ckpt hydra.run.dir=<new>` and a copied run directory:
     the source's good checkpoints (rollback points) survive the new run's pruning."""
-    guarded = ("+experiment=p6b_v2", "guard.detectors.val_floor=null", "guard.detectors.val_drop=null",
-               "guard.detectors.below_copy_last=null", "guard.keep_good=1")
+    guarded = (
+        "+experiment=p6b_v2",
+        "guard.detectors.val_floor=null",
+        "guard.detectors.val_drop=null",
+        "guard.detectors.below_copy_last=null",
+        "guard.keep_good=1",
+    )
     src = tmp_path / "src"
     run(cfg_for(*guarded), src)
     before = files(src / "checkpoints")
@@ -217,8 +236,15 @@ def test_cli_exit_codes_follow_the_status(tmp_path):
     assert json.loads((tmp_path / "ok" / "results.json").read_text())["status"] == "completed"
     again = train_cli(*TINY, "trainer.max_epochs=1", f"hydra.run.dir={tmp_path / 'ok'}", cwd=ROOT)
     assert again.returncode == 2 and "already holds a run" in again.stderr and "Traceback" not in again.stderr
-    stop = train_cli("+experiment=p6b_v2", *TINY, "guard.max_rollbacks=0", "callbacks.fault_injection.nan_at_steps=[8]",
-                     "logger.flush_every=1", f"hydra.run.dir={tmp_path / 'stop'}", cwd=ROOT)
+    stop = train_cli(
+        "+experiment=p6b_v2",
+        *TINY,
+        "guard.max_rollbacks=0",
+        "callbacks.fault_injection.nan_at_steps=[8]",
+        "logger.flush_every=1",
+        f"hydra.run.dir={tmp_path / 'stop'}",
+        cwd=ROOT,
+    )
     assert stop.returncode == 3, stop.stderr[-2000:]
     results = json.loads((tmp_path / "stop" / "results.json").read_text())
     assert results["status"] == "stopped: max_rollbacks"
@@ -253,7 +279,10 @@ def test_results_hold_the_baselines_computed_independently(tmp_path):
     for split in ("val", "ood"):
         batch = splits[split].gather(torch.arange(len(splits[split])))
         c, t = batch["context"].double().numpy(), batch["target"].double().numpy()
-        unit = lambda p: p / np.linalg.norm(p, axis=1, keepdims=True)
+
+        def unit(p):
+            return p / np.linalg.norm(p, axis=1, keepdims=True)
+
         for name, pred in (("copy_last", c[:, -1]), ("mean_context", unit(c.mean(1))), ("slot_linear", unit(np.einsum("nkd,k->nd", c, w)))):
             assert b[split][name] == pytest.approx(float(np.mean(np.sum(pred * t, 1))), abs=1e-5)
     assert json.loads((tmp_path / "results.json").read_text())["baselines"] == b

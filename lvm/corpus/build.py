@@ -30,19 +30,25 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from lvm.atomic import atomic_open, atomic_write_text
-from lvm.cli import entry_point, run_entry_point
 from lvm.corpus.encoders import Encoder, make_encoder
 from lvm.corpus.text import Chunker, Document, read_documents
-from lvm.errors import ConfigError, DataError
-from lvm.threads import set_threads
+from lvm.runtime.cli import entry_point, run_entry_point
+from lvm.runtime.errors import ConfigError, DataError
+from lvm.runtime.files import atomic_open, atomic_write_text
+from lvm.runtime.threads import set_threads
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 COUNTS = (
-    "documents_read", "documents_kept", "documents_embedded_earlier", "documents_embedded_this_run",
-    "documents_changed_reembedded", "chunks_embedded_this_run", "words", "paragraphs_dropped_not_prose",
+    "documents_read",
+    "documents_kept",
+    "documents_embedded_earlier",
+    "documents_embedded_this_run",
+    "documents_changed_reembedded",
+    "chunks_embedded_this_run",
+    "words",
+    "paragraphs_dropped_not_prose",
     "words_dropped_not_prose",
 )
 
@@ -115,7 +121,9 @@ class Parts:
         with atomic_open(self.folder / f"{name}.npz", "wb") as f:
             np.savez(f, vectors=vectors)
         lines = [
-            json.dumps({"doc_id": doc.id, "title": doc.title, "chunk_index": i, "words": len(text.split()), "text": text}, ensure_ascii=False)
+            json.dumps(
+                {"doc_id": doc.id, "title": doc.title, "chunk_index": i, "words": len(text.split()), "text": text}, ensure_ascii=False
+            )
             for doc, chunks, _ in pending.docs
             for i, text in enumerate(chunks)
         ]
@@ -124,12 +132,14 @@ class Parts:
         if earlier and not encoder.get("dtype_calibration"):
             encoder = encoder | {"dtype_calibration": earlier}  # the measurement behind the dtype a resumed build reuses
         self.manifest["encoder"] = encoder
-        self.manifest["parts"].append({
-            "name": name,
-            "docs": [[doc.id, doc.title, len(chunks), digest] for doc, chunks, digest in pending.docs],
-            "chunks": len(lines),
-            "encode_seconds": round(seconds, 3),
-        })
+        self.manifest["parts"].append(
+            {
+                "name": name,
+                "docs": [[doc.id, doc.title, len(chunks), digest] for doc, chunks, digest in pending.docs],
+                "chunks": len(lines),
+                "encode_seconds": round(seconds, 3),
+            }
+        )
         atomic_write_text(self.folder / MANIFEST, json.dumps(self.manifest, ensure_ascii=False, indent=1))
         self.done.update((doc.id, digest) for doc, _, digest in pending.docs)
 
@@ -155,10 +165,10 @@ class Parts:
         row = 0
         with atomic_open(out_dir / "chunks.jsonl") as out:
             for doc_id, (p, first, title, n) in newest.items():
-                vectors.append(part_vectors[p][first:first + n])
+                vectors.append(part_vectors[p][first : first + n])
                 article.append(np.full(n, len(titles), dtype=np.int32))
                 chunk.append(np.arange(n, dtype=np.int32))
-                for line in part_texts[p][first:first + n]:
+                for line in part_texts[p][first : first + n]:
                     out.write(json.dumps({"row": row, "article_index": len(titles), **json.loads(line)}, ensure_ascii=False) + "\n")
                     row += 1
                 titles.append(title)
@@ -174,7 +184,9 @@ class Parts:
             )
         lengths = np.array([len(c) for c in chunk])
         longest = int(lengths.max())
-        return {"articles": len(titles), "chunks": row, "dim": dims.pop(), "longest_article_chunks": longest} | window_counts(lengths, context)
+        return {"articles": len(titles), "chunks": row, "dim": dims.pop(), "longest_article_chunks": longest} | window_counts(
+            lengths, context
+        )
 
     def _part_texts(self, part: Mapping[str, Any]) -> list[str]:
         """The JSONL lines of a part, one per chunk."""
@@ -193,7 +205,9 @@ class Parts:
             with np.load(path) as npz:
                 v = npz["vectors"]
         except (OSError, KeyError, ValueError) as e:
-            raise DataError(f"{path}: cannot read this part ({e}); delete it and its manifest entry, or {self.folder}, and re-run") from None
+            raise DataError(
+                f"{path}: cannot read this part ({e}); delete it and its manifest entry, or {self.folder}, and re-run"
+            ) from None
         if len(v) != part["chunks"]:
             raise DataError(f"{path}: {len(v)} vectors but the manifest lists {part['chunks']} chunks")
         return v
@@ -286,10 +300,16 @@ def build(cfg: DictConfig) -> dict[str, Any]:
     atomic_write_text(out_dir / "build_info.json", json.dumps(info, indent=2, ensure_ascii=False) + "\n")
     c, t = info["counts"], info["throughput"]
     log.info(
-        "built %s: %d articles, %d chunks, D=%d, %d windows (context %d, next chunk); %d chunks embedded this run "
-        "in %.1f s (%s chunks/s)",
-        info["outputs"]["store.npz"], c["articles"], c["chunks"], info["dim"], c[f"windows_context{cfg.windows_context}_next"],
-        cfg.windows_context, t["chunks_embedded_this_run"], t["encode_seconds_this_run"], t["chunks_per_second"],
+        "built %s: %d articles, %d chunks, D=%d, %d windows (context %d, next chunk); %d chunks embedded this run in %.1f s (%s chunks/s)",
+        info["outputs"]["store.npz"],
+        c["articles"],
+        c["chunks"],
+        info["dim"],
+        c[f"windows_context{cfg.windows_context}_next"],
+        cfg.windows_context,
+        t["chunks_embedded_this_run"],
+        t["encode_seconds_this_run"],
+        t["chunks_per_second"],
     )
     for warning in warnings:  # last, after the summary, and named (the CLI's log format shows no level)
         log.warning("WARNING: %s", warning)
@@ -359,8 +379,11 @@ def _embed_all(cfg: DictConfig, documents: Iterator, chunker: Chunker, encoder: 
     for reason, n in sorted(skipped.items()):
         log.info("skipped %d records: %s", n, reason)
     if counts["documents_changed_reembedded"]:
-        log.info("re-embedded %d documents whose title or text changed since they were embedded into %s",
-                 counts["documents_changed_reembedded"], cfg.out_dir)
+        log.info(
+            "re-embedded %d documents whose title or text changed since they were embedded into %s",
+            counts["documents_changed_reembedded"],
+            cfg.out_dir,
+        )
     return result, encode_seconds
 
 
@@ -370,5 +393,10 @@ def main(cfg: DictConfig) -> None:
     build(cfg)
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The console script."""
     run_entry_point(main, positional="input")
+
+
+if __name__ == "__main__":
+    cli()

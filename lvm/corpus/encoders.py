@@ -22,7 +22,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from lvm.errors import ConfigError, DataError
+from lvm.runtime.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,9 @@ def unit_rows(raw: Any, n: int, name: str) -> np.ndarray:
     norms = np.linalg.norm(out, axis=1, keepdims=True)
     bad = ~np.isfinite(norms[:, 0]) | (norms[:, 0] == 0)
     if bad.any():
-        raise DataError(f"encoder {name}: {int(bad.sum())} of {n} vectors are zero or not finite (first: text {int(np.flatnonzero(bad)[0])})")
+        raise DataError(
+            f"encoder {name}: {int(bad.sum())} of {n} vectors are zero or not finite (first: text {int(np.flatnonzero(bad)[0])})"
+        )
     return out / norms
 
 
@@ -64,7 +66,9 @@ def _import_extra(module: str) -> Any:
     try:
         return importlib.import_module(module)
     except ImportError as e:
-        raise ConfigError(f"encoder needs the Python package '{module}', which is not installed ({e}); install the text extra: {TEXT_EXTRA}") from None
+        raise ConfigError(
+            f"encoder needs the Python package '{module}', which is not installed ({e}); install the text extra: {TEXT_EXTRA}"
+        ) from None
 
 
 class SentenceTransformerEncoder:
@@ -85,7 +89,9 @@ class SentenceTransformerEncoder:
         try:
             self.model = st.SentenceTransformer(str(self.path), device=self.device)
         except Exception as e:  # a broken model folder can fail in many library-specific ways
-            raise DataError(f"encoder {self.name}: cannot load a sentence-transformers model from {self.path} ({type(e).__name__}: {e})") from None
+            raise DataError(
+                f"encoder {self.name}: cannot load a sentence-transformers model from {self.path} ({type(e).__name__}: {e})"
+            ) from None
         self.model.eval()
         self.dtype = str(cfg.get("dtype", "auto"))
         if self.dtype not in ("auto", "float32", "bfloat16"):
@@ -129,7 +135,11 @@ class SentenceTransformerEncoder:
         }
         log.info(
             "encoder dtype: %s (float32 %.2fs, bfloat16 %.2fs on %d texts; min cos bf16 vs fp32 %.4f)",
-            self.dtype, timings["float32"], timings["bfloat16"], len(sample), agree,
+            self.dtype,
+            timings["float32"],
+            timings["bfloat16"],
+            len(sample),
+            agree,
         )
 
     def describe(self) -> dict[str, Any]:

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import IO
 from xml.etree import ElementTree
 
-from lvm.errors import ConfigError, DataError
+from lvm.runtime.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +59,7 @@ def detect_format(path: Path, member: str | None) -> str:
     if name.endswith((".jsonl", ".jsonl.bz2")):
         return "jsonl"
     raise ConfigError(
-        f"input={path}{'!' + member if member else ''}: cannot tell its format from the name; set "
-        f"input_format to one of {list(FORMATS)}"
+        f"input={path}{'!' + member if member else ''}: cannot tell its format from the name; set input_format to one of {list(FORMATS)}"
     )
 
 
@@ -208,8 +207,19 @@ def _page(page: ElementTree.Element, namespaces: Sequence[int]) -> Document | Sk
 
 DROP_SECTIONS = frozenset(
     s.lower()
-    for s in ("See also", "References", "External links", "Further reading", "Notes", "Footnotes",
-              "Bibliography", "Sources", "Citations", "Notes and references", "Works cited")
+    for s in (
+        "See also",
+        "References",
+        "External links",
+        "Further reading",
+        "Notes",
+        "Footnotes",
+        "Bibliography",
+        "Sources",
+        "Citations",
+        "Notes and references",
+        "Works cited",
+    )
 )
 DROP_TAGS = frozenset(("ref", "references", "gallery", "table", "math", "timeline", "imagemap", "score", "syntaxhighlight"))
 DROP_LINK_PREFIXES = ("file:", "image:", "category:", "media:")
@@ -251,7 +261,9 @@ def _remove(code, node) -> None:
 # A sentence ends at . ! or ? (optionally closed by quotes/brackets) followed by space and a
 # capital, digit or opening quote; initials ("J. R. R.") and common abbreviations do not end one.
 _SENTENCE_END = re.compile(r"(?:(?<=[.!?])|(?<=[.!?][\"')\]]))\s+(?=[\"'(\[]?[A-Z0-9])")
-_ABBREVIATIONS = re.compile(r"(?:\b[A-Z]|\b(?:Mr|Mrs|Ms|Dr|Prof|St|Sr|Jr|Gen|Col|Lt|Sgt|Rev|Hon|Mt|No|Vol|vs|etc|al|ca|cf|e\.g|i\.e|approx|Inc|Ltd|Co|Corp|Jan|Feb|Mar|Apr|Jun|Jul|Aug|Sep|Sept|Oct|Nov|Dec))\.$")
+_ABBREVIATIONS = re.compile(
+    r"(?:\b[A-Z]|\b(?:Mr|Mrs|Ms|Dr|Prof|St|Sr|Jr|Gen|Col|Lt|Sgt|Rev|Hon|Mt|No|Vol|vs|etc|al|ca|cf|e\.g|i\.e|approx|Inc|Ltd|Co|Corp|Jan|Feb|Mar|Apr|Jun|Jul|Aug|Sep|Sept|Oct|Nov|Dec))\.$"
+)
 
 
 def paragraphs(text: str) -> list[str]:

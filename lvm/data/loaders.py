@@ -24,7 +24,7 @@ import torch
 from lvm.data.splits import make_splits
 from lvm.data.store import ArticleStore, NormalizePolicy, Windows, WindowSpec
 from lvm.data.synthetic import synthetic_corpus
-from lvm.errors import DataError
+from lvm.runtime.errors import DataError
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from lvm.data.store import ArticleStore, Windows, WindowSpec
-from lvm.errors import DataError
+from lvm.runtime.errors import DataError
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from lvm.errors import DataError
+from lvm.runtime.errors import DataError
 
 log = logging.getLogger(__name__)
 

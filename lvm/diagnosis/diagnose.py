@@ -18,14 +18,14 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from lvm.cli import entry_point, run_entry_point
 from lvm.data.loaders import load_store_npz
 from lvm.data.splits import split_articles
 from lvm.data.store import ArticleStore
 from lvm.diagnosis.report import findings, write_outputs
 from lvm.diagnosis.stats import FIT, HELDOUT, TUNE, Layout, Settings, diagnose
-from lvm.errors import ConfigError
-from lvm.threads import set_threads
+from lvm.runtime.cli import entry_point, run_entry_point
+from lvm.runtime.errors import ConfigError
+from lvm.runtime.threads import set_threads
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +96,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------- entry point
 
+
 @hydra.main(version_base="1.3", config_path="../../conf", config_name="diagnose")
 @entry_point("lvm.diagnosis.diagnose")
 def main(cfg: DictConfig) -> None:
@@ -103,5 +104,10 @@ def main(cfg: DictConfig) -> None:
     print(f"lvm.diagnosis.diagnose: wrote {', '.join(report['outputs'].values())}")
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The console script."""
     run_entry_point(main, positional="store")
+
+
+if __name__ == "__main__":
+    cli()

@@ -21,8 +21,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from lvm.errors import ConfigError, DataError, require
-from lvm.metrics import fit_slot_weights
+from lvm.evaluation.metrics import fit_slot_weights
+from lvm.runtime.errors import ConfigError, DataError, require
 
 log = logging.getLogger(__name__)
 
@@ -92,12 +92,16 @@ class Settings:
             (self.pairs >= 1, f"pairs must be >= 1 (got {self.pairs})"),
             (self.bootstrap >= 10, f"bootstrap must be >= 10 resamples (got {self.bootstrap})"),
             (0.5 <= self.level < 1.0, f"level must be in [0.5, 1) (got {self.level})"),
-            (len(self.alphas) >= 1 and all(a > 0 for a in self.alphas), f"ridge.alphas must be a non-empty list of numbers > 0 (got {list(self.alphas)})"),
+            (
+                len(self.alphas) >= 1 and all(a > 0 for a in self.alphas),
+                f"ridge.alphas must be a non-empty list of numbers > 0 (got {list(self.alphas)})",
+            ),
             (self.prior in PRIORS, f"ridge.prior must be one of {list(PRIORS)} (got {self.prior!r})"),
             (self.max_train >= 1, f"ridge.max_train must be >= 1 (got {self.max_train})"),
             (self.max_eval >= 1, f"max_eval must be >= 1 (got {self.max_eval})"),
             (self.examples >= 0, f"examples must be >= 0 (got {self.examples})"),
-            error=ConfigError, prefix="invalid diagnose settings: ",
+            error=ConfigError,
+            prefix="invalid diagnose settings: ",
         )
 
 
@@ -209,7 +213,10 @@ def _bootstrap_means(sums: np.ndarray, counts: np.ndarray, resamples: int, rng: 
 
 def _listed(boot: Mapping[str, Any], i: int | slice) -> dict[str, Any]:
     """Column(s) `i` of a multi-column bootstrap result as plain floats or lists."""
-    pick = (lambda v: None if v is None else v[i].tolist())
+
+    def pick(v):
+        return None if v is None else v[i].tolist()
+
     return {"mean": pick(boot["mean"]), "lo": pick(boot["lo"]), "hi": pick(boot["hi"])}
 
 
@@ -343,7 +350,10 @@ def similarity_pairs(X: np.ndarray, layout: Layout, s: Settings) -> dict[str, An
     """Same article more than far_gap apart against different articles (sampled pairs, seeded)."""
     rng = np.random.default_rng([s.seed, 3])
     out: dict[str, Any] = {"far_gap": s.far_gap, "histogram_edges": HIST_EDGES.tolist()}
-    for name, (a, b) in (("same_article_far", far_pairs(layout, s.far_gap, s.pairs, rng)), ("different_articles", cross_pairs(layout, s.pairs, rng))):
+    for name, (a, b) in (
+        ("same_article_far", far_pairs(layout, s.far_gap, s.pairs, rng)),
+        ("different_articles", cross_pairs(layout, s.pairs, rng)),
+    ):
         cos = pair_cos(X, a, b)
         out[name] = {
             "pairs": int(len(cos)),
@@ -385,8 +395,12 @@ def near_duplicates(X: np.ndarray, lag1: np.ndarray, layout: Layout, s: Settings
         "exact_adjacent_pairs": exact,
         "exact_copies_anywhere": exact_copies(X, layout),
         "examples": [
-            {"article": int(layout.article_ids[art[r]]), "chunks": [int(layout.chunk_indices[r]), int(layout.chunk_indices[r + 1])],
-             "rows": [int(r), int(r + 1)], "cos": float(lag1[r])}
+            {
+                "article": int(layout.article_ids[art[r]]),
+                "chunks": [int(layout.chunk_indices[r]), int(layout.chunk_indices[r + 1])],
+                "rows": [int(r), int(r + 1)],
+                "cos": float(lag1[r]),
+            }
             for r in top
         ],
     }
@@ -530,7 +544,9 @@ def solve_ridge(g: Gram, alpha: float, prior: np.ndarray | None = None) -> Ridge
     return Ridge(w.astype(np.float32), b.astype(np.float32))
 
 
-def score(X: np.ndarray, ctx: np.ndarray, tgt: np.ndarray, predictors: Mapping[str, Predictor], desc: str = "", progress: bool = False) -> dict[str, dict[str, np.ndarray]]:
+def score(
+    X: np.ndarray, ctx: np.ndarray, tgt: np.ndarray, predictors: Mapping[str, Predictor], desc: str = "", progress: bool = False
+) -> dict[str, dict[str, np.ndarray]]:
     """Per window and predictor: cos(pred, target) and cos(pred, ctx[-1]) (predictions normalised)."""
     out = {name: {"target": np.empty(len(tgt), np.float32), "last": np.empty(len(tgt), np.float32)} for name in predictors}
     step = max(1, BLOCK // ctx.shape[1])
@@ -543,7 +559,9 @@ def score(X: np.ndarray, ctx: np.ndarray, tgt: np.ndarray, predictors: Mapping[s
     return out
 
 
-def tune_ridge(X: np.ndarray, fit: tuple[np.ndarray, np.ndarray], tune: tuple[np.ndarray, np.ndarray], center: np.ndarray, s: Settings, label: str) -> tuple[Ridge, dict[str, Any]]:
+def tune_ridge(
+    X: np.ndarray, fit: tuple[np.ndarray, np.ndarray], tune: tuple[np.ndarray, np.ndarray], center: np.ndarray, s: Settings, label: str
+) -> tuple[Ridge, dict[str, Any]]:
     """Pick alpha by mean cos on the tuning articles, then refit on fit + tune with that alpha."""
     g_fit = gram(X, *fit, center, f"ridge {label} fit", s.progress)
     g_tune = gram(X, *tune, center, f"ridge {label} tune", s.progress)
@@ -552,12 +570,19 @@ def tune_ridge(X: np.ndarray, fit: tuple[np.ndarray, np.ndarray], tune: tuple[np
     for alpha in tqdm(s.alphas, desc=f"ridge {label} alphas", unit="alpha", disable=not s.progress):
         scores[alpha] = float(score(X, *tune, {"r": solve_ridge(g_fit, alpha, prior)})["r"]["target"].mean())
     best = max(scores, key=scores.get)
-    info = {"alpha": best, "prior": s.prior, "tune_cos_by_alpha": {str(a): v for a, v in scores.items()},
-            "fit_windows": int(len(fit[1])), "tune_windows": int(len(tune[1]))}
+    info = {
+        "alpha": best,
+        "prior": s.prior,
+        "tune_cos_by_alpha": {str(a): v for a, v in scores.items()},
+        "fit_windows": int(len(fit[1])),
+        "tune_windows": int(len(tune[1])),
+    }
     return solve_ridge(g_fit + g_tune, best, prior), info
 
 
-def baselines(X: np.ndarray, starts: np.ndarray, centred: np.ndarray, layout: Layout, split_of_article: np.ndarray, center: np.ndarray, s: Settings) -> dict[str, Any]:
+def baselines(
+    X: np.ndarray, starts: np.ndarray, centred: np.ndarray, layout: Layout, split_of_article: np.ndarray, center: np.ndarray, s: Settings
+) -> dict[str, Any]:
     """copy-last, mean of context, slot-linear and ridge on held-out articles.
 
     - next: every held-out next-chunk window (ctx = the K chunks before, target = the next one).
@@ -580,7 +605,9 @@ def baselines(X: np.ndarray, starts: np.ndarray, centred: np.ndarray, layout: La
         return {"skipped": "the ridge training sample has no window in the fit or the tune articles", "windows": counts}
     models, info = {}, {}
     for direction in ("forward", "backward"):
-        ridge, info[direction] = tune_ridge(X, block_rows(train[in_fit], k, direction), block_rows(train[~in_fit], k, direction), center, s, direction)
+        ridge, info[direction] = tune_ridge(
+            X, block_rows(train[in_fit], k, direction), block_rows(train[~in_fit], k, direction), center, s, direction
+        )
         slot = fit_slot_linear(X, *block_rows(train, k, direction))
         info[direction]["slot_weights"] = [float(w) for w in slot.w]
         models[direction] = {"slot_linear": slot, "ridge": ridge}
@@ -589,7 +616,10 @@ def baselines(X: np.ndarray, starts: np.ndarray, centred: np.ndarray, layout: La
     chosen = _sample(targets, s.max_eval, rng)
     direction = None
     if len(chosen):
-        sets = {"forward": (*block_rows(chosen - k, k, "forward"), models["forward"]), "backward": (*block_rows(chosen, k, "backward"), models["backward"])}
+        sets = {
+            "forward": (*block_rows(chosen - k, k, "forward"), models["forward"]),
+            "backward": (*block_rows(chosen, k, "backward"), models["backward"]),
+        }
         direction = _score_sets(X, sets, layout.row_article[chosen], s, s.seed + 6)
     return {
         "windows": counts,
@@ -601,7 +631,9 @@ def baselines(X: np.ndarray, starts: np.ndarray, centred: np.ndarray, layout: La
     }
 
 
-def _score_sets(X: np.ndarray, sets: Mapping[str, tuple[np.ndarray, np.ndarray, Mapping[str, Predictor]]], groups: np.ndarray, s: Settings, seed: int) -> dict[str, Any]:
+def _score_sets(
+    X: np.ndarray, sets: Mapping[str, tuple[np.ndarray, np.ndarray, Mapping[str, Predictor]]], groups: np.ndarray, s: Settings, seed: int
+) -> dict[str, Any]:
     """Bootstrap means of cos(pred, target) and cos(pred, ctx[-1]) per set (ctx rows, target rows,
     fitted models) and predictor; for two sets on the same targets also their paired difference."""
     columns, names = [], []
@@ -654,7 +686,9 @@ def diagnose(X: np.ndarray, layout: Layout, split_of_article: np.ndarray, s: Set
     starts = np.flatnonzero(run >= k)
     if not len(starts):
         longest = int(run.max()) + 1
-        raise DataError(f"{source}: no window: no article has {k + 1} consecutive chunks (context={k} + the next one); the longest run is {longest}")
+        raise DataError(
+            f"{source}: no window: no article has {k + 1} consecutive chunks (context={k} + the next one); the longest run is {longest}"
+        )
     lag = timed("lag cosines", lambda: lag_cosines(X, run, max(k, s.max_offset), s.progress))
     center = timed("mean vector", lambda: mean_vector(X))
     return {

@@ -1,0 +1,1 @@
+"""Evaluation: 5CAT, its metrics, gates, reference predictors (baselines) and report."""

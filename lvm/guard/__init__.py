@@ -1,0 +1,1 @@
+"""The safety system's plain parts: collapse detectors, guard events, buffered per-step statistics."""

@@ -1,0 +1,1 @@
+"""The P6 transformer, the P6b combined loss, the optimizer and the LightningModule that trains them."""

@@ -1,0 +1,241 @@
+"""LightningModule: the P6 transformer trained with the P6b combined loss.
+
+Thin glue: it computes the loss (the v2 skip rule included) and returns each step's statistics
+with it, for the callbacks to read as `outputs` (callbacks/stats.py buffers and logs them). The
+ramp schedule writes `knobs`; the module holds no schedule, no policy and no attribute that
+exists only for a callback.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torchmetrics import MeanMetric, MetricCollection
+
+from lvm.evaluation import metrics as M
+from lvm.evaluation.metrics import cos
+from lvm.model.losses import (
+    MSE_ON,
+    DirectionalKnobs,
+    LossTerms,
+    SkipRule,
+    VariantTerms,
+    directional_grad_share,
+    p6b_loss,
+)
+from lvm.model.optim import SkipStepAdamW
+from lvm.model.transformer import P6Transformer
+from lvm.runtime.precision import autocast
+
+log = logging.getLogger(__name__)
+
+EVAL_SPLITS = ("val", "ood")
+# The statistics of every training step, in the order of `outputs["stats"]` (logged as train/<name>
+# through callbacks/stats.py; lvm/guard/steplog.py says why not self.log).
+STEP_STATS = (
+    "loss",
+    "mse",
+    "dir",
+    "lambda_eff",
+    "frac_of_mse",
+    "pos",
+    "neg",
+    "gap",
+    "skipped",
+    "raw_norm",
+    "penalties",
+    "dir_grad_share",
+    "diversity",
+    "ca",
+    "margin",
+    "target_frac",
+    "lambda_min",
+    "lambda_max",
+)
+
+
+def accelerator_device(accelerator: str = "auto") -> torch.device:
+    """The device Lightning's `accelerator` setting trains on here, for the work lvm places itself
+    (the device data path, precision measurement, evaluation): the first GPU when there is one and
+    the setting allows it, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() and accelerator in ("auto", "gpu", "cuda") else "cpu")
+
+
+@torch.no_grad()
+def predict_units(module: torch.nn.Module, context: torch.Tensor, batch_size: int, precision: str) -> torch.Tensor:
+    """Unit predictions [N, D] (fp32) on the CPU for contexts [N, K, D], in forwards of at most
+    `batch_size` on the module's device (`module.device`) at `precision` (lvm/runtime/precision.py);
+    mini-5CAT and 5CAT use it."""
+    with autocast(precision, module.device):
+        parts = [module(context[s : s + batch_size].to(module.device))[1].float().cpu() for s in range(0, len(context), batch_size)]
+    return torch.cat(parts)
+
+
+def batch_health(pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch's prediction diversity and mean contrastive accuracy (lvm.metrics) of unit
+    predictions `pred`, for the guard's collapse detectors. The target is normalised once for both
+    (normalising inside each took 37 of 119 us per step, measured). A batch of one window (an
+    epoch's remainder) has no spread to measure: both read 1, neutral, rather than NaN, which the
+    non-finite detector would take for a broken model (a NaN model has a NaN loss in the same row)."""
+    if len(pred) < 2:
+        one = torch.ones((), dtype=pred.dtype, device=pred.device)
+        return one, one
+    units = F.normalize(target, dim=-1)
+    return M.diversity(pred, units, units=True), M.contrastive_accuracy(pred, units, units=True).mean()
+
+
+def model_of(config: dict[str, Any], dim: int) -> P6Transformer:
+    """The transformer the run config's `model` and `window` describe, for D = `dim` vectors."""
+    m = config["model"]
+    return P6Transformer(
+        dim=dim,
+        d_model=m["d_model"],
+        layers=m["layers"],
+        heads=m["heads"],
+        ffn=m["ffn"],
+        dropout=m["dropout"],
+        max_context=config["window"]["context"],
+        block=m["block"],
+        input_scale=m["input_scale"],
+        out_init_scale=m["out_init_scale"],
+        context_skip=m["context_skip"],
+    )
+
+
+def knobs_of(loss: dict[str, Any]) -> DirectionalKnobs:
+    return DirectionalKnobs(
+        margin=loss["margin"],
+        target_frac=loss["target_frac"],
+        gamma=loss["gamma"],
+        lambda_min=loss["lambda_min"],
+        lambda_max=loss["lambda_max"],
+        enabled=loss["enabled"],
+    )
+
+
+def mse_on_of(loss: dict[str, Any]) -> str:
+    if loss["mse_on"] not in MSE_ON:
+        raise ValueError(f"loss.mse_on must be one of {', '.join(MSE_ON)} (got {loss['mse_on']!r})")
+    return loss["mse_on"]
+
+
+def skip_rule_of(guard: dict[str, Any]) -> SkipRule | None:
+    """The v2 skip rule, part of the loss under the skip and rollback guards."""
+    if guard["policy"] not in ("skip", "rollback"):
+        return None
+    both = guard["both_below"] or {}
+    return SkipRule(guard["pos_below"], guard["neg_below"], both.get("pos"), both.get("neg"))
+
+
+def variant_of(loss: dict[str, Any]) -> VariantTerms:
+    return VariantTerms(**loss["variant"])
+
+
+class LVMModule(L.LightningModule):
+    """Built from the resolved run config (a plain dict, so checkpoints load with weights_only)."""
+
+    def __init__(self, config: dict[str, Any], dim: int) -> None:
+        super().__init__()
+        self.save_hyperparameters(logger=False)
+        self.model = model_of(config, dim)
+        self.knobs = knobs_of(config["loss"])
+        self.mse_on = mse_on_of(config["loss"])
+        self.skip = skip_rule_of(config["guard"])
+        self.variant = variant_of(config["loss"])
+        self.prev_slot = config["window"]["prev_slot"]
+        self.optim_cfg = config["optim"]
+        self.skip_steps = bool((config["guard"].get("spike") or {}).get("skip", False))
+        self.print_every = config["logger"]["print_every"]
+        self._knobs_cached: tuple[tuple[float, ...], torch.Tensor] | None = None
+        self.eval_metrics = torch.nn.ModuleDict(
+            {
+                s: MetricCollection({k: MeanMetric(nan_strategy="disable") for k in ("loss", "mse", "cos", "cos_copy_last")})
+                for s in EVAL_SPLITS
+            }
+        )
+
+    def forward(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.model(context)
+
+    def compute_loss(self, batch: dict[str, torch.Tensor], skip: SkipRule | None) -> tuple[LossTerms, torch.Tensor, torch.Tensor]:
+        context, target = batch["context"], batch["target"]
+        raw, pred = self.model(context)
+        terms = p6b_loss(raw, target, context[:, self.prev_slot], self.knobs, self.mse_on, skip, self._mean_over_ranks, self.variant)
+        return terms, raw, pred
+
+    def _mean_over_ranks(self, t: torch.Tensor) -> torch.Tensor:
+        return self.trainer.strategy.reduce(t, reduce_op="mean")
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, Any]:
+        """The loss, and the step's statistics (STEP_STATS, on device: no host sync) with its step."""
+        terms, raw, pred = self.compute_loss(batch, self.skip)
+        stats = torch.stack(
+            [
+                terms.loss.detach(),
+                terms.mse.detach(),
+                terms.dir.detach(),
+                terms.lambda_eff,
+                terms.frac_of_mse,
+                terms.pos,
+                terms.neg,
+                terms.gap,
+                terms.skipped.float(),
+                raw.detach().norm(dim=-1).mean(),
+                terms.penalties,
+                directional_grad_share(terms, raw),
+                *batch_health(pred.detach(), batch["target"]),
+            ]
+        )
+        out = {"loss": terms.loss, "stats": torch.cat([stats.float(), self._knob_row(stats.device)]), "step": self.global_step}
+        k = self.knobs
+        if self.print_every and self.global_step % self.print_every == 0 and self.trainer.is_global_zero:
+            log.info(
+                "[P6b dir] λ_eff=%.5f pos=%.3f neg=%.3f gap=%.3f frac_of_mse=%.2f margin=%.3f",
+                terms.lambda_eff,
+                terms.pos,
+                terms.neg,
+                terms.gap,
+                terms.frac_of_mse,
+                k.margin,
+            )
+        return out
+
+    def _knob_row(self, device: torch.device) -> torch.Tensor:
+        """The knobs as a device tensor, rebuilt only when a callback changed them (no per-step copy)."""
+        k = self.knobs
+        values = (k.margin, k.target_frac, k.lambda_min, k.lambda_max)
+        if self._knobs_cached is None or self._knobs_cached[0] != values or self._knobs_cached[1].device != device:
+            self._knobs_cached = (values, torch.tensor(values, dtype=torch.float32, device=device))
+        return self._knobs_cached[1]
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        split = EVAL_SPLITS[dataloader_idx]
+        terms, _, pred = self.compute_loss(batch, None)
+        n = len(pred)
+        metrics = self.eval_metrics[split]
+        metrics["loss"].update(terms.loss, n)
+        metrics["mse"].update(terms.mse, n)
+        metrics["cos"].update(cos(pred, batch["target"]).mean(), n)
+        metrics["cos_copy_last"].update(cos(M.copy_last(batch["context"]), batch["target"]).mean(), n)
+        for name, metric in metrics.items():
+            self.log(f"{split}/{name}", metric, on_step=False, on_epoch=True, add_dataloader_idx=False, batch_size=n)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        o = self.optim_cfg
+        # SkipStepAdamW only where updates may be skipped (guard.spike.skip): otherwise torch's own.
+        adamw = SkipStepAdamW if self.skip_steps else torch.optim.AdamW
+        optimizer = adamw(self.parameters(), lr=o["lr"], weight_decay=o["weight_decay"], betas=tuple(o["betas"]))
+        sched = o["scheduler"]
+        if sched["name"] == "none":
+            return {"optimizer": optimizer}
+        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode=sched["mode"], factor=sched["factor"], patience=sched["patience"]
+        )
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "monitor": sched["monitor"], "interval": "epoch"},
+        }

@@ -1,0 +1,1 @@
+"""Run infrastructure: run directories, atomic files, checkpoints, signals, threads, precision, launchers, errors, CLI conventions."""

@@ -1,0 +1,67 @@
+"""lvm checkpoints: reading (torch's default weights_only loading, errors that name the file),
+atomic writing, and the finite-weights rule (a non-finite model is never saved as a checkpoint)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from lvm.runtime.errors import LvmError
+from lvm.runtime.files import atomic_path
+
+# What every lvm training checkpoint holds (Lightning's keys plus the run config in hyper_parameters).
+TRAINING_KEYS = ("state_dict", "epoch", "global_step", "optimizer_states", "hyper_parameters")
+# Model options added after checkpoints were first written, with the value that reproduces those.
+MODEL_OPTIONS_ADDED = {"context_skip": False}
+
+
+def read_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
+    """The checkpoint at `path`; LvmError naming the file if it is missing, corrupt or not lvm's."""
+    path = Path(path)
+    if not path.is_file():
+        raise LvmError(f"checkpoint {path}: no such file")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any bytes can be in the file: a text file raises KeyError
+        raise LvmError(f"checkpoint {path}: cannot be loaded, truncated or corrupt ({type(e).__name__}: {e})") from None
+    if not isinstance(ckpt, dict):
+        raise LvmError(f"checkpoint {path}: not an lvm training checkpoint (holds a {type(ckpt).__name__}, not a dict)")
+    missing = [k for k in TRAINING_KEYS if k not in ckpt]
+    if missing:
+        raise LvmError(f"checkpoint {path}: not an lvm training checkpoint (no {', '.join(repr(k) for k in missing)})")
+    hp = ckpt["hyper_parameters"]
+    if not isinstance(hp, dict) or "config" not in hp or "dim" not in hp:
+        raise LvmError(f"checkpoint {path}: hyper_parameters lack 'config' or 'dim' (not an lvm checkpoint)")
+    model = hp["config"].get("model")
+    if isinstance(model, dict):
+        for key, value in MODEL_OPTIONS_ADDED.items():
+            model.setdefault(key, value)
+    return ckpt
+
+
+def check_dim(path: str | Path, hyper_parameters: dict[str, Any], dim: int) -> None:
+    """The checkpoint's model must have been trained on D = `dim` vectors."""
+    if hyper_parameters.get("dim") != dim:
+        raise LvmError(f"checkpoint {path}: model was trained on D={hyper_parameters.get('dim')} vectors, the data has D={dim}")
+
+
+def finite_weights(trainer: L.Trainer) -> bool:
+    """Whether every parameter of the trainer's module is finite, agreed on by every rank."""
+    flags = torch.stack([torch.isfinite(p).all() for p in trainer.lightning_module.parameters()])
+    return trainer.strategy.reduce_boolean_decision(bool(flags.all()), all=True)  # one host sync
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoint files written to a temporary file beside the target, fsynced, then renamed:
+    kill -9 at any moment leaves the old file or the new one. (Lightning's own transaction
+    writes its temporary file in the system temp folder, which can be another filesystem.)"""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as tmp:
+            torch.save(checkpoint, tmp)

@@ -1,0 +1,1 @@
+"""Tools over runs: fault drills, the Optuna search, run comparison and sweep summaries."""

@@ -1,0 +1,223 @@
+"""Building a run from its config: data, loaders, callbacks, trainer and module."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.loggers import TensorBoardLogger
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader
+
+from callbacks import (
+    SPIKE_STATS,
+    DeviceData,
+    ExactResume,
+    FaultInjection,
+    FiniteModelCheckpoint,
+    Mini5CAT,
+    RampSchedule,
+    RollbackGuard,
+    ShareCPUs,
+    SkipReport,
+    SpikeSkip,
+    StepStatistics,
+    TensorBoardDashboard,
+    on_device_of,
+    spike_of,
+)
+from lvm.data.loaders import load_splits
+from lvm.data.sampler import EpochSampler
+from lvm.data.store import WindowIndex, Windows, WindowSpec, collate_batch
+from lvm.evaluation.baselines import fit_slot_linear
+from lvm.model.module import STEP_STATS, LVMModule, accelerator_device
+from lvm.runtime.checkpoints import AtomicCheckpointIO
+from lvm.runtime.signals import StopSignals
+from lvm.runtime.threads import ThreadShare, usable_cpus
+from lvm.training.config import to_plain
+
+log = logging.getLogger(__name__)
+
+
+def build_data(cfg: DictConfig) -> dict[str, Windows]:
+    """Windows of train / val / ood, all views of one article store."""
+    return load_splits(to_plain(cfg.data), WindowSpec(**cfg.window))
+
+
+def make_loader(windows: Windows, batch_size: int, shuffle: bool, num_workers: int, seed: int, on_device: bool = False) -> DataLoader:
+    """Batches of `windows`; shuffled by (seed, epoch) alone when `shuffle` (lvm/data/sampler.py).
+    `on_device`: batches of window indices, gathered on the device (callbacks/device_data.py)."""
+    return DataLoader(
+        WindowIndex(windows) if on_device else windows,
+        batch_size=batch_size,
+        sampler=EpochSampler(windows, seed) if shuffle else None,
+        num_workers=num_workers,
+        collate_fn=collate_batch,
+        persistent_workers=num_workers > 0,
+        # Its own generator: starting an iterator must not draw from the global RNG, or a resumed
+        # run's dropout masks would differ from the uninterrupted run's.
+        generator=torch.Generator().manual_seed(seed),
+    )
+
+
+def build_callbacks(
+    cfg: DictConfig,
+    splits: dict[str, Windows],
+    run_dir: Path,
+    hparams: dict[str, Any],
+    sampler: EpochSampler,
+    signals: StopSignals | None,
+    slot_weights: torch.Tensor,
+) -> list[L.Callback]:
+    cb = cfg.callbacks
+    schedule = RampSchedule(OmegaConf.to_container(cfg.ramp.stages, resolve=True), cfg.ramp.epoch_base, cfg.loss.lambda_max)
+    g = cfg.guard
+    guard = None
+    if g.policy == "rollback":
+        guard = RollbackGuard(
+            run_dir,
+            OmegaConf.to_container(g.detectors),
+            g.max_rollbacks,
+            g.backoff.hold_epochs,
+            g.backoff.target_frac_scale,
+            g.backoff.lambda_max_scale,
+            g.keep_good,
+            schedule,
+        )
+    spike = spike_of(OmegaConf.to_container(g, resolve=True), clip_by_norm(cfg))
+    # The statistics first: they hand each flushed window to the guard before it decides.
+    stats = StepStatistics(
+        STEP_STATS, cfg.logger.flush_every, [guard.on_rows] if guard else [], [(SPIKE_STATS, spike.stats)] if spike else []
+    )
+    out: list[L.Callback] = [schedule, stats, *([spike] if spike else [])]
+    if g.policy in ("skip", "rollback"):
+        out.append(SkipReport(STEP_STATS, cfg.logger.print_every))
+    if guard is not None:
+        out.append(guard)
+    fi = OmegaConf.to_container(cb.fault_injection)
+    if any(v not in (None, []) for k, v in fi.items() if not k.endswith("_factor")):
+        constant = splits["train"].store.vectors.mean(dim=0) if fi["constant_from_step"] is not None else None
+        out.append(FaultInjection(**fi, constant=constant))
+    if cb.mini5cat.enabled:
+        out.append(
+            Mini5CAT(
+                splits["val"],
+                cb.mini5cat.windows,
+                cb.mini5cat.seed,
+                cfg.window.prev_slot,
+                cfg.data.eval_batch_size,
+                slot_weights,
+                cfg.eval.precision,
+            )
+        )
+    ckpt_dir = run_dir / "checkpoints"
+    # Best by val cosine first: trainer.checkpoint_callback is the first ModelCheckpoint.
+    out.append(
+        FiniteModelCheckpoint(
+            dirpath=ckpt_dir, filename="best-epoch{epoch:02d}", monitor="val/cos", mode="max", save_top_k=1, auto_insert_metric_name=False
+        )
+    )
+    if cb.checkpoint.every_epoch:
+        out.append(
+            FiniteModelCheckpoint(
+                dirpath=ckpt_dir, filename="epoch{epoch:02d}", monitor="epoch", mode="max", save_top_k=-1, auto_insert_metric_name=False
+            )
+        )
+    out.append(TensorBoardDashboard(hparams, run_dir / "metrics.jsonl"))
+    # After the guard and the dashboard: last.ckpt holds their decisions and rows of its step.
+    out.append(
+        ExactResume(
+            sampler,
+            cfg.data.batch_size,
+            ckpt_dir / "last.ckpt",
+            cb.checkpoint.every_n_steps,
+            cb.checkpoint.every_minutes,
+            signals,
+            signal_check_every=cfg.logger.flush_every,
+        )
+    )
+    if cfg.trainer.get("enable_progress_bar", True):
+        out.append(TQDMProgressBar(refresh_rate=cb.progress_refresh_rate))
+    if cfg.threads == "auto" and not cfg.trainer.deterministic:  # a deterministic run keeps its thread count
+        out.append(ShareCPUs(ThreadShare(limit=usable_cpus())))
+    return out
+
+
+def clip_by_norm(cfg: DictConfig) -> float | None:
+    """The run's gradient-clipping norm (trainer.gradient_clip_val with the norm algorithm), if any."""
+    t = cfg.trainer
+    return t.gradient_clip_val if t.get("gradient_clip_val") and t.get("gradient_clip_algorithm", "norm") == "norm" else None
+
+
+def dashboard_hparams(cfg: DictConfig, choices: dict[str, str]) -> dict[str, Any]:
+    """The knobs a sweep varies, flat, for the TensorBoard hparams tab."""
+    return {
+        "name": cfg.name,
+        "ramp": choices.get("ramp", "custom"),
+        "guard": cfg.guard.policy,
+        "model": choices.get("model", "custom"),
+        "loss.enabled": cfg.loss.enabled,
+        "loss.mse_on": cfg.loss.mse_on,
+        "loss.gamma": cfg.loss.gamma,
+        "loss.lambda_min": cfg.loss.lambda_min,
+        "loss.lambda_max": cfg.loss.lambda_max,
+        "optim.lr": cfg.optim.lr,
+        "data.source": cfg.data.source,
+        "window.target_offset": cfg.window.target_offset,
+        "seed": cfg.seed,
+    }
+
+
+def build_fit(
+    cfg: DictConfig,
+    splits: dict[str, Windows],
+    run_dir: Path,
+    choices: dict[str, str] | None = None,
+    lvm_callbacks: bool = True,
+    extra_callbacks: Sequence[L.Callback] = (),
+    signals: StopSignals | None = None,
+    resume: dict[str, Any] | None = None,
+    slot_weights: torch.Tensor | None = None,
+    **trainer_overrides: Any,
+) -> tuple[L.Trainer, LVMModule, DataLoader, list[DataLoader]]:
+    """Trainer, module and loaders of a run (also used by the benchmark, with overrides).
+    `resume`: the checkpoint the run resumes from (TensorBoard hides what the killed run logged after it).
+    `slot_weights`: the slot-linear baseline's, when the caller has fitted them already."""
+    plain = to_plain(cfg)
+    module = LVMModule(plain, dim=splits["train"].store.dim)
+    d = cfg.data
+    store = splits["train"].store
+    on_device = on_device_of(d.on_device, d.device_share, store.vectors.nbytes, accelerator_device(cfg.trainer.accelerator))
+    evals = [splits[s] for s in ("val", "ood") if len(splits[s])]
+    train_loader = make_loader(splits["train"], d.batch_size, True, d.num_workers, cfg.seed, on_device)
+    val_loaders = [make_loader(w, d.eval_batch_size, False, d.num_workers, cfg.seed, on_device) for w in evals]
+    logger: TensorBoardLogger | bool = False
+    if lvm_callbacks and cfg.logger.tensorboard:
+        purge = {"purge_step": first_unlogged_step(resume)} if resume else {}
+        logger = TensorBoardLogger(save_dir=str(run_dir), name="tb", version="", default_hp_metric=False, **purge)
+    # The device gather first: every other callback's batch hooks read the gathered batch.
+    callbacks = [*([DeviceData(splits["train"], evals)] if on_device else []), *extra_callbacks]
+    if lvm_callbacks:
+        if slot_weights is None:
+            slot_weights = fit_slot_linear(splits["train"], d.eval_batch_size)
+        callbacks += build_callbacks(
+            cfg, splits, run_dir, dashboard_hparams(cfg, choices or {}), train_loader.sampler, signals, slot_weights
+        )
+    settings = {**plain["trainer"], **trainer_overrides}
+    if any(isinstance(c, SpikeSkip) and c.clip is not None for c in callbacks):
+        settings["gradient_clip_val"] = None  # the spike check clips, with the gradient norm it computes anyway
+    trainer = L.Trainer(**settings, callbacks=callbacks, logger=logger, default_root_dir=str(run_dir), plugins=[AtomicCheckpointIO()])
+    return trainer, module, train_loader, val_loaders
+
+
+def first_unlogged_step(ckpt: dict[str, Any]) -> int:
+    """The first step whose per-step row a checkpoint has not seen logged (its unflushed rows
+    are logged again after the resume)."""
+    stats = next((v for k, v in ckpt.get("callbacks", {}).items() if k.startswith("StepStatistics")), {})
+    pending = stats.get("steps", [])
+    return min(pending, default=int(ckpt["global_step"]))

@@ -1,0 +1,142 @@
+"""Start-up validation of the composed config: every impossible setting, named, in one error."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from callbacks.device_data import on_device_of
+from callbacks.ramp import RampSchedule
+from callbacks.spike import spike_of
+from lvm.data.loaders import check_source
+from lvm.data.store import WindowSpec, check_policy
+from lvm.evaluation.gates import parse_eval
+from lvm.guard.detectors import detector_problems
+from lvm.guard.steplog import StepLog
+from lvm.model.module import knobs_of, model_of, mse_on_of, skip_rule_of, variant_of
+from lvm.runtime.errors import ConfigError, LvmError, finite
+from lvm.runtime.launchers import is_ddp
+from lvm.runtime.precision import check_precision
+from lvm.runtime.threads import thread_count
+
+
+def to_plain(cfg: DictConfig) -> dict[str, Any]:
+    """The resolved config as plain python containers (safe inside weights_only checkpoints)."""
+    return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)  # type: ignore[return-value]
+
+
+def validate(cfg: DictConfig) -> None:
+    """Raise ConfigError listing every problem found (setting, value, what was expected)."""
+    try:
+        problems = _problems(cfg)
+    except TypeError as e:  # a string where a number belongs, and the like
+        raise ConfigError(f"invalid configuration: a setting has the wrong type ({e})") from None
+    if problems:
+        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
+
+
+def _problems(cfg: DictConfig) -> list[str]:
+    problems: list[str] = []
+
+    def need(ok: bool, msg: str) -> None:
+        if not ok:
+            problems.append(msg)
+
+    def built(make: Callable[[], Any]) -> None:
+        try:
+            make()
+        except (ValueError, LvmError) as e:
+            problems.append(str(e))
+
+    missing = OmegaConf.missing_keys(cfg)
+    if missing:
+        raise ConfigError(f"missing required setting(s): {', '.join(sorted(missing))}")
+
+    # Rules that belong to an object are checked by building it (one place per rule).
+    plain = to_plain(cfg)
+    built(lambda: WindowSpec(**plain["window"]))
+    with torch.device("meta"):  # the model's shape rules, without allocating its weights
+        built(lambda: model_of(plain, dim=2))
+    built(lambda: knobs_of(plain["loss"]))
+    built(lambda: mse_on_of(plain["loss"]))
+    built(lambda: skip_rule_of(plain["guard"]))
+    built(lambda: spike_of(plain["guard"]))
+    built(lambda: variant_of(plain["loss"]))
+    built(lambda: RampSchedule(plain["ramp"]["stages"], plain["ramp"]["epoch_base"], plain["loss"]["lambda_max"]))
+    built(lambda: StepLog([], plain["logger"]["flush_every"]))
+    built(lambda: check_source(plain["data"]))
+    built(lambda: on_device_of(plain["data"]["on_device"], plain["data"]["device_share"], 0, torch.device("cpu")))
+    built(lambda: check_policy(plain["data"]["normalize"]))
+    built(lambda: thread_count(plain["threads"]))
+    built(lambda: check_precision("trainer.precision", plain["trainer"]["precision"]))
+    built(lambda: check_precision("eval.precision", plain["eval"]["precision"]))
+    # auto measures in each process before the ranks meet: ranks could choose apart.
+    need(
+        not (is_ddp(cfg) and "auto" in (str(cfg.trainer.precision), str(cfg.eval.precision))),
+        "trainer.precision=auto and eval.precision=auto measure on one process: under DDP choose 32 or bf16-mixed",
+    )
+
+    o = cfg.optim
+    need(finite(o.lr) and o.lr > 0, f"optim.lr must be > 0 (got {o.lr})")
+    need(finite(o.weight_decay) and o.weight_decay >= 0, f"optim.weight_decay must be >= 0 (got {o.weight_decay})")
+    need(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), f"optim.betas must be two numbers in [0, 1) (got {list(o.betas)})")
+    s = o.scheduler
+    need(s.name in ("plateau", "none"), f"optim.scheduler.name must be plateau or none (got {s.name!r})")
+    if s.name == "plateau":
+        need(0 < s.factor < 1, f"optim.scheduler.factor must be in (0, 1) (got {s.factor})")
+        need(s.patience >= 0, f"optim.scheduler.patience must be >= 0 (got {s.patience})")
+        need(s.mode in ("min", "max"), f"optim.scheduler.mode must be min or max (got {s.mode!r})")
+
+    d = cfg.data
+    need(d.batch_size >= 1 and d.eval_batch_size >= 1, "data.batch_size and data.eval_batch_size must be >= 1")
+    need(d.num_workers >= 0, f"data.num_workers must be >= 0 (got {d.num_workers})")
+    if not d.split.ranges:
+        v, ood = d.split.val, d.split.ood
+        need(
+            0 < v < 1 and 0 <= ood < 1 and v + ood < 1,
+            f"data.split needs 0 < val < 1, 0 <= ood < 1 and val + ood < 1 (got val={v}, ood={ood})",
+        )
+    if d.source == "synthetic":
+        syn = d.synthetic
+        need(syn.dim >= 2 and syn.articles >= 1, f"data.synthetic: dim must be >= 2 and articles >= 1 (got {syn.dim}, {syn.articles})")
+        need(
+            1 <= syn.min_chunks <= syn.max_chunks,
+            f"data.synthetic needs 1 <= min_chunks <= max_chunks (got {syn.min_chunks}, {syn.max_chunks})",
+        )
+        need(
+            syn.noise >= 0 and syn.drift_step >= 0 and syn.common_weight >= 0,
+            "data.synthetic.noise, drift_step and common_weight must be >= 0",
+        )
+
+    t = cfg.trainer
+    need(t.get("max_epochs", 1) is not None and t.get("max_epochs", 1) >= 1, f"trainer.max_epochs must be >= 1 (got {t.get('max_epochs')})")
+    g = cfg.guard
+    need(g.policy in ("none", "skip", "rollback"), f"guard.policy must be none, skip or rollback (got {g.policy!r})")
+    if g.policy == "rollback":
+        need(g.max_rollbacks >= 0 and g.keep_good >= 1, "guard.max_rollbacks must be >= 0 and guard.keep_good >= 1")
+        need(g.backoff.hold_epochs >= 0, f"guard.backoff.hold_epochs must be >= 0 (got {g.backoff.hold_epochs})")
+        for k in ("target_frac_scale", "lambda_max_scale"):
+            need(finite(g.backoff[k]) and 0 < g.backoff[k] <= 1, f"guard.backoff.{k} must be in (0, 1] (got {g.backoff[k]})")
+        problems += detector_problems(plain["guard"]["detectors"], bool(cfg.callbacks.mini5cat.enabled))
+    ck = cfg.callbacks.checkpoint
+    n = ck.every_n_steps
+    need(
+        n is None or n == "auto" or (isinstance(n, int) and not isinstance(n, bool) and n >= 1),
+        f"callbacks.checkpoint.every_n_steps must be auto, null or an integer >= 1 (got {n!r})",
+    )
+    need(finite(ck.every_minutes) and ck.every_minutes > 0, f"callbacks.checkpoint.every_minutes must be > 0 (got {ck.every_minutes})")
+    need(isinstance(cfg.overwrite, bool), f"overwrite must be true or false (got {cfg.overwrite!r})")
+    need(isinstance(cfg.ckpt_model, bool), f"ckpt_model must be true or false (got {cfg.ckpt_model!r})")
+    mc = cfg.callbacks.mini5cat
+    need(
+        cfg.callbacks.progress_refresh_rate >= 1,
+        f"callbacks.progress_refresh_rate must be >= 1 (got {cfg.callbacks.progress_refresh_rate})",
+    )
+    need(mc.windows >= 1, f"callbacks.mini5cat.windows must be >= 1 (got {mc.windows})")
+    need(cfg.logger.print_every >= 0, f"logger.print_every must be >= 0 (got {cfg.logger.print_every})")
+    if "eval" in cfg:  # the 5CAT gates, checked now so eval.after_fit cannot fail after training
+        built(lambda: parse_eval(plain["eval"]))
+    return problems

@@ -1,0 +1,256 @@
+"""A training run from start to results.json: checkpoint to resume, precision, the fit, its record."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from omegaconf import DictConfig, OmegaConf
+
+from callbacks import ExactResume, RollbackGuard, SkipReport
+from lvm.data.store import Windows
+from lvm.evaluation.baselines import baseline_cosines, fit_slot_linear
+from lvm.evaluation.suite import evaluate_after_fit
+from lvm.guard.events import read_events, summarize_events
+from lvm.model.module import LVMModule, accelerator_device, model_of
+from lvm.runtime.checkpoints import check_dim, read_checkpoint
+from lvm.runtime.errors import LvmError, Preempted, RunFailed
+from lvm.runtime.files import atomic_write_text
+from lvm.runtime.precision import check_precision, resolve_precision
+from lvm.runtime.rundir import (
+    auto_start_fresh,
+    claim_run_dir,
+    write_failure,
+    write_results,
+)
+from lvm.runtime.signals import StopSignals
+from lvm.runtime.threads import set_threads
+from lvm.training.build import build_data, build_fit
+from lvm.training.config import to_plain, validate
+
+log = logging.getLogger(__name__)
+
+
+def resolve_checkpoint(ckpt_path: str | None, run_dir: Path) -> tuple[str, dict[str, Any]] | None:
+    """Checkpoint to resume from (path, contents), checked to load under torch's default
+    weights_only rules.
+
+    `last`: <run dir>/checkpoints/last.ckpt, which must exist. `auto`: the same file when it exists,
+    else a fresh start (what a requeued SLURM job needs: the default under a submitit launcher)."""
+    if not ckpt_path:
+        return None
+    own = ckpt_path in ("last", "auto")
+    path = run_dir / "checkpoints" / "last.ckpt" if own else Path(ckpt_path)
+    if own and not path.is_file():
+        if ckpt_path == "auto":
+            log.info("ckpt_path=auto: no %s yet, starting fresh", path)
+            return None
+        raise LvmError(
+            f"checkpoint {path}: no such file (ckpt_path=last looks in this run's own directory; "
+            "set hydra.run.dir to the earlier run's, or use ckpt_path=auto to start fresh when it is missing)"
+        )
+    ckpt = read_checkpoint(path)
+    if ckpt_path == "auto":
+        log.info("ckpt_path=auto: resuming from %s (epoch %s, step %s)", path, ckpt.get("epoch"), ckpt.get("global_step"))
+    return str(path), ckpt
+
+
+def with_precision(cfg: DictConfig, train: Windows, resume: dict[str, Any] | None) -> tuple[DictConfig, dict[str, Any]]:
+    """The config with trainer.precision and eval.precision resolved (lvm/runtime/precision.py) and what
+    was measured. `auto` measures on the run's first training batch with a fresh model (on its own
+    RNG stream: the run's weights and dropout masks do not depend on the measurement); a resumed
+    run keeps the precision its checkpoint was trained at."""
+    values = {
+        "trainer": check_precision("trainer.precision", cfg.trainer.precision),
+        "eval": check_precision("eval.precision", cfg.eval.precision),
+    }
+    record: dict[str, Any] = dict(values)
+    if "auto" not in values.values():
+        return cfg, record
+    cfg = copy.deepcopy(cfg)
+    stored = resume["hyper_parameters"]["config"] if resume else None
+    device = accelerator_device(cfg.trainer.accelerator)
+    batch = train.gather(torch.arange(min(cfg.data.batch_size, len(train))))
+    for group, value in values.items():
+        if value != "auto":
+            continue
+        if stored is not None:
+            record[group] = stored[group]["precision"]
+        else:
+            with torch.random.fork_rng(devices=[]):
+                model = model_of(to_plain(cfg), train.store.dim).to(device)
+                target = batch["target"].to(device) if group == "trainer" else None
+                record[group], record[f"{group}_measured"] = resolve_precision(
+                    f"{group}.precision", value, model, batch["context"].to(device), target, cfg.eval.precision_auto
+                )
+        cfg[group].precision = record[group]
+    return cfg, record
+
+
+def with_checkpoint_model(cfg: DictConfig, ckpt: tuple[str, dict[str, Any]]) -> DictConfig:
+    """The config with the checkpoint's model settings (`ckpt_model=true`: a recovery under other
+    loss settings resumes the model it has, whatever this config's model group says)."""
+    theirs, ours = ckpt[1]["hyper_parameters"]["config"]["model"], to_plain(cfg.model)
+    out = cfg.copy()
+    out.model = theirs
+    if theirs != ours:
+        log.info(
+            "ckpt_model=true: the model settings of %s replace this config's (%s)",
+            ckpt[0],
+            ", ".join(f"model.{k}={v}" for k, v in theirs.items() if ours.get(k) != v),
+        )
+    validate(out)
+    return out
+
+
+def check_compatible(ckpt: tuple[str, dict[str, Any]], cfg: DictConfig, dim: int) -> None:
+    """The checkpoint's model must be the one this config builds on this data."""
+    path, hp = ckpt[0], ckpt[1]["hyper_parameters"]
+    check_dim(path, hp, dim)
+    theirs, ours = hp["config"]["model"], to_plain(cfg)["model"]
+    diff = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k) and k not in ("dropout",))
+    if diff:
+        raise LvmError(
+            f"checkpoint {path}: model settings differ from this config: "
+            + ", ".join(f"model.{k}={theirs.get(k)} in the checkpoint vs {ours.get(k)}" for k in diff)
+        )
+
+
+def run(
+    cfg: DictConfig,
+    run_dir: str | Path,
+    choices: dict[str, str] | None = None,
+    extra_callbacks: Sequence[L.Callback] = (),
+    jobs: int = 1,
+) -> dict[str, Any]:
+    """Train one run into `run_dir`; returns the results written to results.json (with `status`).
+
+    Bad input raises LvmError before anything is written; a failure after the start is recorded
+    in results.json (`failed: <error>`, with the traceback) and raised as RunFailed. `jobs`: runs side by side on this
+    machine (threads=auto divides the CPUs among them)."""
+    start = time.perf_counter()
+    validate(cfg)
+    run_dir = Path(run_dir)
+    set_threads(cfg.threads, jobs)
+    ckpt = resolve_checkpoint(cfg.ckpt_path, run_dir)
+    if ckpt and cfg.ckpt_model:
+        cfg = with_checkpoint_model(cfg, ckpt)
+    is_zero = rank_zero_only.rank == 0  # the rank from the environment (DDP children, SLURM tasks)
+    if is_zero:  # the other ranks start once rank 0 has claimed the directory
+        claim_run_dir(run_dir, ckpt[0] if ckpt else None, bool(cfg.overwrite) or (ckpt is None and auto_start_fresh(cfg, run_dir)))
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    splits = build_data(cfg)
+    if ckpt:
+        check_compatible(ckpt, cfg, splits["train"].store.dim)
+    cfg, precision = with_precision(cfg, splits["train"], ckpt[1] if ckpt else None)
+    slot_weights = fit_slot_linear(splits["train"], cfg.data.eval_batch_size)
+    baselines = {
+        "slot_weights": [round(w, 6) for w in slot_weights.tolist()],
+        **baseline_cosines({s: splits[s] for s in ("val", "ood")}, slot_weights, cfg.data.eval_batch_size),
+    }
+    log.info(
+        "Baselines, val cos: %s; slot-linear weights (oldest to newest) %s",
+        ", ".join(f"{k} {v:.4f}" for k, v in baselines.get("val", {}).items()),
+        ", ".join(f"{w:.3f}" for w in baselines["slot_weights"]),
+    )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if is_zero:
+        atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(to_plain(cfg)))
+    try:
+        with StopSignals() as signals:
+            trainer, module, train_loader, val_loaders = build_fit(
+                cfg,
+                splits,
+                run_dir,
+                choices,
+                extra_callbacks=extra_callbacks,
+                signals=signals,
+                resume=ckpt[1] if ckpt else None,
+                slot_weights=slot_weights,
+            )
+            try:
+                trainer.fit(module, train_loader, val_loaders, ckpt_path=ckpt[0] if ckpt else None)
+                status = ending(trainer)
+            except (Preempted, SIGTERMException) as e:
+                status = "preempted"
+                log.warning("Run preempted (%s): resume with ckpt_path=last", e)
+        results = {**summarize_run(cfg, trainer, module, run_dir, status), "baselines": baselines}
+        results["precision"] = precision
+        if ckpt:  # where a resumed run picked up (a killed run's lost steps are the difference)
+            results["resumed_from"] = {"checkpoint": ckpt[0], "epoch": ckpt[1].get("epoch"), "step": ckpt[1].get("global_step")}
+        if trainer.is_global_zero and status != "preempted" and cfg.eval.after_fit:
+            # Full 5CAT of the best-by-val-cosine and the last checkpoint, with their epochs.
+            results["5cat"] = evaluate_after_fit(
+                cfg, splits, {"best": results["best_checkpoint"], "last": results["last_checkpoint"]}, run_dir, slot_weights
+            )
+    except Exception as e:
+        error = str(e) if isinstance(e, LvmError) else f"{type(e).__name__}: {e}"
+        if is_zero:
+            write_failure(run_dir, cfg.name, error, time.perf_counter() - start, traceback.format_exc())
+        raise RunFailed(error) from e
+    results["wall_time_s"] = round(time.perf_counter() - start, 2)
+    if trainer.is_global_zero:
+        write_results(run_dir, results)
+        log.info("Run %s: best val cos %s at %s", results["status"], results["best_val_cos"], results["best_checkpoint"])
+    return results
+
+
+def ending(trainer: L.Trainer) -> str:
+    """The status of a fit that returned: stopped by the guard (max_rollbacks), stopped by a
+    callback that says why (`stop_reason`, e.g. a search's pruning), or completed."""
+    guard = next((c for c in trainer.callbacks if isinstance(c, RollbackGuard)), None)
+    if guard is not None and guard.stopped:
+        return "stopped: max_rollbacks"
+    reason = next((c.stop_reason for c in trainer.callbacks if getattr(c, "stop_reason", None)), None)
+    return f"stopped: {reason}" if reason else "completed"
+
+
+def guard_record(cfg: DictConfig, trainer: L.Trainer, run_dir: Path) -> dict[str, Any]:
+    """The guard's record in results.json: its policy, events.jsonl summed up (rollbacks, stops,
+    trips by detector) and the batches whose directional term the skip rule zeroed."""
+    skip = next((c for c in trainer.callbacks if isinstance(c, SkipReport)), None)
+    return {
+        "policy": cfg.guard.policy,
+        **summarize_events(read_events(run_dir / "events.jsonl")),
+        "skipped_batches": skip.state_dict()["skips_total"] if skip is not None else 0,
+    }
+
+
+def summarize_run(cfg: DictConfig, trainer: L.Trainer, module: LVMModule, run_dir: Path, status: str) -> dict[str, Any]:
+    """What results.json says of a finished, stopped or preempted fit."""
+    best = trainer.checkpoint_callback
+    last = next(c for c in trainer.callbacks if isinstance(c, ExactResume)).last_path
+    results = {
+        "name": cfg.name,
+        "status": status,
+        "run_dir": str(run_dir),
+        # Epochs that reached their end (a run preempted at an epoch's end counts that epoch, which
+        # Lightning's current_epoch does not yet).
+        "epochs_completed": trainer.fit_loop.epoch_progress.current.processed,
+        "global_step": trainer.global_step,
+        "world_size": trainer.world_size,
+        "best_checkpoint": best.best_model_path or None,
+        "best_val_cos": float(best.best_model_score) if best.best_model_score is not None else None,
+        "last_checkpoint": str(last) if last.is_file() else None,
+        "final": {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("val/", "ood/", "mini5cat/"))},
+        "params": sum(p.numel() for p in module.parameters()),
+        "guard": guard_record(cfg, trainer, run_dir),
+    }
+    if trainer.world_size > 1:  # every rank says what it saw: their validation metrics must agree
+        log.info(
+            "Rank %d of %d finished: best val cos %r, final val cos %r",
+            trainer.global_rank,
+            trainer.world_size,
+            results["best_val_cos"],
+            results["final"].get("val/cos"),
+        )
+    return results
