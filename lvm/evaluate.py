@@ -30,7 +30,7 @@ from lvm.evaluation.suite import (
     references,
 )
 from lvm.runtime.checkpoints import read_checkpoint
-from lvm.runtime.cli import EXIT_FAIL, EXIT_OK, entry_point, run_entry_point
+from lvm.runtime.cli import CONF_DIR, EXIT_FAIL, EXIT_OK, entry_point, run_entry_point
 from lvm.runtime.errors import ConfigError
 from lvm.runtime.precision import check_precision
 from lvm.runtime.threads import set_threads
@@ -89,7 +89,7 @@ def run(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict[str, Any]:
     return report
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="evaluate")
 @entry_point("lvm.evaluate")
 def main(cfg: DictConfig) -> int:
     report = run(cfg, HydraConfig.get().overrides.task)

@@ -24,6 +24,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from lvm.runtime.cli import (
+    CONF_DIR,
     EXIT_BAD_INPUT,
     EXIT_FAIL,
     exit_code_of,
@@ -57,7 +58,7 @@ def short_dirname(overrides: str) -> str:
 OmegaConf.register_new_resolver("lvm_dirname", short_dirname, replace=True)
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
 def main(cfg: DictConfig) -> float | None:
     """Returns the best val cosine (what a Hydra sweeper optimises); the exit code follows the
     run's status (see the module docstring)."""

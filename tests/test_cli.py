@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from lvm.runtime.cli import positional_override
@@ -30,3 +35,21 @@ def test_every_tool_answers_bad_input_with_one_line_and_exit_2(module, args, wor
     proc = run_module(module, *args, timeout=120, threads=1)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr and words in proc.stderr, proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize(
+    "script,args,words",
+    [
+        ("lvm-sweep-report", ["/nowhere/sweep"], "/nowhere/sweep: no such directory"),
+        ("lvm-evaluate", ["predictor=nope"], "predictor must be one of"),
+    ],
+)
+def test_console_scripts_find_the_configs(script, args, words):
+    """A console script's module is not __main__: its configs must still be found (a relative
+    config_path was read as a Python package and every script failed with 'conf' not found)."""
+    path = Path(sys.executable).parent / script
+    if not path.is_file():
+        pytest.skip(f"{script} is not installed beside {sys.executable}")
+    proc = subprocess.run([str(path), *args], capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert words in proc.stderr and "not found" not in proc.stderr, proc.stderr[-2000:]

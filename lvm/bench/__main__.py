@@ -61,14 +61,14 @@ from lvm.bench.loops import (
     measure_side_by_side,
     training_config,
 )
-from lvm.runtime.cli import entry_point, run_entry_point
+from lvm.runtime.cli import CONF_DIR, entry_point, run_entry_point
 from lvm.runtime.errors import ConfigError
 from lvm.runtime.precision import BF16
 
 log = logging.getLogger("lvm.bench")
 
 
-@hydra.main(version_base="1.3", config_path="../../conf", config_name="bench")
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="bench")
 @entry_point("lvm.bench")
 def main(cfg: DictConfig) -> None:
     b = cfg.bench

@@ -30,7 +30,7 @@ import torch
 from omegaconf import DictConfig
 
 from lvm.bench.loops import lightning_loop, training_config
-from lvm.runtime.cli import entry_point, run_entry_point
+from lvm.runtime.cli import CONF_DIR, entry_point, run_entry_point
 from lvm.runtime.errors import ConfigError, LvmError
 from lvm.runtime.tables import md_table
 from lvm.runtime.threads import set_threads
@@ -104,7 +104,7 @@ def measure(cfg: DictConfig, b: DictConfig, work_dir: Path) -> list[dict[str, An
     return rows
 
 
-@hydra.main(version_base="1.3", config_path="../../conf", config_name="bench_gpu")
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="bench_gpu")
 @entry_point("lvm.bench.gpu")
 def main(cfg: DictConfig) -> None:
     b = cfg.bench

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from lvm.corpus.encoders import Encoder, make_encoder
 from lvm.corpus.text import Chunker, Document, read_documents
-from lvm.runtime.cli import entry_point, run_entry_point
+from lvm.runtime.cli import CONF_DIR, entry_point, run_entry_point
 from lvm.runtime.errors import ConfigError, DataError
 from lvm.runtime.files import atomic_open, atomic_write_text
 from lvm.runtime.threads import set_threads
@@ -387,7 +387,7 @@ def _embed_all(cfg: DictConfig, documents: Iterator, chunker: Chunker, encoder: 
     return result, encode_seconds
 
 
-@hydra.main(version_base="1.3", config_path="../../conf", config_name="build")
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="build")
 @entry_point("lvm.corpus.build")
 def main(cfg: DictConfig) -> None:
     build(cfg)

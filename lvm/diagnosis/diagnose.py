@@ -23,7 +23,7 @@ from lvm.data.splits import split_articles
 from lvm.data.store import ArticleStore
 from lvm.diagnosis.report import findings, write_outputs
 from lvm.diagnosis.stats import FIT, HELDOUT, TUNE, Layout, Settings, diagnose
-from lvm.runtime.cli import entry_point, run_entry_point
+from lvm.runtime.cli import CONF_DIR, entry_point, run_entry_point
 from lvm.runtime.errors import ConfigError
 from lvm.runtime.threads import set_threads
 
@@ -97,7 +97,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- entry point
 
 
-@hydra.main(version_base="1.3", config_path="../../conf", config_name="diagnose")
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="diagnose")
 @entry_point("lvm.diagnosis.diagnose")
 def main(cfg: DictConfig) -> None:
     report = run(cfg)

@@ -12,11 +12,16 @@ from __future__ import annotations
 import functools
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, NoReturn
 
 from omegaconf import DictConfig
 
 from lvm.runtime.errors import LvmError
+
+# Hydra's config_path for every tool, absolute: a console script's module is not __main__, and
+# Hydra reads a relative config_path from such a module as a Python package (conf/ is not one).
+CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 
 EXIT_OK, EXIT_FAIL, EXIT_BAD_INPUT, EXIT_STOPPED, EXIT_PREEMPTED = 0, 1, 2, 3, 4
 _outcome = {"code": EXIT_OK}  # set by the task function: hydra.main does not return its result

@@ -13,7 +13,7 @@ import hydra
 from omegaconf import DictConfig
 
 from lvm.evaluation.baselines import BASELINES
-from lvm.runtime.cli import entry_point, run_entry_point
+from lvm.runtime.cli import CONF_DIR, entry_point, run_entry_point
 from lvm.runtime.errors import ConfigError, LvmError
 from lvm.runtime.tables import fmt, md_table
 from lvm.tools.runs import read_steps
@@ -115,7 +115,7 @@ def plot(names: list[str], series: list[list[float]], base: dict[str, float] | N
     plt.close(fig)
 
 
-@hydra.main(version_base="1.3", config_path="../../conf", config_name="compare")
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="compare")
 @entry_point("lvm.tools.compare")
 def main(cfg: DictConfig) -> None:
     if cfg.baselines not in ("val", "ood"):

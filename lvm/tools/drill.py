@@ -38,7 +38,7 @@ from hydra import compose
 from omegaconf import DictConfig, OmegaConf
 
 from lvm.guard.events import read_events
-from lvm.runtime.cli import EXIT_FAIL, entry_point, run_entry_point
+from lvm.runtime.cli import CONF_DIR, EXIT_FAIL, entry_point, run_entry_point
 from lvm.runtime.errors import ConfigError, LvmError
 from lvm.runtime.files import atomic_write_text
 from lvm.runtime.tables import fmt, md_table
@@ -419,7 +419,7 @@ def run_suite(cfg: DictConfig) -> dict[str, Any]:
     return summary
 
 
-@hydra.main(version_base="1.3", config_path="../../conf", config_name="drill")
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="drill")
 @entry_point("lvm.tools.drill")
 def main(cfg: DictConfig) -> int:
     return 0 if run_suite(cfg)["met"] else EXIT_FAIL

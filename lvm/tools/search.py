@@ -36,7 +36,7 @@ from hydra import compose
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from lvm.runtime.cli import EXIT_FAIL, EXIT_OK, entry_point, run_entry_point
+from lvm.runtime.cli import CONF_DIR, EXIT_FAIL, EXIT_OK, entry_point, run_entry_point
 from lvm.runtime.errors import ConfigError, LvmError
 from lvm.runtime.tables import fmt, md_table
 from lvm.tools.runs import run_values
@@ -340,7 +340,7 @@ def plot(search: Search, study: Any, complete: list[dict[str, Any]]) -> list[Pat
     return out
 
 
-@hydra.main(version_base="1.3", config_path="../../conf", config_name="study")
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="study")
 @entry_point("lvm.tools.search")
 def main(cfg: DictConfig) -> int:
     if "search" not in cfg:
