@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from tests.helpers import (
     ROOT,
     TINY,
@@ -37,7 +39,11 @@ def test_grid_sweep_summarised_and_regenerated(tmp_path):
     assert [r["overrides"] for r in table] == expected
     for r in table:
         assert r["status"] == "completed"
-        assert -1 <= float(r["best_val_cos"]) <= 1 and float(r["wall_time_s"]) >= 0
+        results = json.loads(
+            (sweep / next(j.name for j in job_dirs(sweep) if j.name.startswith(r["job"] + "_")) / "results.json").read_text()
+        )
+        assert float(r["best_val_cos"]) == pytest.approx(results["best_val_cos"], abs=1e-4)
+        assert float(r["wall_time_s"]) == pytest.approx(results["wall_time_s"], abs=0.01) and results["wall_time_s"] > 0
         for key in ("final_val_cos", "margin_last", "r5", "rollbacks", "events", "skipped_batches"):
             float(r[key])
     # The slot-linear baseline of each job's own results.json; the same data, so the same value.
