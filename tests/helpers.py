@@ -135,7 +135,7 @@ def check_tensorboard_runs(sweep: Path) -> None:
 
 
 def original_eval() -> dict:
-    """conf/eval/original.yaml: the reference's 5CAT gates."""
+    """conf/eval/original.yaml: the original's 5CAT gates (docs/p6b.md section 6)."""
     return OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "eval" / "original.yaml"))
 
 

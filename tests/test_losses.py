@@ -20,7 +20,7 @@ KNOBS = DirectionalKnobs(margin=0.04, target_frac=0.2, gamma=8.0, lambda_min=1e-
 
 
 def reference_loss(raw, target, prev, k: DirectionalKnobs, mse_on="raw", skipped=False):
-    """Plain numpy/float64 transcription of reference section 3."""
+    """Plain numpy/float64 transcription of docs/p6b.md section 3."""
     raw, target, prev = (np.asarray(x, dtype=np.float64) for x in (raw, target, prev))
     pred = raw / np.linalg.norm(raw, axis=1, keepdims=True)
     x = raw if mse_on == "raw" else pred
@@ -173,7 +173,7 @@ OFF = dict(
 
 
 def reference_variant(raw, target, prev, k: DirectionalKnobs, v: dict):
-    """numpy float64 transcription of the v2.1-v2.3 terms (reference section 3), written apart
+    """numpy float64 transcription of the v2.1-v2.3 terms (docs/p6b.md section 3), written apart
     from lvm.losses: softplus as log(1 + exp(z)), every term from its formula."""
     raw, target, prev = (np.asarray(x, dtype=np.float64) for x in (raw, target, prev))
     unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)  # noqa: E731

@@ -13,7 +13,7 @@ def ramp_table(name):
     return OmegaConf.to_container(cfg.ramp, resolve=True)
 
 
-# (0-based epoch, margin, target_frac) from reference section 3.
+# (0-based epoch, margin, target_frac) from docs/p6b.md section 3.
 V1 = [(0, 0.02, 0.10), (1, 0.02, 0.10), (2, 0.04, 0.20), (4, 0.04, 0.20), (5, 0.05, 0.25), (11, 0.05, 0.25)]
 V2 = [
     (0, 0.02, 0.10),

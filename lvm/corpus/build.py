@@ -2,7 +2,7 @@
 
 Reads a MediaWiki dump, a folder of .txt files or JSONL (lvm/corpus/text.py), chunks each document,
 embeds the chunks (lvm/corpus/encoders.py) and writes into `out_dir`:
-- `store.npz`: the reference's article-store keys `vectors` [N, D] float32 (unit rows),
+- `store.npz`: the original's article-store keys (docs/p6b.md section 7) `vectors` [N, D] float32 (unit rows),
   `article_indices` [N], `chunk_indices` [N], plus `titles` [A] and `doc_ids` [A] per article;
 - `chunks.jsonl`: one line per row of the store with its article, chunk index and text;
 - `build_info.json`: source, encoder, dim, counts, throughput, warnings.

@@ -667,7 +667,7 @@ def _sample(rows: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
 
 
 def diagnose(X: np.ndarray, layout: Layout, split_of_article: np.ndarray, s: Settings, source: str = "<arrays>") -> dict[str, Any]:
-    """Every statistic of the store (see the module docstring and README), as a JSON-ready dict.
+    """Every statistic of the store (see the module docstring and docs/data.md), as a JSON-ready dict.
 
     `split_of_article` [A] holds FIT, TUNE or HELDOUT per article (for the baselines). Raises
     DataError naming `source` when no article holds a window (context + 1 consecutive chunks).

@@ -1,6 +1,6 @@
 """Every-step scalars without a per-step host sync: rows buffered on device, flushed in one copy.
 
-Not `self.log` per step, for a measured reason (README, "Measured figures"): Lightning re-walks
+Not `self.log` per step, for a measured reason (docs/performance.md, "Measured figures behind design choices"): Lightning re-walks
 its result collection on each call, and each logger write per step adds more. Here a step costs
 one small stack into a preallocated buffer; every `flush_every` steps one `.tolist()` moves the rows to the host and each row goes to
 the loggers at its own step, so TensorBoard still shows every step.

@@ -9,7 +9,7 @@
 seed's v2 skip rule, part of the loss): the term stays in the graph either way, so every rank
 builds the same graph.
 
-The later variants (v2.1-v2.3, reference section 3) add terms, each off unless configured
+The later variants (v2.1-v2.3, docs/p6b.md section 3) add terms, each off unless configured
 (`VariantTerms`): a ratio term mixed into dir, a cap on the applied share lam * dir / mse, a
 confidence gate on lam, a positive-floor and an orthogonality penalty (outside `weight`: they
 regularise the prediction whether or not the directional term is skipped).

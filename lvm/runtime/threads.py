@@ -63,7 +63,7 @@ class ThreadShare:
     """Shares this process's CPUs with whatever else runs on them: every `interval` seconds it
     measures the CPU time others used there and sets torch threads to the cores left (at least 1,
     at most `limit`). Two lvm trainings started together on 2 cores each drop to one thread, where
-    with two each they spin against each other (README, "Measured figures"); when
+    with two each they spin against each other (docs/performance.md, "Measured figures behind design choices"); when
     one ends, the other takes both cores again. Call `update` from the training thread (torch's
     thread count is per thread)."""
 
