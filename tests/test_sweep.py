@@ -37,11 +37,9 @@ def test_grid_sweep_summarised_and_regenerated(tmp_path):
     assert [r["job"] for r in table] == ["0", "1", "2", "3"]
     expected = [f"loss.gamma={g} loss.lambda_max={m}" for g in (4, 8) for m in (0.02, 0.05)]
     assert [r["overrides"] for r in table] == expected
-    for r in table:
-        assert r["status"] == "completed"
-        results = json.loads(
-            (sweep / next(j.name for j in job_dirs(sweep) if j.name.startswith(r["job"] + "_")) / "results.json").read_text()
-        )
+    for r, job in zip(table, job_dirs(sweep)):
+        assert r["status"] == "completed" and job.name.startswith(r["job"] + "_")
+        results = json.loads((job / "results.json").read_text())
         assert float(r["best_val_cos"]) == pytest.approx(results["best_val_cos"], abs=1e-4)
         assert float(r["wall_time_s"]) == pytest.approx(results["wall_time_s"], abs=0.01) and results["wall_time_s"] > 0
         for key in ("final_val_cos", "margin_last", "r5", "rollbacks", "events", "skipped_batches"):

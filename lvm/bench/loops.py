@@ -26,6 +26,7 @@ from lvm.data.synthetic import synthetic_corpus
 from lvm.model.losses import p6b_loss
 from lvm.model.module import LVMModule, batch_health
 from lvm.model.optim import RollingStat, grad_norm
+from lvm.runtime.cli import CONF_DIR
 from lvm.runtime.precision import BF16, FP32
 from lvm.training.build import build_data, build_fit, clip_by_norm, make_loader
 from lvm.training.config import to_plain, validate
@@ -315,7 +316,7 @@ def measure_side_by_side(overrides: list[str], work_dir: Path) -> tuple[float, l
         "trainer.enable_progress_bar=false",
         *rest,
     ]
-    root = Path(__file__).resolve().parents[2]
+    root = Path(CONF_DIR).parent
     env = {**os.environ, "PYTHONPATH": str(root)}
 
     def start(name: str) -> subprocess.Popen:

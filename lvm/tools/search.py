@@ -232,11 +232,8 @@ def run_search(cfg: DictConfig, train_overrides: list[str]) -> dict[str, Any]:
         if search.jobs == 1:
             work(search, 0)
         else:
-            config_dir = str(Path(__file__).resolve().parents[2] / "conf")
             spawn = multiprocessing.get_context("spawn")
-            procs = [
-                spawn.Process(target=_worker, args=(OmegaConf.to_yaml(cfg), train_overrides, config_dir, w)) for w in range(search.jobs)
-            ]
+            procs = [spawn.Process(target=_worker, args=(OmegaConf.to_yaml(cfg), train_overrides, CONF_DIR, w)) for w in range(search.jobs)]
             for p in procs:
                 p.start()
             for p in procs:
