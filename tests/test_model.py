@@ -6,10 +6,13 @@ import torch
 from lvm.model.transformer import (
     P6Transformer,
     ShortAttention,
-    count_parameters,
     short_attention,
     sinusoidal_positions,
 )
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
 
 
 def p6(dim=768, block="decoder", **kw):

@@ -44,7 +44,11 @@ def test_fivecat_rate_counts_every_forward_it_makes():
     expected = (5 + k) + (horizon - 1) * float(ok.float().mean())
     assert rate.windows == n and rate.forwards_per_window == pytest.approx(expected)
     assert rate.windows_per_s == pytest.approx(n / rate.seconds)
-    assert rate.gemm_gflops > 0 and 0 < rate.of_limit < 2
+    # The FLOP rate is the hand-checked per-window forward count (test above) times the forwards
+    # made, over the time taken; the fraction of the limit is that rate over the GEMM rate.
+    per_forward = forward_flops(module, windows.gather(torch.arange(16))["context"])
+    assert rate.achieved_gflops == pytest.approx(per_forward * n * expected / rate.seconds / 1e9, rel=1e-6)
+    assert rate.of_limit == pytest.approx(rate.achieved_gflops / rate.gemm_gflops)
 
 
 def test_gemm_rate_is_flops_over_time():

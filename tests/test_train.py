@@ -14,6 +14,7 @@ from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lvm.runtime.errors import ConfigError, LvmError, RunFailed
+from lvm.tools.runs import read_steps
 from lvm.training.build import build_data
 from lvm.training.run import run
 from tests.helpers import ROOT, TINY, cfg_for, history, train_cli
@@ -252,7 +253,9 @@ def test_cli_exit_codes_follow_the_status(tmp_path):
     assert results["status"] == "stopped: max_rollbacks"
     record = results["guard"]  # events.jsonl summed up
     assert record["policy"] == "rollback" and record["rollbacks"] == 0 and record["stops"] == 1
-    assert record["collapses"] == {"nonfinite": 1} and record["skipped_batches"] >= 0
+    assert record["collapses"] == {"nonfinite": 1}
+    _, skipped = read_steps(tmp_path / "stop", ["train/skipped"])["train/skipped"]
+    assert record["skipped_batches"] == sum(v > 0 for v in skipped)  # the per-step log, counted here
     last = torch.load(tmp_path / "stop" / "checkpoints" / "last.ckpt", weights_only=True)
     assert last["epoch"] == 0 and all(torch.isfinite(v).all() for v in last["state_dict"].values())  # not the NaN model
 

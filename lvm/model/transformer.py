@@ -159,7 +159,3 @@ class P6Transformer(nn.Module):
             raw = raw + torch.einsum("bkd,k->bd", context, self.skip_weights[-k:])
         raw = raw.float()  # under bf16 autocast too: the loss, metrics and guard statistics stay fp32
         return raw, F.normalize(raw, dim=-1)
-
-
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
