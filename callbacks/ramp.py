@@ -129,9 +129,7 @@ class RampSchedule(L.Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.stage = state_dict["stage"]
-        self.hold_stage = state_dict.get("hold_stage")
-        self.hold_until = state_dict.get("hold_until")
-        # Checkpoints from before the schedule owned lambda_max: `frac_scale` (the cumulative
-        # target_frac factor); their lambda_max factor is in the guard's state (it forwards it).
-        self.target_frac_factor = state_dict.get("target_frac_factor", state_dict.get("frac_scale", 1.0))
-        self.lambda_max_factor = state_dict.get("lambda_max_factor", 1.0)
+        self.hold_stage = state_dict["hold_stage"]
+        self.hold_until = state_dict["hold_until"]
+        self.target_frac_factor = state_dict["target_frac_factor"]
+        self.lambda_max_factor = state_dict["lambda_max_factor"]

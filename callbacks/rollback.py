@@ -292,13 +292,10 @@ class RollbackGuard(L.Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.rollbacks = state_dict["rollbacks"]
-        # Names in this run's ckpt_dir (checkpoints written before names were relative held paths).
-        self.good = [Path(p).name for p in state_dict["good"]]
-        self._ignore_before = state_dict.get("ignore_before", 0)
-        self.stopped = state_dict.get("stopped", False)
+        self.good = list(state_dict["good"])  # names in this run's ckpt_dir
+        self._ignore_before = state_dict["ignore_before"]
+        self.stopped = state_dict["stopped"]
         self.best_val_cos = state_dict["best_val_cos"]
-        if "lambda_factor" in state_dict:  # a checkpoint from before the schedule owned lambda_max
-            self.schedule.lambda_max_factor = state_dict["lambda_factor"]
         self.streaks = Streaks(state_dict["pinned_steps"])
 
 

@@ -27,10 +27,6 @@ class SkipReport(L.Callback):
         self._window: torch.Tensor | None = None  # skips since the last report, on device
         self._last: torch.Tensor | None = None  # (pos, neg) of the newest skipped batch
 
-    @property
-    def state_key(self) -> str:
-        return "SkipGuard"  # the name checkpoints written before the rule moved into the loss use
-
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         skipped, pos, neg = outputs["stats"][self.index]
         skipped = skipped > 0

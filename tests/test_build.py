@@ -183,24 +183,18 @@ def test_changed_document_is_reembedded_and_replaces_its_old_rows(tmp_path, capl
     assert_same_build(out, tmp_path / "clean")
 
 
-def test_manifest_without_content_hashes_is_hashed_from_its_parts(tmp_path, caplog):
-    """A build made before content hashes: unchanged documents are not re-embedded, changed ones are."""
-    docs = kept_docs()
-    source = write_jsonl(tmp_path / "docs.jsonl", docs)
+def test_manifest_without_content_hashes_is_refused(tmp_path):
+    """A manifest whose documents lack the content hash (an earlier format) is one line, not a guess."""
+    source = write_jsonl(tmp_path / "docs.jsonl", kept_docs())
     out = tmp_path / "run"
     build(cfg_for(f"input={source}", f"out_dir={out}"))
     path = out / "parts" / "manifest.json"
     manifest = json.loads(path.read_text())
     for part in manifest["parts"]:
-        part["docs"] = [doc[:3] for doc in part["docs"]]  # [id, title, chunks]: the old format
+        part["docs"] = [doc[:3] for doc in part["docs"]]  # [id, title, chunks]
     path.write_text(json.dumps(manifest))
-    write_jsonl(source, edited(docs))
-    with caplog.at_level(logging.INFO, logger="lvm.corpus.build"):
-        info = build(cfg_for(f"input={source}", f"out_dir={out}"))
-    assert "no content hashes" in caplog.text
-    assert (info["counts"]["documents_changed_reembedded"], info["counts"]["documents_embedded_earlier"]) == (2, 1)
-    build(cfg_for(f"input={source}", f"out_dir={tmp_path / 'clean'}"))
-    assert_same_build(out, tmp_path / "clean")
+    with pytest.raises(DataError, match=r"manifest.json: build manifest without a content hash per document.*delete .*run"):
+        build(cfg_for(f"input={source}", f"out_dir={out}"))
 
 
 class StubSentenceTransformer:

@@ -40,6 +40,19 @@ def test_a_tensor_or_foreign_dict_is_not_an_lvm_checkpoint(tmp_path):
         read_checkpoint(tmp_path / "f.ckpt")
 
 
+def test_every_checkpoint_is_stamped_and_another_format_is_refused(tmp_path):
+    """Resuming a checkpoint of another format is one line saying what to do, before any state loads."""
+    run(cfg_for("trainer.max_epochs=1"), tmp_path / "a")
+    last = tmp_path / "a" / "checkpoints" / "last.ckpt"
+    for ckpt in (tmp_path / "a" / "checkpoints").glob("*.ckpt"):
+        assert torch.load(ckpt, weights_only=True)["lvm_format"] == 1, ckpt.name
+    old = torch.load(last, weights_only=True)
+    old["lvm_format"] = 0
+    torch.save(old, tmp_path / "old.ckpt")
+    with pytest.raises(LvmError, match=r"old\.ckpt: written by an lvm of another checkpoint format .*train it again"):
+        run(cfg_for(f"ckpt_path={tmp_path / 'old.ckpt'}", "trainer.max_epochs=2"), tmp_path / "b")
+
+
 def test_atomic_checkpoint_io_leaves_the_old_file_when_a_write_fails(tmp_path):
     path = tmp_path / "last.ckpt"
     io = AtomicCheckpointIO()

@@ -17,7 +17,6 @@ from lvm.data.store import WindowSpec
 from lvm.data.synthetic import synthetic_corpus
 from lvm.evaluation import suite as S
 from lvm.evaluation.fivecat_report import write_outputs
-from lvm.runtime.checkpoints import read_checkpoint
 from lvm.runtime.errors import ConfigError, LvmError
 from lvm.training.config import to_plain
 from lvm.training.run import run as train_run
@@ -102,14 +101,12 @@ def test_checkpoint_after_fit_and_cli(tmp_path):
     cfg = eval_cfg(f"ckpt={last['path']}", "data.synthetic.dim=24", f"out_dir={tmp_path / 'bad'}")
     with pytest.raises(LvmError, match="D=16 vectors, the data has D=24"):
         E.run(cfg, ["data.synthetic.dim=24"])
-    # A checkpoint written before model.context_skip existed reads as context_skip=false.
+    # A checkpoint of an earlier format (no lvm_format stamp) is refused in one line, not guessed at.
     old = torch.load(last["path"], weights_only=True)
-    del old["hyper_parameters"]["config"]["model"]["context_skip"]
-    del old["state_dict"]["model.skip_weights"]  # the default model has the skip; an old one had not
+    del old["lvm_format"]
     torch.save(old, tmp_path / "old.ckpt")
-    assert read_checkpoint(tmp_path / "old.ckpt")["hyper_parameters"]["config"]["model"]["context_skip"] is False
-    report = E.run(eval_cfg(f"ckpt={tmp_path / 'old.ckpt'}", "sample=10", f"out_dir={tmp_path / 'old'}"), [])
-    assert report["checkpoint"]["epoch"] == 1
+    with pytest.raises(LvmError, match=r"old\.ckpt: written by an lvm of another checkpoint format \(lvm_format=None, this lvm reads 1\)"):
+        E.run(eval_cfg(f"ckpt={tmp_path / 'old.ckpt'}", "sample=10", f"out_dir={tmp_path / 'old'}"), [])
 
 
 @pytest.mark.parametrize("window,last_k", [("p6", -2), ("next", -1)])

@@ -93,13 +93,6 @@ def test_back_off_is_cumulative_and_owns_the_clamp():
     assert module.knobs.margin == 0.04 and module.knobs.target_frac == pytest.approx(0.20 * 0.25)
 
 
-def test_old_checkpoint_state_loads():
-    """State written before the schedule owned lambda_max (`frac_scale`; the guard held the lambda factor)."""
-    ramp = RampSchedule(ramp_table("p6b_v1")["stages"], 0, lambda_max=0.05)
-    ramp.load_state_dict({"stage": 1, "hold_stage": 0, "hold_until": 5, "frac_scale": 0.5})
-    assert ramp.target_frac_factor == 0.5 and ramp.lambda_max_factor == 1.0 and ramp.hold_until == 5
-
-
 def test_knobs_are_set_when_a_run_resumes_mid_epoch():
     """A run resumed mid-epoch does not start that epoch again (no on_train_epoch_start): the knobs
     of its stage are set at train start (before, they stayed at the loss config's values)."""

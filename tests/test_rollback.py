@@ -11,8 +11,7 @@ import pytest
 import torch
 
 from callbacks.fault import FaultInjection
-from callbacks.ramp import RampSchedule
-from callbacks.rollback import STILL_LEARNING, RollbackGuard
+from callbacks.rollback import STILL_LEARNING
 from callbacks.stats import StepStatistics
 from lvm.training.run import run
 from tests.helpers import (
@@ -286,19 +285,3 @@ def test_collapse_drill(tmp_path, precision):
     assert rollback["epoch"] == 1 and rollback["checkpoint"].endswith("good-epoch00.ckpt")
     assert rollback["backoff"]["hold_stage"] == 0
     assert val_cos(tmp_path / "rollback")[-1] > 0.5 and results["best_val_cos"] > 0.5
-
-
-def test_old_guard_state_hands_its_lambda_factor_to_the_schedule(tmp_path):
-    """Checkpoints from before the schedule owned lambda_max kept its factor in the guard's state."""
-    schedule = RampSchedule([{"until": None, "margin": 0.02, "target_frac": 0.1}], 0, lambda_max=0.02)
-    guard = RollbackGuard(tmp_path, {}, 3, 2, 0.5, 0.5, 2, schedule)
-    guard.load_state_dict(
-        {
-            "rollbacks": 1,
-            "good": [str(tmp_path / "elsewhere" / "good-epoch00.ckpt")],
-            "best_val_cos": 0.5,
-            "lambda_factor": 0.25,
-            "pinned_steps": 0,
-        }
-    )
-    assert schedule.lambda_max_factor == 0.25 and guard.good == ["good-epoch00.ckpt"]  # a path became a name

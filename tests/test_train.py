@@ -72,7 +72,7 @@ def test_directional_state_follows_experiment(tmp_path, caplog):
     assert "stage 0, margin=0.020 target_frac=0.10" in text
     ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     callbacks = ckpt["callbacks"]
-    assert any(k.startswith("SkipGuard") for k in callbacks)
+    assert any(k.startswith("SkipReport") for k in callbacks)
     assert any(k.startswith("RampSchedule") for k in callbacks)
 
 

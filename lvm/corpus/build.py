@@ -84,8 +84,11 @@ class Parts:
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}: corrupt build manifest ({e.msg}); delete {folder} to start over") from None
             self._check_settings(path)
-            if any(len(doc) < 4 for part in self.manifest["parts"] for doc in part["docs"]):
-                self._add_content_hashes(path)
+            if any(len(doc) != 4 for part in self.manifest["parts"] for doc in part["docs"]):
+                raise DataError(
+                    f"{path}: build manifest without a content hash per document (expected [id, title, chunks, hash]); "
+                    f"delete {folder} to start over"
+                )
         # doc id -> content hash of its newest rows (a re-embedded document is listed again, later)
         self.done = {doc[0]: doc[3] for part in self.manifest["parts"] for doc in part["docs"]}
 
@@ -98,17 +101,6 @@ class Parts:
                 f"{path}: out_dir holds a build made with other settings ({detail}); use another out_dir, "
                 f"or delete {self.folder} to start over"
             )
-
-    def _add_content_hashes(self, path: Path) -> None:
-        """A manifest written before content hashes: hash each document from the chunk texts its part
-        holds (exactly what was embedded), so that only documents changed since are re-embedded."""
-        for part in self.manifest["parts"]:
-            lines = iter(self._part_texts(part))
-            for doc in part["docs"]:
-                chunks = [json.loads(next(lines))["text"] for _ in range(doc[2])]
-                doc[3:] = [content_hash(doc[1], chunks)]
-        atomic_write_text(path, json.dumps(self.manifest, ensure_ascii=False, indent=1))
-        log.info("%s had no content hashes (written before they were kept): added them from the chunk texts in its parts", path)
 
     @property
     def encoder_dtype(self) -> str | None:

@@ -29,6 +29,7 @@ from lvm.model.losses import (
 )
 from lvm.model.optim import SkipStepAdamW
 from lvm.model.transformer import P6Transformer
+from lvm.runtime.checkpoints import FORMAT, FORMAT_KEY
 from lvm.runtime.precision import autocast
 
 log = logging.getLogger(__name__)
@@ -223,6 +224,10 @@ class LVMModule(L.LightningModule):
         metrics["cos_copy_last"].update(cos(M.copy_last(batch["context"]), batch["target"]).mean(), n)
         for name, metric in metrics.items():
             self.log(f"{split}/{name}", metric, on_step=False, on_epoch=True, add_dataloader_idx=False, batch_size=n)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Stamp the checkpoint format, which lvm.runtime.checkpoints.read_checkpoint checks."""
+        checkpoint[FORMAT_KEY] = FORMAT
 
     def configure_optimizers(self) -> dict[str, Any]:
         o = self.optim_cfg

@@ -15,8 +15,9 @@ from lvm.runtime.files import atomic_path
 
 # What every lvm training checkpoint holds (Lightning's keys plus the run config in hyper_parameters).
 TRAINING_KEYS = ("state_dict", "epoch", "global_step", "optimizer_states", "hyper_parameters")
-# Model options added after checkpoints were first written, with the value that reproduces those.
-MODEL_OPTIONS_ADDED = {"context_skip": False}
+# The layout of what lvm keeps in a checkpoint (callback states, config keys), stamped by the module
+# on every save; a file of another format is refused, not guessed at.
+FORMAT_KEY, FORMAT = "lvm_format", 1
 
 
 def read_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
@@ -36,10 +37,11 @@ def read_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, An
     hp = ckpt["hyper_parameters"]
     if not isinstance(hp, dict) or "config" not in hp or "dim" not in hp:
         raise LvmError(f"checkpoint {path}: hyper_parameters lack 'config' or 'dim' (not an lvm checkpoint)")
-    model = hp["config"].get("model")
-    if isinstance(model, dict):
-        for key, value in MODEL_OPTIONS_ADDED.items():
-            model.setdefault(key, value)
+    if ckpt.get(FORMAT_KEY) != FORMAT:
+        raise LvmError(
+            f"checkpoint {path}: written by an lvm of another checkpoint format ({FORMAT_KEY}={ckpt.get(FORMAT_KEY)}, "
+            f"this lvm reads {FORMAT}); train it again with this lvm, or use the lvm commit that wrote it"
+        )
     return ckpt
 
 
