@@ -7,10 +7,11 @@
   into. The weights are set to it (output layer and context skip zero, output bias the constant: a
   checkpoint saved now holds a collapsed model) and a forward hook keeps the output there until
   the guard rolls back (the rollback and back-off stand for removing the recipe's cause), or to the
-  end of the run without a guard. The output keeps its graph (times 0), so every parameter still
+  end of the run without a guard (it is a RollbackListener). The output keeps its graph (times 0), so every parameter still
   gets a gradient, as DDP requires.
-- `corrupt_good_at_step`: at that step the guard's newest good checkpoint is overwritten with
-  garbage (rank 0), as a full disk or a half-copied file would leave it.
+- `corrupt_good_at_step`: at that step the newest good-*.ckpt of the run's checkpoints folder
+  (`ckpt_dir`, the guard's rollback points) is overwritten with garbage (rank 0), as a full disk or
+  a half-copied file would leave it: a fault of the disk, found on disk, not in the guard's state.
 - `nan_batch_at_steps`: one window of that step's batch holds NaN (rank 0): a corrupt record.
 - `lr_spike_at_step`: the learning rate times `lr_spike_factor` for that one step (a scheduler bug).
 - `raw_scale_at_step`: the output layer (and the context skip) times `raw_scale_factor`: an
@@ -24,13 +25,12 @@ from __future__ import annotations
 import os
 import signal
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 import torch.nn.functional as F
-
-from callbacks.rollback import RollbackGuard, rollbacks_of
 
 
 class FaultInjection(L.Callback):
@@ -46,9 +46,13 @@ class FaultInjection(L.Callback):
         raw_scale_at_step: int | None = None,
         raw_scale_factor: float = 100.0,
         kill_at_step: int | None = None,
+        ckpt_dir: str | Path | None = None,
     ) -> None:
         if constant_from_step is not None and constant is None:
             raise ValueError("constant_from_step needs the constant direction")
+        if corrupt_good_at_step is not None and ckpt_dir is None:
+            raise ValueError("corrupt_good_at_step needs the run's checkpoints folder")
+        self.ckpt_dir = None if ckpt_dir is None else Path(ckpt_dir)
         self.steps = set(nan_at_steps)
         self.corrupt_good_at_step = corrupt_good_at_step
         self.nan_batch_steps = set(nan_batch_at_steps)
@@ -59,14 +63,13 @@ class FaultInjection(L.Callback):
         self.constant_from_step = constant_from_step
         self.constant = None if constant is None else F.normalize(constant.float(), dim=-1)
         self._hook: Any = None
-        self._rollbacks_at_start: int | None = None
         self.ended = False  # the constant-output fault was lifted by a rollback
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
         if trainer.global_step == self.corrupt_good_at_step and trainer.is_global_zero:
-            guard = next((c for c in trainer.callbacks if isinstance(c, RollbackGuard)), None)
-            if guard is not None and guard.good:
-                (guard.ckpt_dir / guard.good[-1]).write_bytes(b"not a checkpoint")
+            good = sorted(self.ckpt_dir.glob("good-*.ckpt"), key=lambda f: f.stat().st_mtime_ns)
+            if good:
+                good[-1].write_bytes(b"not a checkpoint")
         step = trainer.global_step
         if step == self.kill_at_step:
             os.kill(os.getpid(), signal.SIGKILL)
@@ -95,10 +98,13 @@ class FaultInjection(L.Callback):
         if self.constant_from_step is None or self.ended:
             return
         if self._hook is None and trainer.global_step >= self.constant_from_step:
-            self._rollbacks_at_start = rollbacks_of(trainer)
             self._collapse_weights(pl_module.model)
             self._hook = pl_module.model.register_forward_hook(self._constant_output)
-        elif self._hook is not None and rollbacks_of(trainer) > self._rollbacks_at_start:
+
+    def after_rollback(self, step: int) -> None:
+        """The guard rolled back: the constant-output fault is lifted (the rollback and back-off
+        stand for removing the recipe's cause)."""
+        if self._hook is not None:
             self._hook.remove()
             self._hook, self.ended = None, True
 

@@ -49,7 +49,7 @@ def stage_index(epoch: int, stages: Sequence[RampStage]) -> int:
 
 class RampSchedule(L.Callback):
     """The one owner of the directional knobs: each train epoch it writes the current stage's
-    margin and target_frac, and the clamp lambda_max, into the module's knobs; after a rollback
+    margin and target_frac, and the clamp lambda_max, into the module's knobs (its `set_knobs`); after a rollback
     the guard asks it to back off (`back_off`). `ramp=constant` is a one-stage table: no ramp.
 
     `epoch_base` states the table's numbering: 0 means Lightning's current_epoch as is (the
@@ -86,9 +86,7 @@ class RampSchedule(L.Callback):
         if self.hold_until is not None and epoch < self.hold_until:
             idx = min(idx, self.hold_stage)
         s = self.stages[idx]
-        k = pl_module.knobs
-        k.margin, k.target_frac = s.margin, s.target_frac * self.target_frac_factor
-        k.lambda_max = self.lambda_max * self.lambda_max_factor
+        pl_module.set_knobs(s.margin, s.target_frac * self.target_frac_factor, self.lambda_max * self.lambda_max_factor)
         if idx != self.stage:
             log.info(
                 "[Ramp] epoch %d (%d-based): stage %d, margin=%.3f target_frac=%.2f",
@@ -96,7 +94,7 @@ class RampSchedule(L.Callback):
                 self.epoch_base,
                 idx,
                 s.margin,
-                k.target_frac,
+                pl_module.knobs.target_frac,
             )
         self.stage = idx
 

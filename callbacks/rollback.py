@@ -25,10 +25,10 @@ import json
 import logging
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import lightning as L
 import torch
@@ -42,10 +42,11 @@ from lvm.guard.detectors import (
     check_nonfinite,
     check_training,
     check_validation,
+    detector_problems,
     skipped,
 )
 from lvm.runtime.checkpoints import finite_weights, read_checkpoint
-from lvm.runtime.errors import LvmError
+from lvm.runtime.errors import ConfigError, LvmError, finite
 from lvm.runtime.files import drop_rows_after
 
 log = logging.getLogger(__name__)
@@ -63,28 +64,59 @@ STILL_LEARNING = (
 )
 
 
+class RollbackListener(Protocol):
+    """A callback whose state describes the weights before a rollback (the spike history, a
+    drill's fault): the guard tells it, after restoring, at the step training goes on from."""
+
+    def after_rollback(self, step: int) -> None: ...
+
+
 class RollbackGuard(L.Callback):
+    """Built from `guard.rollback` (conf/guard/rollback.yaml) with what only the run knows: its
+    directory, the ramp `schedule` that backs off, and the `listeners` told of each rollback."""
+
     def __init__(
         self,
         run_dir: str | Path,
+        schedule: RampSchedule,
         detectors: Mapping[str, Any],
         max_rollbacks: int,
-        hold_epochs: int,
-        target_frac_scale: float,
-        lambda_max_scale: float,
         keep_good: int,
-        schedule: RampSchedule,
+        backoff: Mapping[str, float],
+        listeners: Sequence[RollbackListener] = (),
+        mini5cat: bool = True,
     ) -> None:
+        b = dict(backoff)
+        problems = detector_problems(detectors, mini5cat)
+        if set(b) != {"hold_epochs", "target_frac_scale", "lambda_max_scale"}:
+            problems.append(f"guard.rollback.backoff needs hold_epochs, target_frac_scale and lambda_max_scale (got {sorted(b)})")
+        else:
+            problems += [
+                msg
+                for ok, msg in (
+                    (max_rollbacks >= 0, f"guard.rollback.max_rollbacks must be >= 0 (got {max_rollbacks})"),
+                    (keep_good >= 1, f"guard.rollback.keep_good must be >= 1 (got {keep_good})"),
+                    (b["hold_epochs"] >= 0, f"guard.rollback.backoff.hold_epochs must be >= 0 (got {b['hold_epochs']})"),
+                    *(
+                        (finite(b[k]) and 0 < b[k] <= 1, f"guard.rollback.backoff.{k} must be in (0, 1] (got {b[k]})")
+                        for k in ("target_frac_scale", "lambda_max_scale")
+                    ),
+                )
+                if not ok
+            ]
+        if problems:
+            raise ConfigError("; ".join(problems))
         self.ckpt_dir = Path(run_dir) / "checkpoints"
         self.events_path = Path(run_dir) / "events.jsonl"
         self.detectors = dict(detectors)
         self.max_rollbacks = max_rollbacks
-        self.hold_epochs = hold_epochs
+        self.hold_epochs = b["hold_epochs"]
         # Per-rollback scales; the schedule keeps their cumulative product.
-        self.target_frac_scale = target_frac_scale
-        self.lambda_max_scale = lambda_max_scale
+        self.target_frac_scale = b["target_frac_scale"]
+        self.lambda_max_scale = b["lambda_max_scale"]
         self.schedule = schedule
         self.keep_good = keep_good
+        self.listeners = list(listeners)
         # State kept in checkpoints, so a restarted run takes the same decisions.
         self.rollbacks = 0
         self.stopped = False  # max_rollbacks reached: training was stopped
@@ -203,6 +235,8 @@ class RollbackGuard(L.Callback):
         self._ignore_before = trainer.global_step
         backoff = self.schedule.back_off(trainer.current_epoch, pl_module, self.hold_epochs, self.target_frac_scale, self.lambda_max_scale)
         self.streaks = Streaks()
+        for listener in self.listeners:
+            listener.after_rollback(trainer.global_step)
         self._record(
             trainer,
             collapses[0],
@@ -297,9 +331,3 @@ class RollbackGuard(L.Callback):
         self.stopped = state_dict["stopped"]
         self.best_val_cos = state_dict["best_val_cos"]
         self.streaks = Streaks(state_dict["pinned_steps"])
-
-
-def rollbacks_of(trainer: L.Trainer) -> int:
-    """Rollbacks the run's guard has made so far (0 without a guard): for callbacks whose state
-    describes the weights before a rollback (the spike history, a drill's fault)."""
-    return sum(c.rollbacks for c in trainer.callbacks if isinstance(c, RollbackGuard))

@@ -20,7 +20,6 @@ from typing import Any
 import lightning as L
 import torch
 
-from callbacks.rollback import rollbacks_of
 from lvm.model.optim import RollingStat, SkipStepAdamW, grad_norm
 from lvm.runtime.errors import finite
 
@@ -49,20 +48,18 @@ class SpikeSkip(L.Callback):
         self.row: torch.Tensor | None = None  # this step's SPIKE_STATS, on device
         self._full, self._short = 0, False  # the largest batch seen; whether this one is smaller
         self._params: list[torch.nn.Parameter] | None = None
-        self._rollbacks = 0  # the guard's rollbacks when the history was last started
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
-        # A rollback restores earlier weights, whose gradients the history does not describe: it
-        # starts again (measured: 3 false skips at z ~8 right after a drill's rollback without this).
-        seen = rollbacks_of(trainer)
-        if seen != self._rollbacks:
-            self._rollbacks = seen
-            self.norms = RollingStat(self.norms.window)
         # An epoch's short remainder batch has a larger gradient norm by nature (fewer windows to
         # average over: measured z ~17-23 for a batch of 1): its norm is neither judged nor kept.
         n = len(batch["target"])
         self._full = max(self._full, n)
         self._short = n < self._full
+
+    def after_rollback(self, step: int) -> None:
+        """A rollback restored earlier weights, whose gradients the history does not describe: it
+        starts again (callbacks/rollback.py RollbackListener; docs/guard.md measures the false skips without)."""
+        self.norms = RollingStat(self.norms.window)
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer) -> None:
         if self._params is None:  # walking the module's parameters costs more than the norm itself (measured)
@@ -89,9 +86,8 @@ class SpikeSkip(L.Callback):
         return self.row if self.row is not None else torch.zeros(len(SPIKE_STATS))
 
     def state_dict(self) -> dict[str, Any]:
-        return {"norms": self.norms.state_dict(), "full_batch": self._full, "rollbacks": self._rollbacks}
+        return {"norms": self.norms.state_dict(), "full_batch": self._full}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.norms.load_state_dict(state_dict["norms"])
         self._full = state_dict["full_batch"]
-        self._rollbacks = state_dict["rollbacks"]

@@ -32,9 +32,9 @@ from lvm.evaluation.suite import (
 from lvm.runtime.checkpoints import read_checkpoint
 from lvm.runtime.cli import CONF_DIR, EXIT_FAIL, EXIT_OK, entry_point, run_entry_point
 from lvm.runtime.errors import ConfigError
+from lvm.runtime.objects import to_plain
 from lvm.runtime.precision import check_precision
 from lvm.runtime.threads import set_threads
-from lvm.training.config import to_plain
 
 log = logging.getLogger(__name__)
 

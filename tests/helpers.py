@@ -63,7 +63,7 @@ TINY = [
     "model.ffn=32",
     "trainer.max_epochs=2",
     "trainer.enable_progress_bar=false",
-    "callbacks.mini5cat.windows=40",
+    "callbacks.mini5cat.n_windows=40",
     "logger.print_every=5",
 ]
 

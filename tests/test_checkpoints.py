@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from callbacks.fault import FaultInjection
-from lvm.runtime.checkpoints import AtomicCheckpointIO, read_checkpoint
+from lvm.runtime.checkpoints import FORMAT, AtomicCheckpointIO, read_checkpoint
 from lvm.runtime.errors import LvmError
 from lvm.runtime.files import drop_rows_after
 from lvm.training.run import run
@@ -45,7 +45,7 @@ def test_every_checkpoint_is_stamped_and_another_format_is_refused(tmp_path):
     run(cfg_for("trainer.max_epochs=1"), tmp_path / "a")
     last = tmp_path / "a" / "checkpoints" / "last.ckpt"
     for ckpt in (tmp_path / "a" / "checkpoints").glob("*.ckpt"):
-        assert torch.load(ckpt, weights_only=True)["lvm_format"] == 1, ckpt.name
+        assert torch.load(ckpt, weights_only=True)["lvm_format"] == FORMAT, ckpt.name
     old = torch.load(last, weights_only=True)
     old["lvm_format"] = 0
     torch.save(old, tmp_path / "old.ckpt")

@@ -162,21 +162,21 @@ def test_detector_settings_are_checked_at_start_up():
     assert detector_problems(CFG, mini5cat=True) == []
     bad = {**CFG, "diversity_floor": -1, "start_step": 1.5, "typo": 3}
     problems = detector_problems(bad, mini5cat=True)
-    assert problems == ["guard.detectors.typo: no such detector setting (known: " + ", ".join(sorted(CFG)) + ")"]
+    assert problems == ["guard.rollback.detectors.typo: no such detector setting (known: " + ", ".join(sorted(CFG)) + ")"]
     del bad["typo"]
     problems = detector_problems(bad, mini5cat=False)
     assert any("diversity_floor must be null or a finite number >= 0 (got -1)" in p for p in problems)
     assert any("start_step must be null or an integer >= 0 (got 1.5)" in p for p in problems)
     assert any("read mini-5CAT's figures" in p for p in problems)
     # The shipped guard's settings are complete and valid.
-    shipped = compose_cfg("train", "+experiment=p6b_v2").guard.detectors
+    shipped = compose_cfg("train", "+experiment=p6b_v2").guard.rollback.detectors
     assert set(shipped) == set(CFG) and detector_problems(dict(shipped), mini5cat=True) == []
 
 
-@pytest.mark.parametrize("setting", ["guard.detectors.ca_floor=-0.1", "callbacks.mini5cat.enabled=false"])
+@pytest.mark.parametrize("setting", ["guard.rollback.detectors.ca_floor=-0.1", "callbacks.mini5cat=null"])
 def test_bad_detector_settings_refuse_to_start(setting):
     from lvm.runtime.errors import ConfigError
     from lvm.training.config import validate
 
-    with pytest.raises(ConfigError, match="guard.detectors"):
+    with pytest.raises(ConfigError, match="guard.rollback.detectors"):
         validate(compose_cfg("train", "+experiment=p6b_v2", setting))

@@ -259,7 +259,7 @@ def test_variant_settings_are_checked():
         VariantTerms(**{**OFF, "ratio_weight": 1.5})
     with pytest.raises(ValueError, match="share_cap"):
         VariantTerms(**{**OFF, "share_cap": 0.0})
-    with pytest.raises(ValueError, match="both_below"):
+    with pytest.raises(ValueError, match="both_pos_below and both_neg_below"):
         SkipRule(0.0, 0.0, both_pos_below=0.05, both_neg_below=None)
 
 

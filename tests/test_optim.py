@@ -121,14 +121,14 @@ def test_a_nan_batch_is_skipped_on_its_own_step_and_nothing_rolls_back(tmp_path)
         "guard.spike.skip=true",
         "logger.flush_every=5",
         "trainer.max_epochs=3",
-        "guard.detectors.val_floor=null",
-        "guard.detectors.val_drop=null",
-        "guard.detectors.below_copy_last=null",
+        "guard.rollback.detectors.val_floor=null",
+        "guard.rollback.detectors.val_drop=null",
+        "guard.rollback.detectors.below_copy_last=null",
     ]
     run(cfg_for(*guarded, "trainer.max_epochs=1"), tmp_path / "probe")
     n = steps_per_epoch(tmp_path / "probe")
     bad = n + 2
-    results = run(cfg_for(*guarded, f"callbacks.fault_injection.nan_batch_at_steps=[{bad}]"), tmp_path / "run")
+    results = run(cfg_for(*guarded, "+fault=inject", f"fault.nan_batch_at_steps=[{bad}]"), tmp_path / "run")
     ev = events(tmp_path / "run")
     assert [e["action"] for e in ev] == ["skipped update"], ev
     assert ev[0]["values"]["first_step"] == bad and ev[0]["values"]["count"] == 1
@@ -136,7 +136,7 @@ def test_a_nan_batch_is_skipped_on_its_own_step_and_nothing_rolls_back(tmp_path)
     assert all(torch.isfinite(v).all() for v in torch.load(results["last_checkpoint"], weights_only=True)["state_dict"].values())
     # Without the skip the same record poisons the weights and the guard has to roll back.
     plain = run(
-        cfg_for(*[g for g in guarded if "spike" not in g], f"callbacks.fault_injection.nan_batch_at_steps=[{bad}]"), tmp_path / "plain"
+        cfg_for(*[g for g in guarded if "spike" not in g], "+fault=inject", f"fault.nan_batch_at_steps=[{bad}]"), tmp_path / "plain"
     )
     assert [e["detector"] for e in events(tmp_path / "plain") if e["action"] == "rollback"] == ["nonfinite"]
     assert plain["guard"]["rollbacks"] == 1
@@ -150,17 +150,15 @@ def test_bench_times_the_detector_statistics():
     assert 0 < seconds < 0.1
 
 
-def test_a_rollback_starts_the_gradient_norm_history_again(tmp_path):
+def test_a_rollback_starts_the_gradient_norm_history_again():
     """The restored weights' gradients are not what the history describes (before: 3 false skips
-    at z ~8 right after the corrupt-checkpoint drill's rollback, and a second rollback)."""
+    at z ~8 right after the corrupt-checkpoint drill's rollback, and a second rollback): the guard
+    tells the spike check through its listener interface (RollbackListener.after_rollback)."""
     from types import SimpleNamespace
 
-    from callbacks.ramp import RampSchedule
-    from callbacks.rollback import RollbackGuard
     from callbacks.spike import SpikeSkip
 
-    guard = RollbackGuard(tmp_path, {}, 3, 1, 0.5, 0.5, 2, RampSchedule([{"until": None, "margin": 0.02, "target_frac": 0.1}], 0, 0.02))
-    trainer = SimpleNamespace(callbacks=[guard])
+    trainer = SimpleNamespace(callbacks=[])
     spike = SpikeSkip(sigma=6.0, min_ratio=2.0, window=8, min_history=2, skip=False)
     batch = {"target": torch.zeros(4, 3)}
     for x in (1.0, 1.1, 0.9):
@@ -168,7 +166,7 @@ def test_a_rollback_starts_the_gradient_norm_history_again(tmp_path):
         spike.norms.score(torch.tensor(x), 2)
         spike.norms.push(torch.tensor(x))
     assert spike.norms.score(torch.tensor(5.0), 2)[0].item() > 6  # a spike against this history
-    guard.rollbacks = 1
+    spike.after_rollback(step=3)
     spike.on_train_batch_start(trainer, None, batch, 0)
     assert spike.norms.score(torch.tensor(5.0), 2)[0].item() == 0.0  # no history yet: nothing is a spike
 

@@ -10,11 +10,11 @@ import torch.nn.functional as F
 
 from lvm.data.store import WindowSpec
 from lvm.evaluation.suite import evaluate_checkpoint
-from lvm.model.module import LVMModule, model_of, predict_units
+from lvm.model.module import LVMModule, predict_units
 from lvm.runtime.errors import ConfigError
+from lvm.runtime.objects import build, to_plain
 from lvm.runtime.precision import agreement, check_precision, measure
 from lvm.training.build import build_data
-from lvm.training.config import to_plain
 from lvm.training.run import run
 from tests.helpers import cfg_for, compose_cfg, history
 
@@ -34,7 +34,7 @@ def test_precision_settings_are_checked(tmp_path):
 def test_auto_keeps_bf16_only_when_faster_and_in_agreement():
     cfg = compose_cfg("train")
     torch.manual_seed(0)
-    model = model_of(to_plain(cfg), dim=64)
+    model = build("model", to_plain(cfg)["model"], dim=64)
     context, target = F.normalize(torch.randn(32, 5, 64), dim=-1), F.normalize(torch.randn(32, 64), dim=-1)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     never = measure(model, context, target, {"batches": 1, "min_speedup": 1e6, "min_cos": 0.0})

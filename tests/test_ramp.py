@@ -4,7 +4,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from callbacks.ramp import RampSchedule, parse_stages, stage_index
-from lvm.model.losses import DirectionalKnobs
+from lvm.model.losses import P6bLoss
+from lvm.model.module import LVMModule
 from tests.helpers import compose_cfg
 
 
@@ -43,12 +44,18 @@ class FakeTrainer:
 
 
 class FakeModule:
+    """The module's loss and its public knob interface (LVMModule.knobs, set_knobs), without a model."""
+
+    knobs = LVMModule.knobs
+
     def __init__(self):
-        self.knobs = DirectionalKnobs(margin=-1, target_frac=99.0, gamma=4, lambda_min=1e-4, lambda_max=0.02)
+        self.loss = P6bLoss(True, "raw", gamma=4, lambda_min=1e-4, lambda_max=0.02, margin=-1, target_frac=99.0, variant=None)
         self.logged = {}
 
     def log(self, name, value, **kw):
         self.logged[name] = value
+
+    set_knobs = LVMModule.set_knobs
 
 
 @pytest.mark.parametrize("base,epoch,expected", [(0, 1, 0.02), (0, 2, 0.04), (1, 1, 0.04), (1, 0, 0.02), (1, 4, 0.05)])

@@ -29,9 +29,9 @@ GUARDED = [
     "logger.flush_every=5",
     "trainer.max_epochs=4",
     # A tiny model this young scores below any sensible val floor: only the injected faults trip.
-    "guard.detectors.val_floor=null",
-    "guard.detectors.val_drop=null",
-    "guard.detectors.below_copy_last=null",
+    "guard.rollback.detectors.val_floor=null",
+    "guard.rollback.detectors.val_drop=null",
+    "guard.rollback.detectors.below_copy_last=null",
 ]
 
 
@@ -93,7 +93,7 @@ def test_max_rollbacks_stops_cleanly(tmp_path):
     run(cfg_for(*GUARDED, "trainer.max_epochs=1"), tmp_path / "probe")
     n = steps_per_epoch(tmp_path / "probe")
     results = run(
-        cfg_for(*GUARDED, "guard.max_rollbacks=1", "trainer.max_epochs=6"),
+        cfg_for(*GUARDED, "guard.rollback.max_rollbacks=1", "trainer.max_epochs=6"),
         tmp_path / "run",
         extra_callbacks=[FaultInjection([n + 1, 2 * n + 1])],
     )
@@ -129,9 +129,10 @@ def test_constant_output_is_caught_and_never_saved_as_good(tmp_path, data):
         cfg_for(
             *guarded,
             "trainer.max_epochs=3",
-            "guard.detectors.start_step=0",
+            "guard.rollback.detectors.start_step=0",
             "logger.flush_every=2",
-            f"callbacks.fault_injection.constant_from_step={onset}",
+            "+fault=inject",
+            f"fault.constant_from_step={onset}",
         ),
         tmp_path / "run",
     )
@@ -162,7 +163,7 @@ def test_restart_after_kill_takes_the_same_decisions(tmp_path):
     run(cfg_for(*GUARDED, "trainer.max_epochs=1"), tmp_path / "probe")
     n = steps_per_epoch(tmp_path / "probe")
     faults = (n + 1, 3 * n + 1)  # one in epoch 1, one in epoch 3
-    args = (*GUARDED, "guard.max_rollbacks=1")
+    args = (*GUARDED, "guard.rollback.max_rollbacks=1")
     run(cfg_for(*args), tmp_path / "whole", extra_callbacks=[FaultInjection(faults)])
     # The same run killed after epoch 1 (its last.ckpt holds the guard's state), then resumed.
     run(cfg_for(*args, "trainer.max_epochs=2"), tmp_path / "killed", extra_callbacks=[FaultInjection(faults)])
@@ -206,16 +207,17 @@ def test_recovery_experiment_resumes_a_v1_checkpoint_under_v2(tmp_path, caplog):
 def test_two_process_ddp_rolls_back_together(tmp_path):
     """gloo DDP on CPU: a fault on rank 0 only; both ranks restore the same checkpoint and finish."""
     run_dir = tmp_path / "ddp"
-    off = [f"guard.detectors.{k}=null" for k in ("val_floor", "val_drop", "below_copy_last", "orthogonal_eps")]
+    off = [f"guard.rollback.detectors.{k}=null" for k in ("val_floor", "val_drop", "below_copy_last", "orthogonal_eps")]
     proc = train_cli(
         "+experiment=p6b_v2",
         *TINY,
         "trainer.max_epochs=3",
         "logger.flush_every=2",
-        "guard.detectors.start_step=0",
-        "guard.detectors.negative_cosines=false",
+        "guard.rollback.detectors.start_step=0",
+        "guard.rollback.detectors.negative_cosines=false",
         *off,
-        "callbacks.fault_injection.nan_at_steps=[3]",
+        "+fault=inject",
+        "fault.nan_at_steps=[3]",
         "trainer.accelerator=cpu",
         "trainer.devices=2",
         "trainer.strategy=ddp",
@@ -235,8 +237,8 @@ def test_two_process_ddp_rolls_back_together(tmp_path):
 @pytest.mark.parametrize(
     "fault, action",
     [
-        (["callbacks.fault_injection.constant_from_step=4"], "rollback"),
-        (["callbacks.fault_injection.nan_batch_at_steps=[4]", "guard.spike.skip=true", "guard.spike.min_history=2"], "skipped update"),
+        (["+fault=inject", "fault.constant_from_step=4"], "rollback"),
+        (["+fault=inject", "fault.nan_batch_at_steps=[4]", "guard.spike.skip=true", "guard.spike.min_history=2"], "skipped update"),
     ],
 )
 def test_two_process_ddp_drills_take_the_same_decision_on_both_ranks(tmp_path, fault, action):
@@ -248,8 +250,8 @@ def test_two_process_ddp_drills_take_the_same_decision_on_both_ranks(tmp_path, f
         *TINY,
         "trainer.max_epochs=3",
         "logger.flush_every=2",
-        "guard.detectors.start_step=0",
-        *[f"guard.detectors.{k}=null" for k in ("val_floor", "val_drop", "below_copy_last")],
+        "guard.rollback.detectors.start_step=0",
+        *[f"guard.rollback.detectors.{k}=null" for k in ("val_floor", "val_drop", "below_copy_last")],
         *fault,
         "trainer.accelerator=cpu",
         "trainer.devices=2",
@@ -285,3 +287,20 @@ def test_collapse_drill(tmp_path, precision):
     assert rollback["epoch"] == 1 and rollback["checkpoint"].endswith("good-epoch00.ckpt")
     assert rollback["backoff"]["hold_stage"] == 0
     assert val_cos(tmp_path / "rollback")[-1] > 0.5 and results["best_val_cos"] > 0.5
+
+
+def test_the_run_wires_the_spike_check_and_the_fault_as_the_guards_listeners(tmp_path):
+    """Callbacks never look each other up: the run hands the guard built from guard.rollback the
+    ramp it backs off and the callbacks it tells of a rollback (RollbackListener)."""
+    from callbacks import RampSchedule, RollbackGuard, SpikeSkip
+    from lvm.training.build import build_data, build_fit
+
+    cfg = cfg_for("guard=rollback", "+fault=inject", "fault.nan_at_steps=[3]")
+    trainer, *_ = build_fit(cfg, build_data(cfg), tmp_path)
+    of = {type(c): c for c in trainer.callbacks}
+    guard = of[RollbackGuard]
+    assert guard.listeners == [of[SpikeSkip], of[FaultInjection]] and guard.schedule is of[RampSchedule]
+    assert of[FaultInjection].steps == {3} and of[FaultInjection].ckpt_dir == tmp_path / "checkpoints"
+    bare, *_ = build_fit(cfg_for("guard=rollback", "guard.spike.enabled=false"), build_data(cfg), tmp_path / "b")
+    assert [c for c in bare.callbacks if isinstance(c, RollbackGuard)][0].listeners == []
+    assert not any(isinstance(c, FaultInjection) for c in bare.callbacks)  # no +fault: no fault callback

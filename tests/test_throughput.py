@@ -8,8 +8,8 @@ import torch
 from lvm.bench.fivecat_rate import fivecat_rate, forward_flops, gemm_flops_per_s
 from lvm.evaluation import fivecat as F5
 from lvm.model.module import LVMModule
+from lvm.runtime.objects import to_plain
 from lvm.training.build import build_data
-from lvm.training.config import to_plain
 from tests.helpers import cfg_for
 
 

@@ -23,13 +23,13 @@ from lvm.data.loaders import load_store_npz
 from lvm.data.splits import make_splits
 from lvm.data.store import Windows, WindowSpec
 from lvm.data.synthetic import synthetic_corpus
-from lvm.model.losses import p6b_loss
 from lvm.model.module import LVMModule, batch_health
 from lvm.model.optim import RollingStat, grad_norm
 from lvm.runtime.cli import CONF_DIR
+from lvm.runtime.objects import to_plain
 from lvm.runtime.precision import BF16, FP32
 from lvm.training.build import build_data, build_fit, clip_by_norm, make_loader
-from lvm.training.config import to_plain, validate
+from lvm.training.config import validate
 
 log = logging.getLogger("lvm.bench")
 
@@ -113,15 +113,15 @@ def raw_loop(cfg: DictConfig, train: Windows, warmup: int, steps: int) -> Timing
     """The training computation of LVMModule under Lightning, as a plain PyTorch loop."""
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     lvm_module = LVMModule(to_plain(cfg), dim=train.store.dim)
-    model, knobs = lvm_module.model, lvm_module.knobs  # the same initial weights and loss knobs
+    model, loss = lvm_module.model, lvm_module.loss  # the same initial weights and loss
     # What RampSchedule sets for the first epoch.
     stages = parse_stages(OmegaConf.to_container(cfg.ramp.stages, resolve=True))
     stage = stages[stage_index(cfg.ramp.epoch_base, stages)]
-    knobs.margin, knobs.target_frac = stage.margin, stage.target_frac
+    lvm_module.set_knobs(stage.margin, stage.target_frac, lvm_module.knobs.lambda_max)
     skip = lvm_module.skip
     o = cfg.optim
     optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, weight_decay=o.weight_decay, betas=tuple(o.betas))
-    clip, prev_slot, mse_on = cfg.trainer.gradient_clip_val, lvm_module.prev_slot, lvm_module.mse_on
+    clip, prev_slot = cfg.trainer.gradient_clip_val, lvm_module.prev_slot
     batches = iter(make_loader(train, cfg.data.batch_size, True, cfg.data.num_workers, cfg.seed))
     model.train()
     t_first = 0.0
@@ -131,7 +131,7 @@ def raw_loop(cfg: DictConfig, train: Windows, warmup: int, steps: int) -> Timing
         batch = next(batches)
         context = batch["context"]
         raw, _ = model(context)
-        terms = p6b_loss(raw, batch["target"], context[:, prev_slot], knobs, mse_on, skip, variant=lvm_module.variant)
+        terms = loss(raw, batch["target"], context[:, prev_slot], skip)
         optimizer.zero_grad()
         terms.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), clip)

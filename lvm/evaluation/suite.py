@@ -31,8 +31,8 @@ from lvm.evaluation.gates import judge, parse_eval
 from lvm.model.module import LVMModule, accelerator_device, predict_units
 from lvm.runtime.checkpoints import check_dim, read_checkpoint
 from lvm.runtime.errors import LvmError
+from lvm.runtime.objects import to_plain
 from lvm.runtime.precision import resolve_precision
-from lvm.training.config import to_plain
 
 log = logging.getLogger(__name__)
 

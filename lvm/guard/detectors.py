@@ -2,7 +2,7 @@
 
 Each returns the trips it finds; a trip names its detector, the values that tripped it and whether
 it is a collapse (the guard acts) or a warning (recorded only). Thresholds come from
-`guard.detectors` in the config; a threshold of null switches that detector off.
+`guard.rollback.detectors` in the config; a threshold of null switches that detector off.
 """
 
 from __future__ import annotations
@@ -145,7 +145,7 @@ def check_validation(metrics: Mapping[str, float], best_cos: float | None, cfg: 
 
 
 def detector_problems(cfg: Mapping[str, Any], mini5cat: bool) -> list[str]:
-    """What is wrong with `guard.detectors` (every problem, named)."""
+    """What is wrong with `guard.rollback.detectors` (every problem, named)."""
     known = {
         "start_step",
         "tail_steps",
@@ -165,8 +165,10 @@ def detector_problems(cfg: Mapping[str, Any], mini5cat: bool) -> list[str]:
         "val_diversity_floor",
         "val_ca_floor",
     }
-    problems = [f"guard.detectors.{k}: no such detector setting (known: {', '.join(sorted(known))})" for k in cfg if k not in known]
-    problems += [f"guard.detectors.{k} is missing" for k in sorted(known - set(cfg))]
+    problems = [
+        f"guard.rollback.detectors.{k}: no such detector setting (known: {', '.join(sorted(known))})" for k in cfg if k not in known
+    ]
+    problems += [f"guard.rollback.detectors.{k} is missing" for k in sorted(known - set(cfg))]
     if problems:
         return problems
     for k in (
@@ -184,16 +186,16 @@ def detector_problems(cfg: Mapping[str, Any], mini5cat: bool) -> list[str]:
     ):
         v = cfg[k]
         if v is not None and not (isinstance(v, (int, float)) and math.isfinite(v) and (v >= 0 or k == "val_floor")):
-            problems.append(f"guard.detectors.{k} must be null or a finite number >= 0 (got {v!r})")
+            problems.append(f"guard.rollback.detectors.{k} must be null or a finite number >= 0 (got {v!r})")
     for k in ("start_step", "lambda_pinned_steps", "max_skips_per_window"):
         v = cfg[k]
         if v is not None and not (isinstance(v, int) and v >= 0):
-            problems.append(f"guard.detectors.{k} must be null or an integer >= 0 (got {v!r})")
+            problems.append(f"guard.rollback.detectors.{k} must be null or an integer >= 0 (got {v!r})")
     if not (isinstance(cfg["tail_steps"], int) and cfg["tail_steps"] >= 1):
-        problems.append(f"guard.detectors.tail_steps must be an integer >= 1 (got {cfg['tail_steps']!r})")
+        problems.append(f"guard.rollback.detectors.tail_steps must be an integer >= 1 (got {cfg['tail_steps']!r})")
     needs = [k for k in MINI5CAT_SETTINGS if cfg[k] is not None]
     if needs and not mini5cat:
         problems.append(
-            f"guard.detectors.{', '.join(needs)} read mini-5CAT's figures: set callbacks.mini5cat.enabled=true or set them to null"
+            f"guard.rollback.detectors.{', '.join(needs)} read mini-5CAT's figures: turn callbacks.mini5cat on or set them to null"
         )
     return problems

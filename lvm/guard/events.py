@@ -33,3 +33,11 @@ def read_events(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def guard_policy(guard: Mapping[str, Any]) -> str:
+    """The name of the guard a run's `guard` config builds, for its record: rollback (collapse
+    detection and rollback), skip (the v2 skip rule alone) or none."""
+    if guard.get("rollback") is not None:
+        return "rollback"
+    return "skip" if guard.get("skip_rule") is not None else "none"

@@ -129,16 +129,49 @@ class SkipRule:
 
     def __post_init__(self) -> None:
         if not (finite(self.pos_below) and finite(self.neg_below)):
-            raise ValueError(f"guard.pos_below and guard.neg_below must be finite numbers (got {self.pos_below}, {self.neg_below})")
+            raise ValueError(f"guard.skip_rule.pos_below and neg_below must be finite numbers (got {self.pos_below}, {self.neg_below})")
         both = (self.both_pos_below, self.both_neg_below)
         if both != (None, None) and not all(finite(x) for x in both):
-            raise ValueError(f"guard.both_below needs finite pos and neg, or null (got {both})")
+            raise ValueError(f"guard.skip_rule.both_pos_below and both_neg_below must both be finite numbers, or both null (got {both})")
 
     def __call__(self, pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
         out = (pos < self.pos_below) | (neg < self.neg_below)
         if self.both_pos_below is not None:
             out = out | ((pos < self.both_pos_below) & (neg < self.both_neg_below))
         return out
+
+
+class P6bLoss:
+    """The combined loss of a run (config `loss`, built by `instantiate`): the directional knobs,
+    which the ramp schedule changes as training goes (`knobs`), what the MSE is taken of, and the
+    variants' terms. Called on a batch, it is `p6b_loss` with these settings."""
+
+    def __init__(
+        self,
+        enabled: bool,
+        mse_on: MseOn,
+        gamma: float,
+        lambda_min: float,
+        lambda_max: float,
+        margin: float,
+        target_frac: float,
+        variant: VariantTerms,
+    ) -> None:
+        if mse_on not in MSE_ON:
+            raise ValueError(f"loss.mse_on must be one of {', '.join(MSE_ON)} (got {mse_on!r})")
+        self.knobs = DirectionalKnobs(margin, target_frac, gamma, lambda_min, lambda_max, enabled)
+        self.mse_on = mse_on
+        self.variant = variant
+
+    def __call__(
+        self,
+        raw: torch.Tensor,
+        target: torch.Tensor,
+        prev: torch.Tensor,
+        skip: SkipRule | None = None,
+        mean_over_ranks: MeanOverRanks | None = None,
+    ) -> LossTerms:
+        return p6b_loss(raw, target, prev, self.knobs, self.mse_on, skip, mean_over_ranks, self.variant)
 
 
 def cosines(pred: torch.Tensor, target: torch.Tensor, prev: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

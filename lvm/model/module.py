@@ -18,18 +18,11 @@ from torchmetrics import MeanMetric, MetricCollection
 
 from lvm.evaluation import metrics as M
 from lvm.evaluation.metrics import cos
-from lvm.model.losses import (
-    MSE_ON,
-    DirectionalKnobs,
-    LossTerms,
-    SkipRule,
-    VariantTerms,
-    directional_grad_share,
-    p6b_loss,
-)
+from lvm.model.losses import DirectionalKnobs, LossTerms, P6bLoss, SkipRule, directional_grad_share
 from lvm.model.optim import SkipStepAdamW
 from lvm.model.transformer import P6Transformer
 from lvm.runtime.checkpoints import FORMAT, FORMAT_KEY
+from lvm.runtime.objects import build
 from lvm.runtime.precision import autocast
 
 log = logging.getLogger(__name__)
@@ -89,64 +82,16 @@ def batch_health(pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor
     return M.diversity(pred, units, units=True), M.contrastive_accuracy(pred, units, units=True).mean()
 
 
-def model_of(config: dict[str, Any], dim: int) -> P6Transformer:
-    """The transformer the run config's `model` and `window` describe, for D = `dim` vectors."""
-    m = config["model"]
-    return P6Transformer(
-        dim=dim,
-        d_model=m["d_model"],
-        layers=m["layers"],
-        heads=m["heads"],
-        ffn=m["ffn"],
-        dropout=m["dropout"],
-        max_context=config["window"]["context"],
-        block=m["block"],
-        input_scale=m["input_scale"],
-        out_init_scale=m["out_init_scale"],
-        context_skip=m["context_skip"],
-    )
-
-
-def knobs_of(loss: dict[str, Any]) -> DirectionalKnobs:
-    return DirectionalKnobs(
-        margin=loss["margin"],
-        target_frac=loss["target_frac"],
-        gamma=loss["gamma"],
-        lambda_min=loss["lambda_min"],
-        lambda_max=loss["lambda_max"],
-        enabled=loss["enabled"],
-    )
-
-
-def mse_on_of(loss: dict[str, Any]) -> str:
-    if loss["mse_on"] not in MSE_ON:
-        raise ValueError(f"loss.mse_on must be one of {', '.join(MSE_ON)} (got {loss['mse_on']!r})")
-    return loss["mse_on"]
-
-
-def skip_rule_of(guard: dict[str, Any]) -> SkipRule | None:
-    """The v2 skip rule, part of the loss under the skip and rollback guards."""
-    if guard["policy"] not in ("skip", "rollback"):
-        return None
-    both = guard["both_below"] or {}
-    return SkipRule(guard["pos_below"], guard["neg_below"], both.get("pos"), both.get("neg"))
-
-
-def variant_of(loss: dict[str, Any]) -> VariantTerms:
-    return VariantTerms(**loss["variant"])
-
-
 class LVMModule(L.LightningModule):
-    """Built from the resolved run config (a plain dict, so checkpoints load with weights_only)."""
+    """Built from the resolved run config (a plain dict, so checkpoints load with weights_only):
+    the model from `model`, the loss from `loss`, the v2 skip rule from `guard.skip_rule`."""
 
     def __init__(self, config: dict[str, Any], dim: int) -> None:
         super().__init__()
         self.save_hyperparameters(logger=False)
-        self.model = model_of(config, dim)
-        self.knobs = knobs_of(config["loss"])
-        self.mse_on = mse_on_of(config["loss"])
-        self.skip = skip_rule_of(config["guard"])
-        self.variant = variant_of(config["loss"])
+        self.model: P6Transformer = build("model", config["model"], dim=dim)
+        self.loss: P6bLoss = build("loss", config["loss"])
+        self.skip: SkipRule | None = build("guard.skip_rule", config["guard"].get("skip_rule"))
         self.prev_slot = config["window"]["prev_slot"]
         self.optim_cfg = config["optim"]
         self.skip_steps = bool((config["guard"].get("spike") or {}).get("skip", False))
@@ -159,13 +104,24 @@ class LVMModule(L.LightningModule):
             }
         )
 
+    @property
+    def knobs(self) -> DirectionalKnobs:
+        """The directional term's current settings (read-only view; change them with `set_knobs`)."""
+        return self.loss.knobs
+
+    def set_knobs(self, margin: float, target_frac: float, lambda_max: float) -> None:
+        """The one way a callback changes the loss as training goes (callbacks/ramp.py): the margin,
+        target_frac and the clamp lambda_max of the directional term, from the next step on."""
+        k = self.loss.knobs
+        k.margin, k.target_frac, k.lambda_max = margin, target_frac, lambda_max
+
     def forward(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.model(context)
 
     def compute_loss(self, batch: dict[str, torch.Tensor], skip: SkipRule | None) -> tuple[LossTerms, torch.Tensor, torch.Tensor]:
         context, target = batch["context"], batch["target"]
         raw, pred = self.model(context)
-        terms = p6b_loss(raw, target, context[:, self.prev_slot], self.knobs, self.mse_on, skip, self._mean_over_ranks, self.variant)
+        terms = self.loss(raw, target, context[:, self.prev_slot], skip, self._mean_over_ranks)
         return terms, raw, pred
 
     def _mean_over_ranks(self, t: torch.Tensor) -> torch.Tensor:

@@ -18,11 +18,8 @@ from callbacks import (
     SPIKE_STATS,
     DeviceData,
     ExactResume,
-    FaultInjection,
     FiniteModelCheckpoint,
-    Mini5CAT,
     RampSchedule,
-    RollbackGuard,
     ShareCPUs,
     SkipReport,
     SpikeSkip,
@@ -35,11 +32,12 @@ from lvm.data.loaders import load_splits
 from lvm.data.sampler import EpochSampler
 from lvm.data.store import WindowIndex, Windows, WindowSpec, collate_batch
 from lvm.evaluation.baselines import fit_slot_linear
+from lvm.guard.events import guard_policy
 from lvm.model.module import STEP_STATS, LVMModule, accelerator_device
 from lvm.runtime.checkpoints import AtomicCheckpointIO
+from lvm.runtime.objects import build, to_plain
 from lvm.runtime.signals import StopSignals
 from lvm.runtime.threads import ThreadShare, usable_cpus
-from lvm.training.config import to_plain
 
 log = logging.getLogger(__name__)
 
@@ -74,48 +72,32 @@ def build_callbacks(
     signals: StopSignals | None,
     slot_weights: torch.Tensor,
 ) -> list[L.Callback]:
-    cb = cfg.callbacks
+    cb, g = cfg.callbacks, cfg.guard
+    ckpt_dir = run_dir / "checkpoints"
     schedule = RampSchedule(OmegaConf.to_container(cfg.ramp.stages, resolve=True), cfg.ramp.epoch_base, cfg.loss.lambda_max)
-    g = cfg.guard
-    guard = None
-    if g.policy == "rollback":
-        guard = RollbackGuard(
-            run_dir,
-            OmegaConf.to_container(g.detectors),
-            g.max_rollbacks,
-            g.backoff.hold_epochs,
-            g.backoff.target_frac_scale,
-            g.backoff.lambda_max_scale,
-            g.keep_good,
-            schedule,
-        )
     spike = spike_of(OmegaConf.to_container(g, resolve=True), clip_by_norm(cfg))
+    fault = None
+    if cfg.get("fault") is not None:
+        constant = splits["train"].store.vectors.mean(dim=0) if cfg.fault.constant_from_step is not None else None
+        fault = build("fault", cfg.fault, constant=constant, ckpt_dir=ckpt_dir)
+    guard = build(
+        "guard.rollback",
+        g.rollback,
+        run_dir=run_dir,
+        schedule=schedule,
+        listeners=[c for c in (spike, fault) if c is not None],
+        mini5cat=cb.mini5cat is not None,
+    )
     # The statistics first: they hand each flushed window to the guard before it decides.
     stats = StepStatistics(
         STEP_STATS, cfg.logger.flush_every, [guard.on_rows] if guard else [], [(SPIKE_STATS, spike.stats)] if spike else []
     )
     out: list[L.Callback] = [schedule, stats, *([spike] if spike else [])]
-    if g.policy in ("skip", "rollback"):
+    if g.skip_rule is not None:
         out.append(SkipReport(STEP_STATS, cfg.logger.print_every))
-    if guard is not None:
-        out.append(guard)
-    fi = OmegaConf.to_container(cb.fault_injection)
-    if any(v not in (None, []) for k, v in fi.items() if not k.endswith("_factor")):
-        constant = splits["train"].store.vectors.mean(dim=0) if fi["constant_from_step"] is not None else None
-        out.append(FaultInjection(**fi, constant=constant))
-    if cb.mini5cat.enabled:
-        out.append(
-            Mini5CAT(
-                splits["val"],
-                cb.mini5cat.windows,
-                cb.mini5cat.seed,
-                cfg.window.prev_slot,
-                cfg.data.eval_batch_size,
-                slot_weights,
-                cfg.eval.precision,
-            )
-        )
-    ckpt_dir = run_dir / "checkpoints"
+    out += [c for c in (guard, fault) if c is not None]
+    if cb.mini5cat is not None:
+        out.append(build("callbacks.mini5cat", cb.mini5cat, windows=splits["val"], slot_weights=slot_weights))
     # Best by val cosine first: trainer.checkpoint_callback is the first ModelCheckpoint.
     out.append(
         FiniteModelCheckpoint(
@@ -159,7 +141,7 @@ def dashboard_hparams(cfg: DictConfig, choices: dict[str, str]) -> dict[str, Any
     return {
         "name": cfg.name,
         "ramp": choices.get("ramp", "custom"),
-        "guard": cfg.guard.policy,
+        "guard": guard_policy(cfg.guard),
         "model": choices.get("model", "custom"),
         "loss.enabled": cfg.loss.enabled,
         "loss.mse_on": cfg.loss.mse_on,

@@ -14,18 +14,12 @@ from callbacks.spike import spike_of
 from lvm.data.loaders import check_source
 from lvm.data.store import WindowSpec, check_policy
 from lvm.evaluation.gates import parse_eval
-from lvm.guard.detectors import detector_problems
 from lvm.guard.steplog import StepLog
-from lvm.model.module import knobs_of, model_of, mse_on_of, skip_rule_of, variant_of
 from lvm.runtime.errors import ConfigError, LvmError, finite
 from lvm.runtime.launchers import is_ddp
+from lvm.runtime.objects import build, to_plain
 from lvm.runtime.precision import check_precision
 from lvm.runtime.threads import thread_count
-
-
-def to_plain(cfg: DictConfig) -> dict[str, Any]:
-    """The resolved config as plain python containers (safe inside weights_only checkpoints)."""
-    return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)  # type: ignore[return-value]
 
 
 def validate(cfg: DictConfig) -> None:
@@ -59,13 +53,15 @@ def _problems(cfg: DictConfig) -> list[str]:
     plain = to_plain(cfg)
     built(lambda: WindowSpec(**plain["window"]))
     with torch.device("meta"):  # the model's shape rules, without allocating its weights
-        built(lambda: model_of(plain, dim=2))
-    built(lambda: knobs_of(plain["loss"]))
-    built(lambda: mse_on_of(plain["loss"]))
-    built(lambda: skip_rule_of(plain["guard"]))
+        built(lambda: build("model", plain["model"], dim=2))
+    built(lambda: build("loss", plain["loss"]))
+    built(lambda: build("guard.skip_rule", plain["guard"].get("skip_rule")))
     built(lambda: spike_of(plain["guard"]))
-    built(lambda: variant_of(plain["loss"]))
     built(lambda: RampSchedule(plain["ramp"]["stages"], plain["ramp"]["epoch_base"], plain["loss"]["lambda_max"]))
+    mini5cat = plain["callbacks"]["mini5cat"] is not None
+    built(lambda: build("guard.rollback", plain["guard"]["rollback"], run_dir=".", schedule=None, mini5cat=mini5cat))
+    if plain.get("fault") is not None:
+        built(lambda: build("fault", plain["fault"], constant=torch.zeros(2), ckpt_dir="."))
     built(lambda: StepLog([], plain["logger"]["flush_every"]))
     built(lambda: check_source(plain["data"]))
     built(lambda: on_device_of(plain["data"]["on_device"], plain["data"]["device_share"], 0, torch.device("cpu")))
@@ -113,14 +109,6 @@ def _problems(cfg: DictConfig) -> list[str]:
 
     t = cfg.trainer
     need(t.get("max_epochs", 1) is not None and t.get("max_epochs", 1) >= 1, f"trainer.max_epochs must be >= 1 (got {t.get('max_epochs')})")
-    g = cfg.guard
-    need(g.policy in ("none", "skip", "rollback"), f"guard.policy must be none, skip or rollback (got {g.policy!r})")
-    if g.policy == "rollback":
-        need(g.max_rollbacks >= 0 and g.keep_good >= 1, "guard.max_rollbacks must be >= 0 and guard.keep_good >= 1")
-        need(g.backoff.hold_epochs >= 0, f"guard.backoff.hold_epochs must be >= 0 (got {g.backoff.hold_epochs})")
-        for k in ("target_frac_scale", "lambda_max_scale"):
-            need(finite(g.backoff[k]) and 0 < g.backoff[k] <= 1, f"guard.backoff.{k} must be in (0, 1] (got {g.backoff[k]})")
-        problems += detector_problems(plain["guard"]["detectors"], bool(cfg.callbacks.mini5cat.enabled))
     ck = cfg.callbacks.checkpoint
     n = ck.every_n_steps
     need(
@@ -135,7 +123,8 @@ def _problems(cfg: DictConfig) -> list[str]:
         cfg.callbacks.progress_refresh_rate >= 1,
         f"callbacks.progress_refresh_rate must be >= 1 (got {cfg.callbacks.progress_refresh_rate})",
     )
-    need(mc.windows >= 1, f"callbacks.mini5cat.windows must be >= 1 (got {mc.windows})")
+    if mc is not None:
+        need(mc.n_windows >= 1, f"callbacks.mini5cat.n_windows must be >= 1 (got {mc.n_windows})")
     need(cfg.logger.print_every >= 0, f"logger.print_every must be >= 0 (got {cfg.logger.print_every})")
     if "eval" in cfg:  # the 5CAT gates, checked now so eval.after_fit cannot fail after training
         built(lambda: parse_eval(plain["eval"]))

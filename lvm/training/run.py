@@ -20,11 +20,12 @@ from callbacks import ExactResume, RollbackGuard, SkipReport
 from lvm.data.store import Windows
 from lvm.evaluation.baselines import baseline_cosines, fit_slot_linear
 from lvm.evaluation.suite import evaluate_after_fit
-from lvm.guard.events import read_events, summarize_events
-from lvm.model.module import LVMModule, accelerator_device, model_of
+from lvm.guard.events import guard_policy, read_events, summarize_events
+from lvm.model.module import LVMModule, accelerator_device
 from lvm.runtime.checkpoints import check_dim, read_checkpoint
 from lvm.runtime.errors import LvmError, Preempted, RunFailed
 from lvm.runtime.files import atomic_write_text
+from lvm.runtime.objects import build, to_plain
 from lvm.runtime.precision import check_precision, resolve_precision
 from lvm.runtime.rundir import (
     auto_start_fresh,
@@ -35,7 +36,7 @@ from lvm.runtime.rundir import (
 from lvm.runtime.signals import StopSignals
 from lvm.runtime.threads import set_threads
 from lvm.training.build import build_data, build_fit
-from lvm.training.config import to_plain, validate
+from lvm.training.config import validate
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +88,7 @@ def with_precision(cfg: DictConfig, train: Windows, resume: dict[str, Any] | Non
             record[group] = stored[group]["precision"]
         else:
             with torch.random.fork_rng(devices=[]):
-                model = model_of(to_plain(cfg), train.store.dim).to(device)
+                model = build("model", to_plain(cfg.model), dim=train.store.dim).to(device)
                 target = batch["target"].to(device) if group == "trainer" else None
                 record[group], record[f"{group}_measured"] = resolve_precision(
                     f"{group}.precision", value, model, batch["context"].to(device), target, cfg.eval.precision_auto
@@ -219,7 +220,7 @@ def guard_record(cfg: DictConfig, trainer: L.Trainer, run_dir: Path) -> dict[str
     trips by detector) and the batches whose directional term the skip rule zeroed."""
     skip = next((c for c in trainer.callbacks if isinstance(c, SkipReport)), None)
     return {
-        "policy": cfg.guard.policy,
+        "policy": guard_policy(cfg.guard),
         **summarize_events(read_events(run_dir / "events.jsonl")),
         "skipped_batches": skip.state_dict()["skips_total"] if skip is not None else 0,
     }
