@@ -2,14 +2,14 @@
 
 from callbacks.checkpoint import FiniteModelCheckpoint
 from callbacks.dashboard import TensorBoardDashboard
-from callbacks.device_data import DeviceData, on_device_of
+from callbacks.device_data import DeviceData, keeps_data_on_device
 from callbacks.fault import FaultInjection
 from callbacks.mini5cat import Mini5CAT
 from callbacks.ramp import RampSchedule, RampStage
 from callbacks.resume import ExactResume
 from callbacks.rollback import RollbackGuard
 from callbacks.skip import SkipReport
-from callbacks.spike import SPIKE_STATS, SpikeSkip, spike_of
+from callbacks.spike import SPIKE_STATS, SpikeSkip
 from callbacks.stats import StepStatistics
 from callbacks.threads import ShareCPUs
 
@@ -28,6 +28,5 @@ __all__ = [
     "SpikeSkip",
     "StepStatistics",
     "TensorBoardDashboard",
-    "on_device_of",
-    "spike_of",
+    "keeps_data_on_device",
 ]

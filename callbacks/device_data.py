@@ -22,7 +22,7 @@ from lvm.data.store import DeviceWindows, Windows
 from lvm.runtime.errors import ConfigError
 
 
-def on_device_of(setting: Any, share: float, store_bytes: int, device: torch.device) -> bool:
+def keeps_data_on_device(setting: Any, share: float, store_bytes: int, device: torch.device) -> bool:
     """Whether data.on_device holds for a store of `store_bytes` on `device`: true, false, or auto
     (on an accelerator whose memory the store fits in `share` of; off on the CPU, where the host
     path already reads the vectors in place)."""

@@ -26,17 +26,10 @@ from lvm.runtime.errors import finite
 SPIKE_STATS = ("grad_norm", "grad_z", "update_skipped")
 
 
-def spike_of(guard: dict[str, Any], clip: float | None = None) -> SpikeSkip | None:
-    """The spike callback `guard.spike` describes, or None where it is absent or disabled. `clip`:
-    the run's gradient-clipping norm, which it then applies with the norm it has computed anyway
-    (lvm.train hands clipping over to it: one gradient norm per step, not two)."""
-    c = guard.get("spike")
-    if not c or not c["enabled"]:
-        return None
-    return SpikeSkip(c["sigma"], c["min_ratio"], c["window"], c["min_history"], c["skip"], clip)
-
-
 class SpikeSkip(L.Callback):
+    """Built from `guard.spike`; the run adds `clip`, its gradient-clipping norm, which this callback
+    then applies with the norm it computes anyway (the run hands Lightning's clipping over to it)."""
+
     def __init__(self, sigma: float, min_ratio: float, window: int, min_history: int, skip: bool, clip: float | None = None) -> None:
         if not (finite(sigma) and sigma > 0 and finite(min_ratio) and min_ratio >= 1):
             raise ValueError(f"guard.spike needs sigma > 0 and min_ratio >= 1 (got {sigma}, {min_ratio})")

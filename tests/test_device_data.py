@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from callbacks.device_data import DeviceData, on_device_of
+from callbacks.device_data import DeviceData, keeps_data_on_device
 from lvm.runtime.errors import ConfigError, LvmError
 from lvm.training.build import build_data, make_loader
 from lvm.training.run import run
@@ -54,10 +54,10 @@ def test_a_run_on_the_device_path_is_the_host_run_and_resumes_exactly(tmp_path):
 
 def test_on_device_settings():
     cpu, gb = torch.device("cpu"), 2**30
-    assert on_device_of("auto", 0.5, gb, cpu) is False  # the host path already reads the vectors in place
-    assert on_device_of(True, 0.5, gb, cpu) is True and on_device_of(False, 0.5, gb, cpu) is False
+    assert keeps_data_on_device("auto", 0.5, gb, cpu) is False  # the host path already reads the vectors in place
+    assert keeps_data_on_device(True, 0.5, gb, cpu) is True and keeps_data_on_device(False, 0.5, gb, cpu) is False
     with pytest.raises(ConfigError, match="data.on_device must be true, false or auto"):
-        on_device_of("yes", 0.5, gb, cpu)
+        keeps_data_on_device("yes", 0.5, gb, cpu)
     with pytest.raises(LvmError, match=r"data\.device_share must be in \(0, 1\]"):
         run(cfg_for("data.device_share=0"), "/nonexistent/never-written")
 

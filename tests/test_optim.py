@@ -10,6 +10,7 @@ import torch
 from omegaconf import OmegaConf
 
 from lvm.model.optim import RollingStat, SkipStepAdamW
+from lvm.runtime.objects import build
 from lvm.training.run import run
 from tests.helpers import cfg_for, compose_cfg, events, steps_per_epoch
 
@@ -102,17 +103,15 @@ def test_a_healthy_step_up_in_a_smooth_run_is_not_a_spike_but_a_fault_is():
     """Measured on the plain-model control: the window's norms 0.050 +- 0.003, then a ramp stage's
     0.070 (1.4x) read z 6.8 and was skipped with sigma alone (a false alarm). The shipped settings
     need the norm also to be min_ratio (2) times the window's mean; every drill's spike is >= 2.7x."""
-    from callbacks.spike import spike_of
-
-    shipped = OmegaConf.to_container(compose_cfg("train", "guard=rollback", "guard.spike.skip=true").guard)
+    shipped = OmegaConf.to_container(compose_cfg("train", "guard=rollback", "guard.spike.skip=true").guard.spike)
     rng = np.random.default_rng(0)
     smooth = list(0.05 + 0.003 * rng.standard_normal(128))
     for value, spike in ((0.07, False), (0.16, True), (float("nan"), True)):
-        decisions = _spike_decisions(spike_of(shipped), smooth + [value])
+        decisions = _spike_decisions(build("guard.spike", shipped), smooth + [value])
         assert not any(decisions[:-1])
         assert decisions[-1] == spike, value
     # sigma alone (min_ratio 1) calls the healthy 1.4x step a spike: the false alarm, reproduced.
-    assert _spike_decisions(spike_of({"spike": {**shipped["spike"], "min_ratio": 1.0}}), smooth + [0.07])[-1]
+    assert _spike_decisions(build("guard.spike", {**shipped, "min_ratio": 1.0}), smooth + [0.07])[-1]
 
 
 def test_a_nan_batch_is_skipped_on_its_own_step_and_nothing_rolls_back(tmp_path):
@@ -205,7 +204,7 @@ def test_the_spike_check_clips_as_lightning_would_from_the_same_norm(tmp_path):
     trainer = build_fit(cfg, build_data(cfg), tmp_path / "built")[0]
     assert trainer.gradient_clip_val is None and [c.clip for c in trainer.callbacks if isinstance(c, SpikeSkip)] == [0.05]
     run(cfg, tmp_path / "spike")
-    run(cfg_for(*common, "guard.spike.enabled=false"), tmp_path / "lightning")
+    run(cfg_for(*common, "guard.spike=null"), tmp_path / "lightning")
     a, b = final_state(tmp_path / "spike"), final_state(tmp_path / "lightning")
     assert all(torch.equal(v, b["weights"][k]) for k, v in a["weights"].items())
     from tests.helpers import history

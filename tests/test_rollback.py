@@ -301,6 +301,6 @@ def test_the_run_wires_the_spike_check_and_the_fault_as_the_guards_listeners(tmp
     guard = of[RollbackGuard]
     assert guard.listeners == [of[SpikeSkip], of[FaultInjection]] and guard.schedule is of[RampSchedule]
     assert of[FaultInjection].steps == {3} and of[FaultInjection].ckpt_dir == tmp_path / "checkpoints"
-    bare, *_ = build_fit(cfg_for("guard=rollback", "guard.spike.enabled=false"), build_data(cfg), tmp_path / "b")
+    bare, *_ = build_fit(cfg_for("guard=rollback", "guard.spike=null"), build_data(cfg), tmp_path / "b")
     assert [c for c in bare.callbacks if isinstance(c, RollbackGuard)][0].listeners == []
     assert not any(isinstance(c, FaultInjection) for c in bare.callbacks)  # no +fault: no fault callback

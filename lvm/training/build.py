@@ -25,8 +25,7 @@ from callbacks import (
     SpikeSkip,
     StepStatistics,
     TensorBoardDashboard,
-    on_device_of,
-    spike_of,
+    keeps_data_on_device,
 )
 from lvm.data.loaders import load_splits
 from lvm.data.sampler import EpochSampler
@@ -75,7 +74,8 @@ def build_callbacks(
     cb, g = cfg.callbacks, cfg.guard
     ckpt_dir = run_dir / "checkpoints"
     schedule = RampSchedule(OmegaConf.to_container(cfg.ramp.stages, resolve=True), cfg.ramp.epoch_base, cfg.loss.lambda_max)
-    spike = spike_of(OmegaConf.to_container(g, resolve=True), clip_by_norm(cfg))
+    # The spike check clips too, with the gradient norm it computes anyway (one norm per step, not two).
+    spike = build("guard.spike", g.get("spike"), clip=clip_by_norm(cfg))
     fault = None
     if cfg.get("fault") is not None:
         constant = splits["train"].store.vectors.mean(dim=0) if cfg.fault.constant_from_step is not None else None
@@ -174,7 +174,7 @@ def build_fit(
     module = LVMModule(plain, dim=splits["train"].store.dim)
     d = cfg.data
     store = splits["train"].store
-    on_device = on_device_of(d.on_device, d.device_share, store.vectors.nbytes, accelerator_device(cfg.trainer.accelerator))
+    on_device = keeps_data_on_device(d.on_device, d.device_share, store.vectors.nbytes, accelerator_device(cfg.trainer.accelerator))
     evals = [splits[s] for s in ("val", "ood") if len(splits[s])]
     train_loader = make_loader(splits["train"], d.batch_size, True, d.num_workers, cfg.seed, on_device)
     val_loaders = [make_loader(w, d.eval_batch_size, False, d.num_workers, cfg.seed, on_device) for w in evals]

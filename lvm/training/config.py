@@ -8,9 +8,8 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from callbacks.device_data import on_device_of
+from callbacks.device_data import keeps_data_on_device
 from callbacks.ramp import RampSchedule
-from callbacks.spike import spike_of
 from lvm.data.loaders import check_source
 from lvm.data.store import WindowSpec, check_policy
 from lvm.evaluation.gates import parse_eval
@@ -56,7 +55,7 @@ def _problems(cfg: DictConfig) -> list[str]:
         built(lambda: build("model", plain["model"], dim=2))
     built(lambda: build("loss", plain["loss"]))
     built(lambda: build("guard.skip_rule", plain["guard"].get("skip_rule")))
-    built(lambda: spike_of(plain["guard"]))
+    built(lambda: build("guard.spike", plain["guard"].get("spike")))
     built(lambda: RampSchedule(plain["ramp"]["stages"], plain["ramp"]["epoch_base"], plain["loss"]["lambda_max"]))
     mini5cat = plain["callbacks"]["mini5cat"] is not None
     built(lambda: build("guard.rollback", plain["guard"]["rollback"], run_dir=".", schedule=None, mini5cat=mini5cat))
@@ -64,7 +63,7 @@ def _problems(cfg: DictConfig) -> list[str]:
         built(lambda: build("fault", plain["fault"], constant=torch.zeros(2), ckpt_dir="."))
     built(lambda: StepLog([], plain["logger"]["flush_every"]))
     built(lambda: check_source(plain["data"]))
-    built(lambda: on_device_of(plain["data"]["on_device"], plain["data"]["device_share"], 0, torch.device("cpu")))
+    built(lambda: keeps_data_on_device(plain["data"]["on_device"], plain["data"]["device_share"], 0, torch.device("cpu")))
     built(lambda: check_policy(plain["data"]["normalize"]))
     built(lambda: thread_count(plain["threads"]))
     built(lambda: check_precision("trainer.precision", plain["trainer"]["precision"]))
