@@ -178,10 +178,10 @@ def build_fit(
     evals = [splits[s] for s in ("val", "ood") if len(splits[s])]
     train_loader = make_loader(splits["train"], d.batch_size, True, d.num_workers, cfg.seed, on_device)
     val_loaders = [make_loader(w, d.eval_batch_size, False, d.num_workers, cfg.seed, on_device) for w in evals]
-    logger: TensorBoardLogger | bool = False
-    if lvm_callbacks and cfg.logger.tensorboard:
-        purge = {"purge_step": first_unlogged_step(resume)} if resume else {}
-        logger = TensorBoardLogger(save_dir=str(run_dir), name="tb", version="", default_hp_metric=False, **purge)
+    logger: TensorBoardLogger | None = None
+    if lvm_callbacks:
+        purge = first_unlogged_step(resume) if resume else None
+        logger = build("logger.tensorboard", cfg.logger.tensorboard, save_dir=str(run_dir), purge_step=purge)
     # The device gather first: every other callback's batch hooks read the gathered batch.
     callbacks = [*([DeviceData(splits["train"], evals)] if on_device else []), *extra_callbacks]
     if lvm_callbacks:
@@ -193,7 +193,9 @@ def build_fit(
     settings = {**plain["trainer"], **trainer_overrides}
     if any(isinstance(c, SpikeSkip) and c.clip is not None for c in callbacks):
         settings["gradient_clip_val"] = None  # the spike check clips, with the gradient norm it computes anyway
-    trainer = L.Trainer(**settings, callbacks=callbacks, logger=logger, default_root_dir=str(run_dir), plugins=[AtomicCheckpointIO()])
+    trainer = build(
+        "trainer", settings, callbacks=callbacks, logger=logger or False, default_root_dir=str(run_dir), plugins=[AtomicCheckpointIO()]
+    )
     return trainer, module, train_loader, val_loaders
 
 
