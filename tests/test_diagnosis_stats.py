@@ -1,5 +1,5 @@
-"""lvm/diagnosis/stats.py: every statistic against values computed independently on small
-hand-made stores (closed forms, brute force), and how the report reads them."""
+"""lvm/diagnosis/stats.py, baselines.py and core.py: every statistic against values computed
+independently on small hand-made stores (closed forms, brute force), and how the report reads them."""
 
 from __future__ import annotations
 
@@ -7,14 +7,14 @@ import numpy as np
 import pytest
 
 from lvm.data.store import ArticleStore
-from lvm.diagnosis import stats
+from lvm.diagnosis import baselines, core, stats
 from lvm.diagnosis.diagnose import layout_of, settings_of, split_codes
 from lvm.diagnosis.report import findings
 from lvm.runtime.errors import ConfigError
 from tests.helpers import STANDARD, THETA, compose_cfg, rotation_store, unit_rows
 
 
-def settings(*overrides: str) -> stats.Settings:
+def settings(*overrides: str) -> core.Settings:
     """Settings from conf/diagnose.yaml with `overrides` (the config holds every default)."""
     return settings_of(compose_cfg("diagnose", "store=unused.npz", "progress=false", *overrides))
 
@@ -22,7 +22,7 @@ def settings(*overrides: str) -> stats.Settings:
 FAST = settings("max_offset=3", "pairs=20000", "bootstrap=200", "ridge.alphas=[1e-6,1.0]")
 
 
-def diagnose(store: ArticleStore, settings: stats.Settings = FAST) -> dict:
+def diagnose(store: ArticleStore, settings: core.Settings = FAST) -> dict:
     codes, _ = split_codes(store, 0.3, 0.3, 0)
     return stats.diagnose(store.vectors.numpy(), layout_of(store), codes, settings)
 
@@ -63,7 +63,7 @@ def test_rotation_store_matches_closed_forms():
         # The mean of 5 unit vectors at angles phi-2t..phi+2t points at phi: 3 steps from the target.
         assert scores["mean_context"][key]["cos_target"]["mean"] == pytest.approx(c(3 * THETA), abs=1e-5)
     assert direction["copy_last"]["forward_minus_backward"]["mean"] == pytest.approx(0, abs=1e-5)
-    heldout = [n for a, n in enumerate(lengths) if split_codes(store, 0.3, 0.3, 0)[0][a] == stats.HELDOUT]
+    heldout = [n for a, n in enumerate(lengths) if split_codes(store, 0.3, 0.3, 0)[0][a] == core.HELDOUT]
     assert b["next"]["scored"] == sum(n - 5 for n in heldout) and b["direction"]["scored"] == sum(max(n - 10, 0) for n in heldout)
     assert findings(r)  # findings read the report without error
 
@@ -79,15 +79,17 @@ def test_slot_linear_is_exact_on_rotations_and_agrees_with_training():
     assert b["next"]["predictors"]["slot_linear"]["next"]["cos_target"]["mean"] == pytest.approx(1.0, abs=1e-5)
     codes, _ = split_codes(store, 0.3, 0.3, 0)
     starts = np.flatnonzero(stats.run_ahead(layout_of(store), 5) >= 5)
-    train = starts[codes[store.row_article[starts]] != stats.HELDOUT]
+    train = starts[codes[store.row_article[starts]] != core.HELDOUT]
     X = store.vectors.numpy()
-    np.testing.assert_allclose(b["ridge"]["forward"]["slot_weights"], stats.fit_slot_linear(X, *stats.block_rows(train, 5, "forward")).w)
+    np.testing.assert_allclose(
+        b["ridge"]["forward"]["slot_weights"], baselines.fit_slot_linear(X, *baselines.block_rows(train, 5, "forward")).w
+    )
     X = unit_rows(300, 8, seed=3)
-    ctx, tgt = stats.block_rows(np.arange(0, 290, 3), 5, "forward")
+    ctx, tgt = baselines.block_rows(np.arange(0, 290, 3), 5, "forward")
     expected, *_ = np.linalg.lstsq(
         X[ctx].astype(np.float64).transpose(0, 2, 1).reshape(-1, 5), X[tgt].astype(np.float64).reshape(-1), rcond=None
     )
-    np.testing.assert_allclose(stats.fit_slot_linear(X, ctx, tgt).w, expected, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(baselines.fit_slot_linear(X, ctx, tgt).w, expected, rtol=1e-9, atol=1e-12)
 
 
 def test_ridge_learns_a_shared_rotation_and_oracle_scores_one():
@@ -105,7 +107,7 @@ def test_ridge_learns_a_shared_rotation_and_oracle_scores_one():
         assert b["ridge"][direction]["alpha"] == 1e-6 and b["ridge"][direction]["prior"] == "mean_context"
     X = store.vectors.numpy()
     starts = np.flatnonzero(stats.run_ahead(layout_of(store), 5) >= 5)
-    scored = stats.score(X, *stats.block_rows(starts, 5, "backward"), {"oracle": stats.oracle})
+    scored = baselines.score(X, *baselines.block_rows(starts, 5, "backward"), {"oracle": baselines.oracle})
     np.testing.assert_allclose(scored["oracle"]["target"], 1.0, atol=1e-6)
 
 
@@ -117,35 +119,37 @@ def test_solve_ridge_recovers_an_exact_linear_map():
     targets = ctx_vectors.reshape(n, k * d) @ W + b
     X = np.concatenate([ctx_vectors, targets]).astype(np.float32)
     ctx, tgt = np.arange(n * k).reshape(n, k), n * k + np.arange(n)
-    g = stats.gram(X, ctx, tgt, center=X.mean(0))
-    half = stats.gram(X, ctx[:100], tgt[:100], X.mean(0)) + stats.gram(X, ctx[100:], tgt[100:], X.mean(0))
+    g = baselines.gram(X, ctx, tgt, center=X.mean(0))
+    half = baselines.gram(X, ctx[:100], tgt[:100], X.mean(0)) + baselines.gram(X, ctx[100:], tgt[100:], X.mean(0))
     np.testing.assert_allclose(half.xtx, g.xtx, rtol=1e-5, atol=1e-4)  # Gram statistics add up (float32 blocks)
-    for prior in (None, stats.prior_weights("mean_context", k, d)):
-        fit = stats.solve_ridge(g, 1e-8, prior)
+    for prior in (None, baselines.prior_weights("mean_context", k, d)):
+        fit = baselines.solve_ridge(g, 1e-8, prior)
         np.testing.assert_allclose(fit.W, W, atol=1e-3)
         np.testing.assert_allclose(fit.b, b, atol=1e-3)
 
 
 def test_ridge_shrinks_toward_its_prior():
     X = unit_rows(80, 6, seed=1)
-    ctx, tgt = stats.block_rows(np.arange(0, 70, 2), 5, "forward")
-    g = stats.gram(X, ctx, tgt, X.mean(0))
+    ctx, tgt = baselines.block_rows(np.arange(0, 70, 2), 5, "forward")
+    g = baselines.gram(X, ctx, tgt, X.mean(0))
     c = X[ctx]
-    toward_mean = stats.solve_ridge(g, 1e9, stats.prior_weights("mean_context", 5, 6))
+    toward_mean = baselines.solve_ridge(g, 1e9, baselines.prior_weights("mean_context", 5, 6))
     # W -> W0 (the mean of the context); the intercept absorbs the mean target minus the mean prediction.
     np.testing.assert_allclose(toward_mean(c, None), c.mean(1) + X[tgt].mean(0) - c.mean(1).mean(0), atol=1e-4)
-    toward_zero = stats.solve_ridge(g, 1e9, stats.prior_weights("zero", 5, 6))
+    toward_zero = baselines.solve_ridge(g, 1e9, baselines.prior_weights("zero", 5, 6))
     np.testing.assert_allclose(toward_zero(c, None), np.tile(X[tgt].mean(0), (len(c), 1)), atol=1e-4)
 
 
 def test_baseline_scores_equal_direct_computation():
     X = unit_rows(60, 8, seed=3)
     starts = np.array([0, 7, 20, 33, 50])
-    ctx, tgt = stats.block_rows(starts, 5, "forward")
-    bctx, btgt = stats.block_rows(starts, 5, "backward")
+    ctx, tgt = baselines.block_rows(starts, 5, "forward")
+    bctx, btgt = baselines.block_rows(starts, 5, "backward")
     assert (ctx[:, -1] == starts + 4).all() and (tgt == starts + 5).all()
     assert (bctx[:, -1] == starts + 1).all() and (bctx[:, 0] == starts + 5).all() and (btgt == starts).all()
-    scored = stats.score(X, ctx, tgt, {"copy_last": stats.copy_last, "mean_context": stats.mean_context, "oracle": stats.oracle})
+    scored = baselines.score(
+        X, ctx, tgt, {"copy_last": baselines.copy_last, "mean_context": baselines.mean_context, "oracle": baselines.oracle}
+    )
     for i, (c, t) in enumerate(zip(ctx, tgt)):
         mean = X[c].mean(0)
         assert scored["copy_last"]["target"][i] == pytest.approx(X[c[-1]] @ X[t], abs=1e-6)
@@ -183,8 +187,8 @@ def test_time_symmetric_store_interval_includes_zero():
     # Noisy articles plus each one reversed: the ensemble is symmetric under time reversal by construction.
     rng = np.random.default_rng(5)
     lengths = rng.integers(12, 30, 20)
-    topic = stats.unit(rng.standard_normal((20, 16)))
-    rows = [stats.unit(topic[a] + 0.2 * rng.standard_normal((n, 16))) for a, n in enumerate(lengths)]
+    topic = baselines.unit(rng.standard_normal((20, 16)))
+    rows = [baselines.unit(topic[a] + 0.2 * rng.standard_normal((n, 16))) for a, n in enumerate(lengths)]
     rows += [r[::-1] for r in rows]
     art = np.concatenate([np.full(len(r), a) for a, r in enumerate(rows)])
     store = ArticleStore(np.concatenate(rows).astype(np.float32), art, np.concatenate([np.arange(len(r)) for r in rows]))
@@ -220,7 +224,7 @@ def test_gaps_in_chunk_indices_are_never_bridged():
 
 def test_near_duplicates_and_exact_copies():
     base = unit_rows(10, 8, seed=4)
-    near = stats.unit(base[2] + 0.1 * unit_rows(1, 8, seed=9)[0])  # cos ~0.995 with base[2]
+    near = baselines.unit(base[2] + 0.1 * unit_rows(1, 8, seed=9)[0])  # cos ~0.995 with base[2]
     X = np.stack([base[0], base[0], base[1], base[2], near, base[3], base[4], base[0], base[5], base[6]]).astype(np.float32)
     store = ArticleStore(X, np.array([0] * 5 + [1] * 5), np.r_[0:5, 0:5])
     lag1 = stats.lag_cosines(X, stats.run_ahead(layout_of(store), 1), 1)[1]
@@ -261,10 +265,10 @@ def test_pair_samples_weigh_every_chunk_the_same():
 def test_article_bootstrap():
     values = np.array([1.0, 1.0, 1.0, 3.0, 5.0])
     groups = np.array([7, 7, 7, 2, 2])
-    boot = stats.article_bootstrap(values, groups, 500, seed=0)
+    boot = core.article_bootstrap(values, groups, 500, seed=0)
     assert boot["mean"] == pytest.approx(11 / 5) and boot["articles"] == 2 and boot["items"] == 5
     assert 1.0 <= boot["lo"] <= boot["mean"] <= boot["hi"] <= 4.0  # article means are 1 and 4
-    assert stats.article_bootstrap(values, np.zeros(5), 500, 0)["lo"] is None
+    assert core.article_bootstrap(values, np.zeros(5), 500, 0)["lo"] is None
 
 
 def test_settings_are_checked():

@@ -1,8 +1,8 @@
 """`python -m lvm.diagnosis.diagnose <store.npz> [key=value ...]`: what an article store can teach.
 
 Loads the store, splits its articles (held-out articles for the baselines, as training would),
-computes the statistics of lvm/diagnosis/stats.py and writes diagnose.json (strict JSON),
-diagnose.md and diagnose.png (lvm/diagnosis/report.py) into `out_dir` (default <store dir>/diagnose/). Exit code 0, or 2
+computes the statistics of lvm/diagnosis/stats.py (baselines: lvm/diagnosis/baselines.py) and
+writes diagnose.json (strict JSON), diagnose.md and diagnose.png (lvm/diagnosis/report.py) into `out_dir` (default <store dir>/diagnose/). Exit code 0, or 2
 with one line on stderr for bad input or configuration.
 """
 
@@ -21,8 +21,9 @@ from omegaconf import DictConfig, OmegaConf
 from lvm.data.loaders import load_store_npz
 from lvm.data.splits import split_articles
 from lvm.data.store import ArticleStore
+from lvm.diagnosis.core import FIT, HELDOUT, TUNE, Layout, Settings
 from lvm.diagnosis.report import findings, write_outputs
-from lvm.diagnosis.stats import FIT, HELDOUT, TUNE, Layout, Settings, diagnose
+from lvm.diagnosis.stats import diagnose
 from lvm.runtime.cli import CONF_DIR, entry_point, run_entry_point
 from lvm.runtime.errors import ConfigError
 from lvm.runtime.threads import set_threads

@@ -1,5 +1,6 @@
-"""The report of `python -m lvm.diagnosis.diagnose`: the statistics of lvm/diagnosis/stats.py read in
-plain words (findings), as markdown and as a six-panel plot, written with the JSON."""
+"""The report of `python -m lvm.diagnosis.diagnose`: the statistics of lvm/diagnosis/stats.py and
+lvm/diagnosis/baselines.py read in plain words (findings), as markdown and as a six-panel plot,
+written with the JSON."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from lvm.diagnosis.stats import BASELINES
+from lvm.diagnosis.baselines import BASELINES
 from lvm.runtime.files import write_files
 from lvm.runtime.tables import fmt, md_table
 

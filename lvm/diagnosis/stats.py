@@ -1,108 +1,36 @@
 """What an article store can and cannot teach: plain-numpy statistics behind `lvm.diagnosis.diagnose`.
 
 Every statistic works on unit chunk vectors X [N, D] (rows sorted by article, then chunk) and a
-`Layout` of the rows. "Adjacent" and "k apart" always mean consecutive chunk indices inside one
-article, so a gap in the chunk indices is never bridged. Cosines between store rows are dot
-products (the store guarantees unit rows); predictions are normalised before scoring.
+`Layout` of the rows (lvm/diagnosis/core.py). "Adjacent" and "k apart" always mean consecutive
+chunk indices inside one article, so a gap in the chunk indices is never bridged. Cosines between
+store rows are dot products (the store guarantees unit rows). This module holds the row geometry,
+the lag / position / offset / similarity / duplicate statistics and `diagnose`, which runs them
+all plus the predictive baselines of lvm/diagnosis/baselines.py.
 
 Averages pool all items (pairs, windows, anchors); their confidence intervals come from a
-bootstrap over articles, because items of one article are correlated.
+bootstrap over articles (`core.article_bootstrap`), because items of one article are correlated.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
-from lvm.evaluation.metrics import fit_slot_weights
-from lvm.runtime.errors import ConfigError, DataError, require
+from lvm.diagnosis.baselines import baselines
+from lvm.diagnosis.core import BLOCK, Layout, Settings, article_bootstrap, listed
+from lvm.runtime.errors import DataError
 
 log = logging.getLogger(__name__)
 
-# Rows (or windows) handled per vectorised step: bounds temporaries to a few tens of MB at D=768.
-BLOCK = 8192
-# Bootstrap weights are drawn in batches of at most this many (resample x article) cells.
-_BOOT_CELLS = 1 << 22
 # Histogram bins for the within/cross-article cosine distributions.
 HIST_EDGES = np.linspace(-1.0, 1.0, 101)
 # Adjacent pairs at least this similar are compared bit for bit to count exact copies.
 _EXACT_CANDIDATE = 0.9999
-# Split codes of `diagnose(split_of_article=...)`.
-FIT, TUNE, HELDOUT = 0, 1, 2
-
-# What ridge shrinks its weights toward: zero, or the weights of the mean-of-context predictor.
-PRIORS = ("mean_context", "zero")
-BASELINES = ("copy_last", "mean_context", "slot_linear", "ridge")
-
-Predictor = Callable[[np.ndarray, np.ndarray], np.ndarray]
-
-
-@dataclass(frozen=True)
-class Layout:
-    """Where each row sits: its article (0..A-1, store order) and chunk index, and each article's rows."""
-
-    row_article: np.ndarray
-    chunk_indices: np.ndarray
-    article_starts: np.ndarray
-    article_lengths: np.ndarray
-    article_ids: np.ndarray
-
-    @property
-    def num_articles(self) -> int:
-        return len(self.article_starts)
-
-
-@dataclass(frozen=True)
-class Settings:
-    """The knobs of `diagnose`: their defaults and meaning are in conf/diagnose.yaml (the one
-    place); `lvm.diagnosis.diagnose.settings_of` builds this from that config node."""
-
-    context: int
-    max_offset: int
-    far_gap: int
-    near_duplicate: float
-    position_bins: int
-    edge_pairs: int
-    pairs: int
-    bootstrap: int
-    level: float
-    alphas: tuple[float, ...]
-    prior: str
-    max_train: int
-    max_eval: int
-    examples: int
-    seed: int
-    progress: bool
-
-    def __post_init__(self) -> None:
-        require(
-            (self.context >= 2, f"context must be >= 2 (got {self.context})"),
-            (self.max_offset >= 1, f"max_offset must be >= 1 (got {self.max_offset})"),
-            (self.far_gap >= 0, f"far_gap must be >= 0 (got {self.far_gap})"),
-            (-1.0 <= self.near_duplicate <= 1.0, f"near_duplicate must be a cosine in [-1, 1] (got {self.near_duplicate})"),
-            (self.position_bins >= 1, f"position_bins must be >= 1 (got {self.position_bins})"),
-            (self.edge_pairs >= 1, f"edge_pairs must be >= 1 (got {self.edge_pairs})"),
-            (self.pairs >= 1, f"pairs must be >= 1 (got {self.pairs})"),
-            (self.bootstrap >= 10, f"bootstrap must be >= 10 resamples (got {self.bootstrap})"),
-            (0.5 <= self.level < 1.0, f"level must be in [0.5, 1) (got {self.level})"),
-            (
-                len(self.alphas) >= 1 and all(a > 0 for a in self.alphas),
-                f"ridge.alphas must be a non-empty list of numbers > 0 (got {list(self.alphas)})",
-            ),
-            (self.prior in PRIORS, f"ridge.prior must be one of {list(PRIORS)} (got {self.prior!r})"),
-            (self.max_train >= 1, f"ridge.max_train must be >= 1 (got {self.max_train})"),
-            (self.max_eval >= 1, f"max_eval must be >= 1 (got {self.max_eval})"),
-            (self.examples >= 0, f"examples must be >= 0 (got {self.examples})"),
-            error=ConfigError,
-            prefix="invalid diagnose settings: ",
-        )
 
 
 # ----------------------------------------------------------------------------- row geometry
@@ -157,69 +85,6 @@ def equal_rows(X: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return out
 
 
-def unit(x: np.ndarray) -> np.ndarray:
-    """Rows of `x` scaled to unit length (zero rows stay zero)."""
-    norm = np.linalg.norm(x, axis=-1, keepdims=True)
-    return x / np.where(norm > 0, norm, 1.0)
-
-
-def cos_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Per-row cosine of two [n, D] arrays (both normalised here)."""
-    return np.einsum("ij,ij->i", unit(a), unit(b))
-
-
-# ----------------------------------------------------------------------------- bootstrap
-
-
-def article_bootstrap(values: np.ndarray, groups: np.ndarray, resamples: int, seed: int, level: float = 0.95) -> dict[str, Any]:
-    """Pooled mean of each column of `values` [n] or [n, S], with a percentile CI from resampling
-    whole articles (`groups`, one label per item) with replacement.
-
-    The CI is None with fewer than two articles (there is nothing to resample).
-    """
-    vals = np.asarray(values, np.float64)
-    squeeze = vals.ndim == 1
-    vals = vals.reshape(len(vals), -1)
-    order = np.argsort(groups, kind="stable")  # linear for the already sorted labels used here
-    vals, g = vals[order], np.asarray(groups)[order]
-    first = np.flatnonzero(np.concatenate(([True], g[1:] != g[:-1]))) if len(g) else np.empty(0, np.int64)
-    labels = g[first]
-    sums = np.add.reduceat(vals, first, axis=0) if len(first) else np.zeros((0, vals.shape[1]))
-    counts = np.diff(np.append(first, len(g))).astype(np.float64)
-    mean = sums.sum(0) / max(counts.sum(), 1.0)
-    lo = hi = None
-    if len(labels) >= 2 and len(vals):
-        stats = _bootstrap_means(sums, counts, resamples, np.random.default_rng(seed))
-        tail = (1.0 - level) / 2 * 100
-        lo, hi = np.percentile(stats, [tail, 100 - tail], axis=0)
-    out = {"mean": mean, "lo": lo, "hi": hi}
-    if squeeze:
-        out = {k: None if v is None else float(v[0]) for k, v in out.items()}
-    return {**out, "items": int(len(vals)), "articles": int(len(labels))}
-
-
-def _bootstrap_means(sums: np.ndarray, counts: np.ndarray, resamples: int, rng: np.random.Generator) -> np.ndarray:
-    """[resamples, S] pooled means of articles drawn with replacement (A draws per resample)."""
-    a = len(counts)
-    per_batch = max(1, _BOOT_CELLS // a)
-    out = []
-    for s in range(0, resamples, per_batch):
-        b = min(per_batch, resamples - s)
-        draws = rng.integers(0, a, size=(b, a)) + a * np.arange(b)[:, None]
-        weights = np.bincount(draws.ravel(), minlength=a * b).reshape(b, a).astype(np.float64)
-        out.append((weights @ sums) / np.maximum(weights @ counts, 1.0)[:, None])
-    return np.concatenate(out)
-
-
-def _listed(boot: Mapping[str, Any], i: int | slice) -> dict[str, Any]:
-    """Column(s) `i` of a multi-column bootstrap result as plain floats or lists."""
-
-    def pick(v):
-        return None if v is None else v[i].tolist()
-
-    return {"mean": pick(boot["mean"]), "lo": pick(boot["lo"]), "hi": pick(boot["hi"])}
-
-
 # ----------------------------------------------------------------------------- statistics
 
 
@@ -271,10 +136,10 @@ def window_stats(lag: np.ndarray, starts: np.ndarray, layout: Layout, k: int, s:
     boot = article_bootstrap(cols, layout.row_article[starts], s.bootstrap, s.seed + 1, s.level)
     return {
         "windows": int(len(starts)),
-        "decay": _listed(boot, slice(0, k)),
-        "cos_last_prev": _listed(boot, k),
-        "mismatched_delta": _listed(boot, k + 1),
-        "matched_difference": _listed(boot, k + 2),
+        "decay": listed(boot, slice(0, k)),
+        "cos_last_prev": listed(boot, k),
+        "mismatched_delta": listed(boot, k + 1),
+        "matched_difference": listed(boot, k + 2),
         "articles": boot["articles"],
     }
 
@@ -304,9 +169,9 @@ def offset_profile(lag: np.ndarray, run: np.ndarray, layout: Layout, s: Settings
         "anchors": boot["items"],
         "articles": boot["articles"],
         "offsets": list(range(-m, m + 1)),
-        "profile": _listed(boot, slice(0, 2 * m + 1)),
+        "profile": listed(boot, slice(0, 2 * m + 1)),
         "distances": list(range(1, m + 1)),
-        "forward_minus_backward": _listed(boot, slice(2 * m + 1, 3 * m + 1)),
+        "forward_minus_backward": listed(boot, slice(2 * m + 1, 3 * m + 1)),
     }
 
 
@@ -427,240 +292,6 @@ def exact_copies(X: np.ndarray, layout: Layout) -> dict[str, int]:
     group = np.cumsum(new_group) - 1
     cross = layout.row_article[order[links]] != layout.row_article[order[links + 1]]
     return {"extra_copies": int(len(links)), "groups": int(new_group.sum()), "groups_spanning_articles": int(len(np.unique(group[cross])))}
-
-
-# ----------------------------------------------------------------------------- baselines
-
-
-def block_rows(starts: np.ndarray, k: int, direction: str) -> tuple[np.ndarray, np.ndarray]:
-    """Context rows [n, k] and target rows [n] of the blocks b..b+k (k+1 consecutive chunks).
-
-    forward: ctx = b..b+k-1 (ctx[-1] = b+k-1, nearest), target b+k.
-    backward: ctx = b+k..b+1 (time-reversed, so ctx[-1] = b+1 is again the nearest), target b.
-    """
-    if direction == "forward":
-        return starts[:, None] + np.arange(k), starts + k
-    return starts[:, None] + np.arange(k, 0, -1), starts
-
-
-def copy_last(context: np.ndarray, target: np.ndarray) -> np.ndarray:
-    """Baseline: the nearest context chunk."""
-    return context[:, -1]
-
-
-def mean_context(context: np.ndarray, target: np.ndarray) -> np.ndarray:
-    """Baseline: the normalised mean of the context."""
-    return unit(context.mean(1))
-
-
-def oracle(context: np.ndarray, target: np.ndarray) -> np.ndarray:
-    """The target itself: scores exactly 1 (a check of the scoring code)."""
-    return target
-
-
-@dataclass
-class Gram:
-    """Sufficient statistics of least squares on flattened contexts, shifted by (cx, cy) for accuracy."""
-
-    xtx: np.ndarray
-    xty: np.ndarray
-    xs: np.ndarray
-    ys: np.ndarray
-    n: int
-    cx: np.ndarray
-    cy: np.ndarray
-
-    def __add__(self, other: "Gram") -> "Gram":
-        return Gram(self.xtx + other.xtx, self.xty + other.xty, self.xs + other.xs, self.ys + other.ys, self.n + other.n, self.cx, self.cy)
-
-
-@dataclass(frozen=True)
-class Ridge:
-    """A linear map from the flattened context [K*D] to the target [D]: pred = x @ W + b."""
-
-    W: np.ndarray
-    b: np.ndarray
-
-    def __call__(self, context: np.ndarray, target: np.ndarray) -> np.ndarray:
-        return context.reshape(len(context), -1) @ self.W + self.b
-
-
-@dataclass(frozen=True)
-class SlotLinear:
-    """One weight per context slot (lvm.metrics' slot-linear baseline, the one training reports)."""
-
-    w: np.ndarray
-
-    def __call__(self, context: np.ndarray, target: np.ndarray) -> np.ndarray:
-        return unit(np.einsum("nkd,k->nd", context, self.w))
-
-
-def fit_slot_linear(X: np.ndarray, ctx: np.ndarray, tgt: np.ndarray) -> SlotLinear:
-    """Least-squares slot weights on the windows (ctx rows [n, k], target rows [n]), fitted by
-    lvm.metrics.fit_slot_weights so that diagnosis and training report the same baseline."""
-    step = max(1, BLOCK // ctx.shape[1])
-    blocks = ((torch.from_numpy(X[ctx[s : s + step]]), torch.from_numpy(X[tgt[s : s + step]])) for s in range(0, len(tgt), step))
-    return SlotLinear(fit_slot_weights(blocks).numpy())
-
-
-def gram(X: np.ndarray, ctx: np.ndarray, tgt: np.ndarray, center: np.ndarray, desc: str = "", progress: bool = False) -> Gram:
-    """Gram statistics of (flattened X[ctx], X[tgt]), both shifted by the vector `center`."""
-    k, d = ctx.shape[1], X.shape[1]
-    cx, cy = np.tile(center, k).astype(np.float32), center.astype(np.float32)
-    g = Gram(np.zeros((k * d, k * d)), np.zeros((k * d, d)), np.zeros(k * d), np.zeros(d), len(tgt), cx, cy)
-    step = max(1, BLOCK // k)
-    for s in tqdm(range(0, len(tgt), step), desc=desc, unit="block", disable=not progress):
-        x = X[ctx[s : s + step]].reshape(-1, k * d) - cx
-        y = X[tgt[s : s + step]] - cy
-        g.xtx += x.T @ x
-        g.xty += x.T @ y
-        g.xs += x.sum(0, dtype=np.float64)
-        g.ys += y.sum(0, dtype=np.float64)
-    return g
-
-
-def prior_weights(kind: str, k: int, d: int) -> np.ndarray | None:
-    """W0 of `solve_ridge`: None (shrink to zero) or the map x -> mean of the k context vectors."""
-    return None if kind == "zero" else np.tile(np.eye(d), (k, 1)) / k
-
-
-def solve_ridge(g: Gram, alpha: float, prior: np.ndarray | None = None) -> Ridge:
-    """Ridge with an unpenalised intercept, closed form: argmin |Y - XW - b|^2 + alpha |W - W0|^2.
-
-    W0 = `prior` (None: zero). Shrinking toward the mean of context instead of zero means a
-    large alpha falls back to about that baseline (plus the intercept) rather than to a constant,
-    which matters when windows are few for K*D features.
-    """
-    mx, my = g.xs / g.n, g.ys / g.n
-    a = g.xtx - g.n * np.outer(mx, mx)
-    rhs = g.xty - g.n * np.outer(mx, my)
-    if prior is not None:
-        rhs -= a @ prior  # ridge on the residual Y - X W0, then W = W0 + V
-    a[np.diag_indices_from(a)] += alpha
-    w = np.linalg.solve(a, rhs)
-    if prior is not None:
-        w += prior
-    b = g.cy + my - (g.cx + mx) @ w
-    return Ridge(w.astype(np.float32), b.astype(np.float32))
-
-
-def score(
-    X: np.ndarray, ctx: np.ndarray, tgt: np.ndarray, predictors: Mapping[str, Predictor], desc: str = "", progress: bool = False
-) -> dict[str, dict[str, np.ndarray]]:
-    """Per window and predictor: cos(pred, target) and cos(pred, ctx[-1]) (predictions normalised)."""
-    out = {name: {"target": np.empty(len(tgt), np.float32), "last": np.empty(len(tgt), np.float32)} for name in predictors}
-    step = max(1, BLOCK // ctx.shape[1])
-    for s in tqdm(range(0, len(tgt), step), desc=desc, unit="block", disable=not progress):
-        c, t = X[ctx[s : s + step]], X[tgt[s : s + step]]
-        for name, predict in predictors.items():
-            p = predict(c, t)
-            out[name]["target"][s : s + step] = cos_rows(p, t)
-            out[name]["last"][s : s + step] = cos_rows(p, c[:, -1])
-    return out
-
-
-def tune_ridge(
-    X: np.ndarray, fit: tuple[np.ndarray, np.ndarray], tune: tuple[np.ndarray, np.ndarray], center: np.ndarray, s: Settings, label: str
-) -> tuple[Ridge, dict[str, Any]]:
-    """Pick alpha by mean cos on the tuning articles, then refit on fit + tune with that alpha."""
-    g_fit = gram(X, *fit, center, f"ridge {label} fit", s.progress)
-    g_tune = gram(X, *tune, center, f"ridge {label} tune", s.progress)
-    prior = prior_weights(s.prior, fit[0].shape[1], X.shape[1])
-    scores = {}
-    for alpha in tqdm(s.alphas, desc=f"ridge {label} alphas", unit="alpha", disable=not s.progress):
-        scores[alpha] = float(score(X, *tune, {"r": solve_ridge(g_fit, alpha, prior)})["r"]["target"].mean())
-    best = max(scores, key=scores.get)
-    info = {
-        "alpha": best,
-        "prior": s.prior,
-        "tune_cos_by_alpha": {str(a): v for a, v in scores.items()},
-        "fit_windows": int(len(fit[1])),
-        "tune_windows": int(len(tune[1])),
-    }
-    return solve_ridge(g_fit + g_tune, best, prior), info
-
-
-def baselines(
-    X: np.ndarray, starts: np.ndarray, centred: np.ndarray, layout: Layout, split_of_article: np.ndarray, center: np.ndarray, s: Settings
-) -> dict[str, Any]:
-    """copy-last, mean of context, slot-linear and ridge on held-out articles.
-
-    - next: every held-out next-chunk window (ctx = the K chunks before, target = the next one).
-    - direction: the SAME held-out target chunks (`centred`: K chunks on both sides), predicted
-      from the K chunks before (forward) or the K after (backward, time-reversed so ctx[-1] is the
-      nearest). Same targets, so forward minus backward is paired: the arrow-of-time test.
-
-    Ridge (one per direction) is fitted on the FIT articles' windows with alpha chosen on the TUNE
-    articles (both outside the held-out split), then refitted on both; slot-linear on both. CIs: bootstrap over articles.
-    """
-    k = s.context
-    split = split_of_article[layout.row_article[starts]]
-    counts = {name: int((split == code).sum()) for name, code in (("fit", FIT), ("tune", TUNE), ("heldout", HELDOUT))}
-    if min(counts.values()) == 0:
-        return {"skipped": f"needs windows in every split, got {counts} (more articles, or another split.val/seed)", "windows": counts}
-    rng = np.random.default_rng([s.seed, 4])
-    train = _sample(starts[split != HELDOUT], s.max_train, rng)
-    in_fit = split_of_article[layout.row_article[train]] == FIT
-    if in_fit.all() or not in_fit.any():
-        return {"skipped": "the ridge training sample has no window in the fit or the tune articles", "windows": counts}
-    models, info = {}, {}
-    for direction in ("forward", "backward"):
-        ridge, info[direction] = tune_ridge(
-            X, block_rows(train[in_fit], k, direction), block_rows(train[~in_fit], k, direction), center, s, direction
-        )
-        slot = fit_slot_linear(X, *block_rows(train, k, direction))
-        info[direction]["slot_weights"] = [float(w) for w in slot.w]
-        models[direction] = {"slot_linear": slot, "ridge": ridge}
-    nxt = _sample(starts[split == HELDOUT], s.max_eval, rng)
-    targets = centred[split_of_article[layout.row_article[centred]] == HELDOUT]
-    chosen = _sample(targets, s.max_eval, rng)
-    direction = None
-    if len(chosen):
-        sets = {
-            "forward": (*block_rows(chosen - k, k, "forward"), models["forward"]),
-            "backward": (*block_rows(chosen, k, "backward"), models["backward"]),
-        }
-        direction = _score_sets(X, sets, layout.row_article[chosen], s, s.seed + 6)
-    return {
-        "windows": counts,
-        "train_sampled": int(len(train)),
-        "ridge": info,
-        "next": _score_sets(X, {"next": (*block_rows(nxt, k, "forward"), models["forward"])}, layout.row_article[nxt], s, s.seed + 5),
-        "direction_targets": int(len(targets)),
-        "direction": direction,
-    }
-
-
-def _score_sets(
-    X: np.ndarray, sets: Mapping[str, tuple[np.ndarray, np.ndarray, Mapping[str, Predictor]]], groups: np.ndarray, s: Settings, seed: int
-) -> dict[str, Any]:
-    """Bootstrap means of cos(pred, target) and cos(pred, ctx[-1]) per set (ctx rows, target rows,
-    fitted models) and predictor; for two sets on the same targets also their paired difference."""
-    columns, names = [], []
-    for label, (ctx, tgt, fitted) in sets.items():
-        scored = score(X, ctx, tgt, {"copy_last": copy_last, "mean_context": mean_context, **fitted}, f"score {label}", s.progress)
-        for name, cos in scored.items():
-            for what, values in cos.items():
-                columns.append(values)
-                names.append((name, label, f"cos_{what}"))
-    if len(sets) == 2:
-        a, b = sets
-        for name in BASELINES:
-            columns.append(columns[names.index((name, a, "cos_target"))] - columns[names.index((name, b, "cos_target"))])
-            names.append((name, f"{a}_minus_{b}", ""))
-    boot = article_bootstrap(np.column_stack(columns), groups, s.bootstrap, seed, s.level)
-    out: dict[str, Any] = {}
-    for i, (name, label, what) in enumerate(names):
-        if what:
-            out.setdefault(name, {}).setdefault(label, {})[what] = _listed(boot, i)
-        else:
-            out.setdefault(name, {})[label] = _listed(boot, i)
-    return {"scored": boot["items"], "articles": boot["articles"], "predictors": out}
-
-
-def _sample(rows: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
-    """All of `rows`, or `n` of them drawn uniformly without replacement (kept sorted)."""
-    return rows if len(rows) <= n else np.sort(rng.choice(rows, n, replace=False))
 
 
 # ----------------------------------------------------------------------------- everything
