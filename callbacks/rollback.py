@@ -46,7 +46,7 @@ from lvm.guard.detectors import (
     skipped,
 )
 from lvm.runtime.checkpoints import finite_weights, read_checkpoint
-from lvm.runtime.errors import ConfigError, LvmError, finite
+from lvm.runtime.errors import ConfigError, LvmError, finite, require
 from lvm.runtime.files import drop_rows_after
 
 log = logging.getLogger(__name__)
@@ -87,25 +87,24 @@ class RollbackGuard(L.Callback):
         mini5cat: bool = True,
     ) -> None:
         b = dict(backoff)
-        problems = detector_problems(detectors, mini5cat)
-        if set(b) != {"hold_epochs", "target_frac_scale", "lambda_max_scale"}:
-            problems.append(f"guard.rollback.backoff needs hold_epochs, target_frac_scale and lambda_max_scale (got {sorted(b)})")
-        else:
-            problems += [
-                msg
-                for ok, msg in (
-                    (max_rollbacks >= 0, f"guard.rollback.max_rollbacks must be >= 0 (got {max_rollbacks})"),
-                    (keep_good >= 1, f"guard.rollback.keep_good must be >= 1 (got {keep_good})"),
-                    (b["hold_epochs"] >= 0, f"guard.rollback.backoff.hold_epochs must be >= 0 (got {b['hold_epochs']})"),
-                    *(
-                        (finite(b[k]) and 0 < b[k] <= 1, f"guard.rollback.backoff.{k} must be in (0, 1] (got {b[k]})")
-                        for k in ("target_frac_scale", "lambda_max_scale")
-                    ),
-                )
-                if not ok
-            ]
-        if problems:
-            raise ConfigError("; ".join(problems))
+        require(*((False, p) for p in detector_problems(detectors, mini5cat)), error=ConfigError)
+        require(
+            (
+                set(b) == {"hold_epochs", "target_frac_scale", "lambda_max_scale"},
+                f"guard.rollback.backoff needs hold_epochs, target_frac_scale and lambda_max_scale (got {sorted(b)})",
+            ),
+            error=ConfigError,
+        )
+        require(
+            (max_rollbacks >= 0, f"guard.rollback.max_rollbacks must be >= 0 (got {max_rollbacks})"),
+            (keep_good >= 1, f"guard.rollback.keep_good must be >= 1 (got {keep_good})"),
+            (b["hold_epochs"] >= 0, f"guard.rollback.backoff.hold_epochs must be >= 0 (got {b['hold_epochs']})"),
+            *(
+                (finite(b[k]) and 0 < b[k] <= 1, f"guard.rollback.backoff.{k} must be in (0, 1] (got {b[k]})")
+                for k in ("target_frac_scale", "lambda_max_scale")
+            ),
+            error=ConfigError,
+        )
         self.ckpt_dir = Path(run_dir) / "checkpoints"
         self.events_path = Path(run_dir) / "events.jsonl"
         self.detectors = dict(detectors)
