@@ -66,7 +66,7 @@ class SpikeSkip(L.Callback):
         skipped = bad & self.skip
         if self.skip:
             if not isinstance(optimizer, SkipStepAdamW):
-                raise TypeError("guard.spike.skip needs lvm.optim.SkipStepAdamW (built by the module when it is on)")
+                raise TypeError("guard.spike.skip needs lvm.model.optim.SkipStepAdamW (built by the module when it is on)")
             optimizer.keep = (~skipped).float()
         if not self._short:
             self.norms.push(norm)

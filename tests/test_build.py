@@ -347,7 +347,7 @@ def test_built_store_is_diagnosed_and_trains(tmp_path):
     rows = read_jsonl(tmp_path / "run" / "metrics.jsonl")
     assert len(rows) == 1 and -1 <= rows[0]["val/cos"] <= 1
     config = OmegaConf.load(tmp_path / "run" / "config.yaml")
-    assert (config.name, config.model.context_skip, config.optim.lr) == ("p6b_v2_wiki", True, 1.0e-4)
+    assert (config.name, config.model.context_skip, config.optim.optimizer.lr) == ("p6b_v2_wiki", True, 1.0e-4)
 
 
 @pytest.mark.skipif(not HAVE_TEXT, reason=NEEDS_TEXT)

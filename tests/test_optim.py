@@ -213,3 +213,30 @@ def test_the_spike_check_clips_as_lightning_would_from_the_same_norm(tmp_path):
     # And the clip does act: unclipped, the same run ends elsewhere.
     run(cfg_for(*common[:1], "trainer.gradient_clip_val=null", "trainer.max_epochs=2"), tmp_path / "unclipped")
     assert history(tmp_path / "unclipped") != history(tmp_path / "spike")
+
+
+@pytest.mark.parametrize(
+    "overrides,optimizer,scheduler",
+    [
+        ((), torch.optim.AdamW, torch.optim.lr_scheduler.ReduceLROnPlateau),
+        (("guard.spike.skip=true",), SkipStepAdamW, torch.optim.lr_scheduler.ReduceLROnPlateau),
+        (("optim.scheduler=null", "optim.optimizer.lr=0.002"), torch.optim.AdamW, None),
+    ],
+)
+def test_the_module_builds_the_configured_optimizer_and_scheduler(overrides, optimizer, scheduler):
+    from lvm.model.module import LVMModule
+    from lvm.runtime.objects import to_plain
+
+    module = LVMModule(to_plain(cfg_for(*overrides)), dim=8)
+    setup = module.configure_optimizers()
+    opt = setup["optimizer"]
+    group = opt.param_groups[0]
+    o = cfg_for(*overrides).optim.optimizer
+    assert type(opt) is optimizer and group["lr"] == o.lr and group["weight_decay"] == o.weight_decay
+    assert tuple(group["betas"]) == tuple(o.betas) and {id(p) for p in group["params"]} == {id(p) for p in module.parameters()}
+    if scheduler is None:
+        assert "lr_scheduler" not in setup
+    else:
+        entry = setup["lr_scheduler"]
+        assert type(entry["scheduler"]) is scheduler and entry["scheduler"].optimizer is opt
+        assert (entry["monitor"], entry["interval"], entry["scheduler"].factor) == ("val/loss", "epoch", 0.5)

@@ -65,7 +65,7 @@ def test_search_prunes_resumes_and_summarises(tmp_path):
         # TensorBoard's hparams tab compares the trials: each run's session holds its parameters.
         values, metrics = hparams_session(out / f"trial_{t.number:03d}" / "tb")
         assert values["loss.gamma"] == pytest.approx(t.params["loss.gamma"]) and values["ramp"] == t.params["ramp"]
-        assert values["optim.lr"] == pytest.approx(t.params["optim.lr"]) and "hparams/best_val_cos" in metrics
+        assert values["optim.optimizer.lr"] == pytest.approx(t.params["optim.optimizer.lr"]) and "hparams/best_val_cos" in metrics
         if t.state == optuna.trial.TrialState.COMPLETE:  # no rollback here: the objective is the metric
             assert t.value == pytest.approx(results["best_val_cos"] - 0.001 * results["guard"]["skipped_batches"])
     md = (out / "summary.md").read_text()
@@ -91,11 +91,11 @@ def test_search_needs_a_preset():
 
 def test_failed_trials_are_recorded_and_the_exit_code_says_none_completed(tmp_path):
     out = tmp_path / "search"
-    proc = run_module("lvm.tools.search", *SEARCH, "search.trials=2", "optim.weight_decay=-1", f"out={out}", timeout=300)
+    proc = run_module("lvm.tools.search", *SEARCH, "search.trials=2", "optim.optimizer.weight_decay=-1", f"out={out}", timeout=300)
     assert proc.returncode == 1, proc.stderr[-2000:]  # every trial was refused at start: none completed
     rows = list(csv.DictReader((out / "summary.csv").open()))
     assert [r["state"] for r in rows] == ["fail", "fail"]
-    assert all("optim.weight_decay must be >= 0" in r["status"] for r in rows)
+    assert all("optim.optimizer: Invalid weight_decay value" in r["status"] for r in rows)
 
 
 def test_a_trial_that_fails_in_training_is_recorded_and_the_search_goes_on(tmp_path, monkeypatch):

@@ -102,7 +102,11 @@ def test_resume_continues_at_right_epoch_and_stage(tmp_path, caplog):
         ("loss.lambda_min=0.1", "loss.lambda_min"),
         ("window.context=1", "window.context"),
         ("model.heads=3", "model.d_model"),
-        ("optim.lr=-1", "optim.lr"),
+        ("optim.optimizer.lr=-1", "optim.optimizer: Invalid learning rate"),
+        ("optim.optimizer.betas=[0.9,1.5]", "optim.optimizer: Invalid beta"),
+        ("+optim.optimizer.momentum=0.9", "optim.optimizer: .*unexpected keyword argument 'momentum'"),
+        ("optim.scheduler.factor=2", "optim.scheduler: Factor should be < 1.0"),
+        ("optim.scheduler.patience=-1", "optim.scheduler.patience"),
         ("data.split.val=0", "data.split"),
         (
             "ramp.stages=[{until:3,margin:0.1,target_frac:0.1},{until:2,margin:0.1,target_frac:0.1},{until:null,margin:0.1,target_frac:0.1}]",

@@ -119,8 +119,7 @@ def raw_loop(cfg: DictConfig, train: Windows, warmup: int, steps: int) -> Timing
     stage = stages[stage_index(cfg.ramp.epoch_base, stages)]
     lvm_module.set_knobs(stage.margin, stage.target_frac, lvm_module.knobs.lambda_max)
     skip = lvm_module.skip
-    o = cfg.optim
-    optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, weight_decay=o.weight_decay, betas=tuple(o.betas))
+    optimizer = lvm_module.configure_optimizers()["optimizer"]
     clip, prev_slot = cfg.trainer.gradient_clip_val, lvm_module.prev_slot
     batches = iter(make_loader(train, cfg.data.batch_size, True, cfg.data.num_workers, cfg.seed))
     model.train()

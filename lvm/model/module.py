@@ -186,17 +186,13 @@ class LVMModule(L.LightningModule):
         checkpoint[FORMAT_KEY] = FORMAT
 
     def configure_optimizers(self) -> dict[str, Any]:
+        """The optimizer `optim.optimizer` and scheduler `optim.scheduler` (null: none) from config.
+        Where updates may be skipped (guard.spike.skip) the optimizer is SkipStepAdamW with the same
+        settings: torch's AdamW has no 0/1 update factor (lvm/model/optim.py)."""
         o = self.optim_cfg
-        # SkipStepAdamW only where updates may be skipped (guard.spike.skip): otherwise torch's own.
-        adamw = SkipStepAdamW if self.skip_steps else torch.optim.AdamW
-        optimizer = adamw(self.parameters(), lr=o["lr"], weight_decay=o["weight_decay"], betas=tuple(o["betas"]))
-        sched = o["scheduler"]
-        if sched["name"] == "none":
+        spec = {**o["optimizer"], "_target_": f"{SkipStepAdamW.__module__}.SkipStepAdamW"} if self.skip_steps else o["optimizer"]
+        optimizer = build("optim.optimizer", spec, params=list(self.parameters()))
+        scheduler = build("optim.scheduler", o["scheduler"], optimizer=optimizer)
+        if scheduler is None:
             return {"optimizer": optimizer}
-        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-            optimizer, mode=sched["mode"], factor=sched["factor"], patience=sched["patience"]
-        )
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "monitor": sched["monitor"], "interval": "epoch"},
-        }
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "monitor": o["monitor"], "interval": "epoch"}}

@@ -19,14 +19,15 @@ def to_plain(cfg: DictConfig) -> dict[str, Any]:
 
 def build(key: str, node: Any, **kwargs: Any) -> Any:
     """`instantiate(node, **kwargs)` for the config entry `key` (a `_target_` and its keyword
-    arguments; None builds None). A rule the object checks (ValueError, LvmError) is raised as is;
-    a setting its constructor does not take is a ConfigError naming `key`."""
+    arguments; None builds None). A rule the object checks (ValueError, LvmError) is raised with
+    `key` in front unless its message names it already (torch's own classes do not); a setting its
+    constructor does not take is a ConfigError naming `key`."""
     if node is None:
         return None
     try:
         return instantiate(node, **kwargs)
     except InstantiationException as e:
         cause = e.__cause__
-        if isinstance(cause, (ValueError, LvmError)):
+        if isinstance(cause, LvmError) or (isinstance(cause, ValueError) and str(cause).startswith(key)):
             raise cause from None
         raise ConfigError(f"{key}: {cause if cause is not None else e}") from None

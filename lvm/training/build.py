@@ -148,7 +148,7 @@ def dashboard_hparams(cfg: DictConfig, choices: dict[str, str]) -> dict[str, Any
         "loss.gamma": cfg.loss.gamma,
         "loss.lambda_min": cfg.loss.lambda_min,
         "loss.lambda_max": cfg.loss.lambda_max,
-        "optim.lr": cfg.optim.lr,
+        "optim.optimizer.lr": cfg.optim.optimizer.lr,
         "data.source": cfg.data.source,
         "window.target_offset": cfg.window.target_offset,
         "seed": cfg.seed,

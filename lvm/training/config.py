@@ -74,16 +74,11 @@ def _problems(cfg: DictConfig) -> list[str]:
         "trainer.precision=auto and eval.precision=auto measure on one process: under DDP choose 32 or bf16-mixed",
     )
 
-    o = cfg.optim
-    need(finite(o.lr) and o.lr > 0, f"optim.lr must be > 0 (got {o.lr})")
-    need(finite(o.weight_decay) and o.weight_decay >= 0, f"optim.weight_decay must be >= 0 (got {o.weight_decay})")
-    need(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), f"optim.betas must be two numbers in [0, 1) (got {list(o.betas)})")
-    s = o.scheduler
-    need(s.name in ("plateau", "none"), f"optim.scheduler.name must be plateau or none (got {s.name!r})")
-    if s.name == "plateau":
-        need(0 < s.factor < 1, f"optim.scheduler.factor must be in (0, 1) (got {s.factor})")
-        need(s.patience >= 0, f"optim.scheduler.patience must be >= 0 (got {s.patience})")
-        need(s.mode in ("min", "max"), f"optim.scheduler.mode must be min or max (got {s.mode!r})")
+    o = plain["optim"]
+    param = torch.nn.Parameter(torch.zeros(1))
+    built(lambda: build("optim.scheduler", o["scheduler"], optimizer=build("optim.optimizer", o["optimizer"], params=[param])))
+    if o["scheduler"] is not None and "patience" in o["scheduler"]:  # torch accepts a negative patience
+        need(o["scheduler"]["patience"] >= 0, f"optim.scheduler.patience must be >= 0 (got {o['scheduler']['patience']})")
 
     d = cfg.data
     need(d.batch_size >= 1 and d.eval_batch_size >= 1, "data.batch_size and data.eval_batch_size must be >= 1")
