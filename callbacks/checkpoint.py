@@ -21,7 +21,7 @@ class FiniteModelCheckpoint(ModelCheckpoint):
     # The two methods every trigger (epoch, steps, time) calls once a save is due: the weights are
     # checked only then, not at every step.
     def _save_topk_checkpoint(self, trainer: L.Trainer, monitor_candidates: dict[str, Any]) -> None:
-        if self._finite(trainer):
+        if self.save_top_k and self._finite(trainer):
             super()._save_topk_checkpoint(trainer, monitor_candidates)
 
     def _save_last_checkpoint(self, trainer: L.Trainer, monitor_candidates: dict[str, Any]) -> None:

@@ -31,7 +31,7 @@ import torch
 
 from lvm.data.sampler import EpochSampler
 from lvm.runtime.checkpoints import finite_weights
-from lvm.runtime.errors import Preempted
+from lvm.runtime.errors import Preempted, finite, require
 from lvm.runtime.signals import StopSignals
 
 log = logging.getLogger(__name__)
@@ -92,6 +92,14 @@ class ExactResume(L.Callback):
         signals: StopSignals | None,
         signal_check_every: int,
     ) -> None:
+        n = every_n_steps
+        require(
+            (
+                n is None or n == "auto" or (isinstance(n, int) and not isinstance(n, bool) and n >= 1),
+                f"callbacks.resume.every_n_steps must be auto, null or an integer >= 1 (got {n!r})",
+            ),
+            (finite(every_minutes) and every_minutes > 0, f"callbacks.resume.every_minutes must be > 0 (got {every_minutes})"),
+        )
         self.sampler = sampler
         self.batch_size = batch_size
         self.last_path = Path(last_path)

@@ -25,7 +25,7 @@ EXACT = [
     "trainer.max_epochs=3",
     "model.dropout=0.1",
     "optim.scheduler.patience=0",
-    "callbacks.checkpoint.every_n_steps=4",
+    "callbacks.resume.every_n_steps=4",
     "logger.flush_every=3",
     "guard.rollback.detectors.val_floor=null",
     "guard.rollback.detectors.val_drop=null",
@@ -126,7 +126,7 @@ def test_auto_interval_is_timed_on_the_first_steps(tmp_path, caplog):
     """every_n_steps=auto: steps 10..60 are timed and last.ckpt is then written every ~every_minutes."""
     with caplog.at_level("INFO", logger="callbacks.resume"):
         run(
-            cfg_for("trainer.max_epochs=12", "callbacks.checkpoint.every_n_steps=auto", "callbacks.checkpoint.every_minutes=0.002"),
+            cfg_for("trainer.max_epochs=12", "callbacks.resume.every_n_steps=auto", "callbacks.resume.every_minutes=0.002"),
             tmp_path,
         )  # 0.12 s: a few steps
     line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("Mid-epoch last.ckpt every"))

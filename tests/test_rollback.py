@@ -182,7 +182,7 @@ def test_recovery_experiment_resumes_a_v1_checkpoint_under_v2(tmp_path, caplog):
     """The recovery takes the checkpoint's model (here the plain one, without the default context
     skip) and v2's loss settings."""
     run(
-        cfg_for("+experiment=p6b_v1", "trainer.max_epochs=2", "callbacks.checkpoint.every_epoch=true", "model.context_skip=false"),
+        cfg_for("+experiment=p6b_v1", "trainer.max_epochs=2", "callbacks.epoch_checkpoints.save_top_k=-1", "model.context_skip=false"),
         tmp_path / "v1",
     )
     epoch0 = tmp_path / "v1" / "checkpoints" / "epoch00.ckpt"

@@ -58,10 +58,12 @@ def test_experiment_trains_end_to_end(experiment, tmp_path):
 
 
 def test_every_epoch_checkpoints_on_request(tmp_path):
-    run(cfg_for("callbacks.checkpoint.every_epoch=true"), tmp_path)
+    run(cfg_for("callbacks.epoch_checkpoints.save_top_k=-1"), tmp_path)
     names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     assert {"epoch00.ckpt", "epoch01.ckpt", "last.ckpt"} <= set(names)
     assert torch.load(tmp_path / "checkpoints" / "epoch00.ckpt", weights_only=True)["epoch"] == 0
+    run(cfg_for(), tmp_path / "default")  # save_top_k 0 by default: best and last only
+    assert not [p.name for p in (tmp_path / "default" / "checkpoints").iterdir() if p.name.startswith("epoch")]
 
 
 def test_directional_state_follows_experiment(tmp_path, caplog):
@@ -113,7 +115,12 @@ def test_resume_continues_at_right_epoch_and_stage(tmp_path, caplog):
             "increase",
         ),
         ("guard.skip_rule.both_pos_below=0.05", "both_neg_below"),
-        ("callbacks.checkpoint.every_n_steps=0", "callbacks.checkpoint.every_n_steps"),
+        ("callbacks.resume.every_n_steps=0", "callbacks.resume.every_n_steps"),
+        ("callbacks.resume.every_minutes=0", "callbacks.resume.every_minutes"),
+        ("callbacks.resume=null", "callbacks.resume cannot be null"),
+        ("callbacks.best_checkpoint=null", "callbacks.best_checkpoint cannot be null"),
+        ("callbacks.progress_bar.refresh_rate=0", "callbacks.progress_bar.refresh_rate"),
+        ("+callbacks.best_checkpoint.every_step=1", "callbacks.best_checkpoint: .*unexpected keyword argument 'every_step'"),
         ("threads=0", "threads"),
         ("overwrite=maybe", "overwrite"),
         ("model.dropout=1.0", "model.dropout"),

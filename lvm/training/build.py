@@ -9,16 +9,13 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
 from callbacks import (
     SPIKE_STATS,
     DeviceData,
-    ExactResume,
-    FiniteModelCheckpoint,
     RampSchedule,
     ShareCPUs,
     SkipReport,
@@ -73,7 +70,7 @@ def build_callbacks(
 ) -> list[L.Callback]:
     cb, g = cfg.callbacks, cfg.guard
     ckpt_dir = run_dir / "checkpoints"
-    schedule = RampSchedule(OmegaConf.to_container(cfg.ramp.stages, resolve=True), cfg.ramp.epoch_base, cfg.loss.lambda_max)
+    schedule: RampSchedule = build("ramp", cfg.ramp)
     # The spike check clips too, with the gradient norm it computes anyway (one norm per step, not two).
     spike = build("guard.spike", g.get("spike"), clip=clip_by_norm(cfg))
     fault = None
@@ -99,32 +96,24 @@ def build_callbacks(
     if cb.mini5cat is not None:
         out.append(build("callbacks.mini5cat", cb.mini5cat, windows=splits["val"], slot_weights=slot_weights))
     # Best by val cosine first: trainer.checkpoint_callback is the first ModelCheckpoint.
-    out.append(
-        FiniteModelCheckpoint(
-            dirpath=ckpt_dir, filename="best-epoch{epoch:02d}", monitor="val/cos", mode="max", save_top_k=1, auto_insert_metric_name=False
-        )
-    )
-    if cb.checkpoint.every_epoch:
-        out.append(
-            FiniteModelCheckpoint(
-                dirpath=ckpt_dir, filename="epoch{epoch:02d}", monitor="epoch", mode="max", save_top_k=-1, auto_insert_metric_name=False
-            )
-        )
+    out.append(build("callbacks.best_checkpoint", cb.best_checkpoint, dirpath=ckpt_dir))
+    if cb.epoch_checkpoints is not None:
+        out.append(build("callbacks.epoch_checkpoints", cb.epoch_checkpoints, dirpath=ckpt_dir))
     out.append(TensorBoardDashboard(hparams, run_dir / "metrics.jsonl"))
     # After the guard and the dashboard: last.ckpt holds their decisions and rows of its step.
     out.append(
-        ExactResume(
-            sampler,
-            cfg.data.batch_size,
-            ckpt_dir / "last.ckpt",
-            cb.checkpoint.every_n_steps,
-            cb.checkpoint.every_minutes,
-            signals,
+        build(
+            "callbacks.resume",
+            cb.resume,
+            sampler=sampler,
+            batch_size=cfg.data.batch_size,
+            last_path=ckpt_dir / "last.ckpt",
+            signals=signals,
             signal_check_every=cfg.logger.flush_every,
         )
     )
-    if cfg.trainer.get("enable_progress_bar", True):
-        out.append(TQDMProgressBar(refresh_rate=cb.progress_refresh_rate))
+    if cfg.trainer.get("enable_progress_bar", True) and cb.progress_bar is not None:
+        out.append(build("callbacks.progress_bar", cb.progress_bar))
     if cfg.threads == "auto" and not cfg.trainer.deterministic:  # a deterministic run keeps its thread count
         out.append(ShareCPUs(ThreadShare(limit=usable_cpus())))
     return out

@@ -9,12 +9,11 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from callbacks.device_data import keeps_data_on_device
-from callbacks.ramp import RampSchedule
 from lvm.data.loaders import check_source
 from lvm.data.store import WindowSpec, check_policy
 from lvm.evaluation.gates import parse_eval
 from lvm.guard.steplog import StepLog
-from lvm.runtime.errors import ConfigError, LvmError, finite
+from lvm.runtime.errors import ConfigError, LvmError
 from lvm.runtime.launchers import is_ddp
 from lvm.runtime.objects import build, to_plain
 from lvm.runtime.precision import check_precision
@@ -56,7 +55,7 @@ def _problems(cfg: DictConfig) -> list[str]:
     built(lambda: build("loss", plain["loss"]))
     built(lambda: build("guard.skip_rule", plain["guard"].get("skip_rule")))
     built(lambda: build("guard.spike", plain["guard"].get("spike")))
-    built(lambda: RampSchedule(plain["ramp"]["stages"], plain["ramp"]["epoch_base"], plain["loss"]["lambda_max"]))
+    built(lambda: build("ramp", plain["ramp"]))
     mini5cat = plain["callbacks"]["mini5cat"] is not None
     built(lambda: build("guard.rollback", plain["guard"]["rollback"], run_dir=".", schedule=None, mini5cat=mini5cat))
     if plain.get("fault") is not None:
@@ -103,20 +102,18 @@ def _problems(cfg: DictConfig) -> list[str]:
 
     t = cfg.trainer
     need(t.get("max_epochs", 1) is not None and t.get("max_epochs", 1) >= 1, f"trainer.max_epochs must be >= 1 (got {t.get('max_epochs')})")
-    ck = cfg.callbacks.checkpoint
-    n = ck.every_n_steps
-    need(
-        n is None or n == "auto" or (isinstance(n, int) and not isinstance(n, bool) and n >= 1),
-        f"callbacks.checkpoint.every_n_steps must be auto, null or an integer >= 1 (got {n!r})",
-    )
-    need(finite(ck.every_minutes) and ck.every_minutes > 0, f"callbacks.checkpoint.every_minutes must be > 0 (got {ck.every_minutes})")
+    for key in ("best_checkpoint", "resume"):  # what ends a run says rests on them (best and last.ckpt)
+        need(cfg.callbacks[key] is not None, f"callbacks.{key} cannot be null: every run keeps its best and last checkpoints")
+    for key in ("best_checkpoint", "epoch_checkpoints", "progress_bar"):
+        built(lambda key=key: build(f"callbacks.{key}", plain["callbacks"][key]))
+    if cfg.callbacks.resume is not None:
+        resume = plain["callbacks"]["resume"]
+        built(lambda: build("callbacks.resume", resume, sampler=None, batch_size=1, last_path=".", signals=None, signal_check_every=1))
     need(isinstance(cfg.overwrite, bool), f"overwrite must be true or false (got {cfg.overwrite!r})")
     need(isinstance(cfg.ckpt_model, bool), f"ckpt_model must be true or false (got {cfg.ckpt_model!r})")
     mc = cfg.callbacks.mini5cat
-    need(
-        cfg.callbacks.progress_refresh_rate >= 1,
-        f"callbacks.progress_refresh_rate must be >= 1 (got {cfg.callbacks.progress_refresh_rate})",
-    )
+    bar = cfg.callbacks.progress_bar
+    need(bar is None or bar.refresh_rate >= 1, f"callbacks.progress_bar.refresh_rate must be >= 1 (got {bar and bar.refresh_rate})")
     if mc is not None:
         need(mc.n_windows >= 1, f"callbacks.mini5cat.n_windows must be >= 1 (got {mc.n_windows})")
     need(cfg.logger.print_every >= 0, f"logger.print_every must be >= 0 (got {cfg.logger.print_every})")
