@@ -201,8 +201,8 @@ def test_the_spike_check_clips_as_lightning_would_from_the_same_norm(tmp_path):
 
     common = ["+experiment=p6b_v2", "trainer.gradient_clip_val=0.05", "trainer.max_epochs=2"]
     cfg = cfg_for(*common)
-    trainer = build_fit(cfg, build_data(cfg), tmp_path / "built")[0]
-    assert trainer.gradient_clip_val is None and [c.clip for c in trainer.callbacks if isinstance(c, SpikeSkip)] == [0.05]
+    fit = build_fit(cfg, build_data(cfg), tmp_path / "built")
+    assert fit.trainer.gradient_clip_val is None and [c.clip for c in fit.trainer.callbacks if isinstance(c, SpikeSkip)] == [0.05]
     run(cfg, tmp_path / "spike")
     run(cfg_for(*common, "guard.spike=null"), tmp_path / "lightning")
     a, b = final_state(tmp_path / "spike"), final_state(tmp_path / "lightning")

@@ -292,15 +292,18 @@ def test_collapse_drill(tmp_path, precision):
 def test_the_run_wires_the_spike_check_and_the_fault_as_the_guards_listeners(tmp_path):
     """Callbacks never look each other up: the run hands the guard built from guard.rollback the
     ramp it backs off and the callbacks it tells of a rollback (RollbackListener)."""
-    from callbacks import RampSchedule, RollbackGuard, SpikeSkip
+    from callbacks import ExactResume, RampSchedule, RollbackGuard, SkipReport, SpikeSkip
     from lvm.training.build import build_data, build_fit
 
     cfg = cfg_for("guard=rollback", "+fault=inject", "fault.nan_at_steps=[3]")
-    trainer, *_ = build_fit(cfg, build_data(cfg), tmp_path)
-    of = {type(c): c for c in trainer.callbacks}
+    fit = build_fit(cfg, build_data(cfg), tmp_path)
+    of = {type(c): c for c in fit.trainer.callbacks}
     guard = of[RollbackGuard]
+    # What the run reads when the fit ends, it is handed by name (it never searches trainer.callbacks).
+    named = fit.callbacks
+    assert (named.guard, named.spike, named.skip_report, named.resume) == (guard, of[SpikeSkip], of[SkipReport], of[ExactResume])
     assert guard.listeners == [of[SpikeSkip], of[FaultInjection]] and guard.schedule is of[RampSchedule]
     assert of[FaultInjection].steps == {3} and of[FaultInjection].ckpt_dir == tmp_path / "checkpoints"
-    bare, *_ = build_fit(cfg_for("guard=rollback", "guard.spike=null"), build_data(cfg), tmp_path / "b")
+    bare = build_fit(cfg_for("guard=rollback", "guard.spike=null"), build_data(cfg), tmp_path / "b").trainer
     assert [c for c in bare.callbacks if isinstance(c, RollbackGuard)][0].listeners == []
     assert not any(isinstance(c, FaultInjection) for c in bare.callbacks)  # no +fault: no fault callback

@@ -158,7 +158,7 @@ def lightning_loop(
     run_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     timer = StepTimer(warmup, steps)
-    trainer, module, train_loader, val_loaders = build_fit(
+    fit = build_fit(
         cfg,
         splits,
         run_dir,
@@ -171,7 +171,7 @@ def lightning_loop(
         enable_checkpointing=full,
         **trainer_overrides,
     )
-    trainer.fit(module, train_loader, val_loaders)
+    fit.trainer.fit(fit.module, fit.train_loader, fit.val_loaders)
     assert timer.timing is not None
     return timer.timing
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,9 @@ from torch.utils.data import DataLoader
 from callbacks import (
     SPIKE_STATS,
     DeviceData,
+    ExactResume,
     RampSchedule,
+    RollbackGuard,
     ShareCPUs,
     SkipReport,
     SpikeSkip,
@@ -59,6 +62,29 @@ def make_loader(windows: Windows, batch_size: int, shuffle: bool, num_workers: i
     )
 
 
+@dataclass
+class RunCallbacks:
+    """A run's own callbacks in trainer order, and those the run reads when the fit ends."""
+
+    all: list[L.Callback]
+    spike: SpikeSkip | None
+    guard: RollbackGuard | None
+    skip_report: SkipReport | None
+    resume: ExactResume
+
+
+@dataclass
+class Fit:
+    """What `build_fit` builds: the trainer, the module, their loaders and the run's own callbacks
+    (None for a fit without them, the benchmark's bare loop)."""
+
+    trainer: L.Trainer
+    module: LVMModule
+    train_loader: DataLoader
+    val_loaders: list[DataLoader]
+    callbacks: RunCallbacks | None
+
+
 def build_callbacks(
     cfg: DictConfig,
     splits: dict[str, Windows],
@@ -67,7 +93,7 @@ def build_callbacks(
     sampler: EpochSampler,
     signals: StopSignals | None,
     slot_weights: torch.Tensor,
-) -> list[L.Callback]:
+) -> RunCallbacks:
     cb, g = cfg.callbacks, cfg.guard
     ckpt_dir = run_dir / "checkpoints"
     schedule: RampSchedule = build("ramp", cfg.ramp)
@@ -90,8 +116,9 @@ def build_callbacks(
         STEP_STATS, cfg.logger.flush_every, [guard.on_rows] if guard else [], [(SPIKE_STATS, spike.stats)] if spike else []
     )
     out: list[L.Callback] = [schedule, stats, *([spike] if spike else [])]
-    if g.skip_rule is not None:
-        out.append(SkipReport(STEP_STATS, cfg.logger.print_every))
+    skip_report = SkipReport(STEP_STATS, cfg.logger.print_every) if g.skip_rule is not None else None
+    if skip_report is not None:
+        out.append(skip_report)
     out += [c for c in (guard, fault) if c is not None]
     if cb.mini5cat is not None:
         out.append(build("callbacks.mini5cat", cb.mini5cat, windows=splits["val"], slot_weights=slot_weights))
@@ -101,22 +128,21 @@ def build_callbacks(
         out.append(build("callbacks.epoch_checkpoints", cb.epoch_checkpoints, dirpath=ckpt_dir))
     out.append(TensorBoardDashboard(hparams, run_dir / "metrics.jsonl"))
     # After the guard and the dashboard: last.ckpt holds their decisions and rows of its step.
-    out.append(
-        build(
-            "callbacks.resume",
-            cb.resume,
-            sampler=sampler,
-            batch_size=cfg.data.batch_size,
-            last_path=ckpt_dir / "last.ckpt",
-            signals=signals,
-            signal_check_every=cfg.logger.flush_every,
-        )
+    resume = build(
+        "callbacks.resume",
+        cb.resume,
+        sampler=sampler,
+        batch_size=cfg.data.batch_size,
+        last_path=ckpt_dir / "last.ckpt",
+        signals=signals,
+        signal_check_every=cfg.logger.flush_every,
     )
+    out.append(resume)
     if cfg.trainer.get("enable_progress_bar", True) and cb.progress_bar is not None:
         out.append(build("callbacks.progress_bar", cb.progress_bar))
     if cfg.threads == "auto" and not cfg.trainer.deterministic:  # a deterministic run keeps its thread count
         out.append(ShareCPUs(ThreadShare(limit=usable_cpus())))
-    return out
+    return RunCallbacks(out, spike, guard, skip_report, resume)
 
 
 def clip_by_norm(cfg: DictConfig) -> float | None:
@@ -155,7 +181,7 @@ def build_fit(
     resume: dict[str, Any] | None = None,
     slot_weights: torch.Tensor | None = None,
     **trainer_overrides: Any,
-) -> tuple[L.Trainer, LVMModule, DataLoader, list[DataLoader]]:
+) -> Fit:
     """Trainer, module and loaders of a run (also used by the benchmark, with overrides).
     `resume`: the checkpoint the run resumes from (TensorBoard hides what the killed run logged after it).
     `slot_weights`: the slot-linear baseline's, when the caller has fitted them already."""
@@ -173,19 +199,19 @@ def build_fit(
         logger = build("logger.tensorboard", cfg.logger.tensorboard, save_dir=str(run_dir), purge_step=purge)
     # The device gather first: every other callback's batch hooks read the gathered batch.
     callbacks = [*([DeviceData(splits["train"], evals)] if on_device else []), *extra_callbacks]
+    own = None
     if lvm_callbacks:
         if slot_weights is None:
             slot_weights = fit_slot_linear(splits["train"], d.eval_batch_size)
-        callbacks += build_callbacks(
-            cfg, splits, run_dir, dashboard_hparams(cfg, choices or {}), train_loader.sampler, signals, slot_weights
-        )
+        own = build_callbacks(cfg, splits, run_dir, dashboard_hparams(cfg, choices or {}), train_loader.sampler, signals, slot_weights)
+        callbacks += own.all
     settings = {**plain["trainer"], **trainer_overrides}
-    if any(isinstance(c, SpikeSkip) and c.clip is not None for c in callbacks):
+    if own is not None and own.spike is not None and own.spike.clip is not None:
         settings["gradient_clip_val"] = None  # the spike check clips, with the gradient norm it computes anyway
     trainer = build(
         "trainer", settings, callbacks=callbacks, logger=logger or False, default_root_dir=str(run_dir), plugins=[AtomicCheckpointIO()]
     )
-    return trainer, module, train_loader, val_loaders
+    return Fit(trainer, module, train_loader, val_loaders, own)
 
 
 def first_unlogged_step(ckpt: dict[str, Any]) -> int:

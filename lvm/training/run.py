@@ -16,12 +16,11 @@ from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from callbacks import ExactResume, RollbackGuard, SkipReport
 from lvm.data.store import Windows
 from lvm.evaluation.baselines import baseline_cosines, fit_slot_linear
 from lvm.evaluation.suite import evaluate_after_fit
 from lvm.guard.events import guard_policy, read_events, summarize_events
-from lvm.model.module import LVMModule, accelerator_device
+from lvm.model.module import accelerator_device
 from lvm.runtime.checkpoints import check_dim, read_checkpoint
 from lvm.runtime.errors import LvmError, Preempted, RunFailed
 from lvm.runtime.files import atomic_write_text
@@ -35,7 +34,7 @@ from lvm.runtime.rundir import (
 )
 from lvm.runtime.signals import StopSignals
 from lvm.runtime.threads import set_threads
-from lvm.training.build import build_data, build_fit
+from lvm.training.build import Fit, build_data, build_fit
 from lvm.training.config import validate
 
 log = logging.getLogger(__name__)
@@ -168,7 +167,7 @@ def run(
         atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(to_plain(cfg)))
     try:
         with StopSignals() as signals:
-            trainer, module, train_loader, val_loaders = build_fit(
+            fit = build_fit(
                 cfg,
                 splits,
                 run_dir,
@@ -178,13 +177,14 @@ def run(
                 resume=ckpt[1] if ckpt else None,
                 slot_weights=slot_weights,
             )
+            trainer = fit.trainer
             try:
-                trainer.fit(module, train_loader, val_loaders, ckpt_path=ckpt[0] if ckpt else None)
-                status = ending(trainer)
+                trainer.fit(fit.module, fit.train_loader, fit.val_loaders, ckpt_path=ckpt[0] if ckpt else None)
+                status = ending(fit, extra_callbacks)
             except (Preempted, SIGTERMException) as e:
                 status = "preempted"
                 log.warning("Run preempted (%s): resume with ckpt_path=last", e)
-        results = {**summarize_run(cfg, trainer, module, run_dir, status), "baselines": baselines}
+        results = {**summarize_run(cfg, fit, run_dir, status), "baselines": baselines}
         results["precision"] = precision
         if ckpt:  # where a resumed run picked up (a killed run's lost steps are the difference)
             results["resumed_from"] = {"checkpoint": ckpt[0], "epoch": ckpt[1].get("epoch"), "step": ckpt[1].get("global_step")}
@@ -205,20 +205,20 @@ def run(
     return results
 
 
-def ending(trainer: L.Trainer) -> str:
+def ending(fit: Fit, extra_callbacks: Sequence[L.Callback]) -> str:
     """The status of a fit that returned: stopped by the guard (max_rollbacks), stopped by a
-    callback that says why (`stop_reason`, e.g. a search's pruning), or completed."""
-    guard = next((c for c in trainer.callbacks if isinstance(c, RollbackGuard)), None)
+    callback the caller added that says why (`stop_reason`, e.g. a search's pruning), or completed."""
+    guard = fit.callbacks.guard
     if guard is not None and guard.stopped:
         return "stopped: max_rollbacks"
-    reason = next((c.stop_reason for c in trainer.callbacks if getattr(c, "stop_reason", None)), None)
+    reason = next((c.stop_reason for c in extra_callbacks if getattr(c, "stop_reason", None)), None)
     return f"stopped: {reason}" if reason else "completed"
 
 
-def guard_record(cfg: DictConfig, trainer: L.Trainer, run_dir: Path) -> dict[str, Any]:
+def guard_record(cfg: DictConfig, fit: Fit, run_dir: Path) -> dict[str, Any]:
     """The guard's record in results.json: its policy, events.jsonl summed up (rollbacks, stops,
     trips by detector) and the batches whose directional term the skip rule zeroed."""
-    skip = next((c for c in trainer.callbacks if isinstance(c, SkipReport)), None)
+    skip = fit.callbacks.skip_report
     return {
         "policy": guard_policy(cfg.guard),
         **summarize_events(read_events(run_dir / "events.jsonl")),
@@ -226,10 +226,11 @@ def guard_record(cfg: DictConfig, trainer: L.Trainer, run_dir: Path) -> dict[str
     }
 
 
-def summarize_run(cfg: DictConfig, trainer: L.Trainer, module: LVMModule, run_dir: Path, status: str) -> dict[str, Any]:
+def summarize_run(cfg: DictConfig, fit: Fit, run_dir: Path, status: str) -> dict[str, Any]:
     """What results.json says of a finished, stopped or preempted fit."""
+    trainer = fit.trainer
     best = trainer.checkpoint_callback
-    last = next(c for c in trainer.callbacks if isinstance(c, ExactResume)).last_path
+    last = fit.callbacks.resume.last_path
     results = {
         "name": cfg.name,
         "status": status,
@@ -243,8 +244,8 @@ def summarize_run(cfg: DictConfig, trainer: L.Trainer, module: LVMModule, run_di
         "best_val_cos": float(best.best_model_score) if best.best_model_score is not None else None,
         "last_checkpoint": str(last) if last.is_file() else None,
         "final": {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("val/", "ood/", "mini5cat/"))},
-        "params": sum(p.numel() for p in module.parameters()),
-        "guard": guard_record(cfg, trainer, run_dir),
+        "params": sum(p.numel() for p in fit.module.parameters()),
+        "guard": guard_record(cfg, fit, run_dir),
     }
     if trainer.world_size > 1:  # every rank says what it saw: their validation metrics must agree
         log.info(
