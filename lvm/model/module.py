@@ -29,8 +29,9 @@ log = logging.getLogger(__name__)
 
 EVAL_SPLITS = ("val", "ood")
 # The statistics of every training step, in the order of `outputs["stats"]` (logged as train/<name>
-# through callbacks/stats.py; lvm/guard/steplog.py says why not self.log).
-STEP_STATS = (
+# through callbacks/stats.py; lvm/guard/steplog.py says why not self.log): what the step measures,
+# then the loss knobs it ran with.
+MEASURED = (
     "loss",
     "mse",
     "dir",
@@ -45,11 +46,9 @@ STEP_STATS = (
     "dir_grad_share",
     "diversity",
     "ca",
-    "margin",
-    "target_frac",
-    "lambda_min",
-    "lambda_max",
 )
+KNOBS = ("margin", "target_frac", "lambda_min", "lambda_max")
+STEP_STATS = MEASURED + KNOBS
 
 
 def accelerator_device(accelerator: str = "auto") -> torch.device:
@@ -72,7 +71,7 @@ def predict_units(module: torch.nn.Module, context: torch.Tensor, batch_size: in
 def batch_health(pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The batch's prediction diversity and mean contrastive accuracy (lvm.metrics) of unit
     predictions `pred`, for the guard's collapse detectors. The target is normalised once for both
-    (normalising inside each took 37 of 119 us per step, measured). A batch of one window (an
+    (not inside each: it was a third of their cost). A batch of one window (an
     epoch's remainder) has no spread to measure: both read 1, neutral, rather than NaN, which the
     non-finite detector would take for a broken model (a NaN model has a NaN loss in the same row)."""
     if len(pred) < 2:
@@ -130,24 +129,25 @@ class LVMModule(L.LightningModule):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, Any]:
         """The loss, and the step's statistics (STEP_STATS, on device: no host sync) with its step."""
         terms, raw, pred = self.compute_loss(batch, self.skip)
-        stats = torch.stack(
-            [
-                terms.loss.detach(),
-                terms.mse.detach(),
-                terms.dir.detach(),
-                terms.lambda_eff,
-                terms.frac_of_mse,
-                terms.pos,
-                terms.neg,
-                terms.gap,
-                terms.skipped.float(),
-                raw.detach().norm(dim=-1).mean(),
-                terms.penalties,
-                directional_grad_share(terms, raw),
-                *batch_health(pred.detach(), batch["target"]),
-            ]
-        )
-        out = {"loss": terms.loss, "stats": torch.cat([stats.float(), self._knob_row(stats.device)]), "step": self.global_step}
+        diversity, ca = batch_health(pred.detach(), batch["target"])
+        measured = {
+            "loss": terms.loss.detach(),
+            "mse": terms.mse.detach(),
+            "dir": terms.dir.detach(),
+            "lambda_eff": terms.lambda_eff,
+            "frac_of_mse": terms.frac_of_mse,
+            "pos": terms.pos,
+            "neg": terms.neg,
+            "gap": terms.gap,
+            "skipped": terms.skipped.float(),
+            "raw_norm": raw.detach().norm(dim=-1).mean(),
+            "penalties": terms.penalties,
+            "dir_grad_share": directional_grad_share(terms, raw),
+            "diversity": diversity,
+            "ca": ca,
+        }
+        stats = torch.stack([measured[n].float() for n in MEASURED])
+        out = {"loss": terms.loss, "stats": torch.cat([stats, self._knob_row(stats.device)]), "step": self.global_step}
         k = self.knobs
         if self.print_every and self.global_step % self.print_every == 0 and self.trainer.is_global_zero:
             log.info(
@@ -163,8 +163,7 @@ class LVMModule(L.LightningModule):
 
     def _knob_row(self, device: torch.device) -> torch.Tensor:
         """The knobs as a device tensor, rebuilt only when a callback changed them (no per-step copy)."""
-        k = self.knobs
-        values = (k.margin, k.target_frac, k.lambda_min, k.lambda_max)
+        values = tuple(getattr(self.knobs, n) for n in KNOBS)
         if self._knobs_cached is None or self._knobs_cached[0] != values or self._knobs_cached[1].device != device:
             self._knobs_cached = (values, torch.tensor(values, dtype=torch.float32, device=device))
         return self._knobs_cached[1]

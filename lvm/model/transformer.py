@@ -12,7 +12,7 @@ smaller than the sinusoids, and a short run spends its first thousand steps grow
 `out_init_scale` scales the output layer's initial weights.
 
 Attention is `ShortAttention`: nn.MultiheadAttention's parameters and state_dict, computed with two
-batched matmuls, because PyTorch's fused kernel is slow at a context of five (measured below).
+batched matmuls, because PyTorch's fused kernel is slow at a context of five (docs/performance.md).
 
 `context_skip` (off in the original) adds a learned weighted sum of the context vectors to raw,
 starting as their mean: the network then learns a correction to the mean-of-context baseline
@@ -38,10 +38,8 @@ class ShortAttention(nn.MultiheadAttention):
     """nn.MultiheadAttention (batch-first; same parameters, init and state_dict) computed as
     softmax(QK^T / sqrt(d) + mask) V with two batched matmuls. Hand-rolled for a measured reason:
     on the CPU, scaled_dot_product_attention takes its flash kernel, whose cost per (window, head)
-    dominates at five tokens: [1024 windows, 8 heads, 5, 64] took 11.8 ms in bf16 and 16.3 ms in
-    fp32 there against 2.7 and 4.5 ms here, and 5CAT ran ~20% faster (2 threads; docs/performance.md, "Speed at
-    the original's scale"); a training step at batch 32 is unchanged within noise. Only what the P6
-    layers pass is supported: no key padding mask, no attention weights returned."""
+    dominates at five tokens (the timings: docs/performance.md, "Speed at the original's scale").
+    Only what the P6 layers pass is supported: no key padding mask, no attention weights returned."""
 
     def forward(
         self,
