@@ -7,8 +7,9 @@ import pytest
 
 from lvm.data.splits import make_splits, split_articles
 from lvm.data.store import ArticleStore, WindowSpec
-from lvm.runtime.errors import DataError
-from tests.helpers import P6
+from lvm.runtime.errors import ConfigError, DataError
+from lvm.training.config import validate
+from tests.helpers import P6, cfg_for
 
 IDS = np.arange(100) * 3 + 11  # non-contiguous article ids
 
@@ -134,8 +135,18 @@ def test_make_splits_deterministic():
 def test_make_splits_empty_val_names_split():
     store = varied_store()
     with pytest.raises(DataError) as e:
-        make_splits(store, P6, val=0.0, ood=0.1, seed=0)
+        make_splits(store, P6, val=0.0001, ood=0.1, seed=0)  # rounds to no val article
     assert "'val'" in str(e.value) and "toy" in str(e.value)
+
+
+def test_a_training_split_needs_val_and_the_rule_is_the_one_start_up_checks():
+    """make_splits and the start-up check refuse val=0 with the same line (split_articles alone,
+    a general article split, accepts it)."""
+    with pytest.raises(DataError, match=r"data.split needs 0 < val < 1") as e:
+        make_splits(varied_store(), P6, val=0, ood=0.2, seed=0)
+    with pytest.raises(ConfigError) as startup:
+        validate(cfg_for("data.split.val=0", "data.split.ood=0.2"))
+    assert str(e.value) in str(startup.value)
 
 
 def test_make_splits_empty_train_names_split():

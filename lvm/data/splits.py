@@ -15,6 +15,15 @@ log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "ood")
 
 
+def check_fractions(val: float, ood: float, val_required: bool = True) -> None:
+    """The split fractions' rule: OOD in [0, 1), val in (0, 1) (a training run validates on held-out
+    articles; [0, 1) where `val_required` is false) and val + ood < 1, so train keeps some."""
+    low_ok = val > 0 if val_required else val >= 0
+    if not (low_ok and val < 1 and 0 <= ood < 1 and val + ood < 1):
+        bound = "0 < val < 1" if val_required else "0 <= val < 1"
+        raise DataError(f"data.split needs {bound}, 0 <= ood < 1 and val + ood < 1 (got val={val}, ood={ood})")
+
+
 def split_articles(
     articles: np.ndarray,
     val: float,
@@ -46,8 +55,7 @@ def split_articles(
         if unused:
             log.info("data.split.ranges leaves %d of %d articles unused", unused, len(articles))
         return out
-    if not (0 <= val < 1 and 0 <= ood < 1 and val + ood < 1):
-        raise DataError(f"data.split: need 0 <= val, ood and val + ood < 1 (got val={val}, ood={ood})")
+    check_fractions(val, ood, val_required=False)
     n = len(articles)
     n_ood = int(round(ood * n))
     n_val = int(round(val * n))
@@ -74,6 +82,8 @@ def make_splits(
             "%s: %d of %d articles have fewer than %d chunks and yield no window",
             store.source, short, store.num_articles, spec.min_article_chunks,
         )
+    if not ranges:
+        check_fractions(val, ood)
     ids = split_articles(store.unique_articles(), val, ood, seed, ranges)
     out = store.split_windows(spec, {name: ids[name] for name in SPLITS})
     # With ranges the fractions are ignored: OOD is requested only if it has a range.

@@ -10,6 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from callbacks.device_data import keeps_data_on_device
 from lvm.data.loaders import check_source
+from lvm.data.splits import check_fractions
 from lvm.data.store import WindowSpec, check_policy
 from lvm.evaluation.gates import parse_eval
 from lvm.guard.steplog import StepLog
@@ -83,11 +84,7 @@ def _problems(cfg: DictConfig) -> list[str]:
     need(d.batch_size >= 1 and d.eval_batch_size >= 1, "data.batch_size and data.eval_batch_size must be >= 1")
     need(d.num_workers >= 0, f"data.num_workers must be >= 0 (got {d.num_workers})")
     if not d.split.ranges:
-        v, ood = d.split.val, d.split.ood
-        need(
-            0 < v < 1 and 0 <= ood < 1 and v + ood < 1,
-            f"data.split needs 0 < val < 1, 0 <= ood < 1 and val + ood < 1 (got val={v}, ood={ood})",
-        )
+        built(lambda: check_fractions(d.split.val, d.split.ood))
     if d.source == "synthetic":
         syn = d.synthetic
         need(syn.dim >= 2 and syn.articles >= 1, f"data.synthetic: dim must be >= 2 and articles >= 1 (got {syn.dim}, {syn.articles})")
