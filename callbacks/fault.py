@@ -42,9 +42,9 @@ class FaultInjection(L.Callback):
         corrupt_good_at_step: int | None = None,
         nan_batch_at_steps: Iterable[int] = (),
         lr_spike_at_step: int | None = None,
-        lr_spike_factor: float = 1000.0,
+        lr_spike_factor: float | None = None,
         raw_scale_at_step: int | None = None,
-        raw_scale_factor: float = 100.0,
+        raw_scale_factor: float | None = None,
         kill_at_step: int | None = None,
         ckpt_dir: str | Path | None = None,
     ) -> None:
@@ -52,6 +52,10 @@ class FaultInjection(L.Callback):
             raise ValueError("constant_from_step needs the constant direction")
         if corrupt_good_at_step is not None and ckpt_dir is None:
             raise ValueError("corrupt_good_at_step needs the run's checkpoints folder")
+        if lr_spike_at_step is not None and lr_spike_factor is None:
+            raise ValueError("fault.lr_spike_at_step needs fault.lr_spike_factor")
+        if raw_scale_at_step is not None and raw_scale_factor is None:
+            raise ValueError("fault.raw_scale_at_step needs fault.raw_scale_factor")
         self.ckpt_dir = None if ckpt_dir is None else Path(ckpt_dir)
         self.steps = set(nan_at_steps)
         self.corrupt_good_at_step = corrupt_good_at_step

@@ -90,6 +90,8 @@ def test_heatmap_has_a_panel_per_other_swept_setting(tmp_path):
 
     from lvm.tools.sweep import Job, heatmap_panels, metric_grid, plot_heatmap
 
+    axes = ("loss.gamma", "loss.lambda_max")
+
     jobs = []
     for r, ramp in enumerate(("p6b_v1", "p6b_v2")):
         for g, gamma in enumerate((4.0, 8.0)):
@@ -105,12 +107,31 @@ def test_heatmap_has_a_panel_per_other_swept_setting(tmp_path):
                         {"best_val_cos": value},
                     )
                 )
-    panels = heatmap_panels(jobs)
+    panels = heatmap_panels(jobs, axes)
     assert list(panels) == ["ramp=p6b_v1", "ramp=p6b_v2"] and [len(p) for p in panels.values()] == [4, 4]
-    v1 = metric_grid(panels["ramp=p6b_v1"], "best_val_cos", [4.0, 8.0], [0.02, 0.05])
+    v1 = metric_grid(panels["ramp=p6b_v1"], "best_val_cos", axes, [4.0, 8.0], [0.02, 0.05])
     assert v1.tolist() == [[0.5, 0.501], [0.51, 0.511]]
-    v2 = metric_grid(panels["ramp=p6b_v2"], "best_val_cos", [4.0, 8.0], [0.02, 0.05])
+    # The axes come from config: swapped, the grid is the transpose.
+    swapped = metric_grid(panels["ramp=p6b_v1"], "best_val_cos", axes[::-1], [0.02, 0.05], [4.0, 8.0])
+    assert swapped.tolist() == [[0.5, 0.51], [0.501, 0.511]]
+    v2 = metric_grid(panels["ramp=p6b_v2"], "best_val_cos", axes, [4.0, 8.0], [0.02, 0.05])
     assert v2[0].tolist() == [0.6, 0.601] and v2[1, 0] == 0.61 and math.isnan(v2[1, 1])  # the failed job
     png = tmp_path / "h.png"
-    assert plot_heatmap(jobs, "best_val_cos", png) and png.read_bytes()[:4] == b"\x89PNG"
-    assert not plot_heatmap(jobs[:2], "best_val_cos", tmp_path / "none.png")  # gamma does not vary
+    assert plot_heatmap(jobs, "best_val_cos", axes, png) and png.read_bytes()[:4] == b"\x89PNG"
+    assert not plot_heatmap(jobs[:2], "best_val_cos", axes, tmp_path / "none.png")  # gamma does not vary
+
+
+def test_the_report_takes_the_heatmap_axes_the_sweep_was_run_with(tmp_path):
+    from omegaconf import OmegaConf
+
+    from lvm.runtime.errors import ConfigError
+    from lvm.tools.sweep import SweepSummary, sweep_axes
+
+    job = tmp_path / "0_x" / ".hydra"
+    job.mkdir(parents=True)
+    OmegaConf.save({"hydra": {"callbacks": {"sweep_summary": {"axes": ["optim.optimizer.lr", "loss.gamma"]}}}}, job / "hydra.yaml")
+    assert sweep_axes(tmp_path) == ["optim.optimizer.lr", "loss.gamma"]
+    with pytest.raises(ConfigError, match="give axes="):
+        sweep_axes(tmp_path / "0_x")
+    with pytest.raises(ConfigError, match="sweep_summary.axes"):
+        SweepSummary("best_val_cos", ["loss.gamma"])

@@ -42,6 +42,7 @@ from lvm.runtime.cli import CONF_DIR, EXIT_FAIL, entry_point, run_entry_point
 from lvm.runtime.errors import ConfigError, LvmError
 from lvm.runtime.files import atomic_write_text
 from lvm.runtime.tables import fmt, md_table
+from lvm.tools.runs import read_results
 
 log = logging.getLogger(__name__)
 
@@ -191,10 +192,8 @@ def train(run: Run, out: Path, reuse: bool) -> dict[str, Any]:
                 shutil.move(first_dir, run_dir)
         resume = ["ckpt_path=last"] if run.first is not None else ["overwrite=true"]
         code = _lvm_train([*run.overrides, *resume], run_dir, logf)
-    try:
-        results = json.loads((run_dir / "results.json").read_text())
-    except (OSError, ValueError):
-        results = {"status": f"failed: no results.json (exit code {code}, see {run.key}.log)"}
+    results, status = read_results(run_dir)
+    results = {**results, "status": status if results else f"{status} (exit code {code}, see {run.key}.log)"}
     results["exit_code"] = code
     if interrupted is not None:
         results["interrupted"] = interrupted

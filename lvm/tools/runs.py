@@ -10,17 +10,24 @@ from lvm.guard.events import read_events, summarize_events
 from lvm.runtime.errors import LvmError
 
 
-def job_status(results: dict[str, Any]) -> str:
-    """The run's status from results.json: completed, stopped: ..., preempted or failed: <error>
-    (results.json from before statuses had none when completed, and "failed" beside an error)."""
-    status = results.get("status", "completed")
-    return f"failed: {results.get('error', 'unknown error')}" if status == "failed" else status
+def read_results(run_dir: Path) -> tuple[dict[str, Any], str]:
+    """A run directory's results.json and its status (completed, stopped: ..., preempted or
+    failed: <error>); a missing, unreadable or status-less file is a status saying so."""
+    path = run_dir / "results.json"
+    if not path.is_file():
+        return {}, "failed: no results.json"
+    try:
+        results = json.loads(path.read_text())
+    except (ValueError, OSError) as e:
+        return {}, f"failed: {path} is not readable JSON ({e})"
+    if not isinstance(results, dict) or not isinstance(results.get("status"), str):
+        return {}, f"failed: {path} has no status"
+    return results, results["status"]
 
 
 def run_values(run_dir: Path) -> tuple[dict[str, Any], str]:
     """A run directory's METRICS (results.json and events.jsonl; None where missing) and status."""
-    results_path = run_dir / "results.json"
-    results = json.loads(results_path.read_text()) if results_path.is_file() else {"status": "failed: no results.json"}
+    results, status = read_results(run_dir)
     record = summarize_events(read_events(run_dir / "events.jsonl"))
     final = results.get("final", {})
     values = {
@@ -34,7 +41,7 @@ def run_values(run_dir: Path) -> tuple[dict[str, Any], str]:
         "skipped_batches": results.get("guard", {}).get("skipped_batches"),
         "wall_time_s": results.get("wall_time_s"),
     }
-    return values, job_status(results)
+    return values, status
 
 
 def read_steps(run_dir: Path, tags: list[str]) -> dict[str, tuple[list[int], list[float]]]:

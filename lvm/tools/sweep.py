@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,6 @@ METRICS = (
     "wall_time_s",
 )
 COLUMNS = ("job", "overrides", *METRICS, "status")
-AXES = ("loss.gamma", "loss.lambda_max")  # heatmap: rows, columns
 
 
 @dataclass
@@ -51,21 +51,30 @@ class Job:
     row: dict[str, Any] = field(default_factory=dict)
 
 
-def read_job(job_dir: Path) -> Job:
-    """Job number, overrides, metrics and status from a job directory (results.json may be missing)."""
+def read_job(job_dir: Path, axes: Sequence[str]) -> Job:
+    """Job number, overrides, the `axes` settings, metrics and status from a job directory
+    (results.json may be missing)."""
     hydra_dir = job_dir / ".hydra"
     num = int(OmegaConf.load(hydra_dir / "hydra.yaml").hydra.job.num)
     overrides = [str(o) for o in OmegaConf.load(hydra_dir / "overrides.yaml")]
     cfg = OmegaConf.load(hydra_dir / "config.yaml")
-    axes = {k: OmegaConf.select(cfg, k, default=None) for k in AXES}
     values, status = run_values(job_dir)
-    return Job(num, overrides, values, axes, status)
+    return Job(num, overrides, values, {k: OmegaConf.select(cfg, k, default=None) for k in axes}, status)
 
 
-def find_jobs(sweep_dir: Path) -> list[Job]:
+def sweep_axes(sweep_dir: Path) -> list[str]:
+    """The heatmap axes the sweep was run with (hydra.callbacks.sweep_summary.axes of a job)."""
+    for hydra_yaml in sorted(sweep_dir.glob("*/.hydra/hydra.yaml")):
+        axes = OmegaConf.select(OmegaConf.load(hydra_yaml), "hydra.callbacks.sweep_summary.axes", default=None)
+        if axes is not None:
+            return list(axes)
+    raise ConfigError(f"sweep directory {sweep_dir}: no job records hydra.callbacks.sweep_summary.axes; give axes=[ROW_KEY,COLUMN_KEY]")
+
+
+def find_jobs(sweep_dir: Path, axes: Sequence[str]) -> list[Job]:
     """Every job directory (one with .hydra/overrides.yaml) under the sweep directory, by job number."""
     dirs = sorted(p.parent.parent for p in sweep_dir.glob("*/.hydra/overrides.yaml"))
-    return sorted((read_job(d) for d in dirs), key=lambda j: j.num)
+    return sorted((read_job(d, axes) for d in dirs), key=lambda j: j.num)
 
 
 def varying_overrides(jobs: list[Job]) -> list[list[str]]:
@@ -90,32 +99,32 @@ def write_md(jobs: list[Job], path: Path, sweep_dir: Path) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
-def heatmap_panels(jobs: list[Job]) -> dict[str, list[Job]]:
+def heatmap_panels(jobs: list[Job], axes: Sequence[str]) -> dict[str, list[Job]]:
     """Jobs grouped by their varying overrides other than the two axes (a swept ramp preset, say):
     one heatmap panel each, so a third swept setting is shown, never averaged away."""
     panels: dict[str, list[Job]] = {}
     for job, shown in zip(jobs, varying_overrides(jobs)):
-        key = " ".join(o for o in shown if o.partition("=")[0].lstrip("+~") not in AXES)
+        key = " ".join(o for o in shown if o.partition("=")[0].lstrip("+~") not in axes)
         panels.setdefault(key, []).append(job)
     return panels
 
 
-def metric_grid(jobs: list[Job], metric: str, rows: list[Any], cols: list[Any]) -> Any:
-    """[rows, cols] of `metric` over loss.gamma x loss.lambda_max (NaN where the job failed)."""
+def metric_grid(jobs: list[Job], metric: str, axes: Sequence[str], rows: list[Any], cols: list[Any]) -> Any:
+    """[rows, cols] of `metric` over the two `axes` (NaN where the job failed)."""
     import numpy as np
 
     grid = np.full((len(rows), len(cols)), np.nan)
     for j in jobs:
-        v, r, c = j.row.get(metric), j.axes[AXES[0]], j.axes[AXES[1]]
+        v, r, c = j.row.get(metric), j.axes[axes[0]], j.axes[axes[1]]
         if v is not None and r is not None and c is not None:
             grid[rows.index(r), cols.index(c)] = float(v)
     return grid
 
 
-def plot_heatmap(jobs: list[Job], metric: str, path: Path) -> bool:
-    """`metric` over loss.gamma x loss.lambda_max, one panel per value of any other swept setting,
-    on one colour scale; False when the two axes do not both vary."""
-    rows, cols = (sorted({j.axes[a] for j in jobs if j.axes[a] is not None}) for a in AXES)
+def plot_heatmap(jobs: list[Job], metric: str, axes: Sequence[str], path: Path) -> bool:
+    """`metric` over the two `axes` (rows, columns), one panel per value of any other swept
+    setting, on one colour scale; False when the two axes do not both vary."""
+    rows, cols = (sorted({j.axes[a] for j in jobs if j.axes[a] is not None}) for a in axes)
     if len(rows) < 2 or len(cols) < 2:
         return False
     import matplotlib
@@ -124,8 +133,8 @@ def plot_heatmap(jobs: list[Job], metric: str, path: Path) -> bool:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    panels = heatmap_panels(jobs)
-    grids = {key: metric_grid(group, metric, rows, cols) for key, group in panels.items()}
+    panels = heatmap_panels(jobs, axes)
+    grids = {key: metric_grid(group, metric, axes, rows, cols) for key, group in panels.items()}
     finite = np.concatenate([g[np.isfinite(g)] for g in grids.values()])
     vmin, vmax = (finite.min(), finite.max()) if finite.size else (0.0, 1.0)
     fig, axs = plt.subplots(1, len(grids), figsize=((1.6 * len(cols) + 2.5) * len(grids), 1.0 * len(rows) + 2), squeeze=False)
@@ -133,8 +142,8 @@ def plot_heatmap(jobs: list[Job], metric: str, path: Path) -> bool:
         im = ax.imshow(grid, cmap="viridis", aspect="auto", vmin=vmin, vmax=vmax)
         ax.set_xticks(range(len(cols)), [str(c) for c in cols])
         ax.set_yticks(range(len(rows)), [str(r) for r in rows])
-        ax.set_xlabel(AXES[1])
-        ax.set_ylabel(AXES[0])
+        ax.set_xlabel(axes[1])
+        ax.set_ylabel(axes[0])
         ax.set_title(f"{metric}\n{key}" if key else metric, fontsize=10)
         for (i, k), v in np.ndenumerate(grid):
             ax.text(
@@ -151,27 +160,28 @@ def plot_heatmap(jobs: list[Job], metric: str, path: Path) -> bool:
     return True
 
 
-def check_metric(metric: str) -> None:
+def check_summary(metric: str, axes: Sequence[str]) -> None:
+    """The summary's settings (hydra.callbacks.sweep_summary; metric= and axes= of lvm.tools.sweep_report)."""
     if metric not in METRICS:
-        raise ConfigError(
-            f"the summary metric (hydra.callbacks.sweep_summary.metric; metric= for lvm.tools.sweep_report) must be one of {', '.join(METRICS)} (got {metric})"
-        )
+        raise ConfigError(f"the summary metric (sweep_summary.metric) must be one of {', '.join(METRICS)} (got {metric})")
+    if len(axes) != 2 or not all(isinstance(a, str) and a for a in axes):
+        raise ConfigError(f"the heatmap axes (sweep_summary.axes) must be two config keys, rows then columns (got {list(axes)})")
 
 
-def write_summary(sweep_dir: str | Path, metric: str) -> dict[str, str]:
-    """summary.csv, summary.md and (when gamma and lambda_max both vary) summary_heatmap.png; their paths."""
-    check_metric(metric)
+def write_summary(sweep_dir: str | Path, metric: str, axes: Sequence[str]) -> dict[str, str]:
+    """summary.csv, summary.md and (when both `axes` vary) summary_heatmap.png; their paths."""
+    check_summary(metric, axes)
     sweep_dir = Path(sweep_dir)
     if not sweep_dir.is_dir():
         raise LvmError(f"sweep directory {sweep_dir}: no such directory")
-    jobs = find_jobs(sweep_dir)
+    jobs = find_jobs(sweep_dir, axes)
     for job, shown in zip(jobs, varying_overrides(jobs)):
         job.row = {"job": job.num, "overrides": " ".join(shown), **job.values, "status": job.status}
     paths = {"csv": sweep_dir / "summary.csv", "md": sweep_dir / "summary.md", "png": sweep_dir / "summary_heatmap.png"}
     write_csv(jobs, paths["csv"])
     write_md(jobs, paths["md"], sweep_dir)
-    if not plot_heatmap(jobs, metric, paths["png"]):
-        log.info("No heatmap: %s and %s do not both vary in this sweep", *AXES)
+    if not plot_heatmap(jobs, metric, axes, paths["png"]):
+        log.info("No heatmap: %s and %s do not both vary in this sweep", *axes)
         del paths["png"]
     log.info("Sweep summary of %d jobs: %s", len(jobs), paths["md"])
     return {k: str(v) for k, v in paths.items()}
@@ -181,9 +191,9 @@ class SweepSummary(Callback):
     """Hydra callback, in the parent process: check the launcher settings before a multirun starts,
     summarise the sweep directory when it ends."""
 
-    def __init__(self, metric: str = "best_val_cos") -> None:
-        check_metric(metric)
-        self.metric = metric
+    def __init__(self, metric: str, axes: Sequence[str]) -> None:
+        check_summary(metric, axes)
+        self.metric, self.axes = metric, list(axes)
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         try:
@@ -192,4 +202,4 @@ class SweepSummary(Callback):
             raise SystemExit(f"lvm: {e}") from None
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        write_summary(config.hydra.sweep.dir, self.metric)
+        write_summary(config.hydra.sweep.dir, self.metric, self.axes)
