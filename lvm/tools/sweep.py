@@ -160,20 +160,27 @@ def plot_heatmap(jobs: list[Job], metric: str, axes: Sequence[str], path: Path) 
     return True
 
 
-def check_summary(metric: str, axes: Sequence[str]) -> None:
-    """The summary's settings (hydra.callbacks.sweep_summary; metric= and axes= of lvm.tools.sweep_report)."""
+def check_metric(metric: str) -> None:
+    """The summary's metric (hydra.callbacks.sweep_summary.metric; metric= of lvm.tools.sweep_report)."""
     if metric not in METRICS:
         raise ConfigError(f"the summary metric (sweep_summary.metric) must be one of {', '.join(METRICS)} (got {metric})")
+
+
+def check_axes(axes: Sequence[str]) -> None:
+    """The heatmap's axes (hydra.callbacks.sweep_summary.axes; axes= of lvm.tools.sweep_report)."""
     if len(axes) != 2 or not all(isinstance(a, str) and a for a in axes):
         raise ConfigError(f"the heatmap axes (sweep_summary.axes) must be two config keys, rows then columns (got {list(axes)})")
 
 
-def write_summary(sweep_dir: str | Path, metric: str, axes: Sequence[str]) -> dict[str, str]:
-    """summary.csv, summary.md and (when both `axes` vary) summary_heatmap.png; their paths."""
-    check_summary(metric, axes)
+def write_summary(sweep_dir: str | Path, metric: str, axes: Sequence[str] | None) -> dict[str, str]:
+    """summary.csv, summary.md and (when both `axes` vary; None: the sweep's own) summary_heatmap.png;
+    their paths."""
+    check_metric(metric)
     sweep_dir = Path(sweep_dir)
     if not sweep_dir.is_dir():
         raise LvmError(f"sweep directory {sweep_dir}: no such directory")
+    axes = sweep_axes(sweep_dir) if axes is None else axes
+    check_axes(axes)
     jobs = find_jobs(sweep_dir, axes)
     for job, shown in zip(jobs, varying_overrides(jobs)):
         job.row = {"job": job.num, "overrides": " ".join(shown), **job.values, "status": job.status}
@@ -192,7 +199,8 @@ class SweepSummary(Callback):
     summarise the sweep directory when it ends."""
 
     def __init__(self, metric: str, axes: Sequence[str]) -> None:
-        check_summary(metric, axes)
+        check_metric(metric)
+        check_axes(axes)
         self.metric, self.axes = metric, list(axes)
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:

@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import hydra
 from omegaconf import DictConfig
 
 from lvm.runtime.cli import CONF_DIR, entry_point, run_entry_point
-from lvm.tools.sweep import sweep_axes, write_summary
+from lvm.tools.sweep import write_summary
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="sweep_report")
 @entry_point("lvm.tools.sweep_report")
 def main(cfg: DictConfig) -> None:
-    axes = cfg.axes if cfg.axes is not None else sweep_axes(Path(cfg.sweep_dir))
-    for path in write_summary(cfg.sweep_dir, cfg.metric, axes).values():
+    for path in write_summary(cfg.sweep_dir, cfg.metric, cfg.axes).values():
         print(path)
 
 
