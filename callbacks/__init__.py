@@ -9,7 +9,7 @@ from callbacks.ramp import RampSchedule, RampStage
 from callbacks.resume import ExactResume
 from callbacks.rollback import RollbackGuard
 from callbacks.skip import SkipReport
-from callbacks.spike import SPIKE_STATS, SpikeSkip
+from callbacks.spike import SPIKE_STATS, SpikeCheck
 from callbacks.stats import StepStatistics
 from callbacks.threads import ShareCPUs
 
@@ -25,7 +25,7 @@ __all__ = [
     "SPIKE_STATS",
     "ShareCPUs",
     "SkipReport",
-    "SpikeSkip",
+    "SpikeCheck",
     "StepStatistics",
     "TensorBoardDashboard",
     "keeps_data_on_device",

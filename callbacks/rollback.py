@@ -43,7 +43,7 @@ from lvm.guard.detectors import (
     check_training,
     check_validation,
     detector_problems,
-    skipped,
+    dropped,
 )
 from lvm.runtime.checkpoints import finite_weights, read_checkpoint
 from lvm.runtime.errors import ConfigError, LvmError, finite, require
@@ -124,7 +124,7 @@ class RollbackGuard(L.Callback):
         self.streaks = Streaks()
         self._pending: list[Trip] = []
         self._flushed = False  # a window was flushed since the last decision (same steps on every rank)
-        self._skips_in_window = 0  # updates the spike skip kept out in the newest flushed window
+        self._drops_in_window = 0  # updates the spike check dropped in the newest flushed window
         self._ignore_before = 0  # rows from before the last rollback describe the discarded weights
 
     # --- wiring: StepStatistics hands every flushed window of rows to `on_rows` -----------------
@@ -149,14 +149,14 @@ class RollbackGuard(L.Callback):
         trips = check_training(warm, self.detectors, self.streaks)
         if not trips and len(warm) < len(current):
             trips = check_nonfinite([r for _, r in current], self.detectors)
-        skips = [(s, r) for s, r in current if skipped(r)]
-        self._skips_in_window = len(skips)  # the same on every rank (decided from averaged gradients)
-        if skips:  # guard.spike.skip kept these updates out: recorded, one line per window
+        drops = [(s, r) for s, r in current if dropped(r)]
+        self._drops_in_window = len(drops)  # the same on every rank (decided from averaged gradients)
+        if drops:  # guard.spike.drop kept these updates out: recorded, one line per window
             trips.append(
                 Trip(
-                    "update_skipped",
+                    "update_dropped",
                     "warning",
-                    {"count": float(len(skips)), "first_step": float(skips[0][0]), "grad_z_max": max(r["train/grad_z"] for _, r in skips)},
+                    {"count": float(len(drops)), "first_step": float(drops[0][0]), "grad_z_max": max(r["train/grad_z"] for _, r in drops)},
                 )
             )
         self._pending += self._still_learning(trips)
@@ -168,9 +168,9 @@ class RollbackGuard(L.Callback):
             return
         self._flushed = False
         trips, self._pending = self._pending, []
-        # A skipped step was a bad batch if the weights are finite, broken weights if not (a NaN row
-        # alone cannot tell): one check, on every rank alike, only after a window with skips.
-        if self._skips_in_window and not any(t.detector == "nonfinite" for t in trips) and not finite_weights(trainer):
+        # A dropped step was a bad batch if the weights are finite, broken weights if not (a NaN row
+        # alone cannot tell): one check, on every rank alike, only after a window with drops.
+        if self._drops_in_window and not any(t.detector == "nonfinite" for t in trips) and not finite_weights(trainer):
             trips.append(Trip("nonfinite", "collapse", {"finite_weights": 0.0}))
         self._decide(trainer, pl_module, trips, where="train")
 
@@ -198,7 +198,7 @@ class RollbackGuard(L.Callback):
         """Record warnings; if any rank saw a collapse, every rank acts on it (True)."""
         for t in trips:
             if t.severity == "warning":
-                self._record(trainer, t, action="skipped update" if t.detector == "update_skipped" else "warning")
+                self._record(trainer, t, action="dropped update" if t.detector == "update_dropped" else "warning")
         collapses = [t for t in trips if t.severity == "collapse"]
         here = {t.detector for t in collapses}
         anywhere = self._tripped_anywhere(trainer, here)

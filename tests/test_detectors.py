@@ -20,7 +20,7 @@ CFG = {
     "orthogonal_eps": 0.05,
     "raw_norm_floor": 0.01,
     "raw_norm_ceiling": 10.0,
-    "max_skips_per_window": 3,
+    "max_drops_per_window": 3,
     "diversity_floor": 0.2,
     "ca_floor": 0.6,
     "lambda_pinned_steps": 3,
@@ -104,16 +104,16 @@ def test_lambda_pinned_counts_across_windows_and_resets():
     assert streaks.pinned == 0
 
 
-def test_skipped_updates_stay_out_of_the_means_and_a_burst_of_them_is_a_collapse():
-    nan_batch = {**row(loss=float("nan"), pos=float("nan")), "train/update_skipped": 1.0}
-    taken = {**row(), "train/update_skipped": 0.0}
+def test_dropped_updates_stay_out_of_the_means_and_a_burst_of_them_is_a_collapse():
+    nan_batch = {**row(loss=float("nan"), pos=float("nan")), "train/update_dropped": 1.0}
+    taken = {**row(), "train/update_dropped": 0.0}
     # One NaN batch whose update was skipped: the weights never took it, nothing trips.
     assert check_training([taken] * 4 + [nan_batch] + [taken] * 4, CFG, Streaks()) == []
     # More skips in one window than the limit (3 here): the weights are somewhere bad.
     assert check_training([taken, nan_batch, taken, nan_batch, nan_batch], CFG, Streaks()) == []
     trips = check_training([taken] + [nan_batch] * 4, CFG, Streaks())
-    assert names(trips) == ["spike_burst"] and trips[0].values["skipped"] == 4.0
-    # Without the skip (no update_skipped column) a NaN row is a collapse at once.
+    assert names(trips) == ["spike_burst"] and trips[0].values["dropped"] == 4.0
+    # Without the skip (no update_dropped column) a NaN row is a collapse at once.
     assert names(check_training([row(), row(loss=float("nan"))], CFG, Streaks())) == ["nonfinite"]
 
 

@@ -17,7 +17,7 @@ def test_quick_drills_meet_every_goal(tmp_path):
     rows = {r["drill"]: r for r in summary["drills"]}
     assert set(rows) == {"constant_output", "constant_output_anisotropic", "nan_batch"}
     for name, r in rows.items():
-        expected = "skipped update" if name == "nan_batch" else "rollback"  # a bad record needs no rollback
+        expected = "dropped update" if name == "nan_batch" else "rollback"  # a bad record needs no rollback
         assert r["detected"] and r["action"] == expected and r["actions"] == 1, (name, r)
         assert 0 <= r["latency_steps"] <= 50 and r["missed"] == [], (name, r)
         assert r["final_on"] >= r["final_control"] - 0.01, (name, r)

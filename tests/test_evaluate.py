@@ -17,6 +17,7 @@ from lvm.data.store import WindowSpec
 from lvm.data.synthetic import synthetic_corpus
 from lvm.evaluation import suite as S
 from lvm.evaluation.fivecat_report import write_outputs
+from lvm.runtime.checkpoints import FORMAT
 from lvm.runtime.errors import ConfigError, LvmError
 from lvm.runtime.objects import to_plain
 from lvm.training.run import run as train_run
@@ -105,7 +106,9 @@ def test_checkpoint_after_fit_and_cli(tmp_path):
     old = torch.load(last["path"], weights_only=True)
     del old["lvm_format"]
     torch.save(old, tmp_path / "old.ckpt")
-    with pytest.raises(LvmError, match=r"old\.ckpt: written by an lvm of another checkpoint format \(lvm_format=None, this lvm reads 2\)"):
+    with pytest.raises(
+        LvmError, match=rf"old\.ckpt: written by an lvm of another checkpoint format \(lvm_format=None, this lvm reads {FORMAT}\)"
+    ):
         E.run(eval_cfg(f"ckpt={tmp_path / 'old.ckpt'}", "sample=10", f"out_dir={tmp_path / 'old'}"), [])
 
 

@@ -1,4 +1,4 @@
-"""SkipStepAdamW against torch's AdamW, its skipped step, the rolling z-score, and the spike skip end to end."""
+"""DroppableAdamW against torch's AdamW, its dropped step, the rolling z-score, and the spike check end to end."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from lvm.model.optim import RollingStat, SkipStepAdamW
+from lvm.model.optim import DroppableAdamW, RollingStat
 from lvm.runtime.objects import build
 from lvm.training.run import run
 from tests.helpers import cfg_for, compose_cfg, events, steps_per_epoch
@@ -42,7 +42,7 @@ def test_kept_steps_are_torch_adamw():
     a, b = model_pair()
     kw = dict(lr=1e-2, betas=(0.9, 0.999), weight_decay=0.05)
     train_steps(a, torch.optim.AdamW(a.parameters(), **kw), 30)
-    train_steps(b, SkipStepAdamW(b.parameters(), **kw), 30, keep=[1.0] * 30)
+    train_steps(b, DroppableAdamW(b.parameters(), **kw), 30, keep=[1.0] * 30)
     for pa, pb in zip(a.parameters(), b.parameters()):
         assert torch.allclose(pa, pb, rtol=1e-5, atol=1e-6)
 
@@ -50,7 +50,7 @@ def test_kept_steps_are_torch_adamw():
 def test_a_skipped_step_changes_nothing_even_with_nan_gradients():
     a, b = model_pair()
     kw = dict(lr=1e-2, weight_decay=0.05)
-    opt_a, opt_b = SkipStepAdamW(a.parameters(), **kw), SkipStepAdamW(b.parameters(), **kw)
+    opt_a, opt_b = DroppableAdamW(a.parameters(), **kw), DroppableAdamW(b.parameters(), **kw)
     train_steps(a, opt_a, 5, keep=[1.0] * 5)
     train_steps(b, opt_b, 5, keep=[1.0] * 5)
     before = {k: v.clone() for k, v in b.state_dict().items()}
@@ -63,7 +63,7 @@ def test_a_skipped_step_changes_nothing_even_with_nan_gradients():
     # A skip from the very first step is a no-op too (no division by a zero bias correction).
     c, _ = model_pair()
     start = {k: v.clone() for k, v in c.state_dict().items()}
-    train_steps(c, SkipStepAdamW(c.parameters(), lr=1e-2), 1, keep=[0.0], poison={0})
+    train_steps(c, DroppableAdamW(c.parameters(), lr=1e-2), 1, keep=[0.0], poison={0})
     assert all(torch.equal(start[k], v) for k, v in c.state_dict().items())
 
 
@@ -89,7 +89,7 @@ def _spike_decisions(spike, norms: list[float]) -> list[bool]:
     layer = torch.nn.Linear(4, 1, bias=False)
     module = SimpleNamespace(parameters=layer.parameters)
     trainer = SimpleNamespace(callbacks=[])
-    opt = SkipStepAdamW(layer.parameters(), lr=1e-3)
+    opt = DroppableAdamW(layer.parameters(), lr=1e-3)
     skipped = []
     for norm in norms:
         spike.on_train_batch_start(trainer, module, {"target": torch.zeros(8, 1)}, 0)
@@ -103,7 +103,7 @@ def test_a_healthy_step_up_in_a_smooth_run_is_not_a_spike_but_a_fault_is():
     """Measured on the plain-model control: the window's norms 0.050 +- 0.003, then a ramp stage's
     0.070 (1.4x) read z 6.8 and was skipped with sigma alone (a false alarm). The shipped settings
     need the norm also to be min_ratio (2) times the window's mean; every drill's spike is >= 2.7x."""
-    shipped = OmegaConf.to_container(compose_cfg("train", "guard=rollback", "guard.spike.skip=true").guard.spike)
+    shipped = OmegaConf.to_container(compose_cfg("train", "guard=rollback", "guard.spike.drop=true").guard.spike)
     rng = np.random.default_rng(0)
     smooth = list(0.05 + 0.003 * rng.standard_normal(128))
     for value, spike in ((0.07, False), (0.16, True), (float("nan"), True)):
@@ -114,10 +114,10 @@ def test_a_healthy_step_up_in_a_smooth_run_is_not_a_spike_but_a_fault_is():
     assert _spike_decisions(build("guard.spike", {**shipped, "min_ratio": 1.0}), smooth + [0.07])[-1]
 
 
-def test_a_nan_batch_is_skipped_on_its_own_step_and_nothing_rolls_back(tmp_path):
+def test_a_nan_batchs_update_is_dropped_on_its_own_step_and_nothing_rolls_back(tmp_path):
     guarded = [
         "+experiment=p6b_v2",
-        "guard.spike.skip=true",
+        "guard.spike.drop=true",
         "logger.flush_every=5",
         "trainer.max_epochs=3",
         "guard.rollback.detectors.val_floor=null",
@@ -129,16 +129,17 @@ def test_a_nan_batch_is_skipped_on_its_own_step_and_nothing_rolls_back(tmp_path)
     bad = n + 2
     results = run(cfg_for(*guarded, "+fault=inject", f"fault.nan_batch_at_steps=[{bad}]"), tmp_path / "run")
     ev = events(tmp_path / "run")
-    assert [e["action"] for e in ev] == ["skipped update"], ev
+    assert [e["action"] for e in ev] == ["dropped update"], ev
     assert ev[0]["values"]["first_step"] == bad and ev[0]["values"]["count"] == 1
     assert results["status"] == "completed" and math.isfinite(results["final"]["val/cos"])
+    assert results["guard"]["dropped_updates"] == 1  # the record counts the spike check's drops
     assert all(torch.isfinite(v).all() for v in torch.load(results["last_checkpoint"], weights_only=True)["state_dict"].values())
-    # Without the skip the same record poisons the weights and the guard has to roll back.
+    # Without the drop the same record poisons the weights and the guard has to roll back.
     plain = run(
         cfg_for(*[g for g in guarded if "spike" not in g], "+fault=inject", f"fault.nan_batch_at_steps=[{bad}]"), tmp_path / "plain"
     )
     assert [e["detector"] for e in events(tmp_path / "plain") if e["action"] == "rollback"] == ["nonfinite"]
-    assert plain["guard"]["rollbacks"] == 1
+    assert plain["guard"]["rollbacks"] == 1 and plain["guard"]["dropped_updates"] == 0
 
 
 def test_bench_times_the_detector_statistics():
@@ -155,10 +156,10 @@ def test_a_rollback_starts_the_gradient_norm_history_again():
     tells the spike check through its listener interface (RollbackListener.after_rollback)."""
     from types import SimpleNamespace
 
-    from callbacks.spike import SpikeSkip
+    from callbacks.spike import SpikeCheck
 
     trainer = SimpleNamespace(callbacks=[])
-    spike = SpikeSkip(sigma=6.0, min_ratio=2.0, window=8, min_history=2, skip=False)
+    spike = SpikeCheck(sigma=6.0, min_ratio=2.0, window=8, min_history=2, drop=False)
     batch = {"target": torch.zeros(4, 3)}
     for x in (1.0, 1.1, 0.9):
         spike.on_train_batch_start(trainer, None, batch, 0)
@@ -171,17 +172,17 @@ def test_a_rollback_starts_the_gradient_norm_history_again():
 
 
 def test_an_epochs_short_remainder_batch_is_neither_judged_nor_kept():
-    """Its gradient norm is larger by nature (before: z 17-23 for a batch of one, a skipped update
+    """Its gradient norm is larger by nature (before: z 17-23 for a batch of one, a dropped update
     on every healthy control at every epoch's end)."""
     from types import SimpleNamespace
 
-    from callbacks.spike import SpikeSkip
+    from callbacks.spike import SpikeCheck
 
     layer = torch.nn.Linear(3, 1)
     module = SimpleNamespace(parameters=layer.parameters)
     trainer = SimpleNamespace(callbacks=[])
-    spike = SpikeSkip(sigma=6.0, min_ratio=2.0, window=16, min_history=2, skip=True)
-    opt = SkipStepAdamW(layer.parameters(), lr=1e-3)
+    spike = SpikeCheck(sigma=6.0, min_ratio=2.0, window=16, min_history=2, drop=True)
+    opt = DroppableAdamW(layer.parameters(), lr=1e-3)
     for size, scale in ((32, 1.0), (32, 1.1), (32, 0.9), (32, 1.0), (1, 50.0)):
         spike.on_train_batch_start(trainer, module, {"target": torch.zeros(size, 1)}, 0)
         for p in layer.parameters():
@@ -195,14 +196,14 @@ def test_the_spike_check_clips_as_lightning_would_from_the_same_norm(tmp_path):
     """With the spike check on, it clips the gradients with the norm it computed (Lightning's
     clipping is handed over: one gradient norm per step, not two); the run is bit for bit the run
     Lightning's own clipping gives. A tight clip makes clipping act on every step."""
-    from callbacks.spike import SpikeSkip
+    from callbacks.spike import SpikeCheck
     from lvm.training.build import build_data, build_fit
     from tests.test_resume import final_state
 
     common = ["+experiment=p6b_v2", "trainer.gradient_clip_val=0.05", "trainer.max_epochs=2"]
     cfg = cfg_for(*common)
     fit = build_fit(cfg, build_data(cfg), tmp_path / "built")
-    assert fit.trainer.gradient_clip_val is None and [c.clip for c in fit.trainer.callbacks if isinstance(c, SpikeSkip)] == [0.05]
+    assert fit.trainer.gradient_clip_val is None and [c.clip for c in fit.trainer.callbacks if isinstance(c, SpikeCheck)] == [0.05]
     run(cfg, tmp_path / "spike")
     run(cfg_for(*common, "guard.spike=null"), tmp_path / "lightning")
     a, b = final_state(tmp_path / "spike"), final_state(tmp_path / "lightning")
@@ -219,7 +220,7 @@ def test_the_spike_check_clips_as_lightning_would_from_the_same_norm(tmp_path):
     "overrides,optimizer,scheduler",
     [
         ((), torch.optim.AdamW, torch.optim.lr_scheduler.ReduceLROnPlateau),
-        (("guard.spike.skip=true",), SkipStepAdamW, torch.optim.lr_scheduler.ReduceLROnPlateau),
+        (("guard.spike.drop=true",), DroppableAdamW, torch.optim.lr_scheduler.ReduceLROnPlateau),
         (("optim.scheduler=null", "optim.optimizer.lr=0.002"), torch.optim.AdamW, None),
     ],
 )

@@ -84,9 +84,9 @@ def test_mid_epoch_kill_resumes_exactly(whole, tmp_path):
 
 
 def test_mid_epoch_kill_resumes_exactly_with_spike_skip(tmp_path):
-    """guard.spike.skip: SkipStepAdamW's state and the gradient-norm history ride in last.ckpt, so
+    """guard.spike.drop: DroppableAdamW's state and the gradient-norm history ride in last.ckpt, so
     the resumed run takes the same skip decisions (one NaN record skipped after the resume point)."""
-    spiky = [*EXACT, "guard.spike.skip=true", "guard.spike.min_history=2", "+fault=inject", "fault.nan_batch_at_steps=[11]"]
+    spiky = [*EXACT, "guard.spike.drop=true", "guard.spike.min_history=2", "+fault=inject", "fault.nan_batch_at_steps=[11]"]
     run(cfg_for(*spiky), tmp_path / "whole")
     with pytest.raises(Kill):
         run(cfg_for(*spiky), tmp_path / "killed", extra_callbacks=[KillAtStep(10)])

@@ -238,7 +238,7 @@ def test_two_process_ddp_rolls_back_together(tmp_path):
     "fault, action",
     [
         (["+fault=inject", "fault.constant_from_step=4"], "rollback"),
-        (["+fault=inject", "fault.nan_batch_at_steps=[4]", "guard.spike.skip=true", "guard.spike.min_history=2"], "skipped update"),
+        (["+fault=inject", "fault.nan_batch_at_steps=[4]", "guard.spike.drop=true", "guard.spike.min_history=2"], "dropped update"),
     ],
 )
 def test_two_process_ddp_drills_take_the_same_decision_on_both_ranks(tmp_path, fault, action):
@@ -260,7 +260,7 @@ def test_two_process_ddp_drills_take_the_same_decision_on_both_ranks(tmp_path, f
         cwd=ROOT,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    acted = [e for e in events(run_dir) if e["severity"] == "collapse" or e["action"] == "skipped update"]
+    acted = [e for e in events(run_dir) if e["severity"] == "collapse" or e["action"] == "dropped update"]
     assert [e["action"] for e in acted] == [action], acted
     out = proc.stdout + proc.stderr
     finals = sorted(line.split("final val cos ")[-1] for line in out.splitlines() if "of 2 finished" in line)
@@ -292,7 +292,7 @@ def test_collapse_drill(tmp_path, precision):
 def test_the_run_wires_the_spike_check_and_the_fault_as_the_guards_listeners(tmp_path):
     """Callbacks never look each other up: the run hands the guard built from guard.rollback the
     ramp it backs off and the callbacks it tells of a rollback (RollbackListener)."""
-    from callbacks import ExactResume, RampSchedule, RollbackGuard, SkipReport, SpikeSkip
+    from callbacks import ExactResume, RampSchedule, RollbackGuard, SkipReport, SpikeCheck
     from lvm.training.build import build_data, build_fit
 
     cfg = cfg_for("guard=rollback", "+fault=inject", "fault.nan_at_steps=[3]")
@@ -301,8 +301,8 @@ def test_the_run_wires_the_spike_check_and_the_fault_as_the_guards_listeners(tmp
     guard = of[RollbackGuard]
     # What the run reads when the fit ends, it is handed by name (it never searches trainer.callbacks).
     named = fit.callbacks
-    assert (named.guard, named.spike, named.skip_report, named.resume) == (guard, of[SpikeSkip], of[SkipReport], of[ExactResume])
-    assert guard.listeners == [of[SpikeSkip], of[FaultInjection]] and guard.schedule is of[RampSchedule]
+    assert (named.guard, named.spike, named.skip_report, named.resume) == (guard, of[SpikeCheck], of[SkipReport], of[ExactResume])
+    assert guard.listeners == [of[SpikeCheck], of[FaultInjection]] and guard.schedule is of[RampSchedule]
     assert of[FaultInjection].steps == {3} and of[FaultInjection].ckpt_dir == tmp_path / "checkpoints"
     bare = build_fit(cfg_for("guard=rollback", "guard.spike=null"), build_data(cfg), tmp_path / "b").trainer
     assert [c for c in bare.callbacks if isinstance(c, RollbackGuard)][0].listeners == []

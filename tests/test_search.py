@@ -8,9 +8,10 @@ import json
 import sys
 
 import pytest
+from hydra import compose, initialize_config_dir
 
 from lvm.runtime.errors import LvmError
-from tests.helpers import TINY, hparams_session, run_module
+from tests.helpers import ROOT, TINY, hparams_session, run_module
 
 optuna = pytest.importorskip("optuna")
 
@@ -19,9 +20,9 @@ SEARCH = [
     *[o for o in TINY if not o.startswith("trainer.max_epochs")],
     "trainer.max_epochs=3",
     "threads=1",
-    "search.pruner.name=halving",
+    "search/pruner=halving",
     "search.pruner.reduction_factor=4",
-    "search.sampler.startup_trials=2",
+    "search.sampler.n_startup_trials=2",
 ]
 
 
@@ -66,8 +67,9 @@ def test_search_prunes_resumes_and_summarises(tmp_path):
         values, metrics = hparams_session(out / f"trial_{t.number:03d}" / "tb")
         assert values["loss.gamma"] == pytest.approx(t.params["loss.gamma"]) and values["ramp"] == t.params["ramp"]
         assert values["optim.optimizer.lr"] == pytest.approx(t.params["optim.optimizer.lr"]) and "hparams/best_val_cos" in metrics
-        if t.state == optuna.trial.TrialState.COMPLETE:  # no rollback here: the objective is the metric
-            assert t.value == pytest.approx(results["best_val_cos"] - 0.001 * results["guard"]["skipped_batches"])
+        if t.state == optuna.trial.TrialState.COMPLETE:  # no rollback, no dropped update: the objective is the metric
+            assert results["guard"]["dropped_updates"] == 0 and t.value == pytest.approx(results["best_val_cos"])
+
     md = (out / "summary.md").read_text()
     assert "pruning saved" in md and "Best: trial" in md
     for name in ("history.png", "objective_pair.png"):
@@ -105,7 +107,7 @@ def test_a_trial_that_fails_in_training_is_recorded_and_the_search_goes_on(tmp_p
 
     import lvm.training.run
     from lvm.runtime.errors import RunFailed
-    from lvm.tools.search import Search, work
+    from lvm.tools.search import Search, trial_overrides, work
     from tests.helpers import ROOT
 
     def failing_run(*args, **kwargs):
@@ -114,9 +116,58 @@ def test_a_trial_that_fails_in_training_is_recorded_and_the_search_goes_on(tmp_p
     monkeypatch.setattr(lvm.training.run, "run", failing_run)
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("study", overrides=["+search=p6b_v2", "search.trials=2", f"out={tmp_path}", "search.enqueue_defaults=false"])
-        search = Search(cfg, [o for o in SEARCH[1:] if not o.startswith("search.")])
+        search = Search(cfg, trial_overrides(SEARCH[1:]))
         search.out.mkdir(parents=True, exist_ok=True)
         work(search, 0)
     trials = trials_of(tmp_path)
     assert [t.state for t in trials] == [optuna.trial.TrialState.FAIL] * 2
     assert all(t.user_attrs["status"] == "failed: RuntimeError: boom in epoch 0" for t in trials)
+
+
+def conf_dir():
+    """Hydra initialised on conf/, as lvm.tools.search's main is (the search composes each trial)."""
+    return initialize_config_dir(str(ROOT / "conf"), version_base="1.3")
+
+
+def test_the_objective_charges_the_guards_rollbacks_and_dropped_updates_not_the_skip_rules_batches(tmp_path):
+    """The skip rule zeroing a batch's directional term is the recipe at work; a rollback or a
+    dropped update is the guard rescuing it (the search charged the skip rule's batches before)."""
+    from lvm.tools.search import Search
+
+    with conf_dir():
+        search = Search(compose("study", ["+search=p6b_v2", f"out={tmp_path}"]), [])
+    values = {"rollbacks": 1, "dropped_updates": 3, "skipped_batches": 500}
+    assert search.score(0.6, values) == pytest.approx(0.6 - 0.02 * 1 - 0.001 * 3)
+    assert search.score(0.6, {"rollbacks": None, "dropped_updates": None, "skipped_batches": 500}) == 0.6
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("+search.sampler.n_startup=2", "search.sampler: .*unexpected keyword argument 'n_startup'"),
+        ("search/pruner=halving", None),
+        ("search.pruner.n_startup_trials=-1", "search.pruner: .*startup"),
+    ],
+)
+def test_the_sampler_and_pruner_come_from_config_and_a_bad_setting_is_one_line(override, message, tmp_path):
+    import optuna
+
+    from lvm.tools.search import Search, make_sampler
+
+    with conf_dir():
+        cfg = compose("study", ["+search=p6b_v2", f"out={tmp_path}", override])
+        if message is not None:
+            with pytest.raises(LvmError, match=message):
+                Search(cfg, [])
+            return
+        search = Search(cfg, [])
+    study = search.study(worker=2)
+    assert isinstance(study.pruner, optuna.pruners.SuccessiveHalvingPruner)
+    assert isinstance(study.sampler, optuna.samplers.TPESampler)
+
+    # Worker k draws as a sampler seeded seed + k does (the preset's seed is 0).
+    def first(sampler):
+        return optuna.create_study(sampler=sampler).ask().suggest_float("x", 0, 1)
+
+    assert first(make_sampler(search.s["sampler"], 2)) == first(optuna.samplers.TPESampler(seed=2))
+    assert first(make_sampler(search.s["sampler"], 2)) != first(make_sampler(search.s["sampler"], 1))

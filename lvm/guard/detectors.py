@@ -52,25 +52,25 @@ class Streaks:
     pinned: int = 0  # lambda_eff at lambda_max
 
 
-def skipped(row: Mapping[str, float]) -> bool:
-    """Whether this step's update was skipped (guard.spike.skip): the weights never took it."""
-    return row.get("train/update_skipped", 0.0) > 0
+def dropped(row: Mapping[str, float]) -> bool:
+    """Whether this step's update was dropped (guard.spike.drop): the weights never took it."""
+    return row.get("train/update_dropped", 0.0) > 0
 
 
 def check_training(rows: Sequence[Mapping[str, float]], cfg: Mapping[str, Any], streaks: Streaks) -> list[Trip]:
     """Trips in a window of per-step rows (train/* statistics); updates `streaks`.
 
     Window means, not single batches: one odd batch is the skip rule's business, a window of them
-    is a collapse. Steps whose update was skipped are left out of the means (their batch was the
-    anomaly, and the weights never took it); more of them in one window than `max_skips_per_window`
+    is a collapse. Steps whose update was dropped are left out of the means (their batch was the
+    anomaly, and the weights never took it); more of them in one window than `max_drops_per_window`
     is a collapse of its own (a burst of spikes: the weights are somewhere bad, not one batch).
     """
     trips: list[Trip] = []
-    n_skipped = sum(map(skipped, rows))
-    limit = cfg["max_skips_per_window"]
-    if limit is not None and n_skipped > limit:
-        trips.append(Trip("spike_burst", "collapse", {"skipped": float(n_skipped), "limit": float(limit)}))
-    rows = [r for r in rows if not skipped(r)]
+    n_dropped = sum(map(dropped, rows))
+    limit = cfg["max_drops_per_window"]
+    if limit is not None and n_dropped > limit:
+        trips.append(Trip("spike_burst", "collapse", {"dropped": float(n_dropped), "limit": float(limit)}))
+    rows = [r for r in rows if not dropped(r)]
     if not rows:
         return trips
     nonfinite = check_nonfinite(rows, cfg)
@@ -111,7 +111,7 @@ def check_training(rows: Sequence[Mapping[str, float]], cfg: Mapping[str, Any], 
 def check_nonfinite(rows: Sequence[Mapping[str, float]], cfg: Mapping[str, Any]) -> list[Trip]:
     """A NaN or inf in any row whose update was taken (no warm-up: a non-finite model is collapsed
     from step 0)."""
-    bad = next((r for r in rows if not skipped(r) and not all(map(math.isfinite, r.values()))), None) if cfg["nonfinite"] else None
+    bad = next((r for r in rows if not dropped(r) and not all(map(math.isfinite, r.values()))), None) if cfg["nonfinite"] else None
     return [] if bad is None else [Trip("nonfinite", "collapse", {"loss": bad["train/loss"], "mse": bad["train/mse"]})]
 
 
@@ -154,7 +154,7 @@ def detector_problems(cfg: Mapping[str, Any], mini5cat: bool) -> list[str]:
         "orthogonal_eps",
         "raw_norm_floor",
         "raw_norm_ceiling",
-        "max_skips_per_window",
+        "max_drops_per_window",
         "diversity_floor",
         "ca_floor",
         "lambda_pinned_steps",
@@ -187,7 +187,7 @@ def detector_problems(cfg: Mapping[str, Any], mini5cat: bool) -> list[str]:
         v = cfg[k]
         if v is not None and not (isinstance(v, (int, float)) and math.isfinite(v) and (v >= 0 or k == "val_floor")):
             problems.append(f"guard.rollback.detectors.{k} must be null or a finite number >= 0 (got {v!r})")
-    for k in ("start_step", "lambda_pinned_steps", "max_skips_per_window"):
+    for k in ("start_step", "lambda_pinned_steps", "max_drops_per_window"):
         v = cfg[k]
         if v is not None and not (isinstance(v, int) and v >= 0):
             problems.append(f"guard.rollback.detectors.{k} must be null or an integer >= 0 (got {v!r})")

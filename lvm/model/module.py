@@ -19,7 +19,7 @@ from torchmetrics import MeanMetric, MetricCollection
 from lvm.evaluation import metrics as M
 from lvm.evaluation.metrics import cos
 from lvm.model.losses import DirectionalKnobs, LossTerms, P6bLoss, SkipRule, directional_grad_share
-from lvm.model.optim import SkipStepAdamW
+from lvm.model.optim import DroppableAdamW
 from lvm.model.transformer import P6Transformer
 from lvm.runtime.checkpoints import FORMAT, FORMAT_KEY
 from lvm.runtime.objects import build
@@ -93,7 +93,7 @@ class LVMModule(L.LightningModule):
         self.skip: SkipRule | None = build("guard.skip_rule", config["guard"].get("skip_rule"))
         self.prev_slot = config["window"]["prev_slot"]
         self.optim_cfg = config["optim"]
-        self.skip_steps = bool((config["guard"].get("spike") or {}).get("skip", False))
+        self.drop_updates = bool((config["guard"].get("spike") or {}).get("drop", False))
         self.print_every = config["logger"]["print_every"]
         self._knobs_cached: tuple[tuple[float, ...], torch.Tensor] | None = None
         self.eval_metrics = torch.nn.ModuleDict(
@@ -186,10 +186,10 @@ class LVMModule(L.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         """The optimizer `optim.optimizer` and scheduler `optim.scheduler` (null: none) from config.
-        Where updates may be skipped (guard.spike.skip) the optimizer is SkipStepAdamW with the same
+        Where updates may be dropped (guard.spike.drop) the optimizer is DroppableAdamW with the same
         settings: torch's AdamW has no 0/1 update factor (lvm/model/optim.py)."""
         o = self.optim_cfg
-        spec = {**o["optimizer"], "_target_": f"{SkipStepAdamW.__module__}.SkipStepAdamW"} if self.skip_steps else o["optimizer"]
+        spec = {**o["optimizer"], "_target_": f"{DroppableAdamW.__module__}.DroppableAdamW"} if self.drop_updates else o["optimizer"]
         optimizer = build("optim.optimizer", spec, params=list(self.parameters()))
         scheduler = build("optim.scheduler", o["scheduler"], optimizer=optimizer)
         if scheduler is None:

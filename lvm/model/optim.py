@@ -1,4 +1,4 @@
-"""AdamW that can skip an update by a 0/1 factor on the device, and the rolling statistics that decide it.
+"""AdamW that can drop an update by a 0/1 factor on the device, and the rolling statistics that decide it.
 
 Hand-rolled for a stated reason: torch.optim.AdamW has no such factor. Zeroing the gradient still
 moves the weights (momentum and weight decay); setting the learning rate to 0 for one step needs
@@ -21,7 +21,7 @@ def grad_norm(params: Iterable[torch.nn.Parameter]) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))).float()
 
 
-class SkipStepAdamW(torch.optim.Optimizer):
+class DroppableAdamW(torch.optim.Optimizer):
     def __init__(
         self,
         params: Iterable[torch.nn.Parameter],
@@ -91,7 +91,7 @@ class RollingStat:
     def push(self, x: torch.Tensor) -> None:
         """Record this step's value (a non-finite one as a gap). Spikes enter the history too: a level that
         has really moved (a new ramp stage) stops reading as a spike within the window instead of
-        skipping every update from then on."""
+        dropping every update from then on."""
         i = self.pos % self.window
         ok = torch.isfinite(x)
         self.values[i] = torch.where(ok, x, torch.zeros_like(x))

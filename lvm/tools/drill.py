@@ -3,11 +3,11 @@
 Each drill (conf/drill.yaml) trains its recipe three ways, every run a normal `python -m lvm.train`
 subprocess with its own run directory: with the fault and the guard on (`guard=rollback`), with the
 fault and the guard off, and without the fault (the healthy control). The shipped experiments
-also run as controls over several seeds: any action on them (a rollback, a stop, a skipped update) is a
+also run as controls over several seeds: any action on them (a rollback, a stop, a dropped update) is a
 false alarm. Each drill is
 scored against the guard's goals:
 
-- detected: a collapse event or a skipped update (events.jsonl) at or after the fault's onset;
+- detected: a collapse event or a dropped update (events.jsonl) at or after the fault's onset;
 - latency: steps from the onset to the first action; an injected in-training fault (`instant`)
   must be acted on within one statistics window (logger.flush_every) and before its epoch ends;
 - recovered: the guarded run's final val cos at most `tolerance` below its control's, or a clean
@@ -214,13 +214,13 @@ def final_cos(results: dict[str, Any]) -> float | None:
 
 
 def acts(event: dict[str, Any]) -> bool:
-    """A guard action on a fault: a collapse (rollback or stop) or a skipped update."""
-    return event["severity"] == "collapse" or event["action"] == "skipped update"
+    """A guard action on a fault: a collapse (rollback or stop) or a dropped update."""
+    return event["severity"] == "collapse" or event["action"] == "dropped update"
 
 
 def action_step(event: dict[str, Any]) -> int:
-    """The step the guard acted at: a skipped update's own step (recorded at the next flush)."""
-    return int(event["values"]["first_step"]) if event["action"] == "skipped update" else event["step"]
+    """The step the guard acted at: a dropped update's own step (recorded at the next flush)."""
+    return int(event["values"]["first_step"]) if event["action"] == "dropped update" else event["step"]
 
 
 def resume_event(results: dict[str, Any]) -> dict[str, Any] | None:
@@ -239,7 +239,7 @@ def resume_event(results: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def assess(layout: dict[str, Any], results: dict[str, dict[str, Any]], out: Path, tolerance: float) -> dict[str, Any]:
-    """One drill's row: detection, latency, action (and the decisive one after skipped updates),
+    """One drill's row: detection, latency, action (and the decisive one after dropped updates),
     recovery and which goals it missed. A killed drill's action is its resume, its latency the
     steps it lost (trained again); a moved drill must roll back to a checkpoint in its new place."""
     d: Drill = layout["drill"]
@@ -252,7 +252,7 @@ def assess(layout: dict[str, Any], results: dict[str, dict[str, Any]], out: Path
     else:
         acted = [e for e in read_events(out / layout["on"] / "events.jsonl") if acts(e) and action_step(e) >= onset]
     first = acted[0] if acted else None
-    decisive = next((e for e in acted if e["severity"] == "collapse"), None) if first and first["action"] == "skipped update" else None
+    decisive = next((e for e in acted if e["severity"] == "collapse"), None) if first and first["action"] == "dropped update" else None
     latency = (onset - first["step"] if killed else action_step(first) - onset) if first else None
     row: dict[str, Any] = {
         "drill": d.name,
@@ -380,10 +380,10 @@ def plot(layout: dict[str, Any], row: dict[str, Any], out: Path) -> Path:
         ax.axvline(layout["onset"], color="red", linestyle="--", linewidth=1)
         ax.set_ylabel(name, fontsize=8)
     for e in read_events(out / layout["on"] / "events.jsonl"):
-        if acts(e):  # rollbacks and stops black, skipped updates grey
+        if acts(e):  # rollbacks and stops black, dropped updates grey
             a3.axvline(action_step(e), color="black" if e["severity"] == "collapse" else "grey", linewidth=1)
     a1.legend(fontsize=8)
-    a1.set_title(f"{row['drill']}: onset (red), rollbacks (black), skipped updates (grey)")
+    a1.set_title(f"{row['drill']}: onset (red), rollbacks (black), dropped updates (grey)")
     a3.set_xlabel("step")
     path = out / f"{row['drill']}.png"
     fig.savefig(path, dpi=90, bbox_inches="tight")

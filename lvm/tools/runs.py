@@ -39,6 +39,7 @@ def run_values(run_dir: Path) -> tuple[dict[str, Any], str]:
         "rollbacks": record["rollbacks"],
         "events": record["events"],
         "skipped_batches": results.get("guard", {}).get("skipped_batches"),
+        "dropped_updates": results.get("guard", {}).get("dropped_updates"),
         "wall_time_s": results.get("wall_time_s"),
     }
     return values, status

@@ -7,8 +7,8 @@ conf/ with Hydra's compose API: the experiment, the preset's and the command lin
 overrides, then the trial's suggestions; each trial is a normal run directory (<out>/trial_NNN:
 checkpoints, TensorBoard, results.json). Every epoch's val cosine goes to Optuna, and the pruner
 stops a lagging trial at an epoch boundary (callbacks/prune.py; its results.json says `stopped:
-pruned`). The objective is the run's metric minus `rollback_cost` per rollback and `skip_cost` per
-skipped update: a recipe that needed the guard ranks below an equally good one that did not.
+pruned`). The objective is the run's metric minus `rollback_cost` per rollback and `drop_cost` per
+dropped update: a recipe that needed the guard ranks below an equally good one that did not.
 
 The study lives in <out>/study.db (SQLite): the same command resumes an interrupted search
 without repeating finished trials (a trial the interruption cut short is recorded as failed and
@@ -27,6 +27,7 @@ import csv
 import logging
 import math
 import multiprocessing
+import re
 import warnings
 from pathlib import Path
 from typing import Any
@@ -38,13 +39,14 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lvm.runtime.cli import CONF_DIR, EXIT_FAIL, EXIT_OK, entry_point, run_entry_point
 from lvm.runtime.errors import ConfigError, LvmError
+from lvm.runtime.objects import build
 from lvm.runtime.tables import fmt, md_table
 from lvm.tools.runs import run_values
 
 log = logging.getLogger("lvm.tools.search")
 
 DRIVER_KEYS = ("search", "out", "jobs")  # the study config's own keys; any other override goes to every trial
-COLUMNS = ("trial", "state", "objective", "best_val_cos", "final_val_cos", "rollbacks", "skipped_updates", "epochs", "status")
+COLUMNS = ("trial", "state", "objective", "best_val_cos", "final_val_cos", "rollbacks", "dropped_updates", "epochs", "status")
 
 
 def need_optuna() -> Any:
@@ -84,23 +86,17 @@ def suggest(trial: Any, params: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def make_sampler(optuna: Any, s: dict[str, Any], worker: int = 0) -> Any:
-    """The sampler of one worker: seeded seed + worker (workers with one seed would suggest alike)."""
-    if s["name"] == "tpe":
-        return optuna.samplers.TPESampler(seed=s["seed"] + worker, n_startup_trials=s["startup_trials"])
-    if s["name"] == "random":
-        return optuna.samplers.RandomSampler(seed=s["seed"] + worker)
-    raise ConfigError(f"search.sampler.name must be tpe or random (got {s['name']!r})")
+def trial_overrides(overrides: list[str]) -> list[str]:
+    """The command line's lvm.train overrides, which every trial gets: all but the search's own
+    settings (search.*, search/pruner=..., out, jobs)."""
+    return [o for o in overrides if re.split(r"[=./]", o.lstrip("+~"))[0] not in DRIVER_KEYS]
 
 
-def make_pruner(optuna: Any, p: dict[str, Any]) -> Any:
-    if p["name"] == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=p["startup_trials"], n_warmup_steps=p["warmup_epochs"])
-    if p["name"] == "halving":
-        return optuna.pruners.SuccessiveHalvingPruner(min_resource=p["min_epochs"], reduction_factor=p["reduction_factor"])
-    if p["name"] == "none":
-        return optuna.pruners.NopPruner()
-    raise ConfigError(f"search.pruner.name must be median, halving or none (got {p['name']!r})")
+def make_sampler(sampler: dict[str, Any], worker: int = 0) -> Any:
+    """The sampler of one worker (search.sampler): seeded seed + worker, as workers with one seed
+    would suggest alike."""
+    seed = {"seed": sampler["seed"] + worker} if sampler.get("seed") is not None else {}
+    return build("search.sampler", sampler, **seed)
 
 
 class Search:
@@ -121,8 +117,8 @@ class Search:
         self.overrides = [f"+experiment={self.s['experiment']}", *self.s["overrides"], *train_overrides]
         self.storage = f"sqlite:///{(self.out / 'study.db').resolve()}"
         self.max_epochs = int(compose(config_name="train", overrides=self.overrides).trainer.max_epochs)
-        make_sampler(self.optuna, self.s["sampler"])  # checked before any trial runs
-        make_pruner(self.optuna, self.s["pruner"])
+        make_sampler(self.s["sampler"])  # checked before any trial runs
+        build("search.pruner", self.s["pruner"])
 
     def defaults(self) -> dict[str, Any]:
         """The searched parameters' values in the experiment as shipped (a group parameter: its choice)."""
@@ -136,8 +132,8 @@ class Search:
             storage=self.storage,
             load_if_exists=True,
             direction=self.s["direction"],
-            sampler=make_sampler(self.optuna, self.s["sampler"], worker),
-            pruner=make_pruner(self.optuna, self.s["pruner"]),
+            sampler=make_sampler(self.s["sampler"], worker),
+            pruner=build("search.pruner", self.s["pruner"]),
         )
 
     def objective(self, trial: Any) -> float:
@@ -164,7 +160,7 @@ class Search:
             raise
         metrics, status = run_values(run_dir)
         trial.set_user_attr("status", status)
-        for k in ("best_val_cos", "final_val_cos", "rollbacks", "skipped_batches"):
+        for k in ("best_val_cos", "final_val_cos", "rollbacks", "dropped_updates"):
             trial.set_user_attr(k, metrics[k])
         trial.set_user_attr("epochs", results["epochs_completed"])
         if pruning.stop_reason:
@@ -172,7 +168,13 @@ class Search:
         metric = metrics[self.s["objective"]]
         if metric is None or not math.isfinite(metric):
             raise LvmError(f"trial {trial.number}: no finite {self.s['objective']} ({status})")
-        penalty = self.s["rollback_cost"] * (metrics["rollbacks"] or 0) + self.s["skip_cost"] * (metrics["skipped_batches"] or 0)
+        return self.score(metric, metrics)
+
+    def score(self, metric: float, values: dict[str, Any]) -> float:
+        """The objective of a trial whose metric is `metric`: worse by rollback_cost per rollback and
+        drop_cost per dropped update of the guard (the skip rule's zeroed batches are the recipe's own
+        working and cost nothing)."""
+        penalty = self.s["rollback_cost"] * (values["rollbacks"] or 0) + self.s["drop_cost"] * (values["dropped_updates"] or 0)
         return metric - penalty if self.s["direction"] == "maximize" else metric + penalty
 
     def finished(self, study: Any) -> int:
@@ -257,7 +259,7 @@ def summarize(search: Search, study: Any) -> dict[str, Any]:
                 "best_val_cos": a.get("best_val_cos"),
                 "final_val_cos": a.get("final_val_cos"),
                 "rollbacks": a.get("rollbacks"),
-                "skipped_updates": a.get("skipped_batches"),
+                "dropped_updates": a.get("dropped_updates"),
                 "epochs": a.get("epochs"),
                 "status": a.get("status", ""),
             }
@@ -273,7 +275,7 @@ def summarize(search: Search, study: Any) -> dict[str, Any]:
     full = sum(1 for r in rows if r["state"] in ("complete", "pruned")) * search.max_epochs
     lines = [
         f"# Search {search.s['name']} ({search.s['objective']}, {search.s['direction']}; "
-        f"{search.s['rollback_cost']} per rollback, {search.s['skip_cost']} per skipped update)",
+        f"{search.s['rollback_cost']} per rollback, {search.s['drop_cost']} per dropped update)",
         "",
         *md_table(columns, [[fmt(r[k], 4).replace("|", "\\|") for k in columns] for r in rows]),
         "",
@@ -342,7 +344,7 @@ def plot(search: Search, study: Any, complete: list[dict[str, Any]]) -> list[Pat
 def main(cfg: DictConfig) -> int:
     if "search" not in cfg:
         raise ConfigError("name a search preset: python -m lvm.tools.search +search=p6b_v2 (conf/search/)")
-    train_overrides = [o for o in HydraConfig.get().overrides.task if o.lstrip("+~").split("=")[0].split(".")[0] not in DRIVER_KEYS]
+    train_overrides = trial_overrides(list(HydraConfig.get().overrides.task))
     summary = run_search(cfg, train_overrides)
     return EXIT_OK if summary["best"] else EXIT_FAIL  # no trial completed: say so in the exit code
 

@@ -34,6 +34,7 @@ METRICS = (
     "rollbacks",
     "events",
     "skipped_batches",
+    "dropped_updates",
     "wall_time_s",
 )
 COLUMNS = ("job", "overrides", *METRICS, "status")

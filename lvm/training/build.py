@@ -22,7 +22,7 @@ from callbacks import (
     RollbackGuard,
     ShareCPUs,
     SkipReport,
-    SpikeSkip,
+    SpikeCheck,
     StepStatistics,
     TensorBoardDashboard,
     keeps_data_on_device,
@@ -67,7 +67,7 @@ class RunCallbacks:
     """A run's own callbacks in trainer order, and those the run reads when the fit ends."""
 
     all: list[L.Callback]
-    spike: SpikeSkip | None
+    spike: SpikeCheck | None
     guard: RollbackGuard | None
     skip_report: SkipReport | None
     resume: ExactResume

@@ -217,12 +217,14 @@ def ending(fit: Fit, extra_callbacks: Sequence[L.Callback]) -> str:
 
 def guard_record(cfg: DictConfig, fit: Fit, run_dir: Path) -> dict[str, Any]:
     """The guard's record in results.json: its policy, events.jsonl summed up (rollbacks, stops,
-    trips by detector) and the batches whose directional term the skip rule zeroed."""
-    skip = fit.callbacks.skip_report
+    trips by detector), the batches whose directional term the skip rule zeroed and the updates
+    the spike check dropped."""
+    skip, spike = fit.callbacks.skip_report, fit.callbacks.spike
     return {
         "policy": guard_policy(cfg.guard),
         **summarize_events(read_events(run_dir / "events.jsonl")),
         "skipped_batches": skip.state_dict()["skips_total"] if skip is not None else 0,
+        "dropped_updates": spike.dropped_total() if spike is not None else 0,
     }
 
 
