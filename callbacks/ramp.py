@@ -53,7 +53,7 @@ class RampSchedule(L.Callback):
     the guard asks it to back off (`back_off`). `ramp=constant` is a one-stage table: no ramp.
 
     `epoch_base` states the table's numbering: 0 means Lightning's current_epoch as is (the
-    original code's convention), 1 means the first epoch is epoch 1 (the seed's prose).
+    original code's convention), 1 means the first epoch is epoch 1 (the original's prose).
     """
 
     def __init__(self, stages: Sequence[Mapping[str, Any]], epoch_base: int, lambda_max: float) -> None:

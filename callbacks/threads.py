@@ -6,13 +6,13 @@ from typing import Any
 
 import lightning as L
 
-from lvm.runtime.threads import ThreadShare
+from lvm.runtime.threads import CPUShare
 
 
 class ShareCPUs(L.Callback):
     """Re-shares at batch ends, from the training thread (a clock read per step; /proc every few seconds)."""
 
-    def __init__(self, share: ThreadShare) -> None:
+    def __init__(self, share: CPUShare) -> None:
         self.share = share
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:

@@ -27,7 +27,7 @@ from lvm.runtime.cli import (
     CONF_DIR,
     EXIT_BAD_INPUT,
     EXIT_FAIL,
-    exit_code_of,
+    exit_code_for,
     run_entry_point,
     set_exit_code,
 )
@@ -75,7 +75,7 @@ def main(cfg: DictConfig) -> float | None:
         print(f"lvm.train: run failed: {e} (traceback in {hc.runtime.output_dir}/results.json)", file=sys.stderr)
         set_exit_code(EXIT_FAIL)
         return None
-    set_exit_code(exit_code_of(results["status"]))
+    set_exit_code(exit_code_for(results["status"]))
     return results["best_val_cos"]
 
 

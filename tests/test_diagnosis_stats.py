@@ -1,4 +1,4 @@
-"""lvm/diagnosis/stats.py, baselines.py and core.py: every statistic against values computed
+"""lvm/diagnosis/stats.py, baselines.py and layout.py: every statistic against values computed
 independently on small hand-made stores (closed forms, brute force), and how the report reads them."""
 
 from __future__ import annotations
@@ -7,24 +7,24 @@ import numpy as np
 import pytest
 
 from lvm.data.store import ArticleStore
-from lvm.diagnosis import baselines, core, stats
-from lvm.diagnosis.diagnose import layout_of, settings_of, split_codes
+from lvm.diagnosis import baselines, layout, stats
+from lvm.diagnosis.diagnose import parse_settings, read_layout, split_codes
 from lvm.diagnosis.report import findings
 from lvm.runtime.errors import ConfigError
 from tests.helpers import STANDARD, THETA, compose_cfg, rotation_store, unit_rows
 
 
-def settings(*overrides: str) -> core.Settings:
+def settings(*overrides: str) -> layout.Settings:
     """Settings from conf/diagnose.yaml with `overrides` (the config holds every default)."""
-    return settings_of(compose_cfg("diagnose", "store=unused.npz", "progress=false", *overrides))
+    return parse_settings(compose_cfg("diagnose", "store=unused.npz", "progress=false", *overrides))
 
 
 FAST = settings("max_offset=3", "pairs=20000", "bootstrap=200", "ridge.alphas=[1e-6,1.0]")
 
 
-def diagnose(store: ArticleStore, settings: core.Settings = FAST) -> dict:
+def diagnose(store: ArticleStore, settings: layout.Settings = FAST) -> dict:
     codes, _ = split_codes(store, 0.3, 0.3, 0)
-    return stats.diagnose(store.vectors.numpy(), layout_of(store), codes, settings)
+    return stats.diagnose(store.vectors.numpy(), read_layout(store), codes, settings)
 
 
 # ----------------------------------------------------------------------------- closed forms
@@ -63,7 +63,7 @@ def test_rotation_store_matches_closed_forms():
         # The mean of 5 unit vectors at angles phi-2t..phi+2t points at phi: 3 steps from the target.
         assert scores["mean_context"][key]["cos_target"]["mean"] == pytest.approx(c(3 * THETA), abs=1e-5)
     assert direction["copy_last"]["forward_minus_backward"]["mean"] == pytest.approx(0, abs=1e-5)
-    heldout = [n for a, n in enumerate(lengths) if split_codes(store, 0.3, 0.3, 0)[0][a] == core.HELDOUT]
+    heldout = [n for a, n in enumerate(lengths) if split_codes(store, 0.3, 0.3, 0)[0][a] == layout.HELDOUT]
     assert b["next"]["scored"] == sum(n - 5 for n in heldout) and b["direction"]["scored"] == sum(max(n - 10, 0) for n in heldout)
     assert findings(r)  # findings read the report without error
 
@@ -78,8 +78,8 @@ def test_slot_linear_is_exact_on_rotations_and_agrees_with_training():
     b = r["baselines"]
     assert b["next"]["predictors"]["slot_linear"]["next"]["cos_target"]["mean"] == pytest.approx(1.0, abs=1e-5)
     codes, _ = split_codes(store, 0.3, 0.3, 0)
-    starts = np.flatnonzero(stats.run_ahead(layout_of(store), 5) >= 5)
-    train = starts[codes[store.row_article[starts]] != core.HELDOUT]
+    starts = np.flatnonzero(stats.run_ahead(read_layout(store), 5) >= 5)
+    train = starts[codes[store.row_article[starts]] != layout.HELDOUT]
     X = store.vectors.numpy()
     np.testing.assert_allclose(
         b["ridge"]["forward"]["slot_weights"], baselines.fit_slot_linear(X, *baselines.block_rows(train, 5, "forward")).w
@@ -106,7 +106,7 @@ def test_ridge_learns_a_shared_rotation_and_oracle_scores_one():
     for direction in ("forward", "backward"):
         assert b["ridge"][direction]["alpha"] == 1e-6 and b["ridge"][direction]["prior"] == "mean_context"
     X = store.vectors.numpy()
-    starts = np.flatnonzero(stats.run_ahead(layout_of(store), 5) >= 5)
+    starts = np.flatnonzero(stats.run_ahead(read_layout(store), 5) >= 5)
     scored = baselines.score(X, *baselines.block_rows(starts, 5, "backward"), {"oracle": baselines.oracle})
     np.testing.assert_allclose(scored["oracle"]["target"], 1.0, atol=1e-6)
 
@@ -215,7 +215,7 @@ def test_matched_window_difference_is_a_boundary_term():
 
 def test_gaps_in_chunk_indices_are_never_bridged():
     store = ArticleStore(unit_rows(9, 4), np.array([0] * 6 + [1] * 3), np.array([0, 1, 2, 4, 5, 6, 0, 1, 2]))
-    layout = layout_of(store)
+    layout = read_layout(store)
     np.testing.assert_array_equal(stats.run_ahead(layout, 9), [2, 1, 0, 2, 1, 0, 2, 1, 0])
     lag = stats.lag_cosines(store.vectors.numpy(), stats.run_ahead(layout, 9), 2)
     assert np.isnan(lag[1, [2, 5, 8]]).all() and np.isnan(lag[2, [1, 2, 4, 5]]).all()
@@ -227,8 +227,8 @@ def test_near_duplicates_and_exact_copies():
     near = baselines.unit(base[2] + 0.1 * unit_rows(1, 8, seed=9)[0])  # cos ~0.995 with base[2]
     X = np.stack([base[0], base[0], base[1], base[2], near, base[3], base[4], base[0], base[5], base[6]]).astype(np.float32)
     store = ArticleStore(X, np.array([0] * 5 + [1] * 5), np.r_[0:5, 0:5])
-    lag1 = stats.lag_cosines(X, stats.run_ahead(layout_of(store), 1), 1)[1]
-    nd = stats.near_duplicates(X, lag1, layout_of(store), settings("examples=5"))
+    lag1 = stats.lag_cosines(X, stats.run_ahead(read_layout(store), 1), 1)[1]
+    nd = stats.near_duplicates(X, lag1, read_layout(store), settings("examples=5"))
     expected = sum(float(X[i] @ X[i + 1]) >= 0.95 for i in range(9) if i != 4)
     assert nd["adjacent_pairs"] == 8 and nd["near_duplicate_pairs"] == expected == 2
     assert nd["exact_adjacent_pairs"] == 1
@@ -246,7 +246,7 @@ def test_anisotropy_of_known_sets():
 
 def test_pair_samples_weigh_every_chunk_the_same():
     store = ArticleStore(unit_rows(17, 4), np.array([0] * 9 + [1] * 3 + [2] * 5), np.r_[0:9, 0:3, 0:10:2])
-    layout = layout_of(store)
+    layout = read_layout(store)
     n = 60_000
     a, b = stats.far_pairs(layout, 3, n, np.random.default_rng(0))
     art, chunk = layout.row_article, layout.chunk_indices.astype(int)
@@ -265,10 +265,10 @@ def test_pair_samples_weigh_every_chunk_the_same():
 def test_article_bootstrap():
     values = np.array([1.0, 1.0, 1.0, 3.0, 5.0])
     groups = np.array([7, 7, 7, 2, 2])
-    boot = core.article_bootstrap(values, groups, 500, seed=0)
+    boot = layout.article_bootstrap(values, groups, 500, seed=0)
     assert boot["mean"] == pytest.approx(11 / 5) and boot["articles"] == 2 and boot["items"] == 5
     assert 1.0 <= boot["lo"] <= boot["mean"] <= boot["hi"] <= 4.0  # article means are 1 and 4
-    assert core.article_bootstrap(values, np.zeros(5), 500, 0)["lo"] is None
+    assert layout.article_bootstrap(values, np.zeros(5), 500, 0)["lo"] is None
 
 
 def test_settings_are_checked():

@@ -3,10 +3,10 @@
 For each batch size (32, the original's, and a large one), precision (fp32, bf16-mixed) and data
 path (host: the DataLoader gathers on the host and copies each batch; device: data.on_device,
 one gather on the GPU) it times `warmup + steps` training steps of the full lvm loop (every
-callback, as `lvm.train` builds it; model=p6, data=seed_shape: D=768, 416,617 training windows)
+callback, as `lvm.train` builds it; model=p6, data=original_shape: D=768, 416,617 training windows)
 and counts the host syncs per measured step (CUDA's sync debug mode: every synchronising call
 warns, and the warnings are counted). It prints steps/s, windows/s, syncs per step and the
-estimated time of the seed's 12 epochs at that batch size (training steps only), and writes
+estimated time of the original's 12 epochs at that batch size (training steps only), and writes
 bench_gpu.json beside the table.
 
 `bench.device=cpu` runs the same measurements on the CPU (no sync count): the tests use it
@@ -121,7 +121,7 @@ def main(cfg: DictConfig) -> None:
     with tempfile.TemporaryDirectory(prefix="lvm-bench-gpu-") as tmp:
         rows = measure(train_cfg, b, Path(tmp))
     device = torch.cuda.get_device_name() if b.device == "cuda" else "cpu"
-    head = ["batch", "precision", "data", "steps/s", "windows/s", "host syncs/step", f"seed's {b.epochs} epochs (h)"]
+    head = ["batch", "precision", "data", "steps/s", "windows/s", "host syncs/step", f"original's {b.epochs} epochs (h)"]
     body = [
         [
             str(r["batch"]),

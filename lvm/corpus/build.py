@@ -224,7 +224,7 @@ def window_warnings(stored: Mapping[str, Any], context: int) -> list[str]:
     ]
 
 
-def settings_of(cfg: DictConfig) -> dict[str, Any]:
+def content_settings(cfg: DictConfig) -> dict[str, Any]:
     """What decides the content of a build: a resumed build must have the same."""
     return {
         "input": str(Path(cfg.input).resolve()),
@@ -262,7 +262,7 @@ def build(cfg: DictConfig) -> dict[str, Any]:
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     chunker = Chunker(int(cfg.chunk.min_words), int(cfg.chunk.max_words), bool(cfg.chunk.prose_only))
-    settings = settings_of(cfg)
+    settings = content_settings(cfg)
     parts = Parts(out_dir / "parts", settings)
     documents = read_documents(cfg.input, cfg.input_format, cfg.input_member, int(cfg.workers), tuple(cfg.namespaces))
     encoder_cfg = dict(settings["encoder"])

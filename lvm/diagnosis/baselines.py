@@ -4,7 +4,7 @@ copy-last, mean of context, slot-linear (the baseline training reports) and ridg
 flattened context, fitted on the FIT / TUNE articles and scored on held-out ones, for the next
 chunk and for the same targets predicted forward and backward (the arrow-of-time test). Predictions
 are normalised before scoring; CIs come from `core.article_bootstrap`. Called by
-`lvm.diagnosis.stats.diagnose`; imports only lvm/diagnosis/core.py of the diagnosis, so no cycle.
+`lvm.diagnosis.stats.diagnose`; imports only lvm/diagnosis/layout.py of the diagnosis, so no cycle.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from lvm.diagnosis.core import BLOCK, FIT, HELDOUT, TUNE, Layout, Settings, article_bootstrap, listed
+from lvm.diagnosis.layout import BLOCK, FIT, HELDOUT, TUNE, Layout, Settings, article_bootstrap, listed
 from lvm.evaluation.metrics import fit_slot_weights
 
 BASELINES = ("copy_last", "mean_context", "slot_linear", "ridge")

@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from lvm.data.loaders import load_store_npz
 from lvm.data.splits import split_articles
 from lvm.data.store import ArticleStore
-from lvm.diagnosis.core import FIT, HELDOUT, TUNE, Layout, Settings
+from lvm.diagnosis.layout import FIT, HELDOUT, TUNE, Layout, Settings
 from lvm.diagnosis.report import findings, write_outputs
 from lvm.diagnosis.stats import diagnose
 from lvm.runtime.cli import CONF_DIR, entry_point, run_entry_point
@@ -31,7 +31,7 @@ from lvm.runtime.threads import set_threads
 log = logging.getLogger(__name__)
 
 
-def layout_of(store: ArticleStore) -> Layout:
+def read_layout(store: ArticleStore) -> Layout:
     """The row layout the statistics need, taken from a validated store."""
     return Layout(store.row_article, store.chunk_indices, store.article_starts, store.article_lengths, store.article_id_of)
 
@@ -40,7 +40,7 @@ def layout_of(store: ArticleStore) -> Layout:
 RIDGE_SETTINGS = ("alphas", "prior", "max_train")
 
 
-def settings_of(cfg: DictConfig) -> Settings:
+def parse_settings(cfg: DictConfig) -> Settings:
     """Settings from the config (ConfigError naming the key when a value is impossible)."""
     values = {f.name: cfg.ridge[f.name] if f.name in RIDGE_SETTINGS else cfg[f.name] for f in fields(Settings)}
     values["alphas"] = tuple(values["alphas"])
@@ -74,14 +74,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     """The CLI's work: load, diagnose, write the three files; returns the report."""
     if OmegaConf.is_missing(cfg, "store") or not cfg.store:
         raise ConfigError("no store given: python -m lvm.diagnosis.diagnose <store.npz> (or store=PATH)")
-    settings = settings_of(cfg)
+    settings = parse_settings(cfg)
     check_fractions(float(cfg.split.val), float(cfg.ridge.tune))  # before loading a large store
     set_threads(cfg.threads)
     path = Path(str(cfg.store))
     t0 = time.perf_counter()
     store = load_store_npz(path, cfg.normalize)
     codes, articles = split_codes(store, float(cfg.split.val), float(cfg.ridge.tune), int(cfg.split.seed))
-    stats = diagnose(store.vectors.numpy(), layout_of(store), codes, settings, str(path))
+    stats = diagnose(store.vectors.numpy(), read_layout(store), codes, settings, str(path))
     report = {
         "store": {"path": str(path), "chunks": len(store), "articles": store.num_articles, "dim": store.dim},
         "settings": OmegaConf.to_container(cfg, resolve=True),

@@ -1,7 +1,7 @@
 """What an article store can and cannot teach: plain-numpy statistics behind `lvm.diagnosis.diagnose`.
 
 Every statistic works on unit chunk vectors X [N, D] (rows sorted by article, then chunk) and a
-`Layout` of the rows (lvm/diagnosis/core.py). "Adjacent" and "k apart" always mean consecutive
+`Layout` of the rows (lvm/diagnosis/layout.py). "Adjacent" and "k apart" always mean consecutive
 chunk indices inside one article, so a gap in the chunk indices is never bridged. Cosines between
 store rows are dot products (the store guarantees unit rows). This module holds the row geometry,
 the lag / position / offset / similarity / duplicate statistics and `diagnose`, which runs them
@@ -22,7 +22,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from lvm.diagnosis.baselines import baselines
-from lvm.diagnosis.core import BLOCK, Layout, Settings, article_bootstrap, listed
+from lvm.diagnosis.layout import BLOCK, Layout, Settings, article_bootstrap, listed
 from lvm.runtime.errors import DataError
 
 log = logging.getLogger(__name__)

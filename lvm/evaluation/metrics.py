@@ -115,7 +115,7 @@ def ranks_in_bank(pred: torch.Tensor, bank: torch.Tensor, true_slot: int) -> tor
 def six_bank_ranks(pred: torch.Tensor, context: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """The original mini-5CAT's ranking: target among {K context vectors, target}.
 
-    Kept only for comparison with the seed's numbers: it is nearly always rank 1 and is exactly
+    Kept only for comparison with the original's numbers: it is nearly always rank 1 and is exactly
     rank 1 for a collapsed model pointing away from the whole context.
     """
     return ranks_in_bank(pred, torch.cat([context, target.unsqueeze(1)], dim=1), context.shape[1])

@@ -67,7 +67,7 @@ def load_model(ckpt: dict[str, Any], path: str | Path, dim: int) -> LVMModule:
     return module.to(accelerator_device()).eval()
 
 
-def run_dir_of(ckpt_path: str | Path) -> Path:
+def find_run_dir(ckpt_path: str | Path) -> Path:
     """The run directory of a checkpoint (the parent of its checkpoints/ folder)."""
     parent = Path(ckpt_path).resolve().parent
     return parent.parent if parent.name == "checkpoints" else parent
@@ -190,7 +190,7 @@ def evaluate_checkpoint(
     info = {"path": str(path), "epoch": int(ckpt["epoch"]), "global_step": int(ckpt["global_step"])}
     report = build_report("model", evaluation, splits, data_cfg, spec, info, sample, seed)
     report["precision"] = {"model": precision, "measured": measured}
-    out_dir = out_dir or run_dir_of(path) / "eval" / Path(path).stem
+    out_dir = out_dir or find_run_dir(path) / "eval" / Path(path).stem
     report["outputs"] = write_outputs(report, out_dir)
     return report
 

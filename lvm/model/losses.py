@@ -6,7 +6,7 @@
     loss = mse + weight * lam * dir
 
 `weight` is 1 normally and 0 when the directional term is off or skipped for the batch (the
-seed's v2 skip rule, part of the loss): the term stays in the graph either way, so every rank
+original's v2 skip rule, part of the loss): the term stays in the graph either way, so every rank
 builds the same graph.
 
 The later variants (v2.1-v2.3, docs/p6b.md section 3) add terms, each off unless configured
@@ -118,7 +118,7 @@ class LossTerms:
 
 @dataclass(frozen=True)
 class SkipRule:
-    """The seed's v2 check: skip the directional term for a batch whose mean pos is below
+    """The original's v2 check: skip the directional term for a batch whose mean pos is below
     `pos_below` or whose mean neg is below `neg_below` (the seed: both 0). v2.1 also skips when
     mean pos < `both_pos_below` and mean neg < `both_neg_below` together (None: not checked)."""
 

@@ -32,7 +32,7 @@ def set_exit_code(code: int) -> None:
     _outcome["code"] = code
 
 
-def exit_code_of(status: str) -> int:
+def exit_code_for(status: str) -> int:
     """Exit code of a training run's status (results.json)."""
     if status == "completed":
         return EXIT_OK

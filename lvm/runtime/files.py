@@ -57,13 +57,13 @@ def drop_rows_after(path: str | Path, step: int) -> int:
     if not path.is_file():
         return 0
     lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
-    kept = [line for line in lines if _step_of(line) <= step]
+    kept = [line for line in lines if _row_step(line) <= step]
     if len(kept) < len(lines):
         atomic_write_text(path, "".join(kept))
     return len(lines) - len(kept)
 
 
-def _step_of(line: str) -> float:
+def _row_step(line: str) -> float:
     try:
         return float(json.loads(line).get("step", 0))
     except (ValueError, AttributeError):

@@ -59,7 +59,7 @@ def _busy_seconds(cpus: set[int]) -> float | None:
     return busy / os.sysconf("SC_CLK_TCK")
 
 
-class ThreadShare:
+class CPUShare:
     """Shares this process's CPUs with whatever else runs on them: every `interval` seconds it
     measures the CPU time others used there and sets torch threads to the cores left (at least 1,
     at most `limit`). Two lvm trainings started together on 2 cores each drop to one thread, where

@@ -78,7 +78,7 @@ class Drill:
         return (f"+experiment={experiment or self.experiment}", *self.overrides, *extra)
 
 
-def drills_of(cfg: DictConfig) -> list[Drill]:
+def select_drills(cfg: DictConfig) -> list[Drill]:
     """The drills to run (quick: those marked quick; `only`: those named), checked."""
     known = dict(cfg.drills)
     names = list(cfg.only) if cfg.only else [n for n, d in known.items() if d.quick or not cfg.quick]
@@ -394,7 +394,7 @@ def plot(layout: dict[str, Any], row: dict[str, Any], out: Path) -> Path:
 def run_suite(cfg: DictConfig) -> dict[str, Any]:
     if not (isinstance(cfg.jobs, int) and cfg.jobs >= 1):
         raise ConfigError(f"jobs must be an integer >= 1 (got {cfg.jobs!r})")
-    drills = drills_of(cfg)
+    drills = select_drills(cfg)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     runs, layouts, controls = plan(cfg, drills)

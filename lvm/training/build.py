@@ -36,7 +36,7 @@ from lvm.model.module import STEP_STATS, LVMModule, accelerator_device
 from lvm.runtime.checkpoints import AtomicCheckpointIO
 from lvm.runtime.objects import build, to_plain
 from lvm.runtime.signals import StopSignals
-from lvm.runtime.threads import ThreadShare, usable_cpus
+from lvm.runtime.threads import CPUShare, usable_cpus
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +141,7 @@ def build_callbacks(
     if cfg.trainer.get("enable_progress_bar", True) and cb.progress_bar is not None:
         out.append(build("callbacks.progress_bar", cb.progress_bar))
     if cfg.threads == "auto" and not cfg.trainer.deterministic:  # a deterministic run keeps its thread count
-        out.append(ShareCPUs(ThreadShare(limit=usable_cpus())))
+        out.append(ShareCPUs(CPUShare(limit=usable_cpus())))
     return RunCallbacks(out, spike, guard, skip_report, resume)
 
 

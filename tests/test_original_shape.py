@@ -1,5 +1,5 @@
-"""The seed's collapse from the seed's own constants, at the original's shape (data=seed_shape):
-P6b v1 is healthy for two epochs and collapses in the third with the seed's signature; the seed's
+"""The original's collapse from the original's own constants, at the original's shape (data=original_shape):
+P6b v1 is healthy for two epochs and collapses in the third with the original's signature; the original's
 v2 (guard=skip) stays healthy. Two full runs of ~20 minutes each on one thread, side by side."""
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from tests.helpers import ROOT, history
 
 
 @pytest.mark.slow
-def test_seed_shape_v1_collapses_in_its_third_epoch_and_v2_does_not(tmp_path):
-    common = ["data=seed_shape", "trainer.max_epochs=3", "threads=1", "trainer.enable_progress_bar=false"]
+def test_original_shape_v1_collapses_in_its_third_epoch_and_v2_does_not(tmp_path):
+    common = ["data=original_shape", "trainer.max_epochs=3", "threads=1", "trainer.enable_progress_bar=false"]
     runs = {"v1": ["+experiment=p6b_v1"], "v2": ["+experiment=p6b_v2", "guard=skip"]}
     procs = {
         name: subprocess.Popen(
@@ -35,7 +35,7 @@ def test_seed_shape_v1_collapses_in_its_third_epoch_and_v2_does_not(tmp_path):
     # Healthy for two epochs (the mean of context scores 0.608 here), then below 0 in the third.
     assert v1[0] > 0.55 and v1[1] > 0.55 and v1[2] < 0
     assert min(v2) > 0.60
-    # The seed's signature late in the third epoch: both mean cosines negative, lambda at its clamp.
+    # The original's signature late in the third epoch: both mean cosines negative, lambda at its clamp.
     from lvm.tools.runs import read_steps
 
     steps = read_steps(tmp_path / "v1", ["train/pos", "train/neg", "train/lambda_eff", "train/lambda_max"])

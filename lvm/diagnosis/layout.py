@@ -45,7 +45,7 @@ class Layout:
 @dataclass(frozen=True)
 class Settings:
     """The knobs of `diagnose`: their defaults and meaning are in conf/diagnose.yaml (the one
-    place); `lvm.diagnosis.diagnose.settings_of` builds this from that config node."""
+    place); `lvm.diagnosis.diagnose.parse_settings` builds this from that config node."""
 
     context: int
     max_offset: int
