@@ -142,14 +142,6 @@ def test_a_nan_batchs_update_is_dropped_on_its_own_step_and_nothing_rolls_back(t
     assert plain["guard"]["rollbacks"] == 1 and plain["guard"]["dropped_updates"] == 0
 
 
-def test_bench_times_the_detector_statistics():
-    from lvm.bench.loops import measure_detectors, training_config
-    from tests.helpers import TINY, compose_cfg
-
-    seconds = measure_detectors(training_config(compose_cfg("bench", *TINY)), calls=5)
-    assert 0 < seconds < 0.1
-
-
 def test_a_rollback_starts_the_gradient_norm_history_again():
     """The restored weights' gradients are not what the history describes (before: 3 false skips
     at z ~8 right after the corrupt-checkpoint drill's rollback, and a second rollback): the guard
