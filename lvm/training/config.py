@@ -38,11 +38,12 @@ def _problems(cfg: DictConfig) -> list[str]:
         if not ok:
             problems.append(msg)
 
-    def built(make: Callable[[], Any]) -> None:
+    def built(make: Callable[[], Any]) -> Any:
         try:
-            make()
+            return make()
         except (ValueError, LvmError) as e:
             problems.append(str(e))
+            return None
 
     missing = OmegaConf.missing_keys(cfg)
     if missing:
@@ -56,9 +57,9 @@ def _problems(cfg: DictConfig) -> list[str]:
     built(lambda: build("loss", plain["loss"]))
     built(lambda: build("guard.skip_rule", plain["guard"].get("skip_rule")))
     built(lambda: build("guard.spike", plain["guard"].get("spike")))
-    built(lambda: build("ramp", plain["ramp"]))
+    schedule = built(lambda: build("ramp", plain["ramp"]))
     mini5cat = plain["callbacks"]["mini5cat"] is not None
-    built(lambda: build("guard.rollback", plain["guard"]["rollback"], run_dir=".", schedule=None, mini5cat=mini5cat))
+    built(lambda: build("guard.rollback", plain["guard"]["rollback"], run_dir=".", schedule=schedule, mini5cat=mini5cat))
     if plain.get("fault") is not None:
         built(lambda: build("fault", plain["fault"], constant=torch.zeros(2), ckpt_dir="."))
     built(lambda: StepLog([], plain["logger"]["flush_every"]))
