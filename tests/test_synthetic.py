@@ -120,3 +120,12 @@ def test_common_direction_makes_data_anisotropic_and_zero_changes_nothing():
     pair = lambda v: float(np.mean(np.sum(v[i] * v[j], axis=1)))  # noqa: E731
     assert abs(pair(plain[0])) < 0.05 and 0.55 < pair(aniso) < 0.75  # conf/data/anisotropic.yaml: random pairs ~0.64
     np.testing.assert_allclose(np.linalg.norm(aniso, axis=1), 1.0, atol=1e-5)
+
+
+def test_the_generator_refuses_impossible_settings_with_the_start_up_check_s_line():
+    """synthetic_corpus and start-up validation share one check (lvm.data.synthetic.check_synthetic)."""
+    from lvm.data.synthetic import synthetic_corpus
+
+    args = dict(dim=8, articles=3, min_chunks=9, max_chunks=4, topic_weight=1.0, drift_weight=1.0, drift_step=0.5, noise=-1.0, seed=0)
+    with pytest.raises(ValueError, match=r"min_chunks <= max_chunks \(got 9, 4\); data.synthetic.noise"):
+        synthetic_corpus(**args)

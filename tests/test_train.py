@@ -110,6 +110,8 @@ def test_resume_continues_at_right_epoch_and_stage(tmp_path, caplog):
         ("optim.scheduler.factor=2", "optim.scheduler: Factor should be < 1.0"),
         ("optim.scheduler.patience=-1", "optim.scheduler.patience"),
         ("data.split.val=0", "data.split"),
+        ("data.synthetic.min_chunks=20", "min_chunks <= max_chunks"),
+        ("data.num_workers=-1", "data.num_workers"),
         (
             "ramp.stages=[{until:3,margin:0.1,target_frac:0.1},{until:2,margin:0.1,target_frac:0.1},{until:null,margin:0.1,target_frac:0.1}]",
             "increase",

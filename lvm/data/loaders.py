@@ -21,10 +21,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from lvm.data.splits import make_splits
-from lvm.data.store import ArticleStore, NormalizePolicy, Windows, WindowSpec
-from lvm.data.synthetic import synthetic_corpus
-from lvm.runtime.errors import DataError
+from lvm.data.splits import check_fractions, make_splits
+from lvm.data.store import ArticleStore, NormalizePolicy, Windows, WindowSpec, check_policy
+from lvm.data.synthetic import check_synthetic, synthetic_corpus
+from lvm.runtime.errors import DataError, require
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,23 @@ def check_source(data_cfg: Mapping[str, Any]) -> str:
         hint = f" ({data_cfg['hint']})" if data_cfg.get("hint") else ""
         raise DataError(f"data.path must be an existing NPZ file for data.source={source} (got {path!r}){hint}")
     return source
+
+
+def check_data(data_cfg: Mapping[str, Any]) -> None:
+    """Every rule of the `data` settings, checked at start-up before anything is read: the source
+    and its file, the normalisation policy, batch sizes and workers, the split and the generator's
+    settings (each rule lives with the code that applies it)."""
+    source = check_source(data_cfg)
+    check_policy(data_cfg["normalize"])
+    if not data_cfg["split"].get("ranges"):
+        check_fractions(data_cfg["split"]["val"], data_cfg["split"]["ood"])
+    require(
+        (data_cfg["batch_size"] >= 1 and data_cfg["eval_batch_size"] >= 1, "data.batch_size and data.eval_batch_size must be >= 1"),
+        (data_cfg["num_workers"] >= 0, f"data.num_workers must be >= 0 (got {data_cfg['num_workers']})"),
+    )
+    if source == "synthetic":
+        syn = data_cfg["synthetic"]
+        check_synthetic(**{k: syn[k] for k in ("dim", "articles", "min_chunks", "max_chunks", "noise", "drift_step", "common_weight")})
 
 
 def load_store(data_cfg: Mapping[str, Any], spec: WindowSpec) -> ArticleStore:

@@ -12,6 +12,17 @@ from __future__ import annotations
 
 import numpy as np
 
+from lvm.runtime.errors import require
+
+
+def check_synthetic(dim: int, articles: int, min_chunks: int, max_chunks: int, noise: float, drift_step: float, common_weight: float) -> None:
+    """The generator's settings (data.synthetic), checked at start-up and before generating."""
+    require(
+        (dim >= 2 and articles >= 1, f"data.synthetic: dim must be >= 2 and articles >= 1 (got {dim}, {articles})"),
+        (1 <= min_chunks <= max_chunks, f"data.synthetic needs 1 <= min_chunks <= max_chunks (got {min_chunks}, {max_chunks})"),
+        (noise >= 0 and drift_step >= 0 and common_weight >= 0, "data.synthetic.noise, drift_step and common_weight must be >= 0"),
+    )
+
 
 def synthetic_corpus(
     dim: int,
@@ -29,6 +40,7 @@ def synthetic_corpus(
     `common_weight` > 0 adds one direction shared by every chunk (anisotropic data, as many
     embedding models give: random pairs then have a clearly positive cosine); it is drawn from its
     own stream, so 0 leaves every other vector as it was."""
+    check_synthetic(dim, articles, min_chunks, max_chunks, noise, drift_step, common_weight)
     rng = np.random.default_rng(seed)
     common = common_weight * _unit(np.random.default_rng([seed, 1]).standard_normal((1, dim)))
     lengths = rng.integers(min_chunks, max_chunks + 1, size=articles)

@@ -9,9 +9,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from callbacks.device_data import keeps_data_on_device
-from lvm.data.loaders import check_source
-from lvm.data.splits import check_fractions
-from lvm.data.store import WindowSpec, check_policy
+from lvm.data.loaders import check_data
+from lvm.data.store import WindowSpec
 from lvm.evaluation.gates import parse_eval
 from lvm.guard.steplog import StepLog
 from lvm.runtime.errors import ConfigError, LvmError
@@ -63,9 +62,8 @@ def _problems(cfg: DictConfig) -> list[str]:
     if plain.get("fault") is not None:
         built(lambda: build("fault", plain["fault"], constant=torch.zeros(2), ckpt_dir="."))
     built(lambda: StepLog([], plain["logger"]["flush_every"]))
-    built(lambda: check_source(plain["data"]))
+    built(lambda: check_data(plain["data"]))
     built(lambda: keeps_data_on_device(plain["data"]["on_device"], plain["data"]["device_share"], 0, torch.device("cpu")))
-    built(lambda: check_policy(plain["data"]["normalize"]))
     built(lambda: thread_count(plain["threads"]))
     built(lambda: check_precision("trainer.precision", plain["trainer"]["precision"]))
     built(lambda: check_precision("eval.precision", plain["eval"]["precision"]))
@@ -80,23 +78,6 @@ def _problems(cfg: DictConfig) -> list[str]:
     built(lambda: build("optim.scheduler", o["scheduler"], optimizer=build("optim.optimizer", o["optimizer"], params=[param])))
     if o["scheduler"] is not None and "patience" in o["scheduler"]:  # torch accepts a negative patience
         need(o["scheduler"]["patience"] >= 0, f"optim.scheduler.patience must be >= 0 (got {o['scheduler']['patience']})")
-
-    d = cfg.data
-    need(d.batch_size >= 1 and d.eval_batch_size >= 1, "data.batch_size and data.eval_batch_size must be >= 1")
-    need(d.num_workers >= 0, f"data.num_workers must be >= 0 (got {d.num_workers})")
-    if not d.split.ranges:
-        built(lambda: check_fractions(d.split.val, d.split.ood))
-    if d.source == "synthetic":
-        syn = d.synthetic
-        need(syn.dim >= 2 and syn.articles >= 1, f"data.synthetic: dim must be >= 2 and articles >= 1 (got {syn.dim}, {syn.articles})")
-        need(
-            1 <= syn.min_chunks <= syn.max_chunks,
-            f"data.synthetic needs 1 <= min_chunks <= max_chunks (got {syn.min_chunks}, {syn.max_chunks})",
-        )
-        need(
-            syn.noise >= 0 and syn.drift_step >= 0 and syn.common_weight >= 0,
-            "data.synthetic.noise, drift_step and common_weight must be >= 0",
-        )
 
     t = cfg.trainer
     need(t.get("max_epochs", 1) is not None and t.get("max_epochs", 1) >= 1, f"trainer.max_epochs must be >= 1 (got {t.get('max_epochs')})")
