@@ -93,7 +93,11 @@ def load_splits(data_cfg: Mapping[str, Any], spec: WindowSpec) -> dict[str, Wind
             log.warning(
                 "%s: split '%s' has near-zero target variance (%.3g over %d windows; unrelated unit "
                 "vectors give about 1): its targets are (nearly) one vector, so cosine and retrieval figures "
-                "on it say nothing about the model", store.source, name, var, len(windows),
+                "on it say nothing about the model",
+                store.source,
+                name,
+                var,
+                len(windows),
             )
     return splits
 
@@ -195,8 +199,7 @@ def _window_metadata(npz: np.lib.npyio.NpzFile, path: str | Path, n: int) -> tup
             tgt = np.array([m["target_chunk_index"] for m in meta])
         except (TypeError, KeyError, IndexError) as e:
             raise DataError(
-                f"{path}: 'metadata' must hold one dict per window with 'article_index' and "
-                f"'target_chunk_index' ({type(e).__name__}: {e})"
+                f"{path}: 'metadata' must hold one dict per window with 'article_index' and 'target_chunk_index' ({type(e).__name__}: {e})"
             ) from None
     else:
         return None
@@ -208,9 +211,7 @@ def _window_metadata(npz: np.lib.npyio.NpzFile, path: str | Path, n: int) -> tup
     return art.astype(np.int64), tgt.astype(np.int64)
 
 
-def _pseudo_articles(
-    contexts: np.ndarray, targets: np.ndarray, spec: WindowSpec, source: str, normalize: NormalizePolicy
-) -> ArticleStore:
+def _pseudo_articles(contexts: np.ndarray, targets: np.ndarray, spec: WindowSpec, source: str, normalize: NormalizePolicy) -> ArticleStore:
     """Each window becomes an article: chunks 0..K-1, then the target at K-1+offset."""
     n, k, d = contexts.shape
     log.info("%s: no article metadata; each of %d windows is its own pseudo-article", source, n)

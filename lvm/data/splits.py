@@ -80,7 +80,10 @@ def make_splits(
     if short:
         log.info(
             "%s: %d of %d articles have fewer than %d chunks and yield no window",
-            store.source, short, store.num_articles, spec.min_article_chunks,
+            store.source,
+            short,
+            store.num_articles,
+            spec.min_article_chunks,
         )
     if not ranges:
         check_fractions(val, ood)
@@ -97,8 +100,13 @@ def make_splits(
             )
     log.info(
         "%s: %d chunks, %d articles, D=%d; windows train=%d val=%d ood=%d",
-        store.source, len(store), store.num_articles, store.dim,
-        len(out["train"]), len(out["val"]), len(out["ood"]),
+        store.source,
+        len(store),
+        store.num_articles,
+        store.dim,
+        len(out["train"]),
+        len(out["val"]),
+        len(out["ood"]),
     )
     return out
 

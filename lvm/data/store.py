@@ -47,10 +47,7 @@ class WindowSpec:
         if self.target_offset < 1:
             raise DataError(f"window.target_offset must be >= 1 (got {self.target_offset})")
         if not -self.context <= self.prev_slot < self.context:
-            raise DataError(
-                f"window.prev_slot must index the context, in [{-self.context}, {self.context - 1}] "
-                f"(got {self.prev_slot})"
-            )
+            raise DataError(f"window.prev_slot must index the context, in [{-self.context}, {self.context - 1}] (got {self.prev_slot})")
 
     @property
     def min_article_chunks(self) -> int:
@@ -148,9 +145,7 @@ class ArticleStore:
         return self.article_starts[art], self.article_lengths[art]
 
 
-def window_rows(
-    article_ids: np.ndarray, chunk_indices: np.ndarray, spec: WindowSpec
-) -> tuple[np.ndarray, np.ndarray]:
+def window_rows(article_ids: np.ndarray, chunk_indices: np.ndarray, spec: WindowSpec) -> tuple[np.ndarray, np.ndarray]:
     """Context start rows and target rows of every valid window in a sorted store.
 
     Valid: the K context chunks are consecutive chunks of one article, and the chunk
@@ -220,8 +215,9 @@ class Windows(Dataset):
         return self.store.article_id_of[self.store.row_article[self.starts.numpy()]]
 
 
-def gather_windows(vectors: torch.Tensor, starts: torch.Tensor, targets: torch.Tensor, offsets: torch.Tensor,
-                   idx: torch.Tensor | np.ndarray | list[int]) -> dict[str, torch.Tensor]:
+def gather_windows(
+    vectors: torch.Tensor, starts: torch.Tensor, targets: torch.Tensor, offsets: torch.Tensor, idx: torch.Tensor | np.ndarray | list[int]
+) -> dict[str, torch.Tensor]:
     """Context [B, K, D], target [B, D] and target rows of windows `idx`, gathered where the
     arrays are (host or device): one vectorised index per tensor."""
     idx = torch.as_tensor(idx, dtype=torch.long, device=starts.device)
@@ -308,9 +304,7 @@ def check_policy(policy: str) -> None:
         raise DataError(f"data.normalize must be renormalize or error (got {policy!r})")
 
 
-def _check_and_normalize(
-    vectors: np.ndarray, source: str, policy: NormalizePolicy, copy_on_write: bool = False
-) -> np.ndarray:
+def _check_and_normalize(vectors: np.ndarray, source: str, policy: NormalizePolicy, copy_on_write: bool = False) -> np.ndarray:
     """Reject non-finite and zero rows; renormalise or reject non-unit rows (unit rows stay untouched).
 
     Renormalises in place, after copying `vectors` first if `copy_on_write`; returns the result.

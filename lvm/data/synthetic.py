@@ -15,7 +15,9 @@ import numpy as np
 from lvm.runtime.errors import require
 
 
-def check_synthetic(dim: int, articles: int, min_chunks: int, max_chunks: int, noise: float, drift_step: float, common_weight: float) -> None:
+def check_synthetic(
+    dim: int, articles: int, min_chunks: int, max_chunks: int, noise: float, drift_step: float, common_weight: float
+) -> None:
     """The generator's settings (data.synthetic), checked at start-up and before generating."""
     require(
         (dim >= 2 and articles >= 1, f"data.synthetic: dim must be >= 2 and articles >= 1 (got {dim}, {articles})"),

@@ -5,7 +5,7 @@ moves the weights (momentum and weight decay); setting the learning rate to 0 fo
 the decision on the host (a sync per step) and still feeds the spike, or a NaN, into the moments,
 where a NaN stays for good. Here `keep` = 0 leaves parameters, both moments and the step count
 exactly as they were. With `keep` = 1 the update is torch's AdamW (decoupled weight decay, bias
-correction), tested against it step for step (tests/test_optim.py).
+correction), tested against it step for step (tests/model/test_optim.py).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""SkipReport: counting the batches the v2 skip rule zeroed (the rule itself: tests/test_losses.py)."""
+"""SkipReport: counting the batches the v2 skip rule zeroed (the rule itself: tests/model/test_losses.py)."""
 
 import torch
 

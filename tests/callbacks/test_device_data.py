@@ -11,7 +11,7 @@ from lvm.runtime.errors import ConfigError, LvmError
 from lvm.training.build import build_data, make_loader
 from lvm.training.run import run
 from tests.helpers import cfg_for, history
-from tests.test_resume import EXACT, Kill, KillAtStep, assert_same_run
+from tests.callbacks.test_resume import EXACT, Kill, KillAtStep, assert_same_run
 
 
 def test_device_batches_are_the_host_batches():

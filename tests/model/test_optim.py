@@ -190,7 +190,7 @@ def test_the_spike_check_clips_as_lightning_would_from_the_same_norm(tmp_path):
     Lightning's own clipping gives. A tight clip makes clipping act on every step."""
     from callbacks.spike import SpikeCheck
     from lvm.training.build import build_data, build_fit
-    from tests.test_resume import final_state
+    from tests.callbacks.test_resume import final_state
 
     common = ["+experiment=p6b_v2", "trainer.gradient_clip_val=0.05", "trainer.max_epochs=2"]
     cfg = cfg_for(*common)
