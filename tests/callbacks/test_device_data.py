@@ -10,8 +10,8 @@ from callbacks.device_data import DeviceData, keeps_data_on_device
 from lvm.runtime.errors import ConfigError, LvmError
 from lvm.training.build import build_data, make_loader
 from lvm.training.run import run
-from tests.helpers import cfg_for, history
 from tests.callbacks.test_resume import EXACT, Kill, KillAtStep, assert_same_run
+from tests.helpers import cfg_for, history
 
 
 def test_device_batches_are_the_host_batches():
