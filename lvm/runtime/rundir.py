@@ -42,8 +42,8 @@ def claim_run_dir(run_dir: Path, ckpt_path: str | None, overwrite: bool) -> None
         )
     log.warning("overwrite=true: deleting %s from %s", ", ".join(found), run_dir)
     for name in found:
-        path = run_dir / name
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
+        path = run_dir / name  # a link (checkpoints kept on another disk) goes, never what it points to
+        shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
 
 
 def auto_start_fresh(cfg: DictConfig, run_dir: Path) -> bool:

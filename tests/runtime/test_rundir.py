@@ -41,9 +41,7 @@ def test_empty_or_unrelated_directory_is_claimed_untouched(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     claim_run_dir(tmp_path, None, overwrite=False)
     claim_run_dir(tmp_path, None, overwrite=True)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["missing", "notes.txt", "train.log"] or sorted(
-        p.name for p in tmp_path.iterdir()
-    ) == ["notes.txt", "train.log"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "train.log"]  # nothing made, nothing deleted
     assert (tmp_path / "notes.txt").read_text() == "mine"
 
 
@@ -131,3 +129,14 @@ def test_write_failure(tmp_path):
     assert strict_load(tmp_path / "results.json") == {**expected, "traceback": "Traceback: ..."}
     write_failure(tmp_path, "job", "boom", 1.0)
     assert strict_load(tmp_path / "results.json") == {**expected, "wall_time_s": 1.0}
+
+
+def test_overwrite_removes_a_linked_output_folder_but_not_what_it_points_to(tmp_path):
+    run_dir, disk = tmp_path / "run", tmp_path / "big_disk"
+    (disk / "ckpts").mkdir(parents=True)
+    (disk / "ckpts" / "epoch=0.ckpt").write_text("ckpt")
+    run_dir.mkdir()
+    (run_dir / "checkpoints").symlink_to(disk / "ckpts", target_is_directory=True)  # checkpoints kept on another disk
+    claim_run_dir(run_dir, None, overwrite=True)
+    assert not (run_dir / "checkpoints").exists() and not (run_dir / "checkpoints").is_symlink()
+    assert (disk / "ckpts" / "epoch=0.ckpt").read_text() == "ckpt"  # outside the run directory: untouched
