@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from lvm.runtime.files import read_jsonl
 
 
 def summarize_events(events: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -30,9 +31,7 @@ def summarize_events(events: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 
 def read_events(path: Path) -> list[dict[str, Any]]:
     """The guard's events of a run (none when the file is missing)."""
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return read_jsonl(path)
 
 
 def guard_policy(guard: Mapping[str, Any]) -> str:

@@ -1,6 +1,6 @@
-"""Atomic file writes: a file appears under its name only once it is completely written.
+"""The files a run writes and reads back: atomic writes, JSON-lines records, strict JSON.
 
-A kill at any moment leaves either the old file or the new one, never a truncated mix: the
+A file appears under its name only once it is completely written. A kill at any moment leaves either the old file or the new one, never a truncated mix: the
 content goes to a hidden temporary file beside the target, is flushed to disk, then renamed over
 it (`os.replace` is atomic within one filesystem).
 """
@@ -8,6 +8,7 @@ it (`os.replace` is atomic within one filesystem).
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from collections.abc import Callable, Iterator, Mapping
@@ -17,6 +18,10 @@ from typing import IO, Any
 
 import numpy as np
 import torch
+
+from lvm.runtime.errors import DataError
+
+log = logging.getLogger(__name__)
 
 
 @contextmanager
@@ -68,6 +73,31 @@ def _row_step(line: str) -> float:
         return float(json.loads(line).get("step", 0))
     except (ValueError, AttributeError):
         return float("inf")
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The rows of a JSON-lines record (none when the file is missing). A last line without its
+    newline is a write a kill cut short: it is left out, with a warning; a bad line elsewhere is a
+    DataError naming the file and line."""
+    if not path.is_file():
+        return []
+    text = path.read_text(encoding="utf-8")
+    lines = text.splitlines()
+    rows = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        if isinstance(row, dict):
+            rows.append(row)
+        elif i == len(lines) - 1 and not text.endswith("\n"):
+            log.warning("%s: its last line was cut short (a killed write) and is left out: %r", path, line[:60])
+        else:
+            raise DataError(f"{path}: line {i + 1} is not a JSON object ({line[:60]!r})")
+    return rows
 
 
 def strict_json(obj: Any) -> Any:

@@ -15,6 +15,7 @@ from omegaconf import DictConfig
 from lvm.evaluation.baselines import BASELINES
 from lvm.runtime.cli import CONF_DIR, entry_point, run_entry_point
 from lvm.runtime.errors import ConfigError, LvmError
+from lvm.runtime.files import read_jsonl
 from lvm.runtime.tables import fmt, md_table
 from lvm.tools.runs import read_steps
 
@@ -24,10 +25,9 @@ def read_run(run_dir: Path, metric: str) -> tuple[dict[str, Any], list[float], l
     (metrics.jsonl rows in epoch order)."""
     try:
         results = json.loads((run_dir / "results.json").read_text())
-        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     except (OSError, ValueError) as e:
         raise LvmError(f"{run_dir}: not a finished run directory ({e})") from None
-    rows.sort(key=lambda r: r["epoch"])
+    rows = sorted(read_jsonl(run_dir / "metrics.jsonl"), key=lambda r: r["epoch"])
     values = [r[metric] for r in rows if metric in r]
     if not values:
         raise LvmError(f"{run_dir}/metrics.jsonl: no epoch has {metric!r}")

@@ -40,7 +40,7 @@ from omegaconf import DictConfig, OmegaConf
 from lvm.guard.events import read_events
 from lvm.runtime.cli import CONF_DIR, EXIT_FAIL, entry_point, run_entry_point
 from lvm.runtime.errors import ConfigError, LvmError
-from lvm.runtime.files import atomic_write_text
+from lvm.runtime.files import atomic_write_text, read_jsonl
 from lvm.runtime.tables import fmt, md_table
 from lvm.tools.runs import read_results
 
@@ -368,7 +368,7 @@ def plot(layout: dict[str, Any], row: dict[str, Any], out: Path) -> Path:
         run_dir = out / layout[key]
         try:
             series = read_steps(run_dir, ["train/ca", "train/diversity"])
-            history = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+            history = read_jsonl(run_dir / "metrics.jsonl")
         except (OSError, LvmError):
             continue
         for ax, tag in ((a1, "train/ca"), (a2, "train/diversity")):

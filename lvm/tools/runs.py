@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from lvm.evaluation.verdict import verdict_word
 from lvm.guard.events import read_events, summarize_events
 from lvm.runtime.errors import LvmError
 
@@ -26,7 +27,7 @@ def read_results(run_dir: Path) -> tuple[dict[str, Any], str]:
 
 
 def run_values(run_dir: Path) -> tuple[dict[str, Any], str]:
-    """A run directory's METRICS (results.json and events.jsonl; None where missing) and status."""
+    """A run directory's METRICS and verdict (results.json and events.jsonl; None where missing) and status."""
     results, status = read_results(run_dir)
     record = summarize_events(read_events(run_dir / "events.jsonl"))
     final = results.get("final", {})
@@ -41,6 +42,7 @@ def run_values(run_dir: Path) -> tuple[dict[str, Any], str]:
         "skipped_batches": results.get("guard", {}).get("skipped_batches"),
         "dropped_updates": results.get("guard", {}).get("dropped_updates"),
         "wall_time_s": results.get("wall_time_s"),
+        "verdict": verdict_word(results.get("verdict")),
     }
     return values, status
 

@@ -46,7 +46,7 @@ from lvm.tools.runs import run_values
 log = logging.getLogger("lvm.tools.search")
 
 DRIVER_KEYS = ("search", "out", "jobs")  # the study config's own keys; any other override goes to every trial
-COLUMNS = ("trial", "state", "objective", "best_val_cos", "final_val_cos", "rollbacks", "dropped_updates", "epochs", "status")
+COLUMNS = ("trial", "state", "objective", "best_val_cos", "final_val_cos", "rollbacks", "dropped_updates", "epochs", "verdict", "status")
 
 
 def need_optuna() -> Any:
@@ -160,7 +160,7 @@ class Search:
             raise
         metrics, status = run_values(run_dir)
         trial.set_user_attr("status", status)
-        for k in ("best_val_cos", "final_val_cos", "rollbacks", "dropped_updates"):
+        for k in ("best_val_cos", "final_val_cos", "rollbacks", "dropped_updates", "verdict"):
             trial.set_user_attr(k, metrics[k])
         trial.set_user_attr("epochs", results["epochs_completed"])
         if pruning.stop_reason:
@@ -261,6 +261,7 @@ def summarize(search: Search, study: Any) -> dict[str, Any]:
                 "rollbacks": a.get("rollbacks"),
                 "dropped_updates": a.get("dropped_updates"),
                 "epochs": a.get("epochs"),
+                "verdict": a.get("verdict", ""),
                 "status": a.get("status", ""),
             }
         )

@@ -37,7 +37,7 @@ METRICS = (
     "dropped_updates",
     "wall_time_s",
 )
-COLUMNS = ("job", "overrides", *METRICS, "status")
+COLUMNS = ("job", "overrides", *METRICS, "verdict", "status")
 
 
 @dataclass

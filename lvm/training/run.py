@@ -19,11 +19,12 @@ from omegaconf import DictConfig, OmegaConf
 from lvm.data.store import Windows
 from lvm.evaluation.baselines import baseline_cosines, fit_slot_linear
 from lvm.evaluation.suite import evaluate_after_fit
+from lvm.evaluation.verdict import best_epoch, verdict, verdict_lines
 from lvm.guard.events import guard_policy, read_events, summarize_events
 from lvm.model.module import accelerator_device
 from lvm.runtime.checkpoints import check_dim, read_checkpoint
 from lvm.runtime.errors import LvmError, Preempted, RunFailed
-from lvm.runtime.files import atomic_write_text
+from lvm.runtime.files import atomic_write_text, read_jsonl
 from lvm.runtime.objects import build, to_plain
 from lvm.runtime.precision import check_precision, resolve_precision
 from lvm.runtime.rundir import (
@@ -199,10 +200,26 @@ def run(
             write_failure(run_dir, cfg.name, error, time.perf_counter() - start, traceback.format_exc())
         raise RunFailed(error) from e
     results["wall_time_s"] = round(time.perf_counter() - start, 2)
+    results["verdict"] = run_verdict(results, run_dir)
     if trainer.is_global_zero:
         write_results(run_dir, results)
-        log.info("Run %s: best val cos %s at %s", results["status"], results["best_val_cos"], results["best_checkpoint"])
+        log.info("Run %s in %s", results["status"], run_dir)
+        for line in verdict_lines(results["verdict"]):
+            (log.warning if line.startswith("WARNING") else log.info)(line)
     return results
+
+
+def run_verdict(results: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+    """How the run's best and last models compare with the val baselines (lvm/evaluation/verdict.py)."""
+    rows = read_jsonl(run_dir / "metrics.jsonl")
+    last_epoch = results["epochs_completed"] - 1 if results["epochs_completed"] else None
+    best = {
+        "epoch": best_epoch(rows, results["best_val_cos"]),
+        "val_cos": results["best_val_cos"],
+        "checkpoint": results["best_checkpoint"],
+    }
+    last = {"epoch": last_epoch, "val_cos": results["final"].get("val/cos"), "checkpoint": results["last_checkpoint"]}
+    return verdict(best, last, results["baselines"].get("val", {}))
 
 
 def ending(fit: Fit, extra_callbacks: Sequence[L.Callback]) -> str:

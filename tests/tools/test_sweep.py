@@ -41,6 +41,7 @@ def test_grid_sweep_summarised_and_regenerated(tmp_path):
         assert r["status"] == "completed" and job.name.startswith(r["job"] + "_")
         results = json.loads((job / "results.json").read_text())
         assert float(r["best_val_cos"]) == pytest.approx(results["best_val_cos"], abs=1e-4)
+        assert r["verdict"] == ("; ".join(results["verdict"]["warnings"]) or "ok")  # each job's own verdict
         assert float(r["wall_time_s"]) == pytest.approx(results["wall_time_s"], abs=0.01) and results["wall_time_s"] > 0
         for key in ("final_val_cos", "margin_last", "r5", "rollbacks", "events", "skipped_batches"):
             float(r[key])

@@ -307,3 +307,30 @@ def test_results_hold_the_baselines_computed_independently(tmp_path):
         for name, pred in (("copy_last", c[:, -1]), ("mean_context", unit(c.mean(1))), ("slot_linear", unit(np.einsum("nkd,k->nd", c, w)))):
             assert b[split][name] == pytest.approx(float(np.mean(np.sum(pred * t, 1))), abs=1e-5)
     assert json.loads((tmp_path / "results.json").read_text())["baselines"] == b
+
+
+def test_every_ending_says_how_the_model_compares_with_the_baselines(tmp_path, caplog):
+    """results.json's verdict and the run's last lines: best (epoch, val cos, checkpoint), last, the
+    val baselines, and a warning naming the checkpoint to use when the last model is below mean of
+    context (a TINY model after two epochs is), each checked against the run's own records."""
+    with caplog.at_level("INFO"):
+        results = run(cfg_for(), tmp_path)
+    v = json.loads((tmp_path / "results.json").read_text())["verdict"]
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    best_row = max(rows, key=lambda r: r["val/cos"])
+    assert v["best"] == {
+        "epoch": best_row["epoch"],
+        "val_cos": pytest.approx(best_row["val/cos"]),
+        "checkpoint": results["best_checkpoint"],
+    }
+    assert v["last"] == {
+        "epoch": rows[-1]["epoch"],
+        "val_cos": pytest.approx(rows[-1]["val/cos"]),
+        "checkpoint": results["last_checkpoint"],
+    }
+    assert v["baselines"] == results["baselines"]["val"]
+    assert rows[-1]["val/cos"] < v["baselines"]["mean_context"]  # so the warning must be there
+    assert any("below mean of context" in w for w in v["warnings"])
+    said = [r.getMessage() for r in caplog.records if r.name == "lvm.training.run"]
+    assert said[-1 - len(v["warnings"])].startswith("baselines, val cos: copy-last ")
+    assert said[len(said) - len(v["warnings"]) :] == [f"WARNING: {w}" for w in v["warnings"]]
