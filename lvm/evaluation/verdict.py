@@ -45,7 +45,7 @@ def verdict(best: Mapping[str, Any], last: Mapping[str, Any], baselines: Mapping
 
 
 def verdict_lines(v: Mapping[str, Any]) -> list[str]:
-    """The verdict as the run's closing log lines (the warnings last, each on its own line)."""
+    """The verdict's closing log lines (the warnings are logged after them, as warnings)."""
 
     def said(m: Mapping[str, Any]) -> str:
         value = "none" if m["val_cos"] is None else f"{m['val_cos']:.4f}"
@@ -53,11 +53,10 @@ def verdict_lines(v: Mapping[str, Any]) -> list[str]:
 
     b = v["baselines"]
     names = {"copy_last": "copy-last", "mean_context": "mean of context", "slot_linear": "slot-linear"}
-    lines = [
+    return [
         f"best {said(v['best'])}; last {said(v['last'])}",
         "baselines, val cos: " + ", ".join(f"{names.get(k, k)} {x:.4f}" for k, x in b.items()),
     ]
-    return lines + [f"WARNING: {w}" for w in v["warnings"]]
 
 
 def verdict_word(v: Mapping[str, Any] | None) -> str:

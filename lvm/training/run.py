@@ -205,7 +205,9 @@ def run(
         write_results(run_dir, results)
         log.info("Run %s in %s", results["status"], run_dir)
         for line in verdict_lines(results["verdict"]):
-            (log.warning if line.startswith("WARNING") else log.info)(line)
+            log.info(line)
+        for warning in results["verdict"]["warnings"]:
+            log.warning(warning)
     return results
 
 

@@ -32,7 +32,6 @@ def test_a_last_model_below_mean_of_context_and_far_below_the_best_names_the_che
         f"the last model (val cos 0.5485) is below mean of context (0.6080): {use}",
         f"the last model (val cos 0.5485) is 0.0617 below the best: {use}",
     ]
-    assert verdict_lines(v)[-2:] == [f"WARNING: {w}" for w in v["warnings"]]
 
 
 def test_a_nan_or_collapsed_run_is_never_called_ok():

@@ -331,6 +331,6 @@ def test_every_ending_says_how_the_model_compares_with_the_baselines(tmp_path, c
     assert v["baselines"] == results["baselines"]["val"]
     assert rows[-1]["val/cos"] < v["baselines"]["mean_context"]  # so the warning must be there
     assert any("below mean of context" in w for w in v["warnings"])
-    said = [r.getMessage() for r in caplog.records if r.name == "lvm.training.run"]
-    assert said[-1 - len(v["warnings"])].startswith("baselines, val cos: copy-last ")
-    assert said[len(said) - len(v["warnings"]) :] == [f"WARNING: {w}" for w in v["warnings"]]
+    said = [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "lvm.training.run"]
+    assert said[-1 - len(v["warnings"])][1].startswith("baselines, val cos: copy-last ")
+    assert said[len(said) - len(v["warnings"]) :] == [("WARNING", w) for w in v["warnings"]]
