@@ -1,12 +1,12 @@
 """Lightning callbacks of lvm, one concern per module: ramp, step statistics, skip count, rollback guard, mini-5CAT, dashboard, checkpoints, resume, CPU sharing, gradient spikes, the device-resident data path."""
 
 from callbacks.checkpoint import FiniteModelCheckpoint
-from callbacks.dashboard import TensorBoardDashboard
+from callbacks.dashboard import RunTensorBoard, TensorBoardDashboard
 from callbacks.device_data import DeviceData, keeps_data_on_device
 from callbacks.fault import FaultInjection
 from callbacks.mini5cat import Mini5CAT
 from callbacks.ramp import RampSchedule, RampStage
-from callbacks.resume import ExactResume
+from callbacks.resume import EpochEndSave, ExactResume
 from callbacks.rollback import RollbackGuard
 from callbacks.skip import SkipReport
 from callbacks.spike import SPIKE_STATS, SpikeCheck
@@ -15,6 +15,7 @@ from callbacks.threads import ShareCPUs
 
 __all__ = [
     "DeviceData",
+    "EpochEndSave",
     "ExactResume",
     "FaultInjection",
     "FiniteModelCheckpoint",
@@ -22,6 +23,7 @@ __all__ = [
     "RampSchedule",
     "RampStage",
     "RollbackGuard",
+    "RunTensorBoard",
     "SPIKE_STATS",
     "ShareCPUs",
     "SkipReport",

@@ -2,6 +2,9 @@
 
 A NaN model scores val cos NaN, which ModelCheckpoint ranks as -inf: with no better checkpoint
 yet it would be kept as "best". Skipping the save keeps the previous best (or none).
+
+A file it finds under its name is replaced, not kept beside a `-v1` copy (Lightning's version
+counter off): a resumed run writes again what the killed run wrote after its last.ckpt.
 """
 
 from __future__ import annotations
@@ -18,6 +21,9 @@ log = logging.getLogger(__name__)
 
 
 class FiniteModelCheckpoint(ModelCheckpoint):
+    def __init__(self, *args: Any, enable_version_counter: bool = False, **kwargs: Any) -> None:
+        super().__init__(*args, enable_version_counter=enable_version_counter, **kwargs)
+
     # The two methods every trigger (epoch, steps, time) calls once a save is due: the weights are
     # checked only then, not at every step.
     def _save_topk_checkpoint(self, trainer: L.Trainer, monitor_candidates: dict[str, Any]) -> None:

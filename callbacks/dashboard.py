@@ -1,4 +1,10 @@
-"""TensorBoardDashboard: the custom-scalars layout, the hparams tab and a per-epoch metrics history."""
+"""TensorBoardDashboard: the custom-scalars layout, the hparams tab and a per-epoch metrics history;
+RunTensorBoard: Lightning's TensorBoard logger writing each step of its `epoch` scalar once.
+
+A resumed run writes nothing at a step its tb/ folder already shows: the layout is written once
+per folder, the hparams at the fit's last step (a later fit's purge_step hides an earlier one's),
+and `epoch` once per step.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +16,7 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from lvm.runtime.files import drop_rows_after
+from lvm.runtime.files import drop_rows_after, read_jsonl
 
 LAYOUT = {
     "P6b directional": {
@@ -41,6 +47,29 @@ LAYOUT = {
 
 # Final metrics shown in the hparams tab, read from the trainer's last logged values.
 HPARAM_METRICS = ("val/cos", "ood/cos", "mini5cat/margin_last", "mini5cat/r5", "mini5cat/cos")
+
+
+class RunTensorBoard(TensorBoardLogger):
+    """Lightning's TensorBoardLogger, with Lightning's `epoch` scalar once per step: Lightning adds it
+    to each of its log calls, and at an epoch's end makes two at one step (the validation's values,
+    then the epoch's training values)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._epoch_step: int | None = None  # the step of the newest `epoch` written
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        if "epoch" in metrics and step is not None:
+            if step == self._epoch_step:
+                metrics = {k: v for k, v in metrics.items() if k != "epoch"}
+            self._epoch_step = step
+        super().log_metrics(metrics, step)
+
+
+def earlier_events(logger: TensorBoardLogger) -> bool:
+    """Whether the logger's folder holds event files besides its own (a resumed run's folder)."""
+    logger.experiment  # its writer creates its own file
+    return len(list(Path(logger.log_dir).glob("events.out.tfevents.*"))) > 1
 
 
 class TensorBoardDashboard(L.Callback):
@@ -74,7 +103,8 @@ class TensorBoardDashboard(L.Callback):
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.is_global_zero:
             for lg in self._tensorboards(trainer):
-                lg.experiment.add_custom_scalars(LAYOUT)
+                if not earlier_events(lg):  # a resumed run's folder has it (at step 0) already
+                    lg.experiment.add_custom_scalars(LAYOUT)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # After a checkpoint is restored: a resumed run drops the rows written after its checkpoint
@@ -85,11 +115,14 @@ class TensorBoardDashboard(L.Callback):
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.is_global_zero:
             return
-        logged = trainer.callback_metrics
+        logged = {k: float(v) for k, v in trainer.callback_metrics.items()}
+        if not any(k in logged for k in HPARAM_METRICS):  # a resumed run with no epoch left to train
+            logged = (read_jsonl(self.history) or [{}])[-1]
         final = {f"hparams/{k}": float(logged[k]) for k in HPARAM_METRICS if k in logged}
         best = trainer.checkpoint_callback.best_model_score if trainer.checkpoint_callback else None
         if best is not None:
             final["hparams/best_val_cos"] = float(best)
         for lg in self._tensorboards(trainer):
-            lg.log_hyperparams(self.hparams, final)
+            # At the last step, not 0: a resumed run's purge_step hides what an earlier fit wrote there.
+            lg.log_hyperparams(self.hparams, final, step=trainer.global_step)
             lg.experiment.flush()

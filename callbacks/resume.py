@@ -3,10 +3,12 @@
 - last.ckpt carries the sampler position (the epoch's order is a function of (seed, epoch), see
   lvm/data/sampler.py) and every RNG state (torch, CUDA, numpy, python), so a resumed run draws
   the same batches and the same dropout masks as the uninterrupted run.
-- It is written at every epoch end, every `every_n_steps` steps mid-epoch (`auto`: the steps of
-  about `every_minutes`, timed on this run's first steps), and when SIGTERM or SIGUSR1 arrives
-  (then the run stops with `Preempted`); always atomically (lvm/runtime/files.py via the trainer's
-  CheckpointIO), so kill -9 at any moment loses at most `every_n_steps` steps.
+- It is written at every epoch end (after every other epoch-end hook: it holds the best and epoch
+  checkpoints' record of that epoch, see EpochEndSave), every `every_n_steps` steps mid-epoch
+  (`auto`: the steps of about `every_minutes`, timed on this run's first steps), and when SIGTERM,
+  SIGUSR1 or a Ctrl-C arrives (then the run stops with `Preempted`); always atomically
+  (lvm/runtime/files.py via the trainer's CheckpointIO), so kill -9 at any moment loses at most
+  `every_n_steps` steps.
 - A model with a non-finite weight is never written as last.ckpt (the older file stays).
 - Epoch-interval LR schedulers (ReduceLROnPlateau) step after an epoch's last.ckpt is written,
   and Lightning does not step them at the end of an epoch it restarted mid-way: the values they
@@ -28,6 +30,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.callbacks import Checkpoint
 
 from lvm.data.sampler import EpochSampler
 from lvm.runtime.checkpoints import finite_weights
@@ -115,6 +118,7 @@ class ExactResume(L.Callback):
         self.scheduler_inputs: dict[str, float] | None = None
         self._restored_inputs: dict[str, float] | None = None  # from a checkpoint written at an epoch end
         self._step_at_next_epoch = False  # Lightning restarted this epoch mid-way: it will not step them
+        self.epoch_end = EpochEndSave(self)  # the epoch-end writer: the run adds it beside this callback
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Stop signals are lvm's: the run stops at a batch end or an epoch end, where last.ckpt is
@@ -156,7 +160,11 @@ class ExactResume(L.Callback):
             raise Preempted(self.signals.received or "a signal on another rank")
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Before the epoch's checkpoints (best-*, epochNN), so that they hold them too.
         self.scheduler_inputs = scheduler_inputs(trainer)
+
+    def save_epoch_end(self, trainer: L.Trainer) -> None:
+        """last.ckpt at an epoch's end (EpochEndSave, after every other epoch-end hook)."""
         self.save(trainer)
         # A signal that came during the epoch's last batch or its validation: stop here, with the
         # epoch's row and last.ckpt written.
@@ -207,3 +215,16 @@ class ExactResume(L.Callback):
         self._restored_inputs = state_dict.get("scheduler_inputs")
         self.sampler.resume(self.epoch, self.batches_done * self.batch_size)
         set_rng_states(state_dict["rng"])
+
+
+class EpochEndSave(Checkpoint):
+    """ExactResume's epoch-end last.ckpt. A Lightning Checkpoint: the trainer runs checkpoint
+    callbacks after all others, in their given order, and the run gives this one after the best and
+    epoch checkpoints; so last.ckpt holds their state of this epoch (ModelCheckpoint saves at the
+    train epoch's end when validation runs once per epoch), not the one before."""
+
+    def __init__(self, resume: ExactResume) -> None:
+        self.resume = resume
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.resume.save_epoch_end(trainer)

@@ -137,7 +137,9 @@ def build_callbacks(
         signals=signals,
         signal_check_every=cfg.logger.flush_every,
     )
-    out.append(resume)
+    # Its epoch-end writer, a Checkpoint after the best and epoch ones: Lightning runs checkpoint
+    # callbacks last, in this order, so an epoch's last.ckpt holds their record of that epoch.
+    out += [resume, resume.epoch_end]
     if cfg.trainer.get("enable_progress_bar", True) and cb.progress_bar is not None:
         out.append(build("callbacks.progress_bar", cb.progress_bar))
     if cfg.threads == "auto" and not cfg.trainer.deterministic:  # a deterministic run keeps its thread count

@@ -252,6 +252,10 @@ def summarize_run(cfg: DictConfig, fit: Fit, run_dir: Path, status: str) -> dict
     trainer = fit.trainer
     best = trainer.checkpoint_callback
     last = fit.callbacks.resume.last_path
+    kinds = ("val/", "ood/", "mini5cat/")
+    final = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(kinds)}
+    if not final:  # a resumed run that validated nothing yet: its last epoch's row says them
+        final = {k: v for k, v in (read_jsonl(run_dir / "metrics.jsonl") or [{}])[-1].items() if k.startswith(kinds)}
     results = {
         "name": cfg.name,
         "status": status,
@@ -264,7 +268,7 @@ def summarize_run(cfg: DictConfig, fit: Fit, run_dir: Path, status: str) -> dict
         "best_checkpoint": best.best_model_path or None,
         "best_val_cos": float(best.best_model_score) if best.best_model_score is not None else None,
         "last_checkpoint": str(last) if last.is_file() else None,
-        "final": {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("val/", "ood/", "mini5cat/"))},
+        "final": final,
         "params": sum(p.numel() for p in fit.module.parameters()),
         "guard": guard_record(cfg, fit, run_dir),
     }

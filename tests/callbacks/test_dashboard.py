@@ -1,9 +1,11 @@
 """TensorBoardDashboard (callbacks/dashboard.py): the custom-scalars layout, one metrics.jsonl row per
-validated epoch (no train/ values), rows dropped after a resumed checkpoint, and the hparams tab."""
+validated epoch (no train/ values), rows dropped after a resumed checkpoint, and the hparams tab;
+RunTensorBoard's `epoch` once per step, and a resumed fit writing nothing below its purge_step."""
 
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -13,10 +15,11 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.backend.event_processing.event_file_loader import LegacyEventFileLoader
 from tensorboard.plugins.custom_scalar import layout_pb2
 from torch.utils.data import DataLoader, TensorDataset
 
-from callbacks.dashboard import LAYOUT, TensorBoardDashboard
+from callbacks.dashboard import LAYOUT, RunTensorBoard, TensorBoardDashboard
 from tests.helpers import hparams_session
 
 VAL = [0.2, 0.5, 0.4]  # val/cos by epoch: the best is epoch 1, the last epoch 2
@@ -132,3 +135,70 @@ def test_fit_end_without_tensorboard_or_checkpoint_callback(tmp_path):
     dash.on_fit_start(fake_trainer(0, 0, {}), None)
     dash.on_fit_end(fake_trainer(0, 3, {"val/cos": 0.5}, checkpoint_callback=None), None)  # nothing to log to: no error
     assert not (tmp_path / "m.jsonl").exists()
+
+
+def fit_toy(root: Path, logger: TensorBoardLogger, epochs: int, ckpt_path: Path | None = None) -> L.Trainer:
+    """Toy's fit (2 steps an epoch) with the dashboard, into `root`; its end saved as root/end.ckpt."""
+    best = ModelCheckpoint(dirpath=root / "ckpt", monitor="val/cos", mode="max")
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_epochs=epochs,
+        logger=logger,
+        callbacks=[best, TensorBoardDashboard({"name": "toy"}, root / "metrics.jsonl")],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+    trainer.fit(Toy(), ckpt_path=ckpt_path)
+    trainer.save_checkpoint(root / "end.ckpt")
+    return trainer
+
+
+def written(tb_dir: Path) -> list[dict[tuple[str, int], float]]:
+    """Each event file's summaries, {(tag, step): simple value}, the files oldest first (no tag
+    twice at a step in one file)."""
+    out = []
+    for f in sorted(tb_dir.glob("events.out.tfevents.*"), key=lambda p: int(p.name.split(".")[-1])):  # one process: its count
+        values = [((v.tag, ev.step), v.simple_value) for ev in LegacyEventFileLoader(str(f)).Load() for v in ev.summary.value]
+        twice = [k for k, n in Counter(k for k, _ in values).items() if n > 1]
+        assert not twice, f"{f.name} writes {twice} twice"
+        out.append(dict(values))
+    return out
+
+
+def test_lightning_writes_epoch_twice_at_an_epoch_end_run_tensorboard_once(tmp_path):
+    """Toy logs a train/ value per epoch: Lightning's epoch-end log call adds `epoch` at the step
+    of the validation's call, which added it too."""
+    plain = tmp_path / "plain"
+    fit_toy(plain, TensorBoardLogger(plain, name="tb", version="", default_hp_metric=False), len(VAL))
+    files = sorted((plain / "tb").glob("events.out.tfevents.*"))
+    steps = [ev.step for ev in LegacyEventFileLoader(str(files[0])).Load() for v in ev.summary.value if v.tag == "epoch"]
+    assert steps == [1, 1, 3, 3, 5, 5]
+    ours = tmp_path / "ours"
+    fit_toy(ours, RunTensorBoard(ours, name="tb", version="", default_hp_metric=False), len(VAL))
+    [tags] = written(ours / "tb")
+    assert [(s, v) for (tag, s), v in tags.items() if tag == "epoch"] == [(1, 0.0), (3, 1.0), (5, 2.0)]
+
+
+def test_resumed_fits_write_nothing_below_their_purge_step(tmp_path):
+    """Two epochs, the same two resumed (nothing to train), then a third: the later fits write
+    neither the layout again nor anything below their purge_step (the first fit's last step,
+    where it wrote the hparams); the fit with nothing to train takes its final values from
+    metrics.jsonl's last row; the hparams tab shows the last fit's."""
+
+    def tb(purge: int | None = None) -> RunTensorBoard:
+        return RunTensorBoard(tmp_path, name="tb", version="", default_hp_metric=False, purge_step=purge)
+
+    fit_toy(tmp_path, tb(), 2)
+    fit_toy(tmp_path, tb(purge=4), 2, ckpt_path=tmp_path / "end.ckpt")
+    fit_toy(tmp_path, tb(purge=4), 3, ckpt_path=tmp_path / "end.ckpt")
+    first, again, third = written(tmp_path / "tb")
+    assert ("custom_scalars__config__", 0) in first and {s for tag, s in first if tag.startswith("hparams/")} == {4}
+    assert all(s >= 4 and tag != "custom_scalars__config__" for tags in (again, third) for tag, s in tags)
+    final = {"hparams/val/cos": VAL[1], "hparams/ood/cos": OOD[1], "hparams/mini5cat/r5": R5[1], "hparams/best_val_cos": VAL[1]}
+    assert {tag: v for (tag, s), v in again.items() if tag.startswith("hparams/")} == pytest.approx(final)
+    assert {s for tag, s in third if tag.startswith(("hparams/", "_hparams_/"))} == {6}
+    acc = EventAccumulator(str(tmp_path / "tb"))
+    acc.Reload()
+    assert [(e.step, e.value) for e in acc.Scalars("hparams/val/cos")] == [(6, pytest.approx(VAL[2]))]
+    assert len(acc.Tensors("custom_scalars__config__")) == 1 and hparams_session(tmp_path / "tb")[0] == {"name": "toy"}

@@ -5,6 +5,8 @@
 - ExactResume reads `fit_loop.epoch_loop.batch_progress.is_last_batch` (never save at an epoch's
   last batch) and `fit_loop.restarting`, and takes the epoch scheduler step Lightning skips at the
   end of an epoch it restarted mid-way; results.json counts `fit_loop.epoch_progress.current.processed`.
+- EpochEndSave writes the epoch's last.ckpt after the best checkpoint's epoch-end save: Lightning
+  runs Checkpoint callbacks after all others, in their given order.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import lightning as L
 import pytest
 import torch
+from lightning.pytorch.callbacks import Checkpoint
 from torch.utils.data import DataLoader, TensorDataset
 
 from callbacks import FiniteModelCheckpoint
@@ -119,3 +122,29 @@ def test_the_fit_loop_state_exact_resume_reads(tmp_path):
     assert resumed_record.last_batch == [False] * (BATCHES - 2) + [True]
     assert resumed.fit_loop.epoch_progress.current.processed == 2
     assert resumed.lr_scheduler_configs[0].scheduler.last_epoch == 1
+
+
+class Saved(L.Callback):
+    """How many files `best` holds when this callback's epoch end runs."""
+
+    def __init__(self, best: FiniteModelCheckpoint) -> None:
+        self.best, self.seen = best, []
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self.seen.append(len(self.best.best_k_models))
+
+
+class SavedAsCheckpoint(Saved, Checkpoint):
+    pass
+
+
+def test_checkpoint_callbacks_run_last_in_their_given_order(tmp_path):
+    """ModelCheckpoint saves at the train epoch's end (validation once per epoch), after every plain
+    callback's epoch end, even one given after it: a last.ckpt written there would hold the best as
+    of the epoch before. A Checkpoint given after it runs after its save (EpochEndSave)."""
+    best = FiniteModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="val_loss", save_top_k=-1)
+    later, plain = SavedAsCheckpoint(best), Saved(best)
+    t = trainer(tmp_path, [best, later, plain], epochs=3)
+    t.fit(Toy(), loader(), loader())
+    assert plain.seen == [0, 1, 2] and later.seen == [1, 2, 3]
+    assert t.callbacks[-2:] == [best, later]

@@ -1,4 +1,5 @@
-"""Exact resume: a run killed at any point and resumed ends exactly where the uninterrupted run ends.
+"""Exact resume: a run killed at any point and resumed ends exactly where the uninterrupted run ends:
+the same metrics, weights, checkpoint files, results.json and TensorBoard scalars.
 
 A kill is simulated by an exception no lvm code handles (like kill -9, nothing is saved on the way
 out): mid-epoch, and between an epoch's metrics row and its checkpoint.
@@ -6,11 +7,15 @@ out): mid-epoch, and between an epoch's metrics row and its checkpoint.
 
 from __future__ import annotations
 
+import json
+import math
+from collections import Counter
 from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_file_loader import LegacyEventFileLoader
 
 from callbacks.resume import ExactResume
 from lvm.training.run import run
@@ -56,6 +61,81 @@ def final_state(run_dir: Path) -> dict:
     }
 
 
+def record(run_dir: Path) -> dict:
+    """What a run says of its checkpoints: results.json's best, last and final metrics, the
+    checkpoint callbacks' state in last.ckpt (what a resume starts from) and the files on disk."""
+    r = json.loads((run_dir / "results.json").read_text())
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    trackers = {
+        s["monitor"]: (
+            Path(s["best_model_path"]).name,
+            None if s["best_model_score"] is None else float(s["best_model_score"]),
+            {Path(k).name: float(v) for k, v in s["best_k_models"].items()},
+        )
+        for key, s in ckpt["callbacks"].items()
+        if key.startswith("FiniteModelCheckpoint")
+    }
+    return {
+        "best": (Path(r["best_checkpoint"]).name, r["best_val_cos"]),
+        "last": Path(r["last_checkpoint"]).name,
+        "final": r["final"],
+        "trackers": trackers,
+        "files": sorted(p.name for p in (run_dir / "checkpoints").iterdir()),
+    }
+
+
+def check_record(run_dir: Path) -> None:
+    """The record against metrics.jsonl: the best epoch by val cos is results.json's best, the one
+    best-*.ckpt on disk and last.ckpt's tracker; `final` is the last epoch's row."""
+    rows = history(run_dir)
+    top = max(rows, key=lambda r: r["val/cos"])
+    best = (f"best-epoch{top['epoch']:02d}.ckpt", top["val/cos"])
+    rec = record(run_dir)
+    assert rec["best"] == best and rec["last"] == "last.ckpt"
+    assert rec["trackers"]["val/cos"] == (*best, {best[0]: best[1]})
+    assert [f for f in rec["files"] if f.startswith("best-")] == [best[0]] and "last.ckpt" in rec["files"]
+    assert rec["final"] == {k: v for k, v in rows[-1].items() if k.startswith(("val/", "ood/", "mini5cat/"))}
+
+
+def event_files(run_dir: Path) -> list[Path]:
+    """A run's TensorBoard event files in the order they were created (their name: time, host,
+    pid, a per-process count), the order TensorBoard reads them in."""
+
+    def created(p: Path) -> tuple:
+        stamp, *_, pid, n = p.name.removeprefix("events.out.tfevents.").split(".")
+        return int(stamp), int(pid), int(n)
+
+    return sorted((run_dir / "tb").glob("events.out.tfevents.*"), key=created)
+
+
+def tensorboard(run_dir: Path) -> dict[str, list[tuple[int, float | str | None]]]:
+    """Every (step, scalar value, "nan" or None for a non-scalar) of every tag as TensorBoard shows
+    the run's tb/ folder: each file's summaries in turn, a session start at step s (a resumed run's
+    purge_step) hiding what earlier files wrote at step s and after. Per file, no tag is written
+    twice at a step, and a resumed run writes nothing below its purge_step."""
+    shown: dict[str, list[tuple[int, float | str | None]]] = {}
+    for i, path in enumerate(event_files(run_dir)):
+        here, purge = [], None
+        for ev in LegacyEventFileLoader(str(path)).Load():  # the records as written
+            if ev.WhichOneof("what") == "session_log" and ev.session_log.status == ev.session_log.START:
+                purge = ev.step
+                shown = {tag: [(s, v) for s, v in points if s < purge] for tag, points in shown.items()}
+            elif ev.WhichOneof("what") == "summary":
+                for v in ev.summary.value:
+                    here.append((v.tag, ev.step))
+                    value = v.simple_value if v.WhichOneof("value") == "simple_value" else None
+                    shown.setdefault(v.tag, []).append((ev.step, "nan" if value is not None and math.isnan(value) else value))
+        twice = [k for k, n in Counter(here).items() if n > 1]
+        assert not twice, f"{path.name} writes {twice} twice"
+        if i:
+            assert purge is not None, f"{path.name}: a resumed run's file without a purge_step"
+            below = [(t, s) for t, s in here if s < purge]
+            assert not below, f"{path.name} writes {below} below its purge_step {purge}"
+    for tag, points in shown.items():
+        assert len({s for s, _ in points}) == len(points), f"{tag}: a step shown twice"
+    return shown
+
+
 def assert_same_run(a: Path, b: Path) -> None:
     assert history(a) == history(b)
     fa, fb = final_state(a), final_state(b)
@@ -64,6 +144,9 @@ def assert_same_run(a: Path, b: Path) -> None:
         assert torch.equal(v, fb["weights"][k]), k
     for i, state in fa["optimizer"].items():
         assert all(torch.equal(state[k], fb["optimizer"][i][k]) for k in ("exp_avg", "exp_avg_sq"))
+    check_record(b)
+    assert record(a) == record(b)
+    assert tensorboard(a) == tensorboard(b)
 
 
 @pytest.fixture(scope="module")
@@ -116,8 +199,13 @@ def test_kill_between_metrics_row_and_checkpoint(whole, tmp_path, monkeypatch):
 
 def test_resume_at_epoch_end_continues_the_shuffle(whole, tmp_path):
     """Stopping after 2 epochs and extending to 3 equals 3 epochs (the third epoch's order is not
-    epoch 0's again, which a sampler re-seeded at start-up would give)."""
+    epoch 0's again, which a sampler re-seeded at start-up would give). Resuming the complete run
+    in between (nothing to train) changes nothing it reports."""
     run(cfg_for(*EXACT, "trainer.max_epochs=2"), tmp_path)
+    check_record(tmp_path)
+    two, shown = record(tmp_path), tensorboard(tmp_path)
+    run(cfg_for(*EXACT, "trainer.max_epochs=2", "ckpt_path=last"), tmp_path)
+    assert record(tmp_path) == two and tensorboard(tmp_path) == shown
     run(cfg_for(*EXACT, "ckpt_path=last"), tmp_path)
     assert_same_run(whole, tmp_path)
 
