@@ -6,7 +6,8 @@ results.json. A directory that already holds a run is resumed (ckpt_path) or ref
 
 Every ending is written to results.json as `status` and gives the exit code (lvm/runtime/cli.py):
 completed 0; failed: <error> 1; bad input, configuration or checkpoint (nothing written) 2;
-stopped: max_rollbacks 3; preempted (SIGTERM/SIGUSR1: last.ckpt saved, resume with ckpt_path=last) 4.
+stopped: max_rollbacks 3; preempted (SIGTERM/SIGUSR1: last.ckpt saved, resume with ckpt_path=last) 4;
+interrupted (Ctrl-C: the same save) 130.
 """
 
 from __future__ import annotations

@@ -1,8 +1,12 @@
 """lvm checkpoints: reading (torch's default weights_only loading, errors that name the file),
-atomic writing, and the finite-weights rule (a non-finite model is never saved as a checkpoint)."""
+atomic writing (a full disk is one line naming the file), and the finite-weights rule (a
+non-finite model is never saved as a checkpoint)."""
 
 from __future__ import annotations
 
+import errno
+import resource
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -60,10 +64,40 @@ def finite_weights(trainer: L.Trainer) -> bool:
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Checkpoint files written to a temporary file beside the target, fsynced, then renamed:
     kill -9 at any moment leaves the old file or the new one. (Lightning's own transaction
-    writes its temporary file in the system temp folder, which can be another filesystem.)"""
+    writes its temporary file in the system temp folder, which can be another filesystem.) A write
+    that runs out of disk space or over a file size limit is an LvmError naming the file."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(path) as tmp:
-            torch.save(checkpoint, tmp)
+        try:
+            with atomic_path(path) as tmp:
+                torch.save(checkpoint, tmp)
+        except (OSError, RuntimeError) as e:
+            if not out_of_space(e):
+                raise
+            raise LvmError(write_failed(path)) from e
+
+
+# Space errors: torch's zip writer reports them as a RuntimeError without errno, naming its stream.
+_SPACE_ERRNOS = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+_WRITER_ERRORS = ("inline_container", "PytorchStreamWriter", "iostream error")
+
+
+def out_of_space(e: BaseException) -> bool:
+    """Whether a checkpoint write failed for lack of disk space or a file size limit."""
+    if isinstance(e, OSError):
+        return e.errno in _SPACE_ERRNOS
+    return isinstance(e, RuntimeError) and any(m in str(e) for m in _WRITER_ERRORS)
+
+
+def write_failed(path: Path) -> str:
+    """One line for a checkpoint write that ran out of space, with the facts to check."""
+    soft = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    limit = "none" if soft == resource.RLIM_INFINITY else f"{soft} bytes"
+    free = shutil.disk_usage(path.parent).free
+    return (
+        f"checkpoint {path}: write failed for lack of disk space or a file size limit "
+        f"({free / 2**20:.1f} MiB free on its filesystem, file size limit (ulimit -f): {limit}); "
+        "the older checkpoints are intact"
+    )

@@ -3,8 +3,9 @@
 Every `python -m lvm.<tool>` is a Hydra app whose first argument may be given bare, that prints one
 line on stderr for bad input (never a traceback) and exits 0 (done / pass), 1 (fail: a verdict, or
 a training run that failed) or 2 (no result: bad input, configuration or checkpoint; Hydra's own
-override errors too). Training adds 3 (stopped by the guard after max_rollbacks) and 4 (preempted
-by SIGTERM/SIGUSR1 after saving a resumable last.ckpt).
+override errors too). Training adds 3 (stopped by the guard after max_rollbacks), 4 (preempted
+by SIGTERM/SIGUSR1 after saving a resumable last.ckpt) and 130 (interrupted by Ctrl-C, after the
+same save: the shell's code for SIGINT).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from lvm.runtime.errors import LvmError
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 
 EXIT_OK, EXIT_FAIL, EXIT_BAD_INPUT, EXIT_STOPPED, EXIT_PREEMPTED = 0, 1, 2, 3, 4
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a process Ctrl-C ended
 _outcome = {"code": EXIT_OK}  # set by the task function: hydra.main does not return its result
 
 
@@ -40,6 +42,8 @@ def exit_code_for(status: str) -> int:
         return EXIT_STOPPED
     if status == "preempted":
         return EXIT_PREEMPTED
+    if status == "interrupted":
+        return EXIT_INTERRUPTED
     return EXIT_FAIL
 
 

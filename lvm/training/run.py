@@ -183,13 +183,14 @@ def run(
                 trainer.fit(fit.module, fit.train_loader, fit.val_loaders, ckpt_path=ckpt[0] if ckpt else None)
                 status = ending(fit, extra_callbacks)
             except (Preempted, SIGTERMException) as e:
-                status = "preempted"
-                log.warning("Run preempted (%s): resume with ckpt_path=last", e)
+                # Ctrl-C (SIGINT) is the user's stop, not a scheduler's: `interrupted` (exit 130).
+                status = "interrupted" if getattr(e, "signal_name", None) == "SIGINT" else "preempted"
+                log.warning("Run %s (%s): resume with ckpt_path=last", status, e)
         results = {**summarize_run(cfg, fit, run_dir, status), "baselines": baselines}
         results["precision"] = precision
         if ckpt:  # where a resumed run picked up (a killed run's lost steps are the difference)
             results["resumed_from"] = {"checkpoint": ckpt[0], "epoch": ckpt[1].get("epoch"), "step": ckpt[1].get("global_step")}
-        if trainer.is_global_zero and status != "preempted" and cfg.eval.after_fit:
+        if trainer.is_global_zero and status not in ("preempted", "interrupted") and cfg.eval.after_fit:
             # Full 5CAT of the best-by-val-cosine and the last checkpoint, with their epochs.
             results["5cat"] = evaluate_after_fit(
                 cfg, splits, {"best": results["best_checkpoint"], "last": results["last_checkpoint"]}, run_dir, slot_weights

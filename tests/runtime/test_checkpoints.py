@@ -4,6 +4,13 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import re
+import resource
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -11,10 +18,11 @@ import torch
 
 from callbacks.fault import FaultInjection
 from lvm.runtime.checkpoints import FORMAT, AtomicCheckpointIO, read_checkpoint
+from lvm.runtime.cli import EXIT_FAIL
 from lvm.runtime.errors import LvmError
 from lvm.runtime.files import drop_rows_after
 from lvm.training.run import run
-from tests.helpers import cfg_for
+from tests.helpers import ROOT, TINY, cfg_for
 
 UNREADABLE = {
     "text": b"hello",  # torch's weights_only unpickler raised a bare KeyError on this
@@ -62,6 +70,62 @@ def test_atomic_checkpoint_io_leaves_the_old_file_when_a_write_fails(tmp_path):
         io.save_checkpoint({"a": lambda: None}, path)  # torch.save cannot pickle a lambda
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no temporary file left behind
+
+
+# A file size limit above a TINY run's logs (< 20 KB) and below its checkpoints (> 100 KB).
+FSIZE_LIMIT = 64 * 1024
+FULL = "write failed for lack of disk space or a file size limit"
+
+
+@contextmanager
+def file_size_limit(n: int) -> Iterator[None]:
+    """This process's soft RLIMIT_FSIZE at `n` bytes (Python ignores SIGXFSZ, so a write past it
+    fails with EFBIG, as on a full disk); restored after."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (n, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+
+
+def test_a_checkpoint_write_over_a_file_size_limit_is_one_line_naming_the_file(tmp_path):
+    """torch's writer said only `[enforce fail at inline_container.cc:672] unexpected pos ...`."""
+    path = tmp_path / "last.ckpt"
+    io = AtomicCheckpointIO()
+    io.save_checkpoint({"a": torch.ones(2)}, path)
+    before = path.read_bytes()
+    with file_size_limit(FSIZE_LIMIT), pytest.raises(LvmError) as e:
+        io.save_checkpoint({"a": torch.ones(2**16)}, path)  # 256 KiB
+    assert str(e.value).startswith(f"checkpoint {path}: {FULL} (") and "\n" not in str(e.value)
+    assert f"file size limit (ulimit -f): {FSIZE_LIMIT} bytes" in str(e.value)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no temporary file left behind
+
+
+def test_a_run_over_a_file_size_limit_fails_with_one_line_and_keeps_its_checkpoints(tmp_path):
+    """A real limit on a resumed run's process (setrlimit in the child): its first checkpoint write
+    fails; results.json and stderr say which file and why, and the earlier checkpoints are intact."""
+    run_dir = tmp_path / "run"
+    run(cfg_for("trainer.max_epochs=1"), run_dir)
+    ckpts = {p.name: p.read_bytes() for p in (run_dir / "checkpoints").iterdir()}
+    assert min(len(b) for b in ckpts.values()) > FSIZE_LIMIT
+    proc = subprocess.run(
+        [sys.executable, "-m", "lvm.train", *TINY, "threads=1", "trainer.max_epochs=2", "ckpt_path=last", f"hydra.run.dir={run_dir}"],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (FSIZE_LIMIT, FSIZE_LIMIT)),
+    )
+    assert proc.returncode == EXIT_FAIL, proc.stderr[-2000:]
+    results = json.loads((run_dir / "results.json").read_text())
+    error = results["error"]
+    assert re.fullmatch(rf"checkpoint {re.escape(str(run_dir / 'checkpoints'))}/[\w-]+\.ckpt: {FULL} \(.*\)[^\n]*", error), error
+    assert results["status"] == f"failed: {error}"
+    assert f"lvm.train: run failed: {error}" in proc.stderr and "enforce fail" not in proc.stderr
+    assert {p.name: p.read_bytes() for p in (run_dir / "checkpoints").iterdir()} == ckpts  # nothing else left
 
 
 def test_drop_rows_after_keeps_earlier_rows_and_drops_a_cut_line(tmp_path):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from lvm.runtime.cli import positional_override
+from lvm.runtime.cli import exit_code_for, positional_override
 from tests.helpers import run_module
 
 
@@ -18,6 +18,12 @@ def test_a_bare_first_argument_is_the_store():
     assert positional_override(["prog", "it's.npz"], "store") == ["prog", "store='it\\'s.npz'"]
     assert positional_override(["prog", "store=x.npz"], "store") == ["prog", "store=x.npz"]
     assert positional_override(["prog", "--help"], "store") == ["prog", "--help"]
+
+
+def test_every_training_status_has_its_exit_code():
+    """Ctrl-C's `interrupted` is 130, the shell's code for SIGINT (it was Lightning's exit 1, read as 2: bad input)."""
+    codes = {"completed": 0, "failed: boom": 1, "stopped: max_rollbacks": 3, "preempted": 4, "interrupted": 130}
+    assert {status: exit_code_for(status) for status in codes} == codes
 
 
 @pytest.mark.parametrize(
