@@ -32,7 +32,7 @@ from lvm.runtime.cli import (
     run_entry_point,
     set_exit_code,
 )
-from lvm.runtime.errors import LvmError, RunFailed
+from lvm.runtime.errors import LvmError, RunDirTaken, RunFailed
 from lvm.runtime.launchers import (
     launcher_choice,
     missing_launcher_plugin,
@@ -89,6 +89,8 @@ def run_sweep_job(cfg: DictConfig, hc: Any) -> float | None:
             return run(cfg, hc.runtime.output_dir, dict(hc.runtime.choices), jobs=sweep_jobs(hc))["best_val_cos"]
     except RunFailed as e:  # run() has written results.json
         log.error("Job %s failed: %s", hc.job.num, e)
+    except RunDirTaken as e:  # the directory is another run's: nothing is written into it
+        log.error("Job %s refused: %s", hc.job.num, e)
     except LvmError as e:  # refused at start: record it in the job's own directory
         log.error("Job %s failed: %s", hc.job.num, e)
         write_failure(Path(hc.runtime.output_dir), cfg.name, str(e), time.perf_counter() - start)

@@ -78,6 +78,25 @@ def train_cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     return run_module("lvm.train", *args, cwd=cwd)
 
 
+HOLD_LOCK = """
+import sys, time
+from pathlib import Path
+from lvm.runtime.rundir import RunLock
+with RunLock(Path(sys.argv[1])):
+    print("held", flush=True)
+    time.sleep(120)
+"""
+
+
+def hold_lock(run_dir: Path) -> subprocess.Popen:
+    """Another process holding `run_dir`'s lock (until killed)."""
+    p = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(run_dir)], stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}
+    )
+    assert p.stdout.readline().strip() == "held"
+    return p
+
+
 def history(run_dir: Path) -> list[dict]:
     """A run's metrics.jsonl rows."""
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -29,6 +29,11 @@ class ConfigError(LvmError):
     """A configuration value is impossible: the message names the setting and what was expected."""
 
 
+class RunDirTaken(ConfigError):
+    """The run directory belongs to another run (holding its lock, or already there): nothing may
+    be written into it, not even a record of the refusal."""
+
+
 class Preempted(Exception):
     """Training stopped on a stop signal after saving a resumable last.ckpt (not an error of the run)."""
 

@@ -1,27 +1,84 @@
-"""A run owns its directory: what it writes there, when it may start there, and its results file.
+"""A run owns its directory: one writer at a time, what it writes there, when it may start there,
+and its results file.
 
-A directory that already holds a run is resumed (the checkpoint lies in it), cleared
-(`overwrite=true`) or refused, before anything is written; results.json is written atomically
-and as strict JSON (a NaN metric is null).
+A run holds the directory's lock for its whole life. A directory that already holds a run is
+resumed (the checkpoint lies in it), cleared (`overwrite=true`) or refused, before anything is
+written; results.json is written atomically and as strict JSON (a NaN metric is null).
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
+import os
 import shutil
+import socket
+import time
 from pathlib import Path
-from typing import Any
+from types import TracebackType
+from typing import IO, Any
 
-from omegaconf import DictConfig
-
-from lvm.runtime.errors import ConfigError
+from lvm.runtime.errors import RunDirTaken
 from lvm.runtime.files import atomic_write_text, strict_json
 
 log = logging.getLogger(__name__)
 
 # What a run writes into its directory (Hydra's own .hydra/ and train.log aside).
 RUN_OUTPUTS = ("checkpoints", "tb", "eval", "metrics.jsonl", "events.jsonl", "results.json", "config.yaml")
+LOCK = "run.lock"  # held (flock) by the run writing the directory; says its pid, host and start
+
+
+class RunLock:
+    """While entered, this process is the directory's only writer: an exclusive flock on
+    <run_dir>/run.lock, which the kernel releases on any exit, kill -9 included. A second process is
+    refused with RunDirTaken naming the holder; a lock file left by a killed run (not held) is taken
+    over, and said. `hold=False` (the other ranks of a distributed run) takes nothing."""
+
+    def __init__(self, run_dir: Path, hold: bool = True) -> None:
+        self.path = Path(run_dir) / LOCK
+        self.hold = hold
+        self._file: IO[str] | None = None
+
+    def __enter__(self) -> "RunLock":
+        if not self.hold:
+            return self
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        while self._file is None:
+            f = self.path.open("a+", encoding="utf-8")
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.seek(0)
+                holder = f.read().strip() or "a process that has not yet said who it is"
+                f.close()
+                raise RunDirTaken(
+                    f"run directory {self.path.parent} is in use by another run ({holder}; {self.path}): "
+                    "wait for it to end, or pick another hydra.run.dir"
+                ) from None
+            try:
+                same = os.fstat(f.fileno()).st_ino == self.path.stat().st_ino
+            except FileNotFoundError:  # its holder removed it as we opened it: try again
+                same = False
+            if not same:
+                f.close()
+                continue
+            f.seek(0)
+            left = f.read().strip()
+            if left:
+                log.warning("Run directory %s: taking over the lock of %s, which ended without releasing it", self.path.parent, left)
+            f.seek(0)
+            f.truncate()
+            f.write(f"pid {os.getpid()} on host {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+            f.flush()
+            self._file = f
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        if self._file is not None:
+            self.path.unlink(missing_ok=True)  # before the unlock: a waiting opener then sees another inode
+            self._file.close()
+            self._file = None
 
 
 def claim_run_dir(run_dir: Path, ckpt_path: str | None, overwrite: bool) -> None:
@@ -32,24 +89,67 @@ def claim_run_dir(run_dir: Path, ckpt_path: str | None, overwrite: bool) -> None
         return
     inside = ckpt_path is not None and Path(ckpt_path).resolve().is_relative_to(run_dir.resolve())
     if inside and overwrite:
-        raise ConfigError(f"overwrite=true would delete the checkpoint this run resumes from ({ckpt_path}); drop one of them")
+        raise RunDirTaken(f"overwrite=true would delete the checkpoint this run resumes from ({ckpt_path}); drop one of them")
     if inside:
         return
     if not overwrite:
-        raise ConfigError(
+        raise RunDirTaken(
             f"run directory {run_dir} already holds a run ({', '.join(found)}): resume it with ckpt_path=last "
             "(or ckpt_path=auto), pick another hydra.run.dir, or start over with overwrite=true (deletes those files)"
         )
     log.warning("overwrite=true: deleting %s from %s", ", ".join(found), run_dir)
-    for name in found:
-        path = run_dir / name  # a link (checkpoints kept on another disk) goes, never what it points to
-        shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+    clear_run_outputs(run_dir)
 
 
-def auto_start_fresh(cfg: DictConfig, run_dir: Path) -> bool:
-    """ckpt_path=auto found no last.ckpt: an earlier attempt that never wrote a checkpoint left
-    only partial records, which a fresh start replaces (no checkpoint is deleted)."""
-    return cfg.ckpt_path == "auto" and not list((run_dir / "checkpoints").glob("*.ckpt"))
+def clear_run_outputs(run_dir: Path) -> None:
+    """Delete what a run wrote into its directory (RUN_OUTPUTS; Hydra's files and the user's stay).
+    A link (checkpoints kept on another disk) goes, never what it points to."""
+    for path in (run_dir / name for name in RUN_OUTPUTS):
+        if path.is_symlink() or path.is_file():
+            path.unlink()
+        elif path.is_dir():
+            shutil.rmtree(path)
+
+
+# The weights a guarded run starts from (callbacks/rollback.py): the seed makes them again.
+INITIAL = "good-initial.ckpt"
+
+
+def start_over(run_dir: Path) -> bool:
+    """Whether a run directory without a resume point has nothing to lose: an attempt killed before
+    its first last.ckpt left only partial records and at most its initial weights, which a fresh
+    start with the same seed writes again."""
+    found = {p.name for p in (run_dir / "checkpoints").glob("*.ckpt")}
+    if found - {INITIAL} or _ended(run_dir / "results.json"):
+        return False
+    if any((run_dir / name).exists() for name in RUN_OUTPUTS):
+        log.warning("ckpt_path=auto: %s has no checkpoint beyond its initial weights: starting the run over", run_dir)
+    return True
+
+
+def _ended(results: Path) -> bool:
+    """results.json records a run that ended other than by failing (its record is worth keeping)."""
+    try:
+        status = json.loads(results.read_text())["status"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return not str(status).startswith("failed")
+
+
+def newest_checkpoints(run_dir: Path, but: str) -> list[Path]:
+    """The run's own checkpoints (checkpoints/*.ckpt) but `but`, newest first: where `auto` falls
+    back to when last.ckpt cannot be read."""
+    found = [p for p in (run_dir / "checkpoints").glob("*.ckpt") if p.name != but]
+    return sorted(found, key=lambda p: p.stat().st_mtime_ns, reverse=True)
+
+
+def set_aside(path: Path) -> Path:
+    """Rename an unreadable checkpoint out of every *.ckpt pattern (kept for inspection)."""
+    n = 0
+    while (aside := path.with_name(f"{path.name}.corrupt{n or ''}")).exists():
+        n += 1
+    path.rename(aside)
+    return aside
 
 
 def write_results(run_dir: Path, results: dict[str, Any]) -> None:

@@ -28,8 +28,13 @@ from lvm.runtime.files import atomic_write_text, read_jsonl
 from lvm.runtime.objects import build, to_plain
 from lvm.runtime.precision import check_precision, resolve_precision
 from lvm.runtime.rundir import (
-    auto_start_fresh,
+    INITIAL,
+    RunLock,
     claim_run_dir,
+    clear_run_outputs,
+    newest_checkpoints,
+    set_aside,
+    start_over,
     write_failure,
     write_results,
 )
@@ -43,26 +48,62 @@ log = logging.getLogger(__name__)
 
 def resolve_checkpoint(ckpt_path: str | None, run_dir: Path) -> tuple[str, dict[str, Any]] | None:
     """Checkpoint to resume from (path, contents), checked to load under torch's default
-    weights_only rules.
-
-    `last`: <run dir>/checkpoints/last.ckpt, which must exist. `auto`: the same file when it exists,
-    else a fresh start (what a requeued SLURM job needs: the default under a submitit launcher)."""
+    weights_only rules. `last`: <run dir>/checkpoints/last.ckpt, which must exist and load.
+    `auto`: see `resolve_auto`."""
     if not ckpt_path:
         return None
-    own = ckpt_path in ("last", "auto")
-    path = run_dir / "checkpoints" / "last.ckpt" if own else Path(ckpt_path)
-    if own and not path.is_file():
-        if ckpt_path == "auto":
-            log.info("ckpt_path=auto: no %s yet, starting fresh", path)
-            return None
+    if ckpt_path == "auto":
+        return resolve_auto(run_dir)
+    path = run_dir / "checkpoints" / "last.ckpt" if ckpt_path == "last" else Path(ckpt_path)
+    if ckpt_path == "last" and not path.is_file():
         raise LvmError(
             f"checkpoint {path}: no such file (ckpt_path=last looks in this run's own directory; "
             "set hydra.run.dir to the earlier run's, or use ckpt_path=auto to start fresh when it is missing)"
         )
-    ckpt = read_checkpoint(path)
-    if ckpt_path == "auto":
-        log.info("ckpt_path=auto: resuming from %s (epoch %s, step %s)", path, ckpt.get("epoch"), ckpt.get("global_step"))
-    return str(path), ckpt
+    return str(path), read_checkpoint(path)
+
+
+def resolve_auto(run_dir: Path) -> tuple[str, dict[str, Any]] | None:
+    """`auto` (what a requeued job needs: the default under a submitit launcher): last.ckpt; when it
+    cannot be read, the newest checkpoint of the run that can (the unreadable file set aside, the
+    steps lost said); without last.ckpt, the newest checkpoint beyond the initial weights, else a
+    fresh start (None)."""
+    last = run_dir / "checkpoints" / "last.ckpt"
+    problem = None
+    if last.is_file():
+        try:
+            ckpt = read_checkpoint(last)
+        except LvmError as e:
+            problem = e
+        else:
+            log.info("ckpt_path=auto: resuming from %s (epoch %s, step %s)", last, ckpt.get("epoch"), ckpt.get("global_step"))
+            return str(last), ckpt
+    for path in newest_checkpoints(run_dir, but="last.ckpt"):
+        if problem is None and path.name == INITIAL:
+            continue  # nothing trained yet: a fresh start writes the same initial weights
+        try:
+            ckpt = read_checkpoint(path)
+        except LvmError as e:
+            log.warning("ckpt_path=auto: passing over %s", e)
+            continue
+        step = ckpt.get("global_step")
+        reached = max((r["step"] for r in read_jsonl(run_dir / "metrics.jsonl") if isinstance(r.get("step"), int)), default=None)
+        if problem is not None and rank_zero_only.rank == 0:
+            problem = f"{problem}; set aside as {set_aside(last).name}"
+        log.warning(
+            "ckpt_path=auto: %s; resuming from %s (epoch %s, step %s): the steps after %s are trained again%s",
+            problem or f"no {last}",
+            path,
+            ckpt.get("epoch"),
+            step,
+            step,
+            f" (metrics.jsonl reached step {reached})" if reached is not None else "",
+        )
+        return str(path), ckpt
+    if problem is not None:
+        raise LvmError(f"{problem}; ckpt_path=auto found no other readable checkpoint of {run_dir} to fall back to")
+    log.info("ckpt_path=auto: no %s yet, starting fresh", last)
+    return None
 
 
 def with_precision(cfg: DictConfig, train: Windows, resume: dict[str, Any] | None) -> tuple[DictConfig, dict[str, Any]]:
@@ -135,19 +176,29 @@ def run(
 ) -> dict[str, Any]:
     """Train one run into `run_dir`; returns the results written to results.json (with `status`).
 
-    Bad input raises LvmError before anything is written; a failure after the start is recorded
-    in results.json (`failed: <error>`, with the traceback) and raised as RunFailed. `jobs`: runs side by side on this
-    machine (threads=auto divides the CPUs among them)."""
-    start = time.perf_counter()
+    Bad input raises LvmError before anything is written (RunDirTaken: the directory is another
+    run's, held by its lock or already there); a failure after the start is recorded in
+    results.json (`failed: <error>`, with the traceback) and raised as RunFailed. `jobs`: runs side
+    by side on this machine (threads=auto divides the CPUs among them)."""
     validate(cfg)
-    run_dir = Path(run_dir)
+    with RunLock(Path(run_dir), hold=rank_zero_only.rank == 0):  # the rank from the environment
+        return train_run(cfg, Path(run_dir), choices, extra_callbacks, jobs)
+
+
+def train_run(
+    cfg: DictConfig, run_dir: Path, choices: dict[str, str] | None, extra_callbacks: Sequence[L.Callback], jobs: int
+) -> dict[str, Any]:
+    """`run`, holding the directory's lock."""
+    start = time.perf_counter()
     set_threads(cfg.threads, jobs)
     ckpt = resolve_checkpoint(cfg.ckpt_path, run_dir)
     if ckpt and cfg.ckpt_model:
         cfg = with_checkpoint_model(cfg, ckpt)
     is_zero = rank_zero_only.rank == 0  # the rank from the environment (DDP children, SLURM tasks)
     if is_zero:  # the other ranks start once rank 0 has claimed the directory
-        claim_run_dir(run_dir, ckpt[0] if ckpt else None, bool(cfg.overwrite) or (ckpt is None and auto_start_fresh(cfg, run_dir)))
+        claim_run_dir(
+            run_dir, ckpt[0] if ckpt else None, bool(cfg.overwrite) or (ckpt is None and cfg.ckpt_path == "auto" and start_over(run_dir))
+        )
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     splits = build_data(cfg)
     if ckpt:

@@ -1,19 +1,34 @@
-"""The run directory (lvm/runtime/rundir.py): claiming it (refused, cleared with overwrite, resumed),
-the fresh start of ckpt_path=auto, and results.json (atomic, strict JSON, failures)."""
+"""The run directory (lvm/runtime/rundir.py): its lock (one writer), claiming it (refused, cleared
+with overwrite, resumed), what ckpt_path=auto may start over or fall back to, and results.json
+(atomic, strict JSON, failures)."""
 
 from __future__ import annotations
 
 import json
+import logging
 import math
+import os
+import signal
+import socket
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from omegaconf import OmegaConf
 
-from lvm.runtime.errors import ConfigError
-from lvm.runtime.rundir import RUN_OUTPUTS, auto_start_fresh, claim_run_dir, write_failure, write_results
+from lvm.runtime.errors import ConfigError, RunDirTaken
+from lvm.runtime.rundir import (
+    LOCK,
+    RUN_OUTPUTS,
+    RunLock,
+    claim_run_dir,
+    newest_checkpoints,
+    set_aside,
+    start_over,
+    write_failure,
+    write_results,
+)
+from tests.helpers import hold_lock
 
 
 def populate(run_dir: Path) -> None:
@@ -97,14 +112,70 @@ def test_resume_from_a_checkpoint_inside_keeps_everything(tmp_path):
     assert ckpt.read_text() == "ckpt"
 
 
-def test_auto_start_fresh_only_without_a_checkpoint(tmp_path):
-    auto, last = OmegaConf.create({"ckpt_path": "auto"}), OmegaConf.create({"ckpt_path": "last"})
-    assert auto_start_fresh(auto, tmp_path)  # no checkpoints/ at all
-    (tmp_path / "checkpoints").mkdir()
-    (tmp_path / "checkpoints" / "notes.txt").write_text("x")
-    assert auto_start_fresh(auto, tmp_path) and not auto_start_fresh(last, tmp_path)
-    (tmp_path / "checkpoints" / "epoch=0.ckpt").write_text("ckpt")
-    assert not auto_start_fresh(auto, tmp_path)
+def test_auto_starts_over_only_when_nothing_beyond_the_initial_weights_is_there(tmp_path):
+    assert start_over(tmp_path)  # nothing at all
+    ckpts = tmp_path / "checkpoints"
+    ckpts.mkdir()
+    (ckpts / "good-initial.ckpt").write_text("ckpt")
+    (tmp_path / "config.yaml").write_text("a: 1")
+    assert start_over(tmp_path)  # killed before its first last.ckpt: partial records only
+    (tmp_path / "results.json").write_text('{"status": "failed: boom"}')
+    assert start_over(tmp_path)
+    (tmp_path / "results.json").write_text('{"status": "completed"}')
+    assert not start_over(tmp_path)  # a finished run's record is worth keeping
+    (tmp_path / "results.json").unlink()
+    (ckpts / "good-epoch00.ckpt").write_text("ckpt")
+    assert not start_over(tmp_path)  # an epoch was trained
+
+
+def test_newest_checkpoints_first_and_an_unreadable_one_set_aside(tmp_path):
+    ckpts = tmp_path / "checkpoints"
+    ckpts.mkdir()
+    for i, name in enumerate(["good-initial.ckpt", "good-epoch00.ckpt", "best-epoch01.ckpt", "last.ckpt"]):
+        (ckpts / name).write_text(name)
+        os.utime(ckpts / name, ns=(10**9 * (i + 1),) * 2)
+    assert [p.name for p in newest_checkpoints(tmp_path, but="last.ckpt")] == [
+        "best-epoch01.ckpt",
+        "good-epoch00.ckpt",
+        "good-initial.ckpt",
+    ]
+    assert set_aside(ckpts / "last.ckpt").name == "last.ckpt.corrupt"
+    (ckpts / "last.ckpt").write_text("again")
+    assert set_aside(ckpts / "last.ckpt").name == "last.ckpt.corrupt1"
+    assert (ckpts / "last.ckpt.corrupt").read_text() == "last.ckpt" and not (ckpts / "last.ckpt").exists()
+    assert "last.ckpt.corrupt" not in [p.name for p in newest_checkpoints(tmp_path, but="last.ckpt")]
+
+
+def test_a_second_writer_is_refused_naming_the_holder(tmp_path):
+    holder = hold_lock(tmp_path)
+    try:
+        with pytest.raises(RunDirTaken, match=rf"in use by another run \(pid {holder.pid} on host {socket.gethostname()} since "):
+            with RunLock(tmp_path):
+                pytest.fail("entered a directory another process holds")
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_lock_left_by_a_killed_run_is_taken_over_and_said(tmp_path, caplog):
+    holder = hold_lock(tmp_path)
+    os.kill(holder.pid, signal.SIGKILL)  # kill -9: the file stays, the kernel drops the lock
+    holder.wait()
+    assert f"pid {holder.pid}" in (tmp_path / LOCK).read_text()
+    with caplog.at_level(logging.WARNING), RunLock(tmp_path):
+        assert f"pid {os.getpid()} on host" in (tmp_path / LOCK).read_text()
+    assert f"taking over the lock of pid {holder.pid} on host" in caplog.text
+    assert not (tmp_path / LOCK).exists()  # released on exit
+
+
+def test_the_lock_is_released_on_any_exit_and_other_ranks_take_none(tmp_path):
+    with pytest.raises(RuntimeError), RunLock(tmp_path):
+        raise RuntimeError("a failed run")
+    assert not (tmp_path / LOCK).exists()
+    with RunLock(tmp_path), RunLock(tmp_path / "x", hold=False):
+        assert not (tmp_path / "x").exists()
+    with RunLock(tmp_path):  # free again
+        pass
 
 
 def test_results_are_strict_json_and_replace_the_old_file(tmp_path):
