@@ -2,18 +2,25 @@
 
 - Detection: `lvm.detectors` on every flushed window of per-step statistics (handed to `on_rows`
   by StepStatistics, in-epoch, at most `logger.flush_every` steps late) and on each validation.
+- Starting weights: before training they are probed (one forward on a fixed sample of val
+  windows) for what an untrained model never shows (`check_start`: non-finite, a constant
+  output). Collapsed ones roll back to the newest good checkpoint of the run's own directory
+  (a resume of its own collapsed last.ckpt), or are refused (CollapsedStart: bad input, exit 2).
 - Good checkpoints: the weights a run starts from are its first rollback point
   (`good-initial.ckpt`), so a NaN before the first validation rolls back too (a val cosine below
   the floors before any healthy validation is a warning: the model is still learning); after each
   validation with no trip the guard saves `good-epochNN.ckpt` (the newest `keep_good` are kept).
   They are named relative to the run's own checkpoints/ folder: a copied or moved run finds its
   own and never deletes another directory's. Rollback takes the newest one that loads, never
-  blindly last.ckpt; an unreadable one is recorded and skipped for the next older one.
+  blindly last.ckpt; an unreadable one is recorded and skipped for the next older one, and so is
+  one whose probe trips a detector the rollback is for (it would be restored again and again: it
+  is dropped from the good checkpoints and set aside as <name>.collapsed). With none left,
+  training stops.
 - Rollback: model weights, optimizer and LR-scheduler state from that checkpoint; then the
   schedule it was handed (the knobs' one owner) backs off: it holds the previous stage for
   `hold_epochs` and scales target_frac and lambda_max by their per-rollback scales. Training
-  continues. After `max_rollbacks`, training stops cleanly (`stopped`; the
-  run's status is `stopped: max_rollbacks`).
+  continues. After `max_rollbacks`, or with no good checkpoint left, training stops cleanly (the
+  run's status is `stopped: max_rollbacks` or `stopped: no good checkpoint`).
 - Every decision is reduced across ranks (a trip on any rank counts on all) and followed by a
   barrier, so all ranks restore the same checkpoint at the same step.
 - Record: events.jsonl in the run directory, a TensorBoard text entry, a `[P6b GUARD]` line.
@@ -35,16 +42,22 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from callbacks.ramp import RampSchedule
+from lvm.data.store import Windows
+from lvm.evaluation import metrics as M
 from lvm.guard.detectors import (
     COLLAPSE_DETECTORS,
+    CollapsedStart,
     Streaks,
     Trip,
     check_nonfinite,
+    check_probe,
+    check_start,
     check_training,
     check_validation,
     detector_problems,
     dropped,
 )
+from lvm.model.module import batch_health
 from lvm.runtime.checkpoints import finite_weights, read_checkpoint
 from lvm.runtime.errors import ConfigError, LvmError, finite, require
 from lvm.runtime.files import drop_rows_after
@@ -64,16 +77,45 @@ STILL_LEARNING = (
 )
 
 
+@torch.no_grad()
+def probe(pl_module: L.LightningModule, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+    """The module's figures on `batch` (eval mode, no gradient, no random draw, one host sync):
+    what the guard judges starting weights and rollback targets by (lvm.guard.detectors)."""
+    was = pl_module.training
+    pl_module.eval()
+    try:
+        context, target = batch["context"].to(pl_module.device), batch["target"].to(pl_module.device)
+        raw, pred = (t.float() for t in pl_module(context))
+    finally:
+        pl_module.train(was)
+    diversity, ca = batch_health(pred, target)
+    figures = {
+        "mse": (raw - target).square().mean(),
+        "cos": M.cos(pred, target).mean(),
+        "neg": M.cos(pred, context[:, pl_module.prev_slot]).mean(),
+        "raw_norm": raw.norm(dim=-1).mean(),
+        "diversity": diversity,
+        "ca": ca,
+        "cos_copy_last": M.cos(M.copy_last(context), target).mean(),
+        "mean_context_cos": M.cos(M.mean_context(context), target).mean(),
+    }
+    out = dict(zip(figures, torch.stack(list(figures.values())).tolist()))
+    return out | {"margin": float(pl_module.knobs.margin), "windows": float(len(target))}
+
+
 class RollbackListener(Protocol):
     """A callback whose state describes the weights before a rollback (the spike history, a
-    drill's fault): the guard tells it, after restoring, at the step training goes on from."""
+    drill's fault): the guard tells it, at the step training goes on from, once it gives those
+    weights up and before it judges the rollback targets (their probe must not see that state)."""
 
     def after_rollback(self, step: int) -> None: ...
 
 
 class RollbackGuard(L.Callback):
     """Built from `guard.rollback` (conf/guard/rollback.yaml) with what only the run knows: its
-    directory, the ramp `schedule` that backs off, and the `listeners` told of each rollback."""
+    directory, the ramp `schedule` that backs off, the `listeners` told of each rollback, and the
+    `windows` (val) whose `probe_windows` evenly spaced ones weights are probed on (None: only to
+    check the settings, lvm/training/config.py)."""
 
     def __init__(
         self,
@@ -83,6 +125,8 @@ class RollbackGuard(L.Callback):
         max_rollbacks: int,
         keep_good: int,
         backoff: Mapping[str, float],
+        probe_windows: int,
+        windows: Windows | None = None,
         listeners: Sequence[RollbackListener] = (),
         mini5cat: bool = True,
     ) -> None:
@@ -98,6 +142,10 @@ class RollbackGuard(L.Callback):
         require(
             (max_rollbacks >= 0, f"guard.rollback.max_rollbacks must be >= 0 (got {max_rollbacks})"),
             (keep_good >= 1, f"guard.rollback.keep_good must be >= 1 (got {keep_good})"),
+            (
+                isinstance(probe_windows, int) and probe_windows >= 2,
+                f"guard.rollback.probe_windows must be an integer >= 2 (got {probe_windows!r})",
+            ),
             (b["hold_epochs"] >= 0, f"guard.rollback.backoff.hold_epochs must be >= 0 (got {b['hold_epochs']})"),
             *(
                 (finite(b[k]) and 0 < b[k] <= 1, f"guard.rollback.backoff.{k} must be in (0, 1] (got {b[k]})")
@@ -116,9 +164,10 @@ class RollbackGuard(L.Callback):
         self.schedule = schedule
         self.keep_good = keep_good
         self.listeners = list(listeners)
+        self.probe_batch = None if windows is None else windows.gather(torch.linspace(0, len(windows) - 1, probe_windows).long().unique())
         # State kept in checkpoints, so a restarted run takes the same decisions.
         self.rollbacks = 0
-        self.stopped = False  # max_rollbacks reached: training was stopped
+        self.stopped: str | None = None  # why the guard stopped training (the run's `stopped: <why>`)
         self.good: list[str] = []  # file names in ckpt_dir, oldest first
         self.best_val_cos: float | None = None
         self.streaks = Streaks()
@@ -130,14 +179,20 @@ class RollbackGuard(L.Callback):
     # --- wiring: StepStatistics hands every flushed window of rows to `on_rows` -----------------
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # After a checkpoint is restored: forget records written after it by an interrupted run,
-        # keep only the good checkpoints this directory holds, and make sure there is a rollback
-        # point before the first validation.
+        # keep only the good checkpoints this directory holds, judge the starting weights, and make
+        # sure there is a rollback point before the first validation.
         if trainer.is_global_zero:
             drop_rows_after(self.events_path, trainer.global_step)
         missing = [name for name in self.good if not (self.ckpt_dir / name).is_file()]
         if missing:
             log.warning("[P6b GUARD] good checkpoints not in %s (a run resumed from elsewhere): %s", self.ckpt_dir, ", ".join(missing))
             self.good = [name for name in self.good if name not in missing]
+        trips = self._start_trips(trainer, pl_module)
+        if trips and not self.good:
+            raise self._refusal(trainer, trips, "this run's directory holds no good checkpoint to roll back to")
+        if trips and not trainer.should_stop:
+            self._act(trainer, pl_module, trips, where="start")
+            trainer.strategy.barrier()
         if not self.good:
             self._save_good(trainer, "good-initial.ckpt")
 
@@ -160,6 +215,32 @@ class RollbackGuard(L.Callback):
                 )
             )
         self._pending += self._still_learning(trips)
+
+    # --- the starting weights -----------------------------------------------------------------
+    def _start_trips(self, trainer: L.Trainer, pl_module: L.LightningModule) -> list[Trip]:
+        """What collapse the starting weights show (check_start), the same on every rank (one reduce)."""
+        local = check_start(self._probe(trainer, pl_module), self.detectors, trained=trainer.global_step > 0)
+        here = {t.detector for t in local}
+        elsewhere = [Trip(n, "collapse", {"on_another_rank": 1.0}) for n in self._tripped_anywhere(trainer, here) if n not in here]
+        return local + elsewhere
+
+    def _probe(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
+        if self.probe_batch is None:
+            raise ValueError("RollbackGuard: no windows to probe weights on (built without `windows`)")
+        return {"finite_weights": float(finite_weights(trainer)), **probe(pl_module, self.probe_batch)}
+
+    def _refusal(self, trainer: L.Trainer, trips: list[Trip], why: str) -> CollapsedStart:
+        """The one-line refusal: the weights' source, the detector and its values, why no rollback."""
+        t = trips[0]
+        source = f"checkpoint {trainer.ckpt_path}" if trainer.ckpt_path else "the initial weights"
+        values = ", ".join(f"{k}={v:.4g}" for k, v in t.values.items())
+        n = len(self.probe_batch["target"])
+        message = (
+            f"{source}: collapsed weights ({t.detector}: {values}, on {n} probe windows): guard=rollback does not train from them "
+            f"and {why}; start from a healthy checkpoint (or train these weights anyway with guard=skip)"
+        )
+        log.error("[P6b GUARD] %s", message)
+        return CollapsedStart(message)
 
     # --- decisions ----------------------------------------------------------------------------
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
@@ -217,25 +298,23 @@ class RollbackGuard(L.Callback):
         return [n for n, h in zip(COLLAPSE_DETECTORS, hot.tolist()) if h > 0]
 
     def _act(self, trainer: L.Trainer, pl_module: L.LightningModule, collapses: list[Trip], where: str) -> None:
-        """Roll back, or stop after max_rollbacks; the same path on every rank."""
+        """Roll back, or stop after max_rollbacks or when no good checkpoint is left (at the start:
+        refuse); the same path on every rank."""
         if self.rollbacks >= self.max_rollbacks:
-            self._record(
-                trainer, collapses[0], action="stop", extra={"rollbacks": self.rollbacks, "others": [t.detector for t in collapses[1:]]}
-            )
-            log.error("[P6b GUARD] max_rollbacks (%d) reached: stopping; the best checkpoint is kept", self.max_rollbacks)
-            trainer.should_stop = True
-            self.stopped = True
+            self._stop(trainer, collapses, where, f"max_rollbacks ({self.max_rollbacks}) reached", "max_rollbacks")
             return
-        restored = self._restore(trainer, pl_module)
+        for listener in self.listeners:
+            listener.after_rollback(trainer.global_step)
+        restored = self._restore(trainer, pl_module, {t.detector for t in collapses})
+        if restored is None and where == "start":
+            raise self._refusal(trainer, collapses, "none of this run's good checkpoints is fit to roll back to")
         if restored is None:
-            self._record(trainer, collapses[0], action="none: no good checkpoint yet", extra={"where": where})
+            self._stop(trainer, collapses, where, "no good checkpoint left to roll back to", "no good checkpoint")
             return
         self.rollbacks += 1
         self._ignore_before = trainer.global_step
         backoff = self.schedule.back_off(trainer.current_epoch, pl_module, self.hold_epochs, self.target_frac_scale, self.lambda_max_scale)
         self.streaks = Streaks()
-        for listener in self.listeners:
-            listener.after_rollback(trainer.global_step)
         self._record(
             trainer,
             collapses[0],
@@ -248,6 +327,15 @@ class RollbackGuard(L.Callback):
                 "others": [t.detector for t in collapses[1:]],
             },
         )
+        if where == "start":
+            log.warning("[P6b GUARD] the starting weights (%s) are collapsed: rolled back to %s", trainer.ckpt_path, restored)
+
+    def _stop(self, trainer: L.Trainer, collapses: list[Trip], where: str, reason: str, status: str) -> None:
+        extra = {"where": where, "reason": reason, "rollbacks": self.rollbacks, "others": [t.detector for t in collapses[1:]]}
+        self._record(trainer, collapses[0], action="stop", extra=extra)
+        log.error("[P6b GUARD] %s: stopping; the best checkpoint is kept", reason)
+        trainer.should_stop = True
+        self.stopped = status
 
     # --- checkpoints --------------------------------------------------------------------------
     def _save_good(self, trainer: L.Trainer, name: str) -> None:
@@ -263,10 +351,12 @@ class RollbackGuard(L.Callback):
             for n in stale:
                 (self.ckpt_dir / n).unlink(missing_ok=True)
 
-    def _restore(self, trainer: L.Trainer, pl_module: L.LightningModule) -> str | None:
-        """Load the newest good checkpoint that loads on every rank; returns its path (None if there
-        is none). One reduce per candidate, so all ranks load the same one."""
-        for name in reversed(self.good):
+    def _restore(self, trainer: L.Trainer, pl_module: L.LightningModule, reasons: set[str]) -> str | None:
+        """Load the newest good checkpoint that loads on every rank and whose probe trips none of
+        `reasons` (the detectors the rollback is for); returns its path (None if there is none: the
+        module keeps its own weights). Reduced per candidate, so all ranks load the same one."""
+        own = None
+        for name in list(reversed(self.good)):
             path = self.ckpt_dir / name
             try:
                 ckpt = read_checkpoint(path, map_location=pl_module.device)
@@ -276,13 +366,42 @@ class RollbackGuard(L.Callback):
             failed = torch.tensor(float(ckpt is None), device=trainer.strategy.root_device)
             if float(trainer.strategy.reduce(failed, reduce_op="max")) > 0:
                 continue
+            own = own or {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
             pl_module.load_state_dict(ckpt["state_dict"])
+            same = self._trips_at_once(trainer, pl_module, int(ckpt.get("global_step", 0)), reasons)
+            if same:
+                self._forget(trainer, name, same[0])
+                continue
             for opt, state in zip(trainer.optimizers, ckpt["optimizer_states"]):
                 opt.load_state_dict(state)
             for cfg, state in zip(trainer.lr_scheduler_configs, ckpt.get("lr_schedulers", [])):
                 cfg.scheduler.load_state_dict(state)
             return f"{self.ckpt_dir.name}/{name}"
+        if own is not None:
+            pl_module.load_state_dict(own)
         return None
+
+    def _trips_at_once(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int, reasons: set[str]) -> list[Trip]:
+        """The trips among `reasons` of the module's weights (saved at `step`), on any rank (one reduce)."""
+        local = [t for t in check_probe(self._probe(trainer, pl_module), self.detectors, self.best_val_cos, step) if t.detector in reasons]
+        hot = torch.tensor(float(bool(local)), device=trainer.strategy.root_device)
+        if float(trainer.strategy.reduce(hot, reduce_op="max")) == 0:
+            return []
+        return local or [Trip(sorted(reasons)[0], "collapse", {"on_another_rank": 1.0})]
+
+    def _forget(self, trainer: L.Trainer, name: str, trip: Trip) -> None:
+        """A good checkpoint that trips what the rollback is for: recorded, never a rollback point
+        again, and set aside out of every *.ckpt pattern (kept for inspection)."""
+        aside = f"{name}.collapsed"
+        self._record(
+            trainer,
+            Trip("collapsed_checkpoint", "warning", trip.values),
+            action=f"skipped {name}: {trip.detector} trips on it at once (set aside as {aside})",
+            extra={"checkpoint": f"{self.ckpt_dir.name}/{name}", "trips": trip.detector},
+        )
+        self.good = [n for n in self.good if n != name]
+        if trainer.is_global_zero:
+            (self.ckpt_dir / name).replace(self.ckpt_dir / aside)
 
     # --- record -------------------------------------------------------------------------------
     def _record(self, trainer: L.Trainer, trip: Trip, action: str, extra: dict[str, Any] | None = None) -> None:

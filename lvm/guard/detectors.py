@@ -12,6 +12,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from lvm.runtime.errors import LvmError
+
 Severity = Literal["collapse", "warning"]
 # Every collapse detector, in a fixed order (ranks exchange which ones tripped as a multi-hot vector).
 COLLAPSE_DETECTORS = (
@@ -29,6 +31,7 @@ COLLAPSE_DETECTORS = (
     "below_mean_context",
     "val_low_diversity",
     "val_contrastive_chance",
+    "constant_output",
 )
 # Settings of validation detectors that read mini-5CAT's figures (callbacks.mini5cat must be on).
 MINI5CAT_SETTINGS = ("below_mean_context", "val_diversity_floor", "val_ca_floor")
@@ -39,6 +42,11 @@ class Trip:
     detector: str
     severity: Severity
     values: dict[str, float] = field(default_factory=dict)
+
+
+class CollapsedStart(LvmError):
+    """The weights a guarded run starts from are collapsed and its directory holds no good
+    checkpoint to roll back to: refused before training, as bad input (exit 2)."""
 
 
 def _mean(rows: Sequence[Mapping[str, float]], key: str) -> float:
@@ -76,6 +84,20 @@ def check_training(rows: Sequence[Mapping[str, float]], cfg: Mapping[str, Any], 
     nonfinite = check_nonfinite(rows, cfg)
     if nonfinite:
         return trips + nonfinite
+    trips += window_trips(rows, cfg)
+    limit = cfg["lambda_pinned_steps"]
+    for r in rows:
+        pinned = r["train/lambda_eff"] >= r["train/lambda_max"] * (1 - 1e-6)
+        streaks.pinned = streaks.pinned + 1 if pinned else 0
+    if limit is not None and streaks.pinned > limit:
+        trips.append(Trip("lambda_pinned", "warning", {"steps": float(streaks.pinned), "lambda_max": rows[-1]["train/lambda_max"]}))
+    return trips
+
+
+def window_trips(rows: Sequence[Mapping[str, float]], cfg: Mapping[str, Any]) -> list[Trip]:
+    """The collapse detectors on the means of finite rows (train/pos, neg, gap, margin, diversity,
+    ca, raw_norm): a training window, or a probe of weights as one row (`check_probe`)."""
+    trips: list[Trip] = []
     pos, neg, gap = _mean(rows, "train/pos"), _mean(rows, "train/neg"), _mean(rows, "train/gap")
     if cfg["negative_cosines"] and pos < 0 and neg < 0:
         trips.append(Trip("negative_cosines", "collapse", {"pos": pos, "neg": neg, "gap": gap}))
@@ -99,12 +121,6 @@ def check_training(rows: Sequence[Mapping[str, float]], cfg: Mapping[str, Any], 
         trips.append(Trip("raw_norm_collapse", "collapse", {"raw_norm": raw_norm, "floor": floor}))
     if ceiling is not None and raw_norm > ceiling:
         trips.append(Trip("raw_norm_explosion", "collapse", {"raw_norm": raw_norm, "ceiling": ceiling}))
-    limit = cfg["lambda_pinned_steps"]
-    for r in rows:
-        pinned = r["train/lambda_eff"] >= r["train/lambda_max"] * (1 - 1e-6)
-        streaks.pinned = streaks.pinned + 1 if pinned else 0
-    if limit is not None and streaks.pinned > limit:
-        trips.append(Trip("lambda_pinned", "warning", {"steps": float(streaks.pinned), "lambda_max": rows[-1]["train/lambda_max"]}))
     return trips
 
 
@@ -144,6 +160,46 @@ def check_validation(metrics: Mapping[str, float], best_cos: float | None, cfg: 
     return trips
 
 
+def check_start(stats: Mapping[str, float], cfg: Mapping[str, Any], trained: bool) -> list[Trip]:
+    """Collapse evidence in weights before they train (a guarded run's starting weights), from a
+    probe of their predictions on a fixed sample of val windows (`stats`: callbacks/rollback.py's
+    `probe`): non-finite weights or predictions, and, for weights that `trained`, a constant output
+    (prediction diversity below `constant_floor`: exactly 0 when every prediction is one vector).
+    Only what a random initialisation never shows: an untrained model is below every val floor and
+    baseline, at chance contrastive accuracy, and reads a diversity as low as 0.01 (the original's
+    P6 at D = 4096); weights that never trained are a starting point, judged by nonfinite alone."""
+    if cfg["nonfinite"] and not (stats["finite_weights"] and all(map(math.isfinite, stats.values()))):
+        return [Trip("nonfinite", "collapse", {"finite_weights": stats["finite_weights"], "mse": stats["mse"]})]
+    floor = cfg["constant_floor"]
+    if trained and floor is not None and stats["diversity"] < floor:
+        return [Trip("constant_output", "collapse", {"diversity": stats["diversity"], "limit": floor})]
+    return []
+
+
+def check_probe(stats: Mapping[str, float], cfg: Mapping[str, Any], best_cos: float | None, step: int) -> list[Trip]:
+    """Every collapse detector a probe of weights saved at global step `step` can judge (a rollback
+    target, checked as soon as it is loaded): `check_start`'s; for weights that trained, the
+    window detectors on the probe as one row (from `start_step` on, as in training) and the
+    validation detectors on its figures (`best_cos`: the run's best val cosine)."""
+    trips = check_start(stats, cfg, trained=step > 0)
+    if step == 0 or any(t.detector == "nonfinite" for t in trips):
+        return trips
+    pos, neg = stats["cos"], stats["neg"]
+    if step >= cfg["start_step"]:
+        row = {"train/pos": pos, "train/neg": neg, "train/gap": pos - neg, "train/margin": stats["margin"]}
+        row |= {f"train/{k}": stats[k] for k in ("diversity", "ca", "raw_norm")}
+        trips += window_trips([row], cfg)
+    figures = {
+        "val/cos": pos,
+        "val/cos_copy_last": stats["cos_copy_last"],
+        "mini5cat/cos": pos,
+        "mini5cat/mean_context_cos": stats["mean_context_cos"],
+        "mini5cat/diversity": stats["diversity"],
+        "mini5cat/ca": stats["ca"],
+    }
+    return trips + check_validation(figures, best_cos, cfg)
+
+
 def detector_problems(cfg: Mapping[str, Any], mini5cat: bool) -> list[str]:
     """What is wrong with `guard.rollback.detectors` (every problem, named)."""
     known = {
@@ -164,6 +220,7 @@ def detector_problems(cfg: Mapping[str, Any], mini5cat: bool) -> list[str]:
         "below_mean_context",
         "val_diversity_floor",
         "val_ca_floor",
+        "constant_floor",
     }
     problems = [
         f"guard.rollback.detectors.{k}: no such detector setting (known: {', '.join(sorted(known))})" for k in cfg if k not in known
@@ -183,6 +240,7 @@ def detector_problems(cfg: Mapping[str, Any], mini5cat: bool) -> list[str]:
         "val_diversity_floor",
         "val_ca_floor",
         "val_floor",
+        "constant_floor",
     ):
         v = cfg[k]
         if v is not None and not (isinstance(v, (int, float)) and math.isfinite(v) and (v >= 0 or k == "val_floor")):

@@ -110,6 +110,7 @@ def build_callbacks(
         schedule=schedule,
         listeners=[c for c in (spike, fault) if c is not None],
         mini5cat=cb.mini5cat is not None,
+        windows=splits["val"] if len(splits["val"]) else splits["train"],  # what it probes weights on
     )
     # The statistics first: they hand each flushed window to the guard before it decides.
     stats = StepStatistics(

@@ -20,6 +20,7 @@ from lvm.data.store import Windows
 from lvm.evaluation.baselines import baseline_cosines, fit_slot_linear
 from lvm.evaluation.suite import evaluate_after_fit
 from lvm.evaluation.verdict import best_epoch, verdict, verdict_lines
+from lvm.guard.detectors import CollapsedStart
 from lvm.guard.events import guard_policy, read_events, summarize_events
 from lvm.model.module import accelerator_device
 from lvm.runtime.checkpoints import check_dim, read_checkpoint
@@ -247,6 +248,13 @@ def train_run(
                 cfg, splits, {"best": results["best_checkpoint"], "last": results["last_checkpoint"]}, run_dir, slot_weights
             )
     except Exception as e:
+        if isinstance(e, CollapsedStart):
+            # The guard refused the starting weights before the first step: bad input (exit 2),
+            # which leaves no record. Outside a resume of its own directory every run output
+            # there is this attempt's (claim_run_dir).
+            if is_zero and not (ckpt and Path(ckpt[0]).resolve().is_relative_to(run_dir.resolve())):
+                clear_run_outputs(run_dir)
+            raise
         error = str(e) if isinstance(e, LvmError) else f"{type(e).__name__}: {e}"
         if is_zero:
             write_failure(run_dir, cfg.name, error, time.perf_counter() - start, traceback.format_exc())
@@ -277,11 +285,11 @@ def run_verdict(results: dict[str, Any], run_dir: Path) -> dict[str, Any]:
 
 
 def ending(fit: Fit, extra_callbacks: Sequence[L.Callback]) -> str:
-    """The status of a fit that returned: stopped by the guard (max_rollbacks), stopped by a
+    """The status of a fit that returned: stopped by the guard (max_rollbacks, no good checkpoint), stopped by a
     callback the caller added that says why (`stop_reason`, e.g. a search's pruning), or completed."""
     guard = fit.callbacks.guard
     if guard is not None and guard.stopped:
-        return "stopped: max_rollbacks"
+        return f"stopped: {guard.stopped}"
     reason = next((c.stop_reason for c in extra_callbacks if getattr(c, "stop_reason", None)), None)
     return f"stopped: {reason}" if reason else "completed"
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import lightning as L
@@ -13,6 +14,8 @@ import torch
 from callbacks.fault import FaultInjection
 from callbacks.rollback import STILL_LEARNING
 from callbacks.stats import StepStatistics
+from lvm.guard.detectors import CollapsedStart
+from lvm.runtime.rundir import RUN_OUTPUTS
 from lvm.training.run import run
 from tests.helpers import (
     ROOT,
@@ -159,6 +162,112 @@ def test_nan_before_the_first_validation_rolls_back_to_the_start(tmp_path):
     assert all(torch.isfinite(v).all() for v in torch.load(results["last_checkpoint"], weights_only=True)["state_dict"].values())
 
 
+class CollapseAtTheEnd(L.Callback):
+    """After the last epoch's validation (and its good checkpoint), before last.ckpt: the output
+    layer and context skip negated (`negate`: pred -> -pred, both cosines negative, spread kept)
+    or set so that every prediction is one vector."""
+
+    def __init__(self, negate: bool = False) -> None:
+        self.negate = negate
+
+    @torch.no_grad()
+    def on_train_epoch_end(self, trainer, pl_module):
+        if trainer.current_epoch == trainer.max_epochs - 1:
+            out, skip = pl_module.model.head[-1], pl_module.model.skip_weights
+            if self.negate:
+                for p in (out.weight, out.bias, skip):
+                    p.neg_()
+            else:
+                out.weight.zero_()
+                skip.zero_()
+                out.bias.copy_(torch.nn.functional.normalize(torch.ones_like(out.bias), dim=0))
+
+
+@pytest.fixture(scope="module")
+def collapsed(tmp_path_factory):
+    """A guarded run (2 epochs) whose last.ckpt is a constant-output model, its good checkpoints
+    (good-epoch00, good-epoch01) healthy; and the same run's last.ckpt with NaN weights."""
+    src = tmp_path_factory.mktemp("collapsed") / "run"
+    run(cfg_for(*GUARDED, "trainer.max_epochs=2", "threads=1"), src, extra_callbacks=[CollapseAtTheEnd()])
+    ckpt = torch.load(src / "checkpoints" / "last.ckpt", weights_only=True)
+    ckpt["state_dict"] = {k: torch.full_like(v, math.nan) if v.is_floating_point() else v for k, v in ckpt["state_dict"].items()}
+    torch.save(ckpt, src.parent / "nan.ckpt")
+    return src
+
+
+@pytest.mark.parametrize(
+    "kind, detector, value", [("constant", "constant_output", "diversity=0,"), ("nan", "nonfinite", "finite_weights=0,")]
+)
+def test_collapsed_start_in_a_new_directory_is_refused(tmp_path, collapsed, kind, detector, value):
+    """Before: the guard saved the collapsed weights as good-initial.ckpt, rolled back to them three
+    times and ended `stopped: max_rollbacks`. Now: refused before training, naming detector, value and
+    checkpoint, and the directory keeps no record of the attempt."""
+    ckpt = collapsed / "checkpoints" / "last.ckpt" if kind == "constant" else collapsed.parent / "nan.ckpt"
+    with pytest.raises(CollapsedStart) as refused:
+        run(cfg_for(*GUARDED, f"ckpt_path={ckpt}", "threads=1"), tmp_path / "new")
+    message = str(refused.value)
+    assert f"checkpoint {ckpt}:" in message and f"({detector}: {value}" in message and "\n" not in message
+    assert not [name for name in RUN_OUTPUTS if (tmp_path / "new" / name).exists()]
+
+
+def test_collapsed_resume_rolls_back_at_once_to_its_own_good_checkpoint(tmp_path, collapsed, caplog):
+    """A resume of the run's own collapsed last.ckpt: one rollback before the first step, said."""
+    own = tmp_path / "own"
+    shutil.copytree(collapsed, own)
+    with caplog.at_level("WARNING"):
+        results = run(cfg_for(*GUARDED, "ckpt_path=last", "trainer.max_epochs=3", "threads=1"), own)
+    acted = [e for e in events(own) if e["severity"] == "collapse"]
+    assert [(e["action"], e["where"], e["detector"]) for e in acted] == [("rollback", "start", "constant_output")]
+    assert acted[0]["checkpoint"] == "checkpoints/good-epoch01.ckpt" and acted[0]["step"] == 2 * steps_per_epoch(own)
+    assert "the starting weights" in caplog.text and "rolled back to checkpoints/good-epoch01.ckpt" in caplog.text
+    assert results["status"] == "completed" and results["guard"]["rollbacks"] == 1
+
+
+def test_a_target_that_trips_the_same_detector_is_skipped_for_an_older_one(tmp_path, collapsed):
+    """The newest good checkpoint holds the collapsed weights: skipped (recorded, dropped from the
+    good checkpoints), the rollback goes to the older one. Before: restored again and again."""
+    own = tmp_path / "own"
+    shutil.copytree(collapsed, own)
+    good = torch.load(own / "checkpoints" / "good-epoch01.ckpt", weights_only=True)
+    good["state_dict"] = torch.load(own / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    torch.save(good, own / "checkpoints" / "good-epoch01.ckpt")
+    results = run(cfg_for(*GUARDED, "ckpt_path=last", "trainer.max_epochs=3", "threads=1"), own)
+    ev = events(own)
+    skipped = [e for e in ev if e["detector"] == "collapsed_checkpoint"]
+    assert [(e["checkpoint"], e["trips"]) for e in skipped] == [("checkpoints/good-epoch01.ckpt", "constant_output")]
+    assert [e["checkpoint"] for e in ev if e["action"] == "rollback"] == ["checkpoints/good-epoch00.ckpt"]
+    assert results["status"] == "completed"
+    last = torch.load(results["last_checkpoint"], weights_only=True)
+    guard_state = next(v for k, v in last["callbacks"].items() if k.startswith("RollbackGuard"))
+    assert "good-epoch01.ckpt" not in guard_state["good"] and not (own / "checkpoints" / "good-epoch01.ckpt").exists()
+    assert (own / "checkpoints" / "good-epoch01.ckpt.collapsed").is_file()  # set aside, not deleted
+
+
+def test_a_collapse_the_start_check_lets_through_is_not_restored_again(tmp_path, collapsed):
+    """Negated outputs (both cosines negative, spread kept: no start detector trips) from another
+    run: its start is good-initial, and the first window trips negative_cosines. Before: three
+    rollbacks to those same weights, then max_rollbacks. Now: good-initial trips it at once, is
+    skipped, and with no good checkpoint left the run stops at its first decision."""
+    run(cfg_for(*GUARDED, "trainer.max_epochs=2", "threads=1"), tmp_path / "src", extra_callbacks=[CollapseAtTheEnd(negate=True)])
+    args = (*GUARDED, f"ckpt_path={tmp_path / 'src' / 'checkpoints' / 'last.ckpt'}", "guard.rollback.detectors.start_step=0")
+    results = run(cfg_for(*args, "logger.flush_every=2", "threads=1"), tmp_path / "new")
+    ev = [e for e in events(tmp_path / "new") if e["severity"] == "collapse" or e["detector"] == "collapsed_checkpoint"]
+    assert [e["action"].split(":")[0] for e in ev] == ["skipped good-initial.ckpt", "stop"], ev
+    assert ev[1]["reason"] == "no good checkpoint left to roll back to" and ev[1]["detector"] in ("negative_cosines", "contrastive_chance")
+    assert results["status"] == "stopped: no good checkpoint" and results["guard"]["rollbacks"] == 0
+
+
+def test_cli_refuses_a_collapsed_checkpoint_with_exit_2_and_one_line(tmp_path, collapsed):
+    """`python -m lvm.train ckpt_path=<collapsed> guard=rollback`: bad input, exit 2, one stderr
+    line naming detector, value and checkpoint (before: exit 3 after three rollbacks)."""
+    ckpt = collapsed / "checkpoints" / "last.ckpt"
+    proc = train_cli(*TINY, *GUARDED, f"ckpt_path={ckpt}", "threads=1", f"hydra.run.dir={tmp_path / 'cli'}", cwd=ROOT)
+    named = [line for line in proc.stderr.splitlines() if "constant_output" in line]
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert len(named) == 1 and named[0].startswith(f"lvm.train: checkpoint {ckpt}: collapsed weights (constant_output: diversity=0,")
+    assert not [name for name in RUN_OUTPUTS if (tmp_path / "cli" / name).exists()]
+
+
 def test_restart_after_kill_takes_the_same_decisions(tmp_path):
     run(cfg_for(*GUARDED, "trainer.max_epochs=1"), tmp_path / "probe")
     n = steps_per_epoch(tmp_path / "probe")
@@ -231,6 +340,18 @@ def test_two_process_ddp_rolls_back_together(tmp_path):
     assert rollbacks[0]["checkpoint"].endswith("good-epoch00.ckpt")
     results = json.loads((run_dir / "results.json").read_text())
     assert results["epochs_completed"] == 3 and math.isfinite(results["final"]["val/cos"])
+
+
+@pytest.mark.slow
+def test_two_process_ddp_refuses_a_collapsed_start_on_both_ranks(tmp_path, collapsed):
+    """gloo DDP: both ranks probe the same weights and refuse alike (exit 2, nothing left)."""
+    ckpt = collapsed / "checkpoints" / "last.ckpt"
+    args = ("trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp", f"hydra.run.dir={tmp_path / 'ddp'}")
+    proc = train_cli(*TINY, *GUARDED, f"ckpt_path={ckpt}", "threads=1", *args, cwd=ROOT)
+    refusals = [line for line in proc.stderr.splitlines() if line.startswith("lvm.train: ")]
+    assert proc.returncode == 2 and len(refusals) == 2 and len(set(refusals)) == 1, proc.stderr[-3000:]
+    assert "(constant_output: diversity=0," in refusals[0]
+    assert not [name for name in RUN_OUTPUTS if (tmp_path / "ddp" / name).exists()]
 
 
 @pytest.mark.slow

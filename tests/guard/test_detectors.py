@@ -3,14 +3,19 @@
 import math
 
 import pytest
+import torch
 
 from lvm.guard.detectors import (
     Streaks,
+    check_probe,
+    check_start,
     check_training,
     check_validation,
     detector_problems,
 )
-from tests.helpers import compose_cfg
+from lvm.model.module import batch_health
+from lvm.runtime.objects import build, to_plain
+from tests.helpers import compose_cfg, unit_rows
 
 CFG = {
     "start_step": 0,
@@ -30,6 +35,7 @@ CFG = {
     "below_mean_context": 0.15,
     "val_diversity_floor": 0.2,
     "val_ca_floor": 0.6,
+    "constant_floor": 0.001,
 }
 
 
@@ -59,6 +65,23 @@ def val(cos=0.5, copy_last=0.52, mini_cos=None, mean_context=0.6, diversity=0.8,
         "mini5cat/ca": ca,
     }
     return out
+
+
+def probed(cos=0.5, neg=0.45, diversity=0.8, ca=0.95, raw_norm=0.6, mse=0.01, finite_weights=1.0):
+    """A probe of weights (callbacks/rollback.py's `probe`, plus finite_weights)."""
+    return {
+        "finite_weights": finite_weights,
+        "mse": mse,
+        "cos": cos,
+        "neg": neg,
+        "raw_norm": raw_norm,
+        "diversity": diversity,
+        "ca": ca,
+        "cos_copy_last": 0.52,
+        "mean_context_cos": 0.6,
+        "margin": 0.02,
+        "windows": 256.0,
+    }
 
 
 def names(trips):
@@ -180,3 +203,49 @@ def test_bad_detector_settings_refuse_to_start(setting):
 
     with pytest.raises(ConfigError, match="guard.rollback.detectors"):
         validate(compose_cfg("train", "+experiment=p6b_v2", setting))
+
+
+def test_start_check_counts_only_what_an_untrained_model_never_shows():
+    # An untrained model: cos ~0, CA at chance, low spread. Nothing trips, trained or not.
+    untrained = probed(cos=-0.03, neg=-0.02, diversity=0.03, ca=0.5, raw_norm=16.0)
+    assert check_start(untrained, CFG, trained=False) == [] and check_start(untrained, CFG, trained=True) == []
+    # One vector for every window: a constant output, from weights that trained only.
+    constant = probed(diversity=0.0, ca=0.5)
+    trips = check_start(constant, CFG, trained=True)
+    assert names(trips) == ["constant_output"] and trips[0].values == {"diversity": 0.0, "limit": 0.001}
+    assert check_start(constant, CFG, trained=False) == [] and check_start(constant, {**CFG, "constant_floor": None}, trained=True) == []
+    # Non-finite weights or predictions, whether they trained or not.
+    assert names(check_start(probed(finite_weights=0.0), CFG, trained=False)) == ["nonfinite"]
+    assert names(check_start(probed(mse=float("nan"), diversity=float("nan")), CFG, trained=True)) == ["nonfinite"]
+
+
+def test_a_probe_judges_what_weights_of_that_age_can_show():
+    negative = probed(cos=-0.4, neg=-0.35)
+    assert check_probe(negative, CFG, 0.5, step=0) == []  # never trained: a starting point
+    # Trained, before start_step (an untrained model's cosines are spared, as in training): the
+    # validation detectors only; from start_step on, the window detectors too.
+    young = {**CFG, "start_step": 100}
+    assert names(check_probe(negative, young, 0.5, step=50)) == ["val_floor", "val_drop", "below_copy_last", "below_mean_context"]
+    assert names(check_probe(negative, young, 0.5, step=100))[:2] == ["negative_cosines", "val_floor"]
+    assert check_probe(probed(), CFG, 0.5, step=100) == []
+    assert names(check_probe(probed(diversity=0.0, ca=0.5), CFG, None, step=100)) == [
+        "constant_output",
+        "low_diversity",
+        "contrastive_chance",
+        "val_low_diversity",
+        "val_contrastive_chance",
+    ]
+
+
+@pytest.mark.parametrize("dim", [768, 4096])
+def test_untrained_models_are_far_above_the_constant_floor(dim):
+    """The floor that refuses a trained model's constant output at the start: the untrained model
+    of least spread (the original's P6: 0.02 at D = 768, 0.011 at 4096; model=small 0.5) spreads
+    its predictions at least 10x more."""
+    torch.manual_seed(0)
+    net = build("model", to_plain(compose_cfg("train", "model=p6").model), dim=dim).eval()
+    context, target = torch.from_numpy(unit_rows(256 * 5, dim).reshape(256, 5, dim)), torch.from_numpy(unit_rows(256, dim, seed=1))
+    with torch.no_grad():
+        diversity, _ = batch_health(net(context)[1], target)
+    floor = compose_cfg("train", "guard=rollback").guard.rollback.detectors.constant_floor
+    assert diversity > 10 * floor
