@@ -11,6 +11,7 @@ import torch
 from tests.helpers import TINY, run_module
 
 
+@pytest.mark.slow
 def test_bench_gpu_runs_every_variant_on_the_cpu(tmp_path):
     proc = run_module(
         "lvm.bench.gpu",

@@ -73,7 +73,7 @@ def test_a_second_ctrl_c_kills_at_once(handler):
     ("sig", "status", "code"),
     [
         (signal.SIGTERM, "preempted", EXIT_PREEMPTED),
-        (signal.SIGUSR1, "preempted", EXIT_PREEMPTED),
+        pytest.param(signal.SIGUSR1, "preempted", EXIT_PREEMPTED, marks=pytest.mark.slow),  # the SIGTERM path; fast: in-process above
         pytest.param(signal.SIGINT, "interrupted", EXIT_INTERRUPTED, marks=pytest.mark.slow),  # fast: in-process below
     ],
     ids=["SIGTERM", "SIGUSR1", "SIGINT"],

@@ -66,7 +66,10 @@ def test_cli_oracle_outputs_and_exit_codes(tmp_path):
     assert (tmp_path / "o" / "5cat_offsets.png").read_bytes()[:4] == b"\x89PNG"
     # 3 of 5 with a non-negative margin: the oracle passes, exit 0.
     assert cli("predictor=oracle", "eval=three_of_five", *TINY_DATA, f"out_dir={tmp_path / 'p'}").returncode == 0
-    # No verdict: one clear line, exit 2.
+
+
+@pytest.mark.slow  # fast: tests/runtime/test_cli.py (bad input) and test_checkpoints.py (unreadable checkpoints)
+def test_cli_without_a_verdict_is_one_line_and_exit_2(tmp_path):
     for args in (["predictor=model"], ["predictor=oracle", "no_such_key=1"]):
         proc = cli(*args, *TINY_DATA, f"out_dir={tmp_path / 'x'}")
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]

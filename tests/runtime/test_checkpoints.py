@@ -103,6 +103,7 @@ def test_a_checkpoint_write_over_a_file_size_limit_is_one_line_naming_the_file(t
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no temporary file left behind
 
 
+@pytest.mark.slow  # fast: the in-process write under a real limit above
 def test_a_run_over_a_file_size_limit_fails_with_one_line_and_keeps_its_checkpoints(tmp_path):
     """A real limit on a resumed run's process (setrlimit in the child): its first checkpoint write
     fails; results.json and stderr say which file and why, and the earlier checkpoints are intact."""

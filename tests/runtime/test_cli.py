@@ -32,8 +32,8 @@ def test_every_training_status_has_its_exit_code():
         ("lvm.tools.sweep_report", ["/nowhere/sweep"], "/nowhere/sweep: no such directory"),
         ("lvm.tools.sweep_report", ["/tmp", "metric=accuracy"], "must be one of"),
         ("lvm.bench", ["bench.steps=0"], "bench.steps"),
-        ("lvm.bench", ["model.heads=3"], "model.d_model"),
-        ("lvm.bench", ["no_such_key=1"], "no_such_key"),
+        pytest.param("lvm.bench", ["model.heads=3"], "model.d_model", marks=pytest.mark.slow),
+        pytest.param("lvm.bench", ["no_such_key=1"], "no_such_key", marks=pytest.mark.slow),
     ],
 )
 def test_every_tool_answers_bad_input_with_one_line_and_exit_2(module, args, words):

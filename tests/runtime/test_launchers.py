@@ -175,6 +175,7 @@ def test_default_parallel_jobs(monkeypatch):
     assert launchers.default_jobs() == 1
 
 
+@pytest.mark.slow
 @needs_joblib
 def test_joblib_sweep_runs_in_workers_and_is_summarised(tmp_path):
     sweep_dir = tmp_path / "sweep"

@@ -58,6 +58,7 @@ def test_auto_keeps_bf16_only_when_faster_and_in_agreement():
     assert strict.min_cos == pytest.approx(expected, abs=1e-5)
 
 
+@pytest.mark.slow
 def test_a_bf16_run_matches_fp32_within_tolerance(tmp_path):
     """On the built-in data (a quarter of it), every epoch's val cos and mini-5CAT figures of a
     bf16-mixed run lie within 0.01 of the fp32 run's, and its losses are fp32 numbers."""

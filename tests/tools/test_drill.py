@@ -1,14 +1,31 @@
-"""lvm.tools.drill: the quick drill suite end to end (what CI runs) and its scoring on hand-made runs."""
+"""lvm.tools.drill: one drill end to end (the fast suite), the quick set (slow), and the scoring on hand-made runs."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import pytest
+
 from lvm.tools.drill import Drill, assess
 from tests.helpers import run_module
 
 
+def test_the_nan_batch_drill_meets_every_goal(tmp_path):
+    """The fast suite's drill: one fault, guarded and not, beside its control (the quick set: below)."""
+    out = tmp_path / "drills"
+    proc = run_module("lvm.tools.drill", "quick=true", "only=[nan_batch]", f"out={out}", timeout=900)
+    summary = json.loads((out / "drills.json").read_text())
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (row,) = summary["drills"]
+    assert row["drill"] == "nan_batch" and row["detected"] and row["action"] == "dropped update" and row["actions"] == 1, row
+    assert row["latency_steps"] == 0 and row["missed"] == [] and row["final_off"] is None, row  # unguarded, one NaN poisons for good
+    assert row["final_on"] >= row["final_control"] - 0.01, row
+    assert len(summary["controls"]) == 1 and summary["controls"][0]["false_alarms"] == 0
+    assert "Every goal met: yes" in (out / "drills.md").read_text()
+
+
+@pytest.mark.slow
 def test_quick_drills_meet_every_goal(tmp_path):
     out = tmp_path / "drills"
     proc = run_module("lvm.tools.drill", "quick=true", f"out={out}", timeout=900)

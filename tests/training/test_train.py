@@ -168,6 +168,7 @@ def test_cli_errors_are_one_clear_line(tmp_path):
     assert "data.path" in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow  # fast: tests/tools/test_sweep.py's grid sweep
 def test_multirun_two_jobs(tmp_path):
     sweep = tmp_path / "sweep"
     proc = train_cli("-m", "+experiment=p6b_v2", "loss.gamma=4,8", *TINY, "trainer.max_epochs=1", f"hydra.sweep.dir={sweep}", cwd=ROOT)
