@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import InterpolationToMissingValueError
 
 from callbacks.device_data import keeps_data_on_device
 from lvm.data.loaders import check_data
@@ -26,6 +28,9 @@ def validate(cfg: DictConfig) -> None:
         problems = _problems(cfg)
     except TypeError as e:  # a string where a number belongs, and the like
         raise ConfigError(f"invalid configuration: a setting has the wrong type ({e})") from None
+    except InterpolationToMissingValueError as e:  # `ckpt_path: ${ckpt}` with `ckpt: ???` unset
+        needed = re.search(r"Missing mandatory value: ([\w.]+)", str(e))
+        raise ConfigError(f"missing required setting: {e.full_key} needs {needed.group(1) if needed else 'a value'}=...") from None
     if problems:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
 
