@@ -12,12 +12,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import lightning as L
 import numpy as np
 import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
+from torch.utils.data import DataLoader, TensorDataset
 
 from lvm.corpus.encoders import TEXT_EXTRA
 from lvm.data.store import ArticleStore, WindowSpec
@@ -200,3 +202,17 @@ def rotation_store(lengths: list[int], theta: float | list[np.ndarray] = THETA, 
         art += [a] * n
         chunk += list(range(n))
     return ArticleStore(np.concatenate(rows).astype(np.float32), np.array(art), np.array(chunk))
+
+
+class TinyFit(L.LightningModule):
+    """A LightningModule's fit plumbing for callback tests: SGD, 2 train and 1 val batch of ones;
+    a test's subclass adds its parameters and steps."""
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    def train_dataloader(self):
+        return DataLoader(TensorDataset(torch.ones(4, 2)), batch_size=2)
+
+    def val_dataloader(self):
+        return DataLoader(TensorDataset(torch.ones(2, 2)), batch_size=2)

@@ -17,17 +17,16 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.backend.event_processing.event_file_loader import LegacyEventFileLoader
 from tensorboard.plugins.custom_scalar import layout_pb2
-from torch.utils.data import DataLoader, TensorDataset
 
 from callbacks.dashboard import LAYOUT, RunTensorBoard, TensorBoardDashboard
-from tests.helpers import hparams_session
+from tests.helpers import TinyFit, hparams_session
 
 VAL = [0.2, 0.5, 0.4]  # val/cos by epoch: the best is epoch 1, the last epoch 2
 OOD = [0.1, 0.3, 0.25]
 R5 = [0.6, 0.7, 0.8]
 
 
-class Toy(L.LightningModule):
+class Toy(TinyFit):
     """Two training batches per epoch; logs VAL/OOD/R5 of the epoch, a train/ value and a key without '/'."""
 
     def __init__(self) -> None:
@@ -42,15 +41,6 @@ class Toy(L.LightningModule):
     def validation_step(self, batch, batch_idx):
         e = self.current_epoch
         self.log_dict({"val/cos": VAL[e], "ood/cos": OOD[e], "mini5cat/r5": R5[e], "plain": 1.0})
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.01)
-
-    def train_dataloader(self):
-        return DataLoader(TensorDataset(torch.ones(4, 2)), batch_size=2)
-
-    def val_dataloader(self):
-        return DataLoader(TensorDataset(torch.ones(2, 2)), batch_size=2)
 
 
 def rows(path: Path) -> list[dict]:

@@ -6,14 +6,14 @@ from __future__ import annotations
 import lightning as L
 import pytest
 import torch
-from torch.utils.data import DataLoader, TensorDataset
 
 from callbacks.prune import TrialPruning
+from tests.helpers import TinyFit
 
 optuna = pytest.importorskip("optuna")
 
 
-class Scripted(L.LightningModule):
+class Scripted(TinyFit):
     """Logs `values[epoch]` as val/cos each epoch (and `sanity` during the sanity check)."""
 
     def __init__(self, values: list[float], sanity: float = 0.0, monitor: str = "val/cos") -> None:
@@ -31,15 +31,6 @@ class Scripted(L.LightningModule):
     def validation_step(self, batch, batch_idx):
         value = self.sanity if self.trainer.sanity_checking else self.values[self.current_epoch]
         self.log(self.monitor, value)
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.01)
-
-    def train_dataloader(self):
-        return DataLoader(TensorDataset(torch.ones(4, 2)), batch_size=2)
-
-    def val_dataloader(self):
-        return DataLoader(TensorDataset(torch.ones(2, 2)), batch_size=2)
 
 
 def fit(module: Scripted, trial, monitor: str = "val/cos", max_epochs: int = 5) -> TrialPruning:
