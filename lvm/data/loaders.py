@@ -108,12 +108,11 @@ def target_variance(windows: Windows, enough: float = math.inf) -> float:
     bound reaches `enough`: the blocks' own variances weighted by their share of the windows add up
     to at most the total (the between-block part is never negative), so on ordinary data the first
     block decides."""
-    vectors, rows = windows.store.vectors, windows.targets
-    n = len(rows)
-    total = torch.zeros(vectors.shape[1], dtype=torch.float64)
+    n = len(windows)
+    total = torch.zeros(windows.store.dim, dtype=torch.float64)
     squares = bound = 0.0
     for s in range(0, n, _BLOCK):
-        block = vectors[rows[s : s + _BLOCK]].double()
+        block = windows.store.take(windows.rows(torch.arange(s, min(s + _BLOCK, n)))[1]).double()
         block_total, block_squares = block.sum(dim=0), float(torch.einsum("ij,ij->", block, block))
         bound += (block_squares - float(block_total @ block_total) / len(block)) / n
         if bound >= enough:

@@ -1,8 +1,9 @@
 """The article store (one row per chunk) and windows as index arithmetic over it.
 
 A window is K consecutive chunks of one article plus a later chunk of the same article as the
-target. Windows are two int64 arrays (context start row, target row); a batch is gathered from
-the store with one vectorised index, so [N, K, D] copies never exist.
+target. A split's windows are segments of consecutive start rows (O(runs of consecutive chunks),
+never one entry per window); a batch is gathered from the store with one vectorised index, so
+[N, K, D] copies never exist.
 """
 
 from __future__ import annotations
@@ -56,12 +57,16 @@ class WindowSpec:
 
 
 class ArticleStore:
-    """Unit chunk vectors [N, D] sorted by (article, chunk index), with their article ids.
+    """Unit chunk vectors [N, D] sorted by (article, chunk index), described by runs.
 
-    Construction validates everything a bad file can get wrong, so the rest of lvm can trust it.
-    Non-unit vectors are renormalised (logged with their count and norm range) or rejected,
-    by `normalize`; zero or non-finite vectors are always rejected, and so is a store whose
-    vectors all point the same way (every prediction would tie, every metric be meaningless).
+    A run is a maximal range of rows holding consecutive chunks of one article; the layout is
+    O(runs) arrays (run starts, article and first chunk of each run), never per-row or per-window
+    arrays, so a store mapped from disk (lvm/data/mapped.py) costs memory for its articles only.
+
+    Construction from arrays validates everything a bad file can get wrong, so the rest of lvm can
+    trust it. Non-unit vectors are renormalised (logged with their count and norm range) or
+    rejected, by `normalize`; zero or non-finite vectors are always rejected, and so is a store
+    whose vectors all point the same way (every prediction would tie, every metric be meaningless).
     """
 
     def __init__(
@@ -72,12 +77,13 @@ class ArticleStore:
         source: str = "<arrays>",
         normalize: NormalizePolicy = "renormalize",
     ) -> None:
-        self.source = source
         raw = vectors
         vectors, article_ids, chunk_indices = _check_arrays(vectors, article_ids, chunk_indices, source)
         # Before sorting, so errors name the caller's row numbers; renormalising writes in place,
         # never into the caller's array.
-        vectors = _check_and_normalize(vectors, source, normalize, copy_on_write=np.may_share_memory(vectors, raw))
+        vectors, renormalised, lo, hi = normalize_rows(vectors, source, normalize, copy_on_write=np.may_share_memory(vectors, raw))
+        if renormalised:
+            log.warning("%s: renormalised %d non-unit vectors (norms %.4g..%.4g)", source, renormalised, lo, hi)
         _check_not_constant(vectors, source)
         a, c = article_ids, chunk_indices
         if not np.all((a[1:] > a[:-1]) | ((a[1:] == a[:-1]) & (c[1:] >= c[:-1]))):
@@ -92,14 +98,31 @@ class ArticleStore:
                 f"{source}: article {article_ids[row]} has chunk index {chunk_indices[row]} more than "
                 f"once ({int(dup.sum())} duplicate (article, chunk) pairs); each chunk must appear once"
             )
-        self.vectors = torch.from_numpy(vectors)
-        starts = np.flatnonzero(np.concatenate(([True], ~same_article)))
-        self.article_starts = starts
-        self.article_lengths = np.diff(np.append(starts, len(article_ids)))
-        self.article_id_of = article_ids[starts]  # id of each article, in store order
-        # Per-row index arrays are the data path's only overhead beside the vectors: keep them narrow.
-        self.row_article = np.repeat(np.arange(len(starts), dtype=_index_dtype(len(starts))), self.article_lengths)
-        self.chunk_indices = chunk_indices.astype(_index_dtype(int(chunk_indices.max()) + 1))
+        run_start = np.flatnonzero(np.concatenate(([True], ~same_article | (chunk_indices[1:] != chunk_indices[:-1] + 1))))
+        self._set_layout(torch.from_numpy(vectors), run_start, article_ids[run_start], chunk_indices[run_start], source)
+
+    @classmethod
+    def from_runs(
+        cls, vectors: torch.Tensor, run_start: np.ndarray, run_article_id: np.ndarray, run_first_chunk: np.ndarray, source: str
+    ) -> "ArticleStore":
+        """A store over checked `vectors` (mapped from disk, any float storage) and its run layout."""
+        store = cls.__new__(cls)
+        store._set_layout(vectors, run_start, run_article_id, run_first_chunk, source)
+        return store
+
+    def _set_layout(
+        self, vectors: torch.Tensor, run_start: np.ndarray, run_article_id: np.ndarray, run_first_chunk: np.ndarray, source: str
+    ) -> None:
+        self.source = source
+        self.vectors = vectors  # the storage (float32, or float16/bfloat16 from disk): read it with `take`
+        n = int(vectors.shape[0])
+        self.run_start = np.append(np.asarray(run_start, np.int64), n)  # [R + 1]
+        self.run_first_chunk = np.asarray(run_first_chunk, np.int64)
+        new_article = np.concatenate(([True], run_article_id[1:] != run_article_id[:-1]))
+        self.run_article = np.cumsum(new_article) - 1  # article number (store order) of each run
+        self.article_starts = self.run_start[:-1][new_article]
+        self.article_lengths = np.diff(np.append(self.article_starts, n))
+        self.article_id_of = np.asarray(run_article_id, np.int64)[new_article]  # id of each article, in store order
 
     @property
     def dim(self) -> int:
@@ -116,10 +139,36 @@ class ArticleStore:
         """Article ids in store order (sorted)."""
         return self.article_id_of
 
+    def take(self, rows: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """Vectors of store rows `rows`, as float32 whatever the storage."""
+        return self.vectors[torch.as_tensor(rows, dtype=torch.long)].float()
+
+    def runs_of(self, rows: np.ndarray) -> np.ndarray:
+        return np.searchsorted(self.run_start, rows, side="right") - 1
+
+    def articles_of(self, rows: np.ndarray) -> np.ndarray:
+        """Article number (store order, 0..num_articles-1) of each of `rows`."""
+        return self.run_article[self.runs_of(rows)]
+
+    def chunks_of(self, rows: np.ndarray) -> np.ndarray:
+        """Chunk index of each of `rows`."""
+        run = self.runs_of(rows)
+        return self.run_first_chunk[run] + (np.asarray(rows) - self.run_start[run])
+
+    @property
+    def row_article(self) -> np.ndarray:
+        """Article number of every row ([N]: built on demand, for whole-store analysis)."""
+        return np.repeat(self.run_article, np.diff(self.run_start))
+
     @property
     def article_ids(self) -> np.ndarray:
-        """Article id of every row (built on demand: [N] int64)."""
+        """Article id of every row ([N] int64, built on demand)."""
         return self.article_id_of[self.row_article]
+
+    @property
+    def chunk_indices(self) -> np.ndarray:
+        """Chunk index of every row ([N] int64, built on demand)."""
+        return self.chunks_of(np.arange(len(self)))
 
     def windows(self, spec: WindowSpec, articles: np.ndarray | None = None) -> "Windows":
         """All windows of `spec` inside one article each, restricted to `articles` if given."""
@@ -127,76 +176,100 @@ class ArticleStore:
 
     def split_windows(self, spec: WindowSpec, articles: dict[str, np.ndarray | None]) -> dict[str, "Windows"]:
         """Windows of several article subsets (None: every article), finding windows only once."""
-        starts, targets = window_rows(self.row_article, self.chunk_indices, spec)
-        window_article = self.row_article[starts]
+        segments = window_segments(self.run_start, self.run_article, self.run_first_chunk, spec)
         out = {}
         for name, ids in articles.items():
-            if ids is None:
-                out[name] = Windows(self, spec, starts, targets)
-                continue
-            member = np.isin(self.unique_articles(), ids)  # one flag per article, not per row
-            keep = member[window_article]
-            out[name] = Windows(self, spec, starts[keep], targets[keep])
+            keep = slice(None) if ids is None else np.isin(self.unique_articles(), ids)[segments[3]]
+            out[name] = Windows(self, spec, *(part[keep] for part in segments[:3]))
         return out
 
     def article_span(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(first row, number of chunks) of the article holding each of `rows`."""
-        art = self.row_article[rows]
+        art = self.articles_of(rows)
         return self.article_starts[art], self.article_lengths[art]
 
 
-def window_rows(article_ids: np.ndarray, chunk_indices: np.ndarray, spec: WindowSpec) -> tuple[np.ndarray, np.ndarray]:
-    """Context start rows and target rows of every valid window in a sorted store.
+def window_segments(
+    run_start: np.ndarray, run_article: np.ndarray, run_first_chunk: np.ndarray, spec: WindowSpec
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Every valid window, as segments of consecutive context start rows: (first start, count,
+    target row - start row, article number) per segment, sorted by start row.
 
-    Valid: the K context chunks are consecutive chunks of one article, and the chunk
-    `target_offset` after the last of them exists in that article (gaps in chunk indices
-    are respected, so a window never bridges a missing chunk).
+    Valid: the K context chunks are consecutive chunks of one article (they lie in one run), and
+    the chunk `target_offset` after the last of them exists in that article: in the same run, or
+    (target_offset > 1) in one of the article's next runs past a gap. Per pair (run j, run j + d)
+    the windows form one range of starts with one target distance, so the segments are O(runs).
     """
-    n, k = len(article_ids), spec.context
-    if n < k:
-        return np.empty(0, np.int64), np.empty(0, np.int64)
-    first = np.arange(n - k + 1, dtype=_index_dtype(n))
-    last = first + k - 1
-    consecutive = (article_ids[first] == article_ids[last]) & (chunk_indices[last] - chunk_indices[first] == k - 1)
-    starts = first[consecutive]
-    del first, last, consecutive
-    # Chunk indices increase strictly inside an article, so chunk (last + offset), if present,
-    # sits at most `offset` rows after the last context row: test those few candidates.
-    last = starts + (k - 1)
-    wanted = chunk_indices[last] + spec.target_offset
-    targets = np.full(len(starts), -1, dtype=starts.dtype)
-    for step in range(1, spec.target_offset + 1):
-        cand = np.minimum(last + step, n - 1)
-        hit = (last + step < n) & (article_ids[cand] == article_ids[last]) & (chunk_indices[cand] == wanted)
-        targets[hit] = cand[hit]
-    found = targets >= 0
-    return starts[found], targets[found]
+    k, offset = spec.context, spec.target_offset
+    start, length = run_start[:-1], np.diff(run_start)
+    n_runs = len(start)
+    parts = []
+    for d in range(0, offset + 1):
+        j = np.arange(n_runs - d)
+        m = j + d
+        # u = (start row - run j's start); the target chunk is first_chunk[j] + u + k - 1 + offset.
+        base = run_first_chunk[m] - run_first_chunk[j] - (k - 1) - offset
+        lo = np.maximum(base, 0)
+        hi = np.minimum(base + length[m] - 1, length[j] - k)
+        ok = (hi >= lo) & (run_article[m] == run_article[j])
+        j, m, lo, hi = j[ok], m[ok], lo[ok], hi[ok]
+        first = start[j] + lo
+        delta = (start[m] - run_first_chunk[m]) - (start[j] - run_first_chunk[j]) + (k - 1) + offset
+        parts.append((first, hi - lo + 1, delta, run_article[j]))
+    first, count, delta, article = (np.concatenate(p).astype(np.int64) for p in zip(*parts))
+    order = np.argsort(first, kind="stable")
+    return first[order], count[order], delta[order], article[order]
+
+
+def segment_rows(first: torch.Tensor, delta: torch.Tensor, ends: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Context start rows and target rows of windows `idx` (`ends`: cumulative window counts)."""
+    seg = torch.searchsorted(ends, idx, right=True)
+    before = torch.where(seg > 0, ends[(seg - 1).clamp(min=0)], torch.zeros_like(idx))
+    starts = first[seg] + (idx - before)
+    return starts, starts + delta[seg]
 
 
 class Windows(Dataset):
-    """Windows of one split: a Dataset whose batches are gathered by one vectorised index."""
+    """Windows of one split, as segments of the store's rows: a Dataset whose batches are gathered
+    by one vectorised index (memory O(segments), not O(windows))."""
 
-    def __init__(self, store: ArticleStore, spec: WindowSpec, starts: np.ndarray, targets: np.ndarray):
+    def __init__(self, store: ArticleStore, spec: WindowSpec, first: np.ndarray, count: np.ndarray, delta: np.ndarray):
         self.store = store
         self.spec = spec
-        self.starts = torch.from_numpy(np.ascontiguousarray(starts))
-        self.targets = torch.from_numpy(np.ascontiguousarray(targets))
+        self.first = torch.from_numpy(np.ascontiguousarray(first, np.int64))
+        self.delta = torch.from_numpy(np.ascontiguousarray(delta, np.int64))
+        self.count = np.asarray(count, np.int64)
+        self.ends = torch.from_numpy(np.cumsum(self.count))
         self._offsets = torch.arange(spec.context)
 
     def __len__(self) -> int:
-        return len(self.starts)
+        return int(self.ends[-1]) if len(self.ends) else 0
+
+    def rows(self, idx: torch.Tensor | np.ndarray | list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(context start row, target row) of windows `idx`."""
+        return segment_rows(self.first, self.delta, self.ends, torch.as_tensor(idx, dtype=torch.long))
+
+    @property
+    def starts(self) -> torch.Tensor:
+        """Context start row of every window ([N]: built on demand, for whole-split work)."""
+        return self.rows(torch.arange(len(self)))[0]
+
+    @property
+    def targets(self) -> torch.Tensor:
+        """Target row of every window ([N]: built on demand)."""
+        return self.rows(torch.arange(len(self)))[1]
 
     def context_rows(self, idx: torch.Tensor) -> torch.Tensor:
         """[B, K] store rows of the context chunks of windows `idx`."""
-        return self.starts[idx].unsqueeze(1) + self._offsets
+        return self.rows(idx)[0].unsqueeze(1) + self._offsets
 
     def gather(self, idx: torch.Tensor | np.ndarray | list[int]) -> dict[str, torch.Tensor]:
         """Batch of windows `idx`: context [B, K, D], target [B, D] and their store rows."""
-        return gather_windows(self.store.vectors, self.starts, self.targets, self._offsets, idx)
+        return gather_windows(self.store.vectors, self.first, self.delta, self.ends, self._offsets, idx)
 
     def on(self, device: torch.device, vectors: torch.Tensor) -> DeviceWindows:
-        """These windows' index arrays on `device`, over `vectors` (the store's, already there)."""
-        return DeviceWindows(vectors, self.starts.to(device), self.targets.to(device), self._offsets.to(device))
+        """These windows' segments on `device`, over `vectors` (the store's, already there)."""
+        return DeviceWindows(vectors, self.first.to(device), self.delta.to(device), self.ends.to(device), self._offsets.to(device))
 
     def batches(self, size: int) -> Iterator[dict[str, torch.Tensor]]:
         """Every window once, in order, `size` at a time (passes over a whole split)."""
@@ -212,32 +285,38 @@ class Windows(Dataset):
 
     def article_ids(self) -> np.ndarray:
         """Article id of each window."""
-        return self.store.article_id_of[self.store.row_article[self.starts.numpy()]]
+        return np.repeat(self.store.article_id_of[self.store.articles_of(self.first.numpy())], self.count)
 
 
 def gather_windows(
-    vectors: torch.Tensor, starts: torch.Tensor, targets: torch.Tensor, offsets: torch.Tensor, idx: torch.Tensor | np.ndarray | list[int]
+    vectors: torch.Tensor,
+    first: torch.Tensor,
+    delta: torch.Tensor,
+    ends: torch.Tensor,
+    offsets: torch.Tensor,
+    idx: torch.Tensor | np.ndarray | list[int],
 ) -> dict[str, torch.Tensor]:
-    """Context [B, K, D], target [B, D] and target rows of windows `idx`, gathered where the
-    arrays are (host or device): one vectorised index per tensor."""
-    idx = torch.as_tensor(idx, dtype=torch.long, device=starts.device)
-    rows = starts[idx].unsqueeze(1) + offsets
-    target_rows = targets[idx]
-    return {"context": vectors[rows], "target": vectors[target_rows], "target_row": target_rows}
+    """Context [B, K, D] and target [B, D] as float32, and target rows, of windows `idx`, gathered
+    where the arrays are (host or device): one vectorised index per tensor."""
+    idx = torch.as_tensor(idx, dtype=torch.long, device=first.device)
+    starts, target_rows = segment_rows(first, delta, ends, idx)
+    rows = starts.unsqueeze(1) + offsets
+    return {"context": vectors[rows].float(), "target": vectors[target_rows].float(), "target_row": target_rows}
 
 
 @dataclass(frozen=True)
 class DeviceWindows:
-    """A split's windows with the store's vectors and its index arrays on the training device
+    """A split's windows with the store's vectors and its segments on the training device
     (data.on_device): a batch is one gather there, with no host copy."""
 
     vectors: torch.Tensor
-    starts: torch.Tensor
-    targets: torch.Tensor
+    first: torch.Tensor
+    delta: torch.Tensor
+    ends: torch.Tensor
     offsets: torch.Tensor
 
     def gather(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
-        return gather_windows(self.vectors, self.starts, self.targets, self.offsets, idx)
+        return gather_windows(self.vectors, self.first, self.delta, self.ends, self.offsets, idx)
 
 
 class WindowIndex(Dataset):
@@ -260,11 +339,6 @@ class WindowIndex(Dataset):
 def collate_batch(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Collate for loaders over `Windows`: `__getitems__` already returns a stacked batch."""
     return batch
-
-
-def _index_dtype(bound: int) -> type:
-    """Narrowest of int32/int64 holding values below `bound`."""
-    return np.int32 if bound < 2**31 else np.int64
 
 
 def _check_arrays(
@@ -304,10 +378,13 @@ def check_policy(policy: str) -> None:
         raise DataError(f"data.normalize must be renormalize or error (got {policy!r})")
 
 
-def _check_and_normalize(vectors: np.ndarray, source: str, policy: NormalizePolicy, copy_on_write: bool = False) -> np.ndarray:
+def normalize_rows(
+    vectors: np.ndarray, source: str, policy: NormalizePolicy, copy_on_write: bool = False, first_row: int = 0
+) -> tuple[np.ndarray, int, float, float]:
     """Reject non-finite and zero rows; renormalise or reject non-unit rows (unit rows stay untouched).
 
-    Renormalises in place, after copying `vectors` first if `copy_on_write`; returns the result.
+    Renormalises in place, after copying `vectors` first if `copy_on_write`. Returns the rows, how
+    many were renormalised and their norms' range. Errors number rows from `first_row`.
     """
     check_policy(policy)
     off_unit, lo, hi = 0, np.inf, 0.0
@@ -316,10 +393,10 @@ def _check_and_normalize(vectors: np.ndarray, source: str, policy: NormalizePoli
         norms = np.sqrt(np.einsum("ij,ij->i", block, block, dtype=np.float64))
         bad = ~np.isfinite(norms)
         if bad.any():
-            row = s + int(np.flatnonzero(bad)[0])
+            row = first_row + s + int(np.flatnonzero(bad)[0])
             raise DataError(f"{source}: vectors row {row} holds NaN or inf ({int(bad.sum())} such rows in block)")
         if (norms == 0).any():
-            row = s + int(np.flatnonzero(norms == 0)[0])
+            row = first_row + s + int(np.flatnonzero(norms == 0)[0])
             raise DataError(f"{source}: vectors row {row} is all zeros; a zero vector has no direction")
         off = np.abs(norms - 1.0) > UNIT_NORM_TOLERANCE
         if off.any():
@@ -336,8 +413,7 @@ def _check_and_normalize(vectors: np.ndarray, source: str, policy: NormalizePoli
                 f"{source}: {off_unit} vectors are not unit length (norms {lo:.4g}..{hi:.4g}); "
                 "set data.normalize=renormalize to normalise them"
             )
-        log.warning("%s: renormalised %d non-unit vectors (norms %.4g..%.4g)", source, off_unit, lo, hi)
-    return vectors
+    return vectors, off_unit, lo, hi
 
 
 def _check_not_constant(vectors: np.ndarray, source: str) -> None:

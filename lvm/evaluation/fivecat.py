@@ -82,10 +82,10 @@ def rows_at(store: ArticleStore, rows: torch.Tensor, offsets: Sequence[int]) -> 
     cand = rows.long().unsqueeze(1) + off
     inside = (cand >= 0) & (cand < len(store))
     safe = cand.clamp(0, len(store) - 1).numpy()
-    art = torch.from_numpy(store.row_article[safe].astype(np.int64))
-    chunk = torch.from_numpy(store.chunk_indices[safe].astype(np.int64))
-    own_art = torch.from_numpy(store.row_article[rows.numpy()].astype(np.int64)).unsqueeze(1)
-    own_chunk = torch.from_numpy(store.chunk_indices[rows.numpy()].astype(np.int64)).unsqueeze(1)
+    art = torch.from_numpy(store.articles_of(safe))
+    chunk = torch.from_numpy(store.chunks_of(safe))
+    own_art = torch.from_numpy(store.articles_of(rows.numpy())).unsqueeze(1)
+    own_chunk = torch.from_numpy(store.chunks_of(rows.numpy())).unsqueeze(1)
     ok = inside & (art == own_art) & (chunk == own_chunk + off)
     return torch.where(ok, cand, rows.long().unsqueeze(1)), ok.all(dim=1)
 
@@ -108,10 +108,10 @@ def make_perturbation(windows: Windows, index: torch.Tensor, seed: int) -> Pertu
     perm = torch.rand(n, k, generator=gen).argsort(dim=1)
     identity = (perm == torch.arange(k)).all(dim=1)
     perm[identity] = perm[identity].roll(1, dims=1)
-    own = torch.from_numpy(store.row_article[windows.starts[index].numpy()].astype(np.int64))
+    own = torch.from_numpy(store.articles_of(windows.rows(index)[0].numpy()))
     other = torch.randint(len(store), (n,), generator=gen)
     for _ in range(1000):
-        same = torch.from_numpy(store.row_article[other.numpy()].astype(np.int64)) == own
+        same = torch.from_numpy(store.articles_of(other.numpy())) == own
         if not same.any():
             break
         other[same] = torch.randint(len(store), (int(same.sum()),), generator=gen)
@@ -154,10 +154,9 @@ def score_batch(
 ) -> dict[str, torch.Tensor]:
     """Per-window figures of every test for one gathered batch (with `perturb` rows for it)."""
     store, spec = windows.store, windows.spec
-    vectors = store.vectors
     context, target, rows = batch["context"], batch["target"], batch["target_row"]
     b, k = context.shape[:2]
-    ab = ablated_contexts(context, perturb.perm, vectors[perturb.other_row])
+    ab = ablated_contexts(context, perturb.perm, store.take(perturb.other_row))
     # Base and every ablation in one predictor call: the same targets, stacked.
     stacked = torch.cat(
         [context, ab["shuffle"], ab["reverse"], ab["drop_slot"].reshape(k * b, k, -1), ab["repeat_last"], ab["cross_article"]]
@@ -180,12 +179,12 @@ def score_batch(
     }
     # A: offsets around the target.
     off_rows, off_ok = rows_at(store, rows, OFFSETS)
-    out["offset.cos"] = M.cos(pred.unsqueeze(1), vectors[off_rows])
+    out["offset.cos"] = M.cos(pred.unsqueeze(1), store.take(off_rows))
     out["offset.valid"] = off_ok
     # B: within-article retrieval.
     start, length = store.article_span(rows.numpy())
     length_t = torch.from_numpy(length.astype(np.int64))
-    out["retrieval.rank"] = M.within_article_ranks(pred, vectors, rows, torch.from_numpy(start.astype(np.int64)), length_t)
+    out["retrieval.rank"] = M.within_article_ranks(pred, store.vectors, rows, torch.from_numpy(start.astype(np.int64)), length_t)
     out["retrieval.valid"] = length_t >= MIN_RETRIEVAL_CHUNKS
     # D: rollout on the windows whose H true chunks exist.
     true_rows, roll_ok = rows_at(store, rows, [h * spec.target_offset for h in range(horizon)])
@@ -195,7 +194,7 @@ def score_batch(
         ctx = context[sel]
         for h in range(horizon):
             truth_rows = true_rows[sel, h]
-            truth = vectors[truth_rows]
+            truth = store.take(truth_rows)
             # The first step predicts from the unchanged context: the base prediction, not a forward again.
             step = pred[sel] if h == 0 else predictor({"context": ctx, "target": truth, "target_row": truth_rows})
             roll[sel, h] = M.cos(step, truth)

@@ -151,7 +151,7 @@ def within_article_ranks(
         rows = article_start[sl, None] + offs
         valid = offs < article_len[sl, None]
         rows = torch.where(valid, rows, article_start[sl, None])
-        scores = torch.einsum("bd,bld->bl", pred[sl], vectors[rows])
+        scores = torch.einsum("bd,bld->bl", pred[sl], vectors[rows].to(pred.dtype))
         # The target's own score comes from the same product, so rounding cannot separate them.
         out[sl] = _rank(scores, (target_rows[sl] - article_start[sl]).unsqueeze(1), valid, bad[sl])
     return out

@@ -8,7 +8,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from lvm.data import store as store_mod
-from lvm.data.store import ArticleStore, Windows, WindowSpec, collate_batch, window_rows
+from lvm.data.store import ArticleStore, Windows, WindowSpec, collate_batch
 from lvm.runtime.errors import DataError
 from tests.helpers import P6, STANDARD
 from tests.helpers import unit_rows as _unit_rows
@@ -110,12 +110,20 @@ def test_store_sorts_rows(store, raw):
     assert store.article_lengths.tolist() == [len(ARTICLES[a]) for a in sorted(ARTICLES)]
 
 
-@pytest.mark.parametrize("spec", [P6, STANDARD], ids=["p6", "standard"])
+# Targets three chunks on, past the gaps: article 9's context 1..3 -> 6 and article 3's 0..2 -> 5
+# and 1..3 -> 6 take their target from the run after the missing chunk.
+FAR = WindowSpec(context=3, target_offset=3, prev_slot=-2)
+
+
+@pytest.mark.parametrize("spec", [P6, STANDARD, FAR], ids=["p6", "standard", "far"])
 def test_window_rows_match_naive(store, spec):
-    starts, targets = window_rows(store.article_ids, store.chunk_indices, spec)
+    w = store.windows(spec)
+    starts, targets = w.starts.numpy(), w.targets.numpy()
     assert np.issubdtype(starts.dtype, np.integer) and np.issubdtype(targets.dtype, np.integer)
     got = [(int(store.article_ids[s]), int(store.chunk_indices[s]), int(store.chunk_indices[t])) for s, t in zip(starts, targets)]
     assert got == naive_windows(spec)
+    if spec is FAR:
+        assert {(9, 1, 6), (3, 0, 5), (3, 1, 6)} <= set(got)
     # Context rows are consecutive rows of the same article with consecutive chunk indices.
     for s, t in zip(starts, targets):
         rows = np.arange(s, s + spec.context)
@@ -201,9 +209,17 @@ def test_sorted_input_equals_shuffled_input():
 
 def test_tiny_store_shorter_than_context():
     s = ArticleStore(unit_rows(3), np.zeros(3, np.int64), np.arange(3))
-    starts, targets = window_rows(s.article_ids, s.chunk_indices, P6)
-    assert len(starts) == 0 and len(targets) == 0
-    assert len(s.windows(P6)) == 0
+    w = s.windows(P6)
+    assert len(w) == 0 and len(w.starts) == 0 and len(w.targets) == 0
+    assert len(w.gather([])["target"]) == 0
+
+
+def test_windows_are_segments_per_run_not_rows(store):
+    """The layout is O(runs): one segment per (run, run holding its targets), however long the runs."""
+    long = ArticleStore(unit_rows(5000), np.repeat([0, 1], 2500), np.tile(np.arange(2500), 2))
+    w = long.windows(P6)
+    assert len(w) == 2 * (2500 - 6) and len(w.first) == 2 and len(long.run_start) == 3
+    assert w.rows(torch.tensor([0, 2493, 2494]))[0].tolist() == [0, 2493, 2500]
 
 
 def test_article_span(store):
