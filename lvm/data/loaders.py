@@ -1,6 +1,7 @@
-"""Readers that turn the three data sources into one `ArticleStore`.
+"""Readers that turn the four data sources into one `ArticleStore`.
 
 - synthetic: the built-in corpus (lvm.data.synthetic), the default.
+- store: a store directory, memory-mapped (lvm.data.mapped).
 - store NPZ: `vectors` [N, D], `article_indices` or `article_ids` [N], `chunk_indices` [N].
 - windows NPZ: `context_sequences`/`contexts` [N, K, D], `target_vectors`/`targets` [N, D], with
   optional `article_ids` + `target_indices` or a `metadata` object array of dicts
@@ -21,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from lvm.data.mapped import open_store
 from lvm.data.splits import check_fractions, make_splits
 from lvm.data.store import ArticleStore, NormalizePolicy, Windows, WindowSpec, check_policy
 from lvm.data.synthetic import check_synthetic, synthetic_corpus
@@ -39,11 +41,13 @@ _BLOCK = 4096
 def check_source(data_cfg: Mapping[str, Any]) -> str:
     """data.source, checked: synthetic, or an NPZ kind whose data.path is an existing file."""
     source = data_cfg["source"]
-    if source not in ("synthetic", "store_npz", "windows_npz"):
-        raise DataError(f"data.source must be synthetic, store_npz or windows_npz (got {source!r})")
+    if source not in ("synthetic", "store", "store_npz", "windows_npz"):
+        raise DataError(f"data.source must be synthetic, store, store_npz or windows_npz (got {source!r})")
     path = data_cfg.get("path")
-    if source != "synthetic" and not (path and Path(str(path)).is_file()):
-        hint = f" ({data_cfg['hint']})" if data_cfg.get("hint") else ""
+    hint = f" ({data_cfg['hint']})" if data_cfg.get("hint") else ""
+    if source == "store" and not (path and Path(str(path)).is_dir()):
+        raise DataError(f"data.path must be an existing store directory for data.source=store (got {path!r}){hint}")
+    if source in ("store_npz", "windows_npz") and not (path and Path(str(path)).is_file()):
         raise DataError(f"data.path must be an existing NPZ file for data.source={source} (got {path!r}){hint}")
     return source
 
@@ -74,6 +78,8 @@ def load_store(data_cfg: Mapping[str, Any], spec: WindowSpec) -> ArticleStore:
         vectors, article_ids, chunk_indices = synthetic_corpus(**syn)
         return ArticleStore(vectors, article_ids, chunk_indices, f"synthetic(seed={syn['seed']})", normalize)
     path = data_cfg["path"]
+    if source == "store":
+        return open_store(path)
     if source == "store_npz":
         return load_store_npz(path, normalize)
     return load_windows_npz(path, spec, normalize, data_cfg.get("dedupe", "auto"))

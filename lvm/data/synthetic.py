@@ -37,13 +37,15 @@ def synthetic_corpus(
     noise: float,
     seed: int,
     common_weight: float = 0.0,
+    stream: int = 0,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Unit vectors [N, D] float32, article ids [N] and chunk indices [N], sorted by article.
     `common_weight` > 0 adds one direction shared by every chunk (anisotropic data, as many
     embedding models give: random pairs then have a clearly positive cosine); it is drawn from its
-    own stream, so 0 leaves every other vector as it was."""
+    own stream, so 0 leaves every other vector as it was. `stream` > 0 draws other articles from the
+    same settings and common direction (a store written in blocks of articles, one stream each)."""
     check_synthetic(dim, articles, min_chunks, max_chunks, noise, drift_step, common_weight)
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(seed if stream == 0 else [seed, 2, stream])
     common = common_weight * _unit(np.random.default_rng([seed, 1]).standard_normal((1, dim)))
     lengths = rng.integers(min_chunks, max_chunks + 1, size=articles)
     total = int(lengths.sum())
