@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -42,7 +41,6 @@ FORMAT = 1
 MANIFEST, VECTORS, OFFSETS, ARTICLES = "manifest.json", "vectors.bin", "offsets.bin", "articles.bin"
 FILES = (VECTORS, OFFSETS, ARTICLES)
 STORAGE = {"float32": 4, "float16": 2, "bfloat16": 2}  # storage dtype: bytes per value
-_SCAN_ROWS = 65536
 
 
 def _as_storage(block: np.ndarray, dtype: str) -> np.ndarray:
@@ -50,13 +48,6 @@ def _as_storage(block: np.ndarray, dtype: str) -> np.ndarray:
     if dtype == "bfloat16":
         return torch.from_numpy(np.ascontiguousarray(block)).to(torch.bfloat16).view(torch.int16).numpy()
     return np.ascontiguousarray(block, dtype=np.float32 if dtype == "float32" else np.float16)
-
-
-def _as_float32(raw: np.ndarray, dtype: str) -> np.ndarray:
-    """Stored values (from `_as_storage` or a map) back as float32."""
-    if dtype == "bfloat16":
-        return torch.from_numpy(np.ascontiguousarray(raw)).view(torch.bfloat16).float().numpy()
-    return np.asarray(raw, dtype=np.float32)
 
 
 class StoreWriter:
@@ -252,7 +243,7 @@ def open_store(path: str | Path) -> ArticleStore:
     offsets = np.fromfile(path / OFFSETS, np.int64)
     articles = np.fromfile(path / ARTICLES, np.int64).reshape(runs, 2)
     _check_layout(path, offsets, articles, rows)
-    if manifest.get("files") != {k: list(v) for k, v in _stamps(path).items()}:
+    if manifest.get("files") != _stamps(path):
         _rescan(path, manifest)
     raw = np.memmap(path / VECTORS, dtype=np.uint16 if dtype == "bfloat16" else np.dtype(dtype), mode="c", shape=(rows, dim))
     vectors = torch.from_numpy(raw)
@@ -276,14 +267,6 @@ def _check_layout(path: Path, offsets: np.ndarray, articles: np.ndarray, rows: i
             f"{path / ARTICLES}: run {i} (article {art[i]}, first chunk {first[i]}) is out of order; runs must be sorted by "
             "(article id, chunk index), chunk indices >= 0, and runs of one article separated by a gap"
         )
-
-
-def scan_blocks(path: Path, manifest: dict[str, Any]) -> Iterator[tuple[int, np.ndarray]]:
-    """(first row, float32 block) over the whole vector file, `_SCAN_ROWS` rows at a time."""
-    dtype, rows, dim = manifest["dtype"], manifest["rows"], manifest["dim"]
-    raw = np.memmap(path / VECTORS, dtype=np.uint16 if dtype == "bfloat16" else np.dtype(dtype), mode="r", shape=(rows, dim))
-    for s in range(0, rows, _SCAN_ROWS):
-        yield s, _as_float32(raw[s : s + _SCAN_ROWS], dtype)
 
 
 def _rescan(path: Path, manifest: dict[str, Any]) -> None:

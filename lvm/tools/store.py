@@ -50,12 +50,9 @@ def write_store(data_cfg: dict, spec: WindowSpec, out: Path, dtype: str, overwri
         store = load_store(data_cfg, spec)
         rows = 65536
         count, source, dim = -(-len(store) // rows), str(data_cfg["path"]), store.dim
+        article_ids, chunk_indices = store.article_ids, store.chunk_indices  # per row, built once
         blocks = (
-            (
-                store.take(np.arange(s, min(s + rows, len(store)))).numpy(),
-                store.article_ids[s : s + rows],
-                store.chunk_indices[s : s + rows],
-            )
+            (store.take(np.arange(s, min(s + rows, len(store)))).numpy(), article_ids[s : s + rows], chunk_indices[s : s + rows])
             for s in range(0, len(store), rows)
         )
     with StoreWriter(out, dim, dtype, data_cfg["normalize"], source=source, overwrite=overwrite) as writer:
