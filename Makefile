@@ -49,7 +49,7 @@ data-wiki: $(TEXT_STAMP)
 		$(BIN)/pip download --quiet --no-deps --only-binary=:all: gensim==4.4.0 -d $(WHEELS)
 	$(BIN)/python -m lvm.corpus.build input=$$(ls $(WHEELS)/gensim-4.4.0-*.whl | head -n 1) \
 		input_member=$(WIKI_MEMBER) encoder=minilm out_dir=data/wiki_minilm $(ARGS)
-	$(BIN)/python -m lvm.diagnosis.diagnose data/wiki_minilm/store.npz progress=false
+	$(BIN)/python -m lvm.diagnosis.diagnose data/wiki_minilm/store progress=false
 
 # ruff (configured in pyproject.toml): lint and format check over the whole tree.
 lint: setup

@@ -2,18 +2,22 @@
 
 Reads a MediaWiki dump, a folder of .txt files or JSONL (lvm/corpus/text.py), chunks each document,
 embeds the chunks (lvm/corpus/encoders.py) and writes into `out_dir`:
-- `store.npz`: the original's article-store keys (docs/p6b.md section 7) `vectors` [N, D] float32 (unit rows),
-  `article_indices` [N], `chunk_indices` [N], plus `titles` [A] and `doc_ids` [A] per article;
+- `store/`: a store directory (lvm/data/mapped.py, `data=store`) of unit rows in `dtype` storage,
+  article ids 0..A-1 in document order, chunk indices 0..n-1; streamed block by block from the
+  parts, so the vectors are never all in RAM;
+- `articles.jsonl`: one line per article with its index, doc id, title and chunk count;
 - `chunks.jsonl`: one line per row of the store with its article, chunk index and text;
 - `build_info.json`: source, encoder, dim, counts, throughput, warnings.
 Resumable: embedded documents are kept in `out_dir/parts/` (one NPZ + JSONL per part and a
 manifest with a content hash per document); re-running the same command skips every document
 already embedded unchanged, and re-embeds one whose title or text changed (the store then holds
-only its new rows). A build with different settings in the same `out_dir` is refused rather than mixed.
+only its new rows). A build with different content settings in the same `out_dir` is refused rather
+than mixed; `dtype` is an output setting, so a rerun with another one only re-assembles the store.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -32,6 +36,7 @@ from tqdm.auto import tqdm
 
 from lvm.corpus.encoders import Encoder, make_encoder
 from lvm.corpus.text import Chunker, Document, read_documents
+from lvm.data.mapped import STORAGE, StoreWriter
 from lvm.runtime.cli import CONF_DIR, entry_point, run_entry_point
 from lvm.runtime.errors import ConfigError, DataError
 from lvm.runtime.files import atomic_open, atomic_write_text
@@ -40,6 +45,8 @@ from lvm.runtime.threads import set_threads
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
+STORE = "store"  # the store directory in out_dir
+BLOCK_ROWS = 4096  # rows buffered per StoreWriter.add
 COUNTS = (
     "documents_read",
     "documents_kept",
@@ -135,9 +142,10 @@ class Parts:
         atomic_write_text(self.folder / MANIFEST, json.dumps(self.manifest, ensure_ascii=False, indent=1))
         self.done.update((doc.id, digest) for doc, _, digest in pending.docs)
 
-    def assemble(self, out_dir: Path, context: int) -> dict[str, Any]:
-        """Write store.npz and chunks.jsonl from the parts: each document once, with its newest rows,
-        at the place it was first embedded (input order); return their counts."""
+    def assemble(self, out_dir: Path, context: int, dtype: str) -> dict[str, Any]:
+        """Stream the parts into `out_dir/store/` (`dtype` storage), articles.jsonl and chunks.jsonl:
+        each document once, with its newest rows, at the place it was first embedded (input order);
+        return their counts. The store's manifest is written last, after both JSONL files."""
         parts = self.manifest["parts"]
         if not parts:
             raise DataError(f"{self.settings['input']}: no document was kept, so there is nothing to store (see the skipped counts above)")
@@ -147,37 +155,53 @@ class Parts:
             for doc_id, title, n, _ in part["docs"]:
                 newest[doc_id] = (p, first, title, n)  # a later entry replaces the value, the key keeps its place
                 first += n
-        used = sorted({p for p, *_ in newest.values()})
-        part_vectors = {p: self._part_vectors(parts[p]) for p in used}
-        dims = {v.shape[1] for v in part_vectors.values()}
-        if len(dims) > 1:
-            raise DataError(f"{self.folder}: parts have different dimensions {sorted(dims)}; delete {self.folder} and rebuild")
-        part_texts = {p: self._part_texts(parts[p]) for p in used}
-        vectors, article, chunk, titles, doc_ids = [], [], [], [], []
-        row = 0
-        with atomic_open(out_dir / "chunks.jsonl") as out:
-            for doc_id, (p, first, title, n) in newest.items():
-                vectors.append(part_vectors[p][first : first + n])
-                article.append(np.full(n, len(titles), dtype=np.int32))
-                chunk.append(np.arange(n, dtype=np.int32))
-                for line in part_texts[p][first : first + n]:
-                    out.write(json.dumps({"row": row, "article_index": len(titles), **json.loads(line)}, ensure_ascii=False) + "\n")
+
+        @functools.lru_cache(maxsize=2)
+        def load(p: int) -> tuple[np.ndarray, list[str]]:
+            """Part p's vectors and chunk texts. Documents come in part order, except a re-embedded
+            one, whose rows are in a later part: two parts cached cover that detour and back."""
+            return self._part_vectors(parts[p]), self._part_texts(parts[p])
+
+        dim = load(next(iter(newest.values()))[0])[0].shape[1]
+        source = self.settings["input"] + (f" [{self.settings['input_member']}]" if self.settings["input_member"] else "")
+        block: list[tuple[np.ndarray, int]] = []  # (rows, article index) not yet added to the store
+        lengths, row, buffered = [], 0, 0
+        with (
+            StoreWriter(
+                out_dir / STORE,
+                dim,
+                dtype,
+                normalize="error",  # encoders give unit float32 rows (unit_rows): another is a damaged part
+                encoder=encoder_label(self.manifest["encoder"]),
+                source=source,
+                overwrite=True,
+            ) as writer,
+            atomic_open(out_dir / "articles.jsonl") as articles,
+            atomic_open(out_dir / "chunks.jsonl") as chunks,
+        ):  # exits in reverse: the JSONL files are in place before the store's manifest is written
+            for a, (doc_id, (p, first, title, n)) in enumerate(newest.items()):
+                vectors, texts = load(p)
+                if vectors.shape[1] != dim:
+                    raise DataError(
+                        f"{self.folder}: parts have different dimensions [{dim}, {vectors.shape[1]}]; delete {self.folder} and rebuild"
+                    )
+                block.append((vectors[first : first + n], a))
+                for line in texts[first : first + n]:
+                    chunks.write(json.dumps({"row": row, "article_index": a, **json.loads(line)}, ensure_ascii=False) + "\n")
                     row += 1
-                titles.append(title)
-                doc_ids.append(doc_id)
-        with atomic_open(out_dir / "store.npz", "wb") as f:
-            np.savez(
-                f,
-                vectors=np.concatenate(vectors),
-                article_indices=np.concatenate(article),
-                chunk_indices=np.concatenate(chunk),
-                titles=np.array(titles, dtype=str),
-                doc_ids=np.array(doc_ids, dtype=str),
-            )
-        lengths = np.array([len(c) for c in chunk])
-        longest = int(lengths.max())
-        return {"articles": len(titles), "chunks": row, "dim": dims.pop(), "longest_article_chunks": longest} | window_counts(
-            lengths, context
+                articles.write(json.dumps({"article_index": a, "doc_id": doc_id, "title": title, "chunks": n}, ensure_ascii=False) + "\n")
+                lengths.append(n)
+                buffered += n
+                if buffered >= BLOCK_ROWS or a == len(newest) - 1:
+                    writer.add(
+                        np.concatenate([v for v, _ in block]),
+                        np.concatenate([np.full(len(v), i, np.int64) for v, i in block]),
+                        np.concatenate([np.arange(len(v), dtype=np.int64) for v, _ in block]),
+                    )
+                    block, buffered = [], 0
+        sizes = np.array(lengths)
+        return {"articles": len(sizes), "chunks": row, "dim": dim, "longest_article_chunks": int(sizes.max())} | window_counts(
+            sizes, context
         )
 
     def _part_texts(self, part: Mapping[str, Any]) -> list[str]:
@@ -203,6 +227,12 @@ class Parts:
         if len(v) != part["chunks"]:
             raise DataError(f"{path}: {len(v)} vectors but the manifest lists {part['chunks']} chunks")
         return v
+
+
+def encoder_label(encoder: Mapping[str, Any]) -> str:
+    """The encoder in a few words for the store's manifest: name (kind, dtype)."""
+    details = ", ".join(str(encoder[k]) for k in ("kind", "dtype") if encoder.get(k))
+    return f"{encoder.get('name')} ({details})"
 
 
 def window_counts(lengths: np.ndarray, context: int) -> dict[str, int]:
@@ -252,6 +282,8 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"workers must be >= 1 (got {cfg.workers})")
     if int(cfg.windows_context) < 1:
         raise ConfigError(f"windows_context must be >= 1 (got {cfg.windows_context})")
+    if cfg.dtype not in STORAGE:
+        raise ConfigError(f"dtype (the store's vector storage) must be one of {', '.join(STORAGE)} (got {cfg.dtype!r})")
 
 
 def build(cfg: DictConfig) -> dict[str, Any]:
@@ -270,7 +302,7 @@ def build(cfg: DictConfig) -> dict[str, Any]:
         encoder_cfg["dtype"] = parts.encoder_dtype  # a resumed build keeps the precision it chose
     encoder = make_encoder(encoder_cfg)
     counts, encode_seconds = _embed_all(cfg, documents, chunker, encoder, parts)
-    stored = parts.assemble(out_dir, int(cfg.windows_context))
+    stored = parts.assemble(out_dir, int(cfg.windows_context), str(cfg.dtype))
     wall = time.perf_counter() - start
     warnings = window_warnings(stored, int(cfg.windows_context))
     info = {
@@ -287,13 +319,13 @@ def build(cfg: DictConfig) -> dict[str, Any]:
             "chunks_embedded_this_run": counts["chunks_embedded_this_run"],
             "chunks_per_second": round(counts["chunks_embedded_this_run"] / encode_seconds, 1) if encode_seconds else None,
         },
-        "outputs": {name: str(out_dir / name) for name in ("store.npz", "chunks.jsonl", "build_info.json")},
+        "outputs": {name: str(out_dir / name) for name in (STORE, "articles.jsonl", "chunks.jsonl", "build_info.json")},
     }
     atomic_write_text(out_dir / "build_info.json", json.dumps(info, indent=2, ensure_ascii=False) + "\n")
     c, t = info["counts"], info["throughput"]
     log.info(
         "built %s: %d articles, %d chunks, D=%d, %d windows (context %d, next chunk); %d chunks embedded this run in %.1f s (%s chunks/s)",
-        info["outputs"]["store.npz"],
+        info["outputs"][STORE],
         c["articles"],
         c["chunks"],
         info["dim"],

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lvm.data.mapped import open_store
+from lvm.data.mapped import check_memory, open_store
 from lvm.data.splits import check_fractions, make_splits
 from lvm.data.store import ArticleStore, NormalizePolicy, Windows, WindowSpec, check_policy
 from lvm.data.synthetic import check_synthetic, synthetic_corpus
@@ -57,6 +57,8 @@ def check_data(data_cfg: Mapping[str, Any]) -> None:
     and its file, the normalisation policy, batch sizes and workers, the split and the generator's
     settings (each rule lives with the code that applies it)."""
     source = check_source(data_cfg)
+    if source == "store":
+        check_memory(data_cfg["memory"])
     check_policy(data_cfg["normalize"])
     if not data_cfg["split"].get("ranges"):
         check_fractions(data_cfg["split"]["val"], data_cfg["split"]["ood"])
@@ -79,7 +81,7 @@ def load_store(data_cfg: Mapping[str, Any], spec: WindowSpec) -> ArticleStore:
         return ArticleStore(vectors, article_ids, chunk_indices, f"synthetic(seed={syn['seed']})", normalize)
     path = data_cfg["path"]
     if source == "store":
-        return open_store(path)
+        return open_store(path, data_cfg["memory"])
     if source == "store_npz":
         return load_store_npz(path, normalize)
     return load_windows_npz(path, spec, normalize, data_cfg.get("dedupe", "auto"))

@@ -41,6 +41,7 @@ FORMAT = 1
 MANIFEST, VECTORS, OFFSETS, ARTICLES = "manifest.json", "vectors.bin", "offsets.bin", "articles.bin"
 FILES = (VECTORS, OFFSETS, ARTICLES)
 STORAGE = {"float32": 4, "float16": 2, "bfloat16": 2}  # storage dtype: bytes per value
+MEMORY = ("map", "load")  # how a run holds the vectors (open_store)
 
 
 def _as_storage(block: np.ndarray, dtype: str) -> np.ndarray:
@@ -235,8 +236,15 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     return manifest
 
 
-def open_store(path: str | Path) -> ArticleStore:
-    """The store at `path`, its vectors mapped (copy-on-write, so every rank shares the page cache)."""
+def check_memory(memory: str) -> None:
+    if memory not in MEMORY:
+        raise DataError(f"data.memory must be one of {list(MEMORY)} (got {memory!r})")
+
+
+def open_store(path: str | Path, memory: str = "map") -> ArticleStore:
+    """The store at `path`, its vectors mapped (`map`: copy-on-write, so every rank shares one
+    page-cache copy) or read into this process's memory (`load`)."""
+    check_memory(memory)
     path = Path(path)
     manifest = read_manifest(path)
     rows, dim, dtype, runs = manifest["rows"], manifest["dim"], manifest["dtype"], manifest["runs"]
@@ -245,7 +253,11 @@ def open_store(path: str | Path) -> ArticleStore:
     _check_layout(path, offsets, articles, rows)
     if manifest.get("files") != _stamps(path):
         _rescan(path, manifest)
-    raw = np.memmap(path / VECTORS, dtype=np.uint16 if dtype == "bfloat16" else np.dtype(dtype), mode="c", shape=(rows, dim))
+    kind = np.uint16 if dtype == "bfloat16" else np.dtype(dtype)
+    if memory == "map":
+        raw = np.memmap(path / VECTORS, dtype=kind, mode="c", shape=(rows, dim))
+    else:
+        raw = np.fromfile(path / VECTORS, dtype=kind).reshape(rows, dim)
     vectors = torch.from_numpy(raw)
     if dtype == "bfloat16":
         vectors = vectors.view(torch.bfloat16)

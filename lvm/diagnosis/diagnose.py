@@ -1,9 +1,11 @@
-"""`python -m lvm.diagnosis.diagnose <store.npz> [key=value ...]`: what an article store can teach.
+"""`python -m lvm.diagnosis.diagnose <store> [key=value ...]`: what an article store can teach.
 
-Loads the store, splits its articles (held-out articles for the baselines, as training would),
-computes the statistics of lvm/diagnosis/stats.py (baselines: lvm/diagnosis/baselines.py) and
-writes diagnose.json (strict JSON), diagnose.md and diagnose.png (lvm/diagnosis/report.py) into `out_dir` (default <store dir>/diagnose/). Exit code 0, or 2
-with one line on stderr for bad input or configuration.
+Loads the store (a store directory, lvm/data/mapped.py, or an article-store NPZ), splits its
+articles (held-out articles for the baselines, as training would), computes the statistics of
+lvm/diagnosis/stats.py (baselines: lvm/diagnosis/baselines.py) and writes diagnose.json (strict
+JSON), diagnose.md and diagnose.png (lvm/diagnosis/report.py) into `out_dir` (default: diagnose/
+beside the store, so a build's out_dir/store gives out_dir/diagnose/). Exit code 0, or 2 with one
+line on stderr for bad input or configuration.
 """
 
 from __future__ import annotations
@@ -16,11 +18,13 @@ from typing import Any
 
 import hydra
 import numpy as np
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from lvm.data.loaders import load_store_npz
+from lvm.data.mapped import open_store
 from lvm.data.splits import split_articles
-from lvm.data.store import ArticleStore
+from lvm.data.store import ArticleStore, NormalizePolicy
 from lvm.diagnosis.layout import FIT, HELDOUT, TUNE, Layout, Settings
 from lvm.diagnosis.report import findings, write_outputs
 from lvm.diagnosis.stats import diagnose
@@ -29,6 +33,14 @@ from lvm.runtime.errors import ConfigError
 from lvm.runtime.threads import set_threads
 
 log = logging.getLogger(__name__)
+
+
+def load(path: Path, normalize: NormalizePolicy) -> tuple[ArticleStore, np.ndarray]:
+    """The store at `path` (a store directory, whose rows were checked when it was built, or an
+    article-store NPZ, checked by `normalize`) and its rows as float32 (a half-precision store's too)."""
+    store = open_store(path) if path.is_dir() else load_store_npz(path, normalize)
+    vectors = store.vectors.numpy() if store.vectors.dtype == torch.float32 else store.take(np.arange(len(store))).numpy()
+    return store, vectors
 
 
 def read_layout(store: ArticleStore) -> Layout:
@@ -73,15 +85,15 @@ def split_codes(store: ArticleStore, val: float, tune: float, seed: int) -> tupl
 def run(cfg: DictConfig) -> dict[str, Any]:
     """The CLI's work: load, diagnose, write the three files; returns the report."""
     if OmegaConf.is_missing(cfg, "store") or not cfg.store:
-        raise ConfigError("no store given: python -m lvm.diagnosis.diagnose <store.npz> (or store=PATH)")
+        raise ConfigError("no store given: python -m lvm.diagnosis.diagnose <store directory or .npz> (or store=PATH)")
     settings = parse_settings(cfg)
     check_fractions(float(cfg.split.val), float(cfg.ridge.tune))  # before loading a large store
     set_threads(cfg.threads)
     path = Path(str(cfg.store))
     t0 = time.perf_counter()
-    store = load_store_npz(path, cfg.normalize)
+    store, vectors = load(path, cfg.normalize)
     codes, articles = split_codes(store, float(cfg.split.val), float(cfg.ridge.tune), int(cfg.split.seed))
-    stats = diagnose(store.vectors.numpy(), read_layout(store), codes, settings, str(path))
+    stats = diagnose(vectors, read_layout(store), codes, settings, str(path))
     report = {
         "store": {"path": str(path), "chunks": len(store), "articles": store.num_articles, "dim": store.dim},
         "settings": OmegaConf.to_container(cfg, resolve=True),

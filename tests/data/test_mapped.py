@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from lvm.data import mapped
+from lvm.data.convert import synthetic_blocks, write_npz
 from lvm.data.loaders import load_splits
 from lvm.data.mapped import StoreWriter, open_store
 from lvm.data.store import ArticleStore
 from lvm.data.synthetic import synthetic_corpus
 from lvm.runtime.errors import DataError
-from lvm.tools.store import synthetic_blocks, write_npz
 from tests.helpers import P6
 
 SYN = {"dim": 16, "articles": 40, "min_chunks": 8, "max_chunks": 20, "topic_weight": 1.0, "drift_weight": 1.0,
@@ -39,7 +39,7 @@ def test_one_block_store_is_the_in_ram_corpus(tmp_path):
     vectors, art, chunk = synthetic_corpus(**SYN)
     assert torch.equal(store.take(np.arange(len(store))), torch.from_numpy(vectors))
     assert np.array_equal(store.article_ids, art) and np.array_equal(store.chunk_indices, chunk)
-    ram, disk = load_splits(data_cfg(), P6), load_splits(data_cfg(source="store", path=str(path)), P6)
+    ram, disk = load_splits(data_cfg(), P6), load_splits(data_cfg(source="store", path=str(path), memory="map"), P6)
     for name in ram:
         assert len(ram[name]) == len(disk[name]) > 0
         idx = torch.arange(len(ram[name]))
@@ -161,3 +161,12 @@ def test_a_copy_with_new_mtimes_is_checked_once(tmp_path, caplog):
     caplog.clear()
     open_store(path)
     assert "checking" not in caplog.text
+
+
+def test_a_loaded_store_equals_the_mapped_one_and_a_bad_memory_setting_is_one_line(tmp_path):
+    path = write(tmp_path / "s", "float16")
+    mapped_store, loaded = open_store(path), open_store(path, "load")
+    rows = np.arange(len(loaded))
+    assert torch.equal(loaded.take(rows), mapped_store.take(rows)) and loaded.vectors.dtype == torch.float16
+    with pytest.raises(DataError, match=r"data.memory must be one of \['map', 'load'\] \(got 'ram'\)"):
+        open_store(path, "ram")

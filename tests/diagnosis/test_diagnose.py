@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from lvm.data.mapped import StoreWriter
 from lvm.diagnosis.diagnose import run
 from lvm.runtime.errors import ConfigError, DataError
 from tests.helpers import THETA, compose_cfg, rotation_store, run_module, unit_rows
@@ -69,3 +70,27 @@ def test_bad_inputs_name_the_file(tmp_path):
         run(cfg())
     with pytest.raises(ConfigError, match="split.val"):
         run(cfg(f"store={short}", "split.val=1.5"))
+
+
+def test_a_store_directory_diagnoses_like_the_same_store_as_npz(tmp_path):
+    """A store directory (lvm.corpus.build's output) gives the NPZ's report, and its default out_dir
+    is diagnose/ beside it (a build's out_dir/store gives out_dir/diagnose)."""
+    npz = write_store(tmp_path / "store.npz")
+    z = np.load(npz)
+    with StoreWriter(tmp_path / "build" / "store", z["vectors"].shape[1]) as writer:
+        writer.add(z["vectors"], z["article_indices"], z["chunk_indices"])
+    from_dir = run(cfg(f"store={tmp_path / 'build' / 'store'}"))
+    from_npz = run(cfg(f"store={npz}", f"out_dir={tmp_path / 'npz'}"))
+    assert from_dir["outputs"]["json"] == str(tmp_path / "build" / "diagnose" / "diagnose.json")
+
+    def numbers(report: dict) -> dict:
+        """The report without what names the input, its outputs or timings."""
+        kept = {k: v for k, v in report.items() if k not in ("settings", "outputs", "seconds_total")}
+        return kept | {"store": {**kept["store"], "path": None}, "seconds": None}
+
+    assert numbers(from_dir) == numbers(from_npz)
+    assert from_dir["store"] == from_npz["store"] | {"path": str(tmp_path / "build" / "store")}
+    with StoreWriter(tmp_path / "half", z["vectors"].shape[1], "float16") as writer:
+        writer.add(z["vectors"], z["article_indices"], z["chunk_indices"])
+    half = run(cfg(f"store={tmp_path / 'half'}"))  # float16 storage, read as float32 rows
+    assert half["adjacent"]["mean"] == pytest.approx(from_npz["adjacent"]["mean"], abs=1e-3)
