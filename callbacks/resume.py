@@ -113,7 +113,8 @@ class ExactResume(L.Callback):
         self.signals = signals
         self.signal_check_every = signal_check_every  # steps between the ranks' stop-signal reduce (DDP)
         self.epoch = 0
-        self.batches_done = 0  # batches of `epoch` trained so far
+        self.batches_done = 0  # batches of `epoch` trained so far, on each rank
+        self.world = 1  # ranks: batches_done x batch_size x world windows of the epoch's order are done
         # Between an epoch's end and the next epoch's start: the values its epoch schedulers step on.
         self.scheduler_inputs: dict[str, float] | None = None
         self._restored_inputs: dict[str, float] | None = None  # from a checkpoint written at an epoch end
@@ -146,7 +147,7 @@ class ExactResume(L.Callback):
         self.scheduler_inputs = None
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
-        self.epoch, self.batches_done = trainer.current_epoch, batch_idx + 1
+        self.epoch, self.batches_done, self.world = trainer.current_epoch, batch_idx + 1, trainer.world_size
         if self._timing:
             self._time_steps(trainer)
         # Never at the epoch's last batch: Lightning would resume from there as if the epoch had
@@ -207,13 +208,20 @@ class ExactResume(L.Callback):
         trainer.save_checkpoint(self.last_path)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "batches_done": self.batches_done, "rng": rng_states(), "scheduler_inputs": self.scheduler_inputs}
+        return {
+            "epoch": self.epoch,
+            "batches_done": self.batches_done,
+            "world": self.world,
+            "rng": rng_states(),
+            "scheduler_inputs": self.scheduler_inputs,
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         # Called while the trainer restores a checkpoint, before the training data is iterated.
         self.epoch, self.batches_done = state_dict["epoch"], state_dict["batches_done"]
         self._restored_inputs = state_dict.get("scheduler_inputs")
-        self.sampler.resume(self.epoch, self.batches_done * self.batch_size)
+        self.world = state_dict["world"]
+        self.sampler.resume(self.epoch, self.batches_done * self.batch_size * self.world)
         set_rng_states(state_dict["rng"])
 
 

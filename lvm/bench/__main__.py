@@ -1,6 +1,6 @@
 """`python -m lvm.bench [lvm.train overrides] [bench.steps=N ...]`: what Lightning and the lvm callbacks cost, and how lean the data path is.
 
-Four figures, measured side by side in one run (config: +experiment=p6b_v2 with its defaults,
+Figures, measured side by side in one run (config: +experiment=p6b_v2 with its defaults,
 i.e. the built-in synthetic data and the small model; CPU):
 
 (a) lightning/raw: training throughput of the Lightning loop with everything `lvm.train.run`
@@ -23,6 +23,11 @@ i.e. the built-in synthetic data and the small model; CPU):
 (f) 5cat_fp32, 5cat_bf16: 5CAT's matmul FLOP rate (its model forwards, FlopCounterMode) over the
     rate of a GEMM of the model's feed-forward shape, in fp32 and in bf16 (lvm/bench/fivecat_rate.py), with
     5CAT's windows/s. Goal >= 0.7.
+(g) store (not in the default figures: it writes bench.store_gb of synthetic vectors to the temporary
+    directory): store_gb, store_anon_ratio (peak RssAnon of training from the memory-mapped store
+    over its size, goal <= 0.1), store_speed_ratio (its steps/s over the same data loaded into RAM,
+    page cache warm, goal >= 0.95), store_cold_ratio (page cache evicted first) and
+    store_ddp_anon_ratio (two gloo ranks' RssAnon together, goal < 0.2): lvm/bench/store.py.
 
 `bench.figures` picks the figures to measure (for example `bench.figures=[fivecat] model=p6
 data.synthetic.dim=768` for 5CAT alone at the original's scale).
@@ -61,6 +66,7 @@ from lvm.bench.loops import (
     measure_side_by_side,
     training_config,
 )
+from lvm.bench.store import measure_store
 from lvm.runtime.cli import CONF_DIR, entry_point, run_entry_point
 from lvm.runtime.errors import ConfigError
 from lvm.runtime.precision import BF16
@@ -72,11 +78,13 @@ log = logging.getLogger("lvm.bench")
 @entry_point("lvm.bench")
 def main(cfg: DictConfig) -> None:
     b = cfg.bench
-    if b.steps < 1 or b.warmup < 0 or b.repeats < 1 or b.threads < 1 or b.mem_rows < 1 or b.fivecat_windows < 1:
+    if b.steps < 1 or b.warmup < 0 or b.repeats < 1 or b.threads < 1 or b.mem_rows < 1 or b.fivecat_windows < 1 or b.store_dim < 1:
         raise ConfigError(
-            "bench.steps, bench.repeats, bench.threads, bench.mem_rows and bench.fivecat_windows must be >= 1, "
+            "bench.steps, bench.repeats, bench.threads, bench.mem_rows, bench.fivecat_windows and bench.store_dim must be >= 1, "
             f"bench.warmup >= 0 (got {dict(b)})"
         )
+    if not b.store_gb > 0:
+        raise ConfigError(f"bench.store_gb must be > 0 (got {b.store_gb})")
     unknown = [f for f in b.figures if f not in FIGURES]
     if unknown or not b.figures:
         raise ConfigError(f"bench.figures must name some of {list(FIGURES)} (got {list(b.figures)})")
@@ -121,6 +129,8 @@ def main(cfg: DictConfig) -> None:
         if "fivecat" in b.figures:
             for rate in measure_fivecat(cfg, b.fivecat_windows):
                 figures[f"5cat_{'bf16' if rate.precision == BF16 else 'fp32'}"] = f"{rate.of_limit:.2f}"
+        if "store" in b.figures:
+            figures |= measure_store(cfg, overrides, b.store_gb, b.store_dim, b.warmup, b.steps, b.repeats, Path(tmp))
     log.info("goals: %s; took %.0f s", ", ".join(f"{k} {v}" for k, v in GOALS.items() if k in figures), time.perf_counter() - started)
     print("bench: " + " ".join(f"{k}={v}" for k, v in figures.items()), flush=True)
 

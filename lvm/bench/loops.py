@@ -42,8 +42,11 @@ GOALS = {
     "detectors": "< 2%",
     "5cat_fp32": ">= 0.7",
     "5cat_bf16": ">= 0.7",
+    "store_anon_ratio": "<= 0.1",
+    "store_speed_ratio": ">= 0.95",
+    "store_ddp_anon_ratio": "< 0.2",
 }
-FIGURES = ("loops", "detectors", "data_mem", "side_by_side", "fivecat")
+FIGURES = ("loops", "detectors", "data_mem", "side_by_side", "fivecat", "store")
 
 
 @dataclass(frozen=True)
@@ -121,7 +124,9 @@ def raw_loop(cfg: DictConfig, train: Windows, warmup: int, steps: int) -> Timing
     skip = lvm_module.skip
     optimizer = lvm_module.configure_optimizers()["optimizer"]
     clip, prev_slot = cfg.trainer.gradient_clip_val, lvm_module.prev_slot
-    batches = iter(make_loader(train, cfg.data.batch_size, True, cfg.data.num_workers, cfg.seed))
+    batches = iter(
+        make_loader(train, cfg.data.batch_size, cfg.data.shuffle, cfg.data.num_workers, cfg.seed, shuffle_block=cfg.data.shuffle_block)
+    )
     model.train()
     t_first = 0.0
     for i in range(warmup + steps):
@@ -260,7 +265,7 @@ def _data_path_child(path: str, window: dict[str, int], split: dict[str, Any], b
     peaks["load_store_npz"] = _status_kib("VmHWM")
     splits = make_splits(store, WindowSpec(**window), split["val"], split["ood"], split["seed"], split["ranges"])
     peaks["+ make_splits"] = _status_kib("VmHWM")
-    for _ in make_loader(splits["train"], batch_size, True, 0, seed):
+    for _ in make_loader(splits["train"], batch_size, "global", 0, seed):
         pass
     peaks["+ train epoch"] = _status_kib("VmHWM")
     return {stage: 1024 * (kib - base) for stage, kib in peaks.items()}

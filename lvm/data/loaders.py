@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from lvm.data.mapped import check_memory, open_store
+from lvm.data.sampler import check_shuffle
 from lvm.data.splits import check_fractions, make_splits
 from lvm.data.store import ArticleStore, NormalizePolicy, Windows, WindowSpec, check_policy
 from lvm.data.synthetic import check_synthetic, synthetic_corpus
@@ -60,6 +61,7 @@ def check_data(data_cfg: Mapping[str, Any]) -> None:
     if source == "store":
         check_memory(data_cfg["memory"])
     check_policy(data_cfg["normalize"])
+    check_shuffle(data_cfg["shuffle"], data_cfg["shuffle_block"])
     if not data_cfg["split"].get("ranges"):
         check_fractions(data_cfg["split"]["val"], data_cfg["split"]["ood"])
     require(

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -150,7 +151,11 @@ class StoreWriter:
         self._varied = bool((block @ self._first < SAME_DIRECTION_COS * norms).any())
 
     def close(self) -> Path:
-        """Write offsets, articles and (last) the manifest; returns the store's path."""
+        """Write offsets, articles and (last) the manifest; returns the store's path. The data files
+        reach the disk (fsync) before the manifest is written: a crash never leaves a manifest that
+        vouches for vectors still in the page cache."""
+        self._vectors.flush()
+        os.fsync(self._vectors.fileno())
         self._vectors.close()
         if not self.rows:
             raise DataError(f"{self.path}: no rows were written; a store needs at least one chunk")
@@ -161,7 +166,10 @@ class StoreWriter:
         articles = np.ascontiguousarray(runs[:, 1:], np.int64)
         for name, arr in ((OFFSETS, offsets), (ARTICLES, articles)):
             data = arr.tobytes()
-            (self.path / name).write_bytes(data)
+            with open(self.path / name, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
             self._hash.update(data)
         if self._renormalised:
             log.warning("%s: renormalised %d non-unit vectors (norms %.4g..%.4g)", self.path, self._renormalised, *self._norms)

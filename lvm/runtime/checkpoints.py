@@ -21,7 +21,7 @@ from lvm.runtime.files import atomic_path
 TRAINING_KEYS = ("state_dict", "epoch", "global_step", "optimizer_states", "hyper_parameters")
 # The layout of what lvm keeps in a checkpoint (callback states, config keys), stamped by the module
 # on every save; a file of another format is refused, not guessed at.
-FORMAT_KEY, FORMAT = "lvm_format", 4
+FORMAT_KEY, FORMAT = "lvm_format", 5
 
 
 def read_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:

@@ -28,7 +28,7 @@ from callbacks import (
     keeps_data_on_device,
 )
 from lvm.data.loaders import load_splits
-from lvm.data.sampler import EpochSampler
+from lvm.data.sampler import EpochSampler, ShardSampler
 from lvm.data.store import WindowIndex, Windows, WindowSpec, collate_batch
 from lvm.evaluation.baselines import fit_slot_linear
 from lvm.guard.events import guard_policy
@@ -46,13 +46,22 @@ def build_data(cfg: DictConfig) -> dict[str, Windows]:
     return load_splits(to_plain(cfg.data), WindowSpec(**cfg.window))
 
 
-def make_loader(windows: Windows, batch_size: int, shuffle: bool, num_workers: int, seed: int, on_device: bool = False) -> DataLoader:
-    """Batches of `windows`; shuffled by (seed, epoch) alone when `shuffle` (lvm/data/sampler.py).
+def make_loader(
+    windows: Windows,
+    batch_size: int,
+    shuffle: str | None,
+    num_workers: int,
+    seed: int,
+    on_device: bool = False,
+    shuffle_block: int = 4096,
+) -> DataLoader:
+    """Batches of `windows`: shuffled by (seed, epoch) alone with `shuffle` global or block, this
+    rank's share of each global batch (lvm/data/sampler.py); in order, this rank's range, without.
     `on_device`: batches of window indices, gathered on the device (callbacks/device_data.py)."""
     return DataLoader(
         WindowIndex(windows) if on_device else windows,
         batch_size=batch_size,
-        sampler=EpochSampler(windows, seed) if shuffle else None,
+        sampler=EpochSampler(windows, seed, shuffle, shuffle_block) if shuffle else ShardSampler(windows),
         num_workers=num_workers,
         collate_fn=collate_batch,
         persistent_workers=num_workers > 0,
@@ -194,8 +203,8 @@ def build_fit(
     store = splits["train"].store
     on_device = keeps_data_on_device(d.on_device, d.device_share, store.vectors.nbytes, accelerator_device(cfg.trainer.accelerator))
     evals = [splits[s] for s in ("val", "ood") if len(splits[s])]
-    train_loader = make_loader(splits["train"], d.batch_size, True, d.num_workers, cfg.seed, on_device)
-    val_loaders = [make_loader(w, d.eval_batch_size, False, d.num_workers, cfg.seed, on_device) for w in evals]
+    train_loader = make_loader(splits["train"], d.batch_size, d.shuffle, d.num_workers, cfg.seed, on_device, d.shuffle_block)
+    val_loaders = [make_loader(w, d.eval_batch_size, None, d.num_workers, cfg.seed, on_device) for w in evals]
     logger: TensorBoardLogger | None = None
     if lvm_callbacks:
         purge = first_unlogged_step(resume) if resume else None

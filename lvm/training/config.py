@@ -86,6 +86,11 @@ def _problems(cfg: DictConfig) -> list[str]:
 
     t = cfg.trainer
     need(t.get("max_epochs", 1) is not None and t.get("max_epochs", 1) >= 1, f"trainer.max_epochs must be >= 1 (got {t.get('max_epochs')})")
+    need(
+        t.get("use_distributed_sampler") is False,
+        "trainer.use_distributed_sampler must be false: lvm's samplers share out each global batch across ranks themselves "
+        f"(Lightning's DistributedSampler pads with repeated windows and loses the resume position; got {t.get('use_distributed_sampler')!r})",
+    )
     for key in ("best_checkpoint", "resume"):  # what ends a run says rests on them (best and last.ckpt)
         need(cfg.callbacks[key] is not None, f"callbacks.{key} cannot be null: every run keeps its best and last checkpoints")
     for key in ("best_checkpoint", "epoch_checkpoints", "progress_bar"):

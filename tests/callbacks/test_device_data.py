@@ -17,8 +17,8 @@ from tests.helpers import cfg_for, history
 def test_device_batches_are_the_host_batches():
     cfg = cfg_for()
     splits = build_data(cfg)
-    host = make_loader(splits["train"], 8, True, 0, seed=3)
-    device = make_loader(splits["train"], 8, True, 0, seed=3, on_device=True)
+    host = make_loader(splits["train"], 8, "global", 0, seed=3)
+    device = make_loader(splits["train"], 8, "global", 0, seed=3, on_device=True)
     data = DeviceData(splits["train"], [splits["val"]])
     data.on_fit_start(None, _OnCpu())
     for epoch in (0, 1):
@@ -31,7 +31,7 @@ def test_device_batches_are_the_host_batches():
             assert set(b) == set(a) and all(torch.equal(a[k], b[k]) for k in a)
             n += 1
         assert n == len(host)
-    val = make_loader(splits["val"], 16, False, 0, seed=3, on_device=True)
+    val = make_loader(splits["val"], 16, None, 0, seed=3, on_device=True)
     first = next(iter(val))
     data.on_validation_batch_start(None, None, first, 0, 0)
     assert torch.equal(first["context"], splits["val"].gather(torch.arange(16))["context"])

@@ -18,8 +18,11 @@ import torch
 from tensorboard.backend.event_processing.event_file_loader import LegacyEventFileLoader
 
 from callbacks.resume import ExactResume
+from lvm.data.convert import write_store
+from lvm.data.store import WindowSpec
+from lvm.runtime.objects import to_plain
 from lvm.training.run import run
-from tests.helpers import cfg_for, events, history, steps_per_epoch
+from tests.helpers import TINY, cfg_for, compose_cfg, events, history, steps_per_epoch
 
 # Deterministic CPU run with dropout, a plateau scheduler that acts every epoch (patience 0), the
 # guard on, and a mid-epoch last.ckpt every 4 steps: anything that a resume could replay
@@ -164,6 +167,20 @@ def test_mid_epoch_kill_resumes_exactly(whole, tmp_path):
     assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == n + 2
     run(cfg_for(*EXACT, "ckpt_path=last"), tmp_path)
     assert_same_run(whole, tmp_path)
+
+
+def test_mid_epoch_kill_resumes_exactly_from_a_store_directory_with_other_workers(whole, tmp_path):
+    """The same data as a memory-mapped store directory, killed mid-epoch with no loader workers and
+    resumed with two: the run equals the uninterrupted in-RAM one (the order is drawn in the main
+    process and counted in windows, so the workers do not change it)."""
+    cfg = cfg_for(*EXACT)
+    store = write_store(to_plain(cfg.data), WindowSpec(**cfg.window), tmp_path / "store", "float32", False, cfg.data.synthetic.articles)
+    on_store = [*(o for o in TINY if not o.startswith("data.synthetic.")), *EXACT, "data=store", f"data.path={store}"]
+    run_dir = tmp_path / "run"
+    with pytest.raises(Kill):
+        run(compose_cfg("train", *on_store), run_dir, extra_callbacks=[KillAtStep(steps_per_epoch(whole) + 4)])
+    run(compose_cfg("train", *on_store, "data.num_workers=2", "ckpt_path=last"), run_dir)
+    assert_same_run(whole, run_dir)
 
 
 def test_mid_epoch_kill_resumes_exactly_with_spike_skip(tmp_path):

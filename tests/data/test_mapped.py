@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -170,3 +171,17 @@ def test_a_loaded_store_equals_the_mapped_one_and_a_bad_memory_setting_is_one_li
     assert torch.equal(loaded.take(rows), mapped_store.take(rows)) and loaded.vectors.dtype == torch.float16
     with pytest.raises(DataError, match=r"data.memory must be one of \['map', 'load'\] \(got 'ram'\)"):
         open_store(path, "ram")
+
+
+def test_the_data_files_reach_the_disk_before_the_manifest_is_written(tmp_path, monkeypatch):
+    synced = []
+    fsync = mapped.os.fsync
+
+    def record(fd):
+        synced.append((os.path.basename(os.readlink(f"/proc/self/fd/{fd}")), (tmp_path / "s" / "manifest.json").exists()))
+        fsync(fd)
+
+    monkeypatch.setattr(mapped.os, "fsync", record)
+    write(tmp_path / "s")
+    data = [(name, manifest_there) for name, manifest_there in synced if name in mapped.FILES]
+    assert sorted(name for name, _ in data) == sorted(mapped.FILES) and not any(there for _, there in data)

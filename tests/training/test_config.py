@@ -39,6 +39,9 @@ def test_the_recovery_without_its_checkpoint_names_the_setting():
         ("data.split.val=0", "data.split"),
         ("data.synthetic.min_chunks=20", "min_chunks <= max_chunks"),
         ("data.num_workers=-1", "data.num_workers"),
+        ("data.shuffle=local", "data.shuffle must be one of"),
+        ("data.shuffle_block=0", "data.shuffle_block must be an integer >= 1"),
+        ("trainer.use_distributed_sampler=true", "trainer.use_distributed_sampler must be false"),
         (
             "ramp.stages=[{until:3,margin:0.1,target_frac:0.1},{until:2,margin:0.1,target_frac:0.1},{until:null,margin:0.1,target_frac:0.1}]",
             "increase",
