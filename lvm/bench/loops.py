@@ -240,9 +240,14 @@ def measure_detectors(cfg: DictConfig, calls: int) -> float:
     return best
 
 
-def _status_kib(key: str) -> int:
-    """One field of /proc/self/status in KiB: VmRSS (resident now) or VmHWM (peak resident)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
+def status_kib(key: str, pid: int | str = "self") -> int:
+    """One field of /proc/<pid>/status in KiB: VmRSS (resident now), VmHWM (peak resident),
+    RssAnon (anonymous resident); 0 for a process that has ended."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return 0
+    for line in status.splitlines():
         if line.startswith(f"{key}:"):
             return int(line.split()[1])
     raise KeyError(key)
@@ -250,24 +255,24 @@ def _status_kib(key: str) -> int:
 
 def _raw_vectors_child(path: str) -> tuple[int, int]:
     """(bytes of the vector array, RSS growth from loading it alone), in a fresh process."""
-    before = _status_kib("VmRSS")
+    before = status_kib("VmRSS")
     with np.load(path) as npz:
         vectors = npz["vectors"]
-    return vectors.nbytes, 1024 * (_status_kib("VmRSS") - before)
+    return vectors.nbytes, 1024 * (status_kib("VmRSS") - before)
 
 
 def _data_path_child(path: str, window: dict[str, int], split: dict[str, Any], batch_size: int, seed: int) -> dict[str, int]:
     """Peak RSS growth in bytes, since the baseline after imports, at the end of each stage."""
-    base = _status_kib("VmRSS")
+    base = status_kib("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
     peaks: dict[str, int] = {}
     store = load_store_npz(path)
-    peaks["load_store_npz"] = _status_kib("VmHWM")
+    peaks["load_store_npz"] = status_kib("VmHWM")
     splits = make_splits(store, WindowSpec(**window), split["val"], split["ood"], split["seed"], split["ranges"])
-    peaks["+ make_splits"] = _status_kib("VmHWM")
+    peaks["+ make_splits"] = status_kib("VmHWM")
     for _ in make_loader(splits["train"], batch_size, "global", 0, seed):
         pass
-    peaks["+ train epoch"] = _status_kib("VmHWM")
+    peaks["+ train epoch"] = status_kib("VmHWM")
     return {stage: 1024 * (kib - base) for stage, kib in peaks.items()}
 
 
@@ -306,8 +311,10 @@ def train_steps_per_s(run_dir: Path) -> float:
     return (last.step - first.step) / (last.wall_time - first.wall_time)
 
 
-def measure_side_by_side(overrides: list[str], work_dir: Path) -> tuple[float, list[float]]:
-    """Steps/s of a lone training, and of each of two started together (default threads=auto)."""
+def start_training(overrides: list[str], run_dir: Path, *settings: str) -> subprocess.Popen:
+    """`python -m lvm.train` with the bench's overrides (its experiment as +experiment, p6b_v2 by
+    default) for one epoch without the after-fit evaluation or a progress bar, then `settings`, in
+    `run_dir`; output discarded (the run's train.log has it)."""
     experiment = [f"+{o}" for o in overrides if o.startswith("experiment=")] or ["+experiment=p6b_v2"]
     rest = [o for o in overrides if not o.startswith("experiment=")]
     args = [
@@ -318,15 +325,18 @@ def measure_side_by_side(overrides: list[str], work_dir: Path) -> tuple[float, l
         "trainer.max_epochs=1",
         "eval.after_fit=false",
         "trainer.enable_progress_bar=false",
-        *rest,
     ]
     root = Path(CONF_DIR).parent
     env = {**os.environ, "PYTHONPATH": str(root)}
+    args += [*rest, *settings, f"hydra.run.dir={run_dir}"]
+    return subprocess.Popen(args, cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def measure_side_by_side(overrides: list[str], work_dir: Path) -> tuple[float, list[float]]:
+    """Steps/s of a lone training, and of each of two started together (default threads=auto)."""
 
     def start(name: str) -> subprocess.Popen:
-        return subprocess.Popen(
-            [*args, f"hydra.run.dir={work_dir / name}"], cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
+        return start_training(overrides, work_dir / name)
 
     def finish(procs: list[subprocess.Popen]) -> None:
         if any(p.wait() != 0 for p in procs):

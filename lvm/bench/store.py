@@ -16,8 +16,6 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -29,11 +27,10 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from lvm.bench.loops import lightning_loop
+from lvm.bench.loops import lightning_loop, start_training, status_kib
 from lvm.data.convert import write_store
 from lvm.data.mapped import VECTORS, read_manifest, store_bytes
 from lvm.data.store import WindowSpec
-from lvm.runtime.cli import CONF_DIR
 from lvm.runtime.objects import to_plain
 from lvm.training.build import build_data
 
@@ -44,14 +41,7 @@ _POLL_S = 0.02
 
 def anon_bytes(pids: list[int]) -> int:
     """The RssAnon of these processes, summed (a process that has ended counts 0)."""
-    total = 0
-    for pid in pids:
-        try:
-            status = Path(f"/proc/{pid}/status").read_text()
-        except OSError:
-            continue
-        total += next((1024 * int(line.split()[1]) for line in status.splitlines() if line.startswith("RssAnon:")), 0)
-    return total
+    return sum(1024 * status_kib("RssAnon", pid) for pid in pids)
 
 
 def process_tree(pid: int) -> list[int]:
@@ -166,29 +156,9 @@ def measure_store(
 
 def measure_ddp_anon(overrides: list[str], path: Path, batches: int, run_dir: Path) -> int:
     """Peak RssAnon of a 2-rank gloo `python -m lvm.train` on the mapped store, both ranks summed."""
-    experiment = [f"+{o}" for o in overrides if o.startswith("experiment=")] or ["+experiment=p6b_v2"]
-    rest = [o for o in overrides if not o.startswith(("experiment=", "data"))]
-    args = [
-        sys.executable,
-        "-m",
-        "lvm.train",
-        *experiment,
-        *rest,
-        "data=store",
-        f"data.path={path}",
-        "trainer=ddp",
-        "trainer.accelerator=cpu",
-        "trainer.devices=2",
-        "trainer.max_epochs=1",
-        f"+trainer.limit_train_batches={batches}",
-        "eval.after_fit=false",
-        "trainer.enable_progress_bar=false",
-        "threads=1",
-        f"hydra.run.dir={run_dir}",
-    ]
-    root = Path(CONF_DIR).parent
-    env = {**os.environ, "PYTHONPATH": str(root)}
-    proc = subprocess.Popen(args, cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    settings = ["data=store", f"data.path={path}", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"]
+    settings += [f"+trainer.limit_train_batches={batches}", "threads=1"]
+    proc = start_training([o for o in overrides if not o.startswith("data")], run_dir, *settings)
     with peak_anon(lambda: process_tree(proc.pid)) as peak:
         code = proc.wait()
     if code != 0:

@@ -7,7 +7,7 @@ embeds the chunks (lvm/corpus/encoders.py) and writes into `out_dir`:
   parts, so the vectors are never all in RAM;
 - `articles.jsonl`: one line per article with its index, doc id, title and chunk count;
 - `chunks.jsonl`: one line per row of the store with its article, chunk index and text;
-- `build_info.json`: source, encoder, dim, counts, throughput, warnings.
+- `build_info.json`: source, encoder, dim, storage dtype, counts, throughput, warnings.
 Resumable: embedded documents are kept in `out_dir/parts/` (one NPZ + JSONL per part and a
 manifest with a content hash per document); re-running the same command skips every document
 already embedded unchanged, and re-embeds one whose title or text changed (the store then holds
@@ -311,6 +311,7 @@ def build(cfg: DictConfig) -> dict[str, Any]:
         "encoder": parts.manifest["encoder"] or encoder.describe(),
         "chunk": settings["chunk"] | {"min_article_words": settings["min_article_words"]},
         "dim": stored["dim"],
+        "dtype": str(cfg.dtype),  # the store's vector storage
         "counts": counts | {k: v for k, v in stored.items() if k != "dim"},
         "warnings": warnings,
         "throughput": {

@@ -37,6 +37,8 @@ DEDUPE_ATOL = 1e-5
 # vector; about 1 for unrelated unit vectors) is warned about: its targets are (nearly) one vector.
 MIN_TARGET_VARIANCE = 1e-4
 _BLOCK = 4096
+# Target components gathered at a time by target_variance (8 MB in float64), whatever D.
+_VARIANCE_ELEMENTS = 1 << 20
 
 
 def check_source(data_cfg: Mapping[str, Any]) -> str:
@@ -118,11 +120,11 @@ def target_variance(windows: Windows, enough: float = math.inf) -> float:
     bound reaches `enough`: the blocks' own variances weighted by their share of the windows add up
     to at most the total (the between-block part is never negative), so on ordinary data the first
     block decides."""
-    n = len(windows)
+    n, step = len(windows), max(1, _VARIANCE_ELEMENTS // windows.store.dim)
     total = torch.zeros(windows.store.dim, dtype=torch.float64)
     squares = bound = 0.0
-    for s in range(0, n, _BLOCK):
-        block = windows.store.take(windows.rows(torch.arange(s, min(s + _BLOCK, n)))[1]).double()
+    for s in range(0, n, step):
+        block = windows.store.take(windows.rows(torch.arange(s, min(s + step, n)))[1]).double()
         block_total, block_squares = block.sum(dim=0), float(torch.einsum("ij,ij->", block, block))
         bound += (block_squares - float(block_total @ block_total) / len(block)) / n
         if bound >= enough:

@@ -27,14 +27,16 @@ import numpy as np
 import torch
 
 from lvm.data.store import (
-    SAME_DIRECTION_COS,
     ArticleStore,
     NormalizePolicy,
     check_policy,
     normalize_rows,
+    one_direction_error,
+    points_elsewhere,
+    unit_direction,
 )
 from lvm.runtime.errors import DataError
-from lvm.runtime.files import atomic_write_text
+from lvm.runtime.files import atomic_open, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -143,12 +145,9 @@ class StoreWriter:
         self._last = (int(art[-1]), int(chunk[-1]))
 
     def _check_direction(self, block: np.ndarray) -> None:
-        if self._varied:
-            return
         if self._first is None:
-            self._first = block[0].astype(np.float64) / np.linalg.norm(block[0])
-        norms = np.linalg.norm(block.astype(np.float64), axis=1)
-        self._varied = bool((block @ self._first < SAME_DIRECTION_COS * norms).any())
+            self._first = unit_direction(block[0])
+        self._varied = self._varied or points_elsewhere(block, self._first)
 
     def close(self) -> Path:
         """Write offsets, articles and (last) the manifest; returns the store's path. The data files
@@ -160,16 +159,14 @@ class StoreWriter:
         if not self.rows:
             raise DataError(f"{self.path}: no rows were written; a store needs at least one chunk")
         if self.rows > 1 and not self._varied:
-            raise DataError(f"{self.path}: all {self.rows} vectors point one way; expected distinct chunk embeddings")
+            raise one_direction_error(str(self.path), self.rows)
         runs = np.concatenate(self._runs)
         offsets = np.append(runs[:, 0], self.rows).astype(np.int64)
         articles = np.ascontiguousarray(runs[:, 1:], np.int64)
         for name, arr in ((OFFSETS, offsets), (ARTICLES, articles)):
             data = arr.tobytes()
-            with open(self.path / name, "wb") as f:
+            with atomic_open(self.path / name, "wb") as f:  # on disk (fsync) when the block ends
                 f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
             self._hash.update(data)
         if self._renormalised:
             log.warning("%s: renormalised %d non-unit vectors (norms %.4g..%.4g)", self.path, self._renormalised, *self._norms)

@@ -424,16 +424,27 @@ def _check_not_constant(vectors: np.ndarray, source: str) -> None:
     """
     if len(vectors) < 2:
         return
-    first = vectors[0].astype(np.float64)
-    first /= np.linalg.norm(first)
-    for s in range(0, len(vectors), _SCAN_ROWS):
-        block = vectors[s : s + _SCAN_ROWS]
-        dots = np.einsum("ij,j->i", block, first, dtype=np.float64)
-        norms = np.sqrt(np.einsum("ij,ij->i", block, block, dtype=np.float64))
-        if (dots < SAME_DIRECTION_COS * norms).any():
-            return
-    raise DataError(
-        f"{source}: all {len(vectors)} vectors are identical (one direction: cosine with row 0 >= "
+    first = unit_direction(vectors[0])
+    if not any(points_elsewhere(vectors[s : s + _SCAN_ROWS], first) for s in range(0, len(vectors), _SCAN_ROWS)):
+        raise one_direction_error(source, len(vectors))
+
+
+def unit_direction(row: np.ndarray) -> np.ndarray:
+    """`row` as a unit float64 vector: the direction the one-direction check compares with."""
+    row = row.astype(np.float64)
+    return row / np.linalg.norm(row)
+
+
+def points_elsewhere(block: np.ndarray, direction: np.ndarray) -> bool:
+    """Whether any row of `block` has cosine below SAME_DIRECTION_COS with the unit `direction`."""
+    dots = np.einsum("ij,j->i", block, direction, dtype=np.float64)
+    norms = np.sqrt(np.einsum("ij,ij->i", block, block, dtype=np.float64))
+    return bool((dots < SAME_DIRECTION_COS * norms).any())
+
+
+def one_direction_error(source: str, rows: int) -> DataError:
+    return DataError(
+        f"{source}: all {rows} vectors are identical (one direction: cosine with row 0 >= "
         f"{SAME_DIRECTION_COS}); expected distinct chunk embeddings, one per chunk: with a single vector "
         "every prediction ties and no metric means anything"
     )

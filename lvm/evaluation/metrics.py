@@ -11,9 +11,9 @@ from collections.abc import Iterable
 import torch
 import torch.nn.functional as F
 
-# Upper bound on candidate vectors scored at once in within-article ranking, to bound memory
-# (B x longest article x D floats) on stores with long articles.
-_MAX_CANDIDATES = 1 << 21
+# Upper bound on the candidate components gathered at once in within-article ranking (windows x
+# longest article x D; 16 MB in float32): its transient memory stays flat whatever D and the article lengths.
+MAX_CANDIDATE_ELEMENTS = 1 << 22
 
 
 def cos(pred: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
@@ -145,7 +145,7 @@ def within_article_ranks(
     pred = F.normalize(pred, dim=-1)
     out = torch.empty(len(pred), dtype=torch.long, device=pred.device)
     longest = int(article_len.max()) if len(article_len) else 0
-    step = max(1, _MAX_CANDIDATES // max(longest, 1))
+    step = max(1, MAX_CANDIDATE_ELEMENTS // (max(longest, 1) * vectors.shape[-1]))
     for s in range(0, len(pred), step):
         sl = slice(s, s + step)
         width = int(article_len[sl].max())
@@ -153,7 +153,7 @@ def within_article_ranks(
         rows = article_start[sl, None] + offs
         valid = offs < article_len[sl, None]
         rows = torch.where(valid, rows, article_start[sl, None])
-        scores = torch.einsum("bd,bld->bl", pred[sl], vectors[rows].to(pred.dtype))
+        scores = torch.bmm(vectors[rows].to(pred.dtype), pred[sl].unsqueeze(2)).squeeze(2)
         # The target's own score comes from the same product, so rounding cannot separate them.
         out[sl] = _rank(scores, (target_rows[sl] - article_start[sl]).unsqueeze(1), valid, bad[sl])
     return out

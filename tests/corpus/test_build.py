@@ -111,7 +111,7 @@ def test_mediawiki_build_end_to_end(tmp_path):
     assert m["encoder"] == "hashed-bow (callable)" and m["source"] == str(WIKI_FIXTURE.resolve())
 
     info = json.loads((out / "build_info.json").read_text())
-    assert info["dim"] == 64 and info["encoder"]["name"] == "hashed-bow"
+    assert info["dim"] == 64 and info["dtype"] == "float32" and info["encoder"]["name"] == "hashed-bow"
     c = info["counts"]
     assert c["skipped"] == {"redirect": 1, "namespace 4": 1, "fewer than 300 words": 2}
     assert (c["documents_read"], c["documents_kept"], c["articles"], c["chunks"]) == (5, 3, 3, len(expected))
@@ -351,7 +351,7 @@ def test_half_storage_halves_the_file_and_rounds_the_rows(tmp_path, dtype, round
     texts = {name: (tmp_path / "run" / name).read_text() for name in ("articles.jsonl", "chunks.jsonl")}
     info = build(cfg_for(f"input={source}", f"out_dir={tmp_path / 'run'}", f"dtype={dtype}"))  # an output setting: resumes
     assert info["counts"]["chunks_embedded_this_run"] == 0 and info["counts"]["documents_embedded_earlier"] == 3
-    assert store_manifest(tmp_path / "run")["dtype"] == dtype
+    assert store_manifest(tmp_path / "run")["dtype"] == info["dtype"] == dtype
     assert (tmp_path / "run" / "store" / "vectors.bin").stat().st_size * 2 == size
     half, half_ids, half_chunks = store_rows(tmp_path / "run")
     np.testing.assert_allclose(half, full, rtol=rounding, atol=2**-24)

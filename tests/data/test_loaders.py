@@ -416,11 +416,26 @@ def test_ordinary_splits_do_not_warn(caplog):
 
 
 def test_target_variance_matches_numpy_and_stops_early_with_a_lower_bound(monkeypatch):
-    monkeypatch.setattr(loaders, "_BLOCK", 5)
     v, a, c = store_arrays()
+    monkeypatch.setattr(loaders, "_VARIANCE_ELEMENTS", 5 * v.shape[1])
     windows = ArticleStore(v, a, c).windows(P6)
     targets = v[np.lexsort((c, a))][windows.targets.numpy()].astype(np.float64)
     exact = targets.var(axis=0).sum()  # numpy: mean squared distance to the mean vector
     assert loaders.target_variance(windows) == pytest.approx(exact, rel=1e-9)
     bound = loaders.target_variance(windows, enough=1e-4)
     assert 1e-4 <= bound < exact  # stopped after the first block of 5 targets
+
+
+def test_target_variance_gathers_a_bounded_block_at_wide_dimensions(monkeypatch):
+    """At D=768 a block of 4,096 targets (25 MB in float64) was gathered at once; now at most
+    _VARIANCE_ELEMENTS components, with the same variance."""
+    rng = np.random.default_rng(0)
+    v = rng.standard_normal((6000, 768)).astype(np.float32)
+    v /= np.linalg.norm(v, axis=1, keepdims=True)
+    a, c = np.repeat(np.arange(100), 60), np.tile(np.arange(60), 100)
+    windows = ArticleStore(v, a, c).windows(P6)
+    gathered, take = [], windows.store.take
+    monkeypatch.setattr(windows.store, "take", lambda rows: gathered.append(rows.numel() * 768) or take(rows))
+    exact = v[windows.targets.numpy()].astype(np.float64).var(axis=0).sum()
+    assert loaders.target_variance(windows) == pytest.approx(exact, rel=1e-9)
+    assert len(gathered) > 1 and max(gathered) <= loaders._VARIANCE_ELEMENTS

@@ -261,3 +261,28 @@ def test_nan_predictions_score_no_diversity_and_no_contrastive_accuracy(setup):
     assert torch.isnan(M.diversity(pred, b["target"]))
     ca = M.contrastive_accuracy(pred, b["target"])
     assert ca[3].item() == 0.0  # never perfect
+
+
+class GatherRecorder:
+    """Store vectors that record how many components each gather takes."""
+
+    def __init__(self, vectors: torch.Tensor) -> None:
+        self.vectors, self.shape, self.gathered = vectors, vectors.shape, []
+
+    def __getitem__(self, rows: torch.Tensor) -> torch.Tensor:
+        self.gathered.append(rows.numel() * self.shape[-1])
+        return self.vectors[rows]
+
+
+def test_within_article_ranking_gathers_a_bounded_block_at_wide_dimensions():
+    """1,000 windows of 60-chunk articles at D=768 (the mini-5CAT sample of a p6-sized store) once
+    gathered 46 M components (184 MB) in one block; the ranks are the brute-force ones whatever the blocks."""
+    store = tiny_store(d=768, lengths=(60,) * 20)
+    batch = store.windows(P6).gather(np.arange(len(store.windows(P6))))
+    batch = {k: v.repeat_interleave(4, dim=0)[:1000] for k, v in batch.items()}
+    start, length = (torch.from_numpy(a) for a in store.article_span(batch["target_row"].numpy()))
+    pred = batch["context"][:, -1] + 0.5 * batch["target"]
+    vectors = GatherRecorder(store.vectors)
+    ranks = M.within_article_ranks(pred, vectors, batch["target_row"], start, length)
+    assert max(vectors.gathered) <= M.MAX_CANDIDATE_ELEMENTS and len(vectors.gathered) > 1
+    assert np.array_equal(ranks.numpy(), numpy_within_article_rank(pred.numpy(), store, batch["target_row"].numpy()))
