@@ -6,7 +6,7 @@ from callbacks.device_data import DeviceData, keeps_data_on_device
 from callbacks.fault import FaultInjection
 from callbacks.mini5cat import Mini5CAT
 from callbacks.ramp import RampSchedule, RampStage
-from callbacks.resume import EpochEndSave, ExactResume
+from callbacks.resume import ExactResume, LastSave
 from callbacks.rollback import RollbackGuard
 from callbacks.skip import SkipReport
 from callbacks.spike import SPIKE_STATS, SpikeCheck
@@ -15,7 +15,7 @@ from callbacks.threads import ShareCPUs
 
 __all__ = [
     "DeviceData",
-    "EpochEndSave",
+    "LastSave",
     "ExactResume",
     "FaultInjection",
     "FiniteModelCheckpoint",

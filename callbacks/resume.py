@@ -3,8 +3,9 @@
 - last.ckpt carries the sampler position (the epoch's order is a function of (seed, epoch), see
   lvm/data/sampler.py) and every RNG state (torch, CUDA, numpy, python), so a resumed run draws
   the same batches and the same dropout masks as the uninterrupted run.
-- It is written at every epoch end (after every other epoch-end hook: it holds the best and epoch
-  checkpoints' record of that epoch, see EpochEndSave), every `every_n_steps` steps mid-epoch
+- It is written by `LastSave`, a Lightning Checkpoint, so after every other callback's hook (it
+  holds the guard's decision of its step, and the best and epoch checkpoints' record of its epoch):
+  at every epoch end, every `every_n_steps` steps mid-epoch
   (`auto`: the steps of about `every_minutes`, timed on this run's first steps), and when SIGTERM,
   SIGUSR1 or a Ctrl-C arrives (then the run stops with `Preempted`); always atomically
   (lvm/runtime/files.py via the trainer's CheckpointIO), so kill -9 at any moment loses at most
@@ -119,7 +120,7 @@ class ExactResume(L.Callback):
         self.scheduler_inputs: dict[str, float] | None = None
         self._restored_inputs: dict[str, float] | None = None  # from a checkpoint written at an epoch end
         self._step_at_next_epoch = False  # Lightning restarted this epoch mid-way: it will not step them
-        self.epoch_end = EpochEndSave(self)  # the epoch-end writer: the run adds it beside this callback
+        self.writer = LastSave(self)  # what writes last.ckpt: the run adds it beside this callback
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Stop signals are lvm's: the run stops at a batch end or an epoch end, where last.ckpt is
@@ -146,7 +147,9 @@ class ExactResume(L.Callback):
         self._step_at_next_epoch = False
         self.scheduler_inputs = None
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def save_batch_end(self, trainer: L.Trainer, batch_idx: int) -> None:
+        """last.ckpt mid-epoch, every `every_n_steps` steps or on a stop signal (LastSave, after
+        every other batch-end hook)."""
         self.epoch, self.batches_done, self.world = trainer.current_epoch, batch_idx + 1, trainer.world_size
         if self._timing:
             self._time_steps(trainer)
@@ -165,7 +168,7 @@ class ExactResume(L.Callback):
         self.scheduler_inputs = scheduler_inputs(trainer)
 
     def save_epoch_end(self, trainer: L.Trainer) -> None:
-        """last.ckpt at an epoch's end (EpochEndSave, after every other epoch-end hook)."""
+        """last.ckpt at an epoch's end (LastSave, after every other epoch-end hook)."""
         self.save(trainer)
         # A signal that came during the epoch's last batch or its validation: stop here, with the
         # epoch's row and last.ckpt written.
@@ -225,14 +228,18 @@ class ExactResume(L.Callback):
         set_rng_states(state_dict["rng"])
 
 
-class EpochEndSave(Checkpoint):
-    """ExactResume's epoch-end last.ckpt. A Lightning Checkpoint: the trainer runs checkpoint
+class LastSave(Checkpoint):
+    """ExactResume's writer of last.ckpt. A Lightning Checkpoint: the trainer runs checkpoint
     callbacks after all others, in their given order, and the run gives this one after the best and
-    epoch checkpoints; so last.ckpt holds their state of this epoch (ModelCheckpoint saves at the
-    train epoch's end when validation runs once per epoch), not the one before."""
+    epoch checkpoints; so last.ckpt holds every other callback's state of its step (the guard's
+    decision) and of its epoch (ModelCheckpoint saves at the train epoch's end when validation runs
+    once per epoch), whatever their order in the list."""
 
     def __init__(self, resume: ExactResume) -> None:
         self.resume = resume
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.resume.save_batch_end(trainer, batch_idx)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.resume.save_epoch_end(trainer)

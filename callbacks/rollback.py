@@ -57,6 +57,7 @@ from lvm.guard.detectors import (
     detector_problems,
     dropped,
 )
+from lvm.guard.steplog import FlushedRows
 from lvm.model.module import batch_health
 from lvm.runtime.checkpoints import finite_weights, read_checkpoint
 from lvm.runtime.errors import ConfigError, LvmError, finite, require
@@ -172,7 +173,6 @@ class RollbackGuard(L.Callback):
         self.best_val_cos: float | None = None
         self.streaks = Streaks()
         self._pending: list[Trip] = []
-        self._flushed = False  # a window was flushed since the last decision (same steps on every rank)
         self._drops_in_window = 0  # updates the spike check dropped in the newest flushed window
         self._ignore_before = 0  # rows from before the last rollback describe the discarded weights
 
@@ -196,9 +196,10 @@ class RollbackGuard(L.Callback):
         if not self.good:
             self._save_good(trainer, "good-initial.ckpt")
 
-    def on_rows(self, steps: list[int], rows: list[dict[str, float]]) -> None:
-        self._flushed = True
-        current = [(s, r) for s, r in zip(steps, rows) if s >= self._ignore_before]
+    def on_rows(self, trainer: L.Trainer, pl_module: L.LightningModule, flushed: FlushedRows, in_training: bool) -> None:
+        """The in-training detectors on each flushed window of step statistics (StepStatistics):
+        decided at once when flushed in training, else with the validation that follows."""
+        current = [(s, r) for s, r in zip(flushed.steps, flushed.rows) if s >= self._ignore_before]
         # start_step spares an untrained model's cosines, not a NaN: that is a collapse from step 0.
         warm = [r for s, r in current if s >= self.detectors["start_step"]]
         trips = check_training(warm, self.detectors, self.streaks)
@@ -215,6 +216,8 @@ class RollbackGuard(L.Callback):
                 )
             )
         self._pending += self._still_learning(trips)
+        if in_training:
+            self._decide_pending(trainer, pl_module)
 
     # --- the starting weights -----------------------------------------------------------------
     def _start_trips(self, trainer: L.Trainer, pl_module: L.LightningModule) -> list[Trip]:
@@ -243,11 +246,9 @@ class RollbackGuard(L.Callback):
         return CollapsedStart(message)
 
     # --- decisions ----------------------------------------------------------------------------
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
-        # Only where a window was just flushed (the same steps on every rank): no per-step sync.
-        if not self._flushed:
-            return
-        self._flushed = False
+    def _decide_pending(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """The trips of the windows flushed so far, decided now: only where a window was just
+        flushed (the same steps on every rank), so no per-step sync."""
         trips, self._pending = self._pending, []
         # A dropped step was a bad batch if the weights are finite, broken weights if not (a NaN row
         # alone cannot tell): one check, on every rank alike, only after a window with drops.

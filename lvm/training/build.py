@@ -121,10 +121,8 @@ def build_callbacks(
         mini5cat=cb.mini5cat is not None,
         windows=splits["val"] if len(splits["val"]) else splits["train"],  # what it probes weights on
     )
-    # The statistics first: they hand each flushed window to the guard before it decides.
-    stats = StepStatistics(
-        STEP_STATS, cfg.logger.flush_every, [guard.on_rows] if guard else [], [(SPIKE_STATS, spike.stats)] if spike else []
-    )
+    # The statistics hand each flushed window to the guard, which decides inside their hook.
+    stats = StepStatistics(STEP_STATS, cfg.logger.flush_every, [guard] if guard else [], [(SPIKE_STATS, spike.stats)] if spike else [])
     out: list[L.Callback] = [schedule, stats, *([spike] if spike else [])]
     skip_report = SkipReport(STEP_STATS, cfg.logger.print_every) if g.skip_rule is not None else None
     if skip_report is not None:
@@ -137,7 +135,6 @@ def build_callbacks(
     if cb.epoch_checkpoints is not None:
         out.append(build("callbacks.epoch_checkpoints", cb.epoch_checkpoints, dirpath=ckpt_dir))
     out.append(TensorBoardDashboard(hparams, run_dir / "metrics.jsonl"))
-    # After the guard and the dashboard: last.ckpt holds their decisions and rows of its step.
     resume = build(
         "callbacks.resume",
         cb.resume,
@@ -147,9 +144,9 @@ def build_callbacks(
         signals=signals,
         signal_check_every=cfg.logger.flush_every,
     )
-    # Its epoch-end writer, a Checkpoint after the best and epoch ones: Lightning runs checkpoint
-    # callbacks last, in this order, so an epoch's last.ckpt holds their record of that epoch.
-    out += [resume, resume.epoch_end]
+    # Its last.ckpt writer, a Checkpoint after the best and epoch ones: Lightning runs checkpoint
+    # callbacks last, in this order, so last.ckpt holds every other callback's record of its step.
+    out += [resume, resume.writer]
     if cfg.trainer.get("enable_progress_bar", True) and cb.progress_bar is not None:
         out.append(build("callbacks.progress_bar", cb.progress_bar))
     if cfg.threads == "auto" and not cfg.trainer.deterministic:  # a deterministic run keeps its thread count

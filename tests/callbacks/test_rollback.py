@@ -10,6 +10,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from lightning.pytorch.callbacks import Checkpoint
 
 from callbacks.fault import FaultInjection
 from callbacks.rollback import STILL_LEARNING
@@ -56,6 +57,37 @@ def test_nan_injection_rolls_back_and_recovers(tmp_path):
     guard_state = next(v for k, v in last["callbacks"].items() if k.startswith("RollbackGuard"))
     ramp_state = next(v for k, v in last["callbacks"].items() if k.startswith("RampSchedule"))
     assert guard_state["rollbacks"] == 1 and ramp_state["lambda_max_factor"] == 0.5
+
+
+def test_the_guards_decisions_do_not_depend_on_the_callback_order(tmp_path, monkeypatch):
+    """The same NaN fault with the run's callbacks in reverse order (the checkpoint callbacks keep
+    theirs: Lightning runs them after all others, in their given order): the rollback happens at the
+    same step, and last.ckpt holds the same weights and guard state (the statistics hand each window
+    to the guard inside their own hook; last.ckpt is written by a Lightning Checkpoint)."""
+    import lvm.training.build as build_module
+
+    run(cfg_for(*GUARDED, "trainer.max_epochs=1"), tmp_path / "probe")
+    n = steps_per_epoch(tmp_path / "probe")
+    runs = {}
+    for order in ("built", "reversed"):
+        if order == "reversed":
+            built = build_module.build_callbacks
+
+            def reversed_callbacks(*args, **kwargs):
+                c = built(*args, **kwargs)
+                others = [x for x in c.all if not isinstance(x, Checkpoint)][::-1]
+                return build_module.RunCallbacks(
+                    others + [x for x in c.all if isinstance(x, Checkpoint)], c.spike, c.guard, c.skip_report, c.resume
+                )
+
+            monkeypatch.setattr(build_module, "build_callbacks", reversed_callbacks)
+        results = run(cfg_for(*GUARDED, "trainer.max_epochs=2"), tmp_path / order, extra_callbacks=[FaultInjection([n + 2])])
+        last = torch.load(results["last_checkpoint"], weights_only=True)
+        guard_state = next(v for k, v in last["callbacks"].items() if k.startswith("RollbackGuard"))
+        runs[order] = ([(e["step"], e["action"]) for e in events(tmp_path / order)], last["state_dict"], guard_state)
+    (ev, weights, guard), (ev_r, weights_r, guard_r) = runs["built"], runs["reversed"]
+    assert ev == ev_r and any(action == "rollback" for _, action in ev), (ev, ev_r)
+    assert guard == guard_r and all(torch.equal(weights[k], weights_r[k]) for k in weights)
 
 
 def test_guard_decides_on_every_step_of_the_epoch(tmp_path):

@@ -25,18 +25,18 @@ def test_every_step_written_once_at_its_step():
     assert lg.rows[4][1] == {"a": 4.0, "b": 40.0}
 
 
-def test_listeners_get_each_flushed_window_and_unflushed_rows_survive_a_checkpoint():
-    """Subscribers given at construction see every row once; a restored log flushes the rows it
+def test_each_flush_returns_its_rows_once_and_unflushed_rows_survive_a_checkpoint():
+    """record and flush hand back every row once, in step order; a restored log flushes the rows it
     was saved with at the same step as the original (exact resume)."""
-    seen = []
-    log = StepLog(["a"], flush_every=4, listeners=[lambda steps, rows: seen.append((steps, [r["a"] for r in rows]))])
-    for step in range(6):
-        log.record(step, torch.tensor([float(step)]), [])
-    assert seen == [([0, 1, 2, 3], [0.0, 1.0, 2.0, 3.0])]
+    log = StepLog(["a"], flush_every=4)
+    flushed = [log.record(step, torch.tensor([float(step)]), []) for step in range(6)]
+    assert flushed[:3] == [None] * 3 and flushed[4:] == [None] * 2
+    assert (flushed[3].steps, [r["a"] for r in flushed[3].rows]) == ([0, 1, 2, 3], [0.0, 1.0, 2.0, 3.0])
     state = log.state_dict()
     assert state == {"steps": [4, 5], "rows": [[4.0], [5.0]]}
-    restored = StepLog(["a"], flush_every=4, listeners=[lambda steps, rows: seen.append((steps, [r["a"] for r in rows]))])
+    restored = StepLog(["a"], flush_every=4)
     restored.load_state_dict(state)
-    for step in (6, 7):
-        restored.record(step, torch.tensor([float(step)]), [])
-    assert seen[-1] == ([4, 5, 6, 7], [4.0, 5.0, 6.0, 7.0])
+    assert restored.record(6, torch.tensor([6.0]), []) is None
+    last = restored.record(7, torch.tensor([7.0]), [])
+    assert (last.steps, [r["a"] for r in last.rows]) == ([4, 5, 6, 7], [4.0, 5.0, 6.0, 7.0])
+    assert restored.flush([]) is None  # nothing left
