@@ -70,6 +70,8 @@ from lvm.bench.store import measure_store
 from lvm.runtime.cli import CONF_DIR, entry_point, run_entry_point
 from lvm.runtime.errors import ConfigError
 from lvm.runtime.precision import BF16
+from lvm.training.build import build_data
+from lvm.training.run import with_precision
 
 log = logging.getLogger("lvm.bench")
 
@@ -101,6 +103,9 @@ def main(cfg: DictConfig) -> None:
 
     started = time.perf_counter()
     cfg = training_config(cfg)
+    if "auto" in (str(cfg.trainer.precision), str(cfg.eval.precision)):  # measured once, as lvm.train does
+        cfg, chosen = with_precision(cfg, build_data(cfg)["train"], None)
+        log.info("precision=auto: trainer.precision %s, eval.precision %s", chosen["trainer"], chosen["eval"])
     figures: dict[str, str] = {}
     with tempfile.TemporaryDirectory(prefix="lvm-bench-") as tmp:
         if "loops" in b.figures:

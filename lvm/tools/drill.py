@@ -42,6 +42,7 @@ from lvm.runtime.cli import CONF_DIR, EXIT_FAIL, entry_point, run_entry_point
 from lvm.runtime.errors import ConfigError, LvmError
 from lvm.runtime.files import atomic_write_text, read_jsonl
 from lvm.runtime.tables import fmt, md_table
+from lvm.runtime.threads import thread_count
 from lvm.tools.runs import read_results
 
 log = logging.getLogger(__name__)
@@ -161,7 +162,7 @@ def _slug(override: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in override.split("=")[-1])
 
 
-def train(run: Run, out: Path, reuse: bool) -> dict[str, Any]:
+def train(run: Run, out: Path, reuse: bool, threads: int) -> dict[str, Any]:
     """One run of lvm.train subprocesses (one torch thread) into out/<key>; its results.json.
     `reuse`: a run that finished before (results.json present, the same plan) is read, not trained again."""
     run_dir = out / run.key
@@ -183,7 +184,7 @@ def train(run: Run, out: Path, reuse: bool) -> dict[str, Any]:
         interrupted = None
         if run.first is not None:
             first_dir = out / f"{run.key}.before_move" if run.move else run_dir
-            code = _lvm_train([*run.overrides, *run.first, "overwrite=true"], first_dir, logf)
+            code = _lvm_train([*run.overrides, *run.first, "overwrite=true"], first_dir, logf, threads)
             interrupted = {"exit_code": code, "moved_from": str(first_dir) if run.move else None}
             atomic_write_text(out / f"{run.key}.interrupted.json", json.dumps(interrupted))
             if run.move:
@@ -191,7 +192,7 @@ def train(run: Run, out: Path, reuse: bool) -> dict[str, Any]:
                     shutil.rmtree(run_dir)
                 shutil.move(first_dir, run_dir)
         resume = ["ckpt_path=last"] if run.first is not None else ["overwrite=true"]
-        code = _lvm_train([*run.overrides, *resume], run_dir, logf)
+        code = _lvm_train([*run.overrides, *resume], run_dir, logf, threads)
     results, status = read_results(run_dir)
     results = {**results, "status": status if results else f"{status} (exit code {code}, see {run.key}.log)"}
     results["exit_code"] = code
@@ -201,8 +202,8 @@ def train(run: Run, out: Path, reuse: bool) -> dict[str, Any]:
     return results
 
 
-def _lvm_train(overrides: list[str], run_dir: Path, logf: Any) -> int:
-    args = [sys.executable, "-m", "lvm.train", *overrides, "threads=1", f"hydra.run.dir={run_dir}"]
+def _lvm_train(overrides: list[str], run_dir: Path, logf: Any, threads: int) -> int:
+    args = [sys.executable, "-m", "lvm.train", *overrides, f"threads={threads}", f"hydra.run.dir={run_dir}"]
     logf.write(f"$ {' '.join(args[1:])}\n")
     logf.flush()
     proc = subprocess.run(args, stdout=logf, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -394,13 +395,14 @@ def plot(layout: dict[str, Any], row: dict[str, Any], out: Path) -> Path:
 def run_suite(cfg: DictConfig) -> dict[str, Any]:
     if not (isinstance(cfg.jobs, int) and cfg.jobs >= 1):
         raise ConfigError(f"jobs must be an integer >= 1 (got {cfg.jobs!r})")
+    threads = thread_count(cfg.threads, cfg.jobs)  # each run's: a fixed count, so runs side by side never re-share
     drills = select_drills(cfg)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     runs, layouts, controls = plan(cfg, drills)
-    log.info("[drill] %d drills, %d runs (%d side by side) into %s", len(drills), len(runs), cfg.jobs, out)
+    log.info("[drill] %d drills, %d runs (%d side by side, %d torch threads each) into %s", len(drills), len(runs), cfg.jobs, threads, out)
     with ThreadPoolExecutor(cfg.jobs) as pool:
-        results = dict(zip((r.key for r in runs), pool.map(lambda r: train(r, out, bool(cfg.reuse)), runs)))
+        results = dict(zip((r.key for r in runs), pool.map(lambda r: train(r, out, bool(cfg.reuse), threads), runs)))
     rows = [assess(layouts[d.name], results, out, cfg.tolerance) for d in drills]
     for d, row in zip(drills, rows):
         row["plot"] = str(plot(layouts[d.name], row, out))

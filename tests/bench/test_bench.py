@@ -16,9 +16,12 @@ def test_the_bench_line_carries_the_loop_and_detector_figures():
         "bench.steps=4",
         "bench.warmup=1",
         "bench.repeats=1",
+        "trainer.precision=auto",
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout + proc.stderr
+    assert re.search(r"precision=auto: trainer.precision (32|bf16-mixed)", out), out[-3000:]  # resolved, not Lightning's error
     line = [x for x in proc.stdout.splitlines() if x.startswith("bench: ")]
     assert len(line) == 1, proc.stdout[-2000:]
     figures = dict(f.split("=", 1) for f in line[0].removeprefix("bench: ").split())

@@ -14,7 +14,7 @@ from tests.helpers import run_module
 def test_the_nan_batch_drill_meets_every_goal(tmp_path):
     """The fast suite's drill: one fault, guarded and not, beside its control (the quick set: below)."""
     out = tmp_path / "drills"
-    proc = run_module("lvm.tools.drill", "quick=true", "only=[nan_batch]", f"out={out}", timeout=900)
+    proc = run_module("lvm.tools.drill", "quick=true", "only=[nan_batch]", f"out={out}", "threads=1", timeout=900)
     summary = json.loads((out / "drills.json").read_text())
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     (row,) = summary["drills"]
@@ -23,6 +23,8 @@ def test_the_nan_batch_drill_meets_every_goal(tmp_path):
     assert row["final_on"] >= row["final_control"] - 0.01, row
     assert len(summary["controls"]) == 1 and summary["controls"][0]["false_alarms"] == 0
     assert "Every goal met: yes" in (out / "drills.md").read_text()
+    commands = [line for log in out.rglob("*.log") for line in log.read_text().splitlines() if line.startswith("$ -m lvm.train")]
+    assert len(commands) == 3 and all(" threads=1 " in c for c in commands), commands  # the tool's threads setting
 
 
 @pytest.mark.slow
