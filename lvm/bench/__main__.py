@@ -70,6 +70,7 @@ from lvm.bench.store import measure_store
 from lvm.runtime.cli import CONF_DIR, entry_point, run_entry_point
 from lvm.runtime.errors import ConfigError
 from lvm.runtime.precision import BF16
+from lvm.runtime.threads import set_threads
 from lvm.training.build import build_data
 from lvm.training.run import with_precision
 
@@ -80,9 +81,9 @@ log = logging.getLogger("lvm.bench")
 @entry_point("lvm.bench")
 def main(cfg: DictConfig) -> None:
     b = cfg.bench
-    if b.steps < 1 or b.warmup < 0 or b.repeats < 1 or b.threads < 1 or b.mem_rows < 1 or b.fivecat_windows < 1 or b.store_dim < 1:
+    if b.steps < 1 or b.warmup < 0 or b.repeats < 1 or b.mem_rows < 1 or b.fivecat_windows < 1 or b.store_dim < 1:
         raise ConfigError(
-            "bench.steps, bench.repeats, bench.threads, bench.mem_rows, bench.fivecat_windows and bench.store_dim must be >= 1, "
+            "bench.steps, bench.repeats, bench.mem_rows, bench.fivecat_windows and bench.store_dim must be >= 1, "
             f"bench.warmup >= 0 (got {dict(b)})"
         )
     if not b.store_gb > 0:
@@ -91,7 +92,8 @@ def main(cfg: DictConfig) -> None:
     if unknown or not b.figures:
         raise ConfigError(f"bench.figures must name some of {list(FIGURES)} (got {list(b.figures)})")
     # The training overrides given (for the side-by-side runs, which start `python -m lvm.train`).
-    overrides = [o for o in HydraConfig.get().overrides.task if not o.lstrip("+~").startswith("bench.")]
+    # Not `threads`: the side-by-side runs share the CPUs as lvm.train's default (auto) does.
+    overrides = [o for o in HydraConfig.get().overrides.task if not o.lstrip("+~").startswith(("bench.", "threads="))]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     # Quiet the per-run chatter (console lines every print_every steps, per-epoch summaries,
     # Lightning's start-up info): emitting it costs next to nothing but would bury the results.
@@ -99,7 +101,7 @@ def main(cfg: DictConfig) -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     warnings.filterwarnings("ignore", ".*LeafSpec.*")
-    torch.set_num_threads(b.threads)
+    set_threads(cfg.threads)
 
     started = time.perf_counter()
     cfg = training_config(cfg)

@@ -116,7 +116,7 @@ def main(cfg: DictConfig) -> None:
     for name in ("lvm.model.module", "callbacks", "lightning.pytorch", "lightning.fabric", "tensorboard"):
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
-    b.threads = set_threads(b.threads)  # a fixed count for every variant (training_config)
+    set_threads(cfg.threads)  # `threads` (lvm.train's: auto = the usable CPUs); every variant keeps the count (training_config)
     train_cfg = training_config(cfg)
     with tempfile.TemporaryDirectory(prefix="lvm-bench-gpu-") as tmp:
         rows = measure(train_cfg, b, Path(tmp))

@@ -28,6 +28,7 @@ from lvm.model.optim import RollingStat, grad_norm
 from lvm.runtime.cli import CONF_DIR
 from lvm.runtime.objects import to_plain
 from lvm.runtime.precision import BF16, FP32
+from lvm.runtime.threads import thread_count
 from lvm.training.build import build_data, build_fit, clip_by_norm, make_loader
 from lvm.training.config import validate
 
@@ -106,7 +107,7 @@ def training_config(cfg: DictConfig) -> DictConfig:
     with the bench's thread count and no progress bar: a fixed thread count, so that no variant
     re-shares threads (ShareCPUs) while it is timed, and no progress bar callback either."""
     train = OmegaConf.masked_copy(cfg, [k for k in cfg if k not in ("bench", "hydra")])
-    train.threads = cfg.bench.threads
+    train.threads = thread_count(cfg.threads)  # the count the tool set (set_threads), fixed
     train.trainer.enable_progress_bar = False
     validate(train)
     return train

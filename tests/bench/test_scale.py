@@ -15,7 +15,7 @@ from tests.helpers import compose_cfg, run_module
 
 @pytest.mark.slow
 def test_a_200k_by_768_store_trains_and_evaluates(tmp_path):
-    train_cfg = training_config(compose_cfg("bench", "data.synthetic.dim=768", "bench.threads=1"))
+    train_cfg = training_config(compose_cfg("bench", "data.synthetic.dim=768", "threads=1"))
     # The data path: peak RSS growth over the raw vectors' bytes, each in a fresh process.
     assert measure_data_memory(train_cfg, 200_000, tmp_path) <= 1.1
     syn = {**dict(train_cfg.data.synthetic), "articles": round(2 * 200_000 / (12 + 60))}
