@@ -336,15 +336,12 @@ def start_training(overrides: list[str], run_dir: Path, *settings: str) -> subpr
 def measure_side_by_side(overrides: list[str], work_dir: Path) -> tuple[float, list[float]]:
     """Steps/s of a lone training, and of each of two started together (default threads=auto)."""
 
-    def start(name: str) -> subprocess.Popen:
-        return start_training(overrides, work_dir / name)
-
     def finish(procs: list[subprocess.Popen]) -> None:
         if any(p.wait() != 0 for p in procs):
             raise SystemExit(f"bench: a side-by-side training failed; see {work_dir}/*/train.log")
 
-    finish([start("lone")])
-    finish([start("pair0"), start("pair1")])
+    finish([start_training(overrides, work_dir / "lone")])
+    finish([start_training(overrides, work_dir / f"pair{i}") for i in range(2)])
     return train_steps_per_s(work_dir / "lone"), [train_steps_per_s(work_dir / f"pair{i}") for i in range(2)]
 
 

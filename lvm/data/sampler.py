@@ -80,12 +80,11 @@ class EpochSampler(Sampler[int]):
     def global_order(self) -> Iterator[torch.Tensor]:
         """Epoch `epoch`'s order of every window, in slices."""
         n = len(self.data_source)
+        gen = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
         if self.shuffle == "global":
-            gen = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
             yield from torch.randperm(n, generator=gen).split(_SLICE)
             return
         blocks = -(-n // self.block)
-        gen = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
         for b in torch.randperm(blocks, generator=gen).tolist():
             start = b * self.block
             size = min(self.block, n - start)
@@ -127,6 +126,4 @@ class ShardSampler(Sampler[int]):
         return hi - lo
 
     def __iter__(self) -> Iterator[int]:
-        lo, hi = self._range()
-        for s in range(lo, hi, _SLICE):
-            yield from range(s, min(s + _SLICE, hi))
+        return iter(range(*self._range()))
