@@ -1,8 +1,7 @@
-"""Lightning callbacks of lvm, one concern per module: ramp, step statistics, skip count, rollback guard, mini-5CAT, dashboard, checkpoints, resume, CPU sharing, gradient spikes, the device-resident data path."""
+"""Lightning callbacks of lvm, one concern per module: ramp, step statistics, skip count, rollback guard, mini-5CAT, dashboard, checkpoints, resume, CPU sharing, gradient spikes."""
 
 from callbacks.checkpoint import FiniteModelCheckpoint
 from callbacks.dashboard import RunTensorBoard, TensorBoardDashboard
-from callbacks.device_data import DeviceData, keeps_data_on_device
 from callbacks.fault import FaultInjection
 from callbacks.mini5cat import Mini5CAT
 from callbacks.ramp import RampSchedule, RampStage
@@ -14,7 +13,6 @@ from callbacks.stats import StepStatistics
 from callbacks.threads import ShareCPUs
 
 __all__ = [
-    "DeviceData",
     "LastSave",
     "ExactResume",
     "FaultInjection",
@@ -30,5 +28,4 @@ __all__ = [
     "SpikeCheck",
     "StepStatistics",
     "TensorBoardDashboard",
-    "keeps_data_on_device",
 ]

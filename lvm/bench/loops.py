@@ -29,7 +29,8 @@ from lvm.runtime.cli import CONF_DIR
 from lvm.runtime.objects import to_plain
 from lvm.runtime.precision import BF16, FP32
 from lvm.runtime.threads import thread_count
-from lvm.training.build import build_data, build_fit, clip_by_norm, make_loader
+from lvm.training.build import build_data, build_fit, clip_by_norm
+from lvm.training.data import make_loader
 from lvm.training.config import validate
 
 log = logging.getLogger("lvm.bench")
@@ -177,7 +178,7 @@ def lightning_loop(
         enable_checkpointing=full,
         **trainer_overrides,
     )
-    fit.trainer.fit(fit.module, fit.train_loader, fit.val_loaders)
+    fit.trainer.fit(fit.module, datamodule=fit.data)
     assert timer.timing is not None
     return timer.timing
 

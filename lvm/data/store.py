@@ -321,7 +321,7 @@ class DeviceWindows:
 
 class WindowIndex(Dataset):
     """A split's window indices as a Dataset (data.on_device): its batches are {"index": [B]},
-    gathered into windows on the device (callbacks/device_data.py)."""
+    gathered into windows on the device (lvm/training/data.py)."""
 
     def __init__(self, windows: Windows) -> None:
         self.windows = windows

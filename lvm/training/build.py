@@ -12,11 +12,9 @@ import lightning as L
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig
-from torch.utils.data import DataLoader
 
 from callbacks import (
     SPIKE_STATS,
-    DeviceData,
     ExactResume,
     RampSchedule,
     RollbackGuard,
@@ -25,11 +23,10 @@ from callbacks import (
     SpikeCheck,
     StepStatistics,
     TensorBoardDashboard,
-    keeps_data_on_device,
 )
 from lvm.data.loaders import load_splits
-from lvm.data.sampler import EpochSampler, ShardSampler
-from lvm.data.store import WindowIndex, Windows, WindowSpec, collate_batch
+from lvm.data.sampler import EpochSampler
+from lvm.data.store import Windows, WindowSpec
 from lvm.evaluation.baselines import fit_slot_linear
 from lvm.guard.events import guard_policy
 from lvm.model.module import STEP_STATS, LVMModule, accelerator_device
@@ -37,6 +34,7 @@ from lvm.runtime.checkpoints import AtomicCheckpointIO
 from lvm.runtime.objects import build, to_plain
 from lvm.runtime.signals import StopSignals
 from lvm.runtime.threads import CPUShare, usable_cpus
+from lvm.training.data import WindowData, keeps_data_on_device, make_loader
 
 log = logging.getLogger(__name__)
 
@@ -44,31 +42,6 @@ log = logging.getLogger(__name__)
 def build_data(cfg: DictConfig) -> dict[str, Windows]:
     """Windows of train / val / ood, all views of one article store."""
     return load_splits(to_plain(cfg.data), WindowSpec(**cfg.window))
-
-
-def make_loader(
-    windows: Windows,
-    batch_size: int,
-    shuffle: str | None,
-    num_workers: int,
-    seed: int,
-    on_device: bool = False,
-    shuffle_block: int = 4096,
-) -> DataLoader:
-    """Batches of `windows`: shuffled by (seed, epoch) alone with `shuffle` global or block, this
-    rank's share of each global batch (lvm/data/sampler.py); in order, this rank's range, without.
-    `on_device`: batches of window indices, gathered on the device (callbacks/device_data.py)."""
-    return DataLoader(
-        WindowIndex(windows) if on_device else windows,
-        batch_size=batch_size,
-        sampler=EpochSampler(windows, seed, shuffle, shuffle_block) if shuffle else ShardSampler(windows),
-        num_workers=num_workers,
-        collate_fn=collate_batch,
-        persistent_workers=num_workers > 0,
-        # Its own generator: starting an iterator must not draw from the global RNG, or a resumed
-        # run's dropout masks would differ from the uninterrupted run's.
-        generator=torch.Generator().manual_seed(seed),
-    )
 
 
 @dataclass
@@ -84,13 +57,12 @@ class RunCallbacks:
 
 @dataclass
 class Fit:
-    """What `build_fit` builds: the trainer, the module, their loaders and the run's own callbacks
+    """What `build_fit` builds: the trainer, the module, their data and the run's own callbacks
     (None for a fit without them, the benchmark's bare loop)."""
 
     trainer: L.Trainer
     module: LVMModule
-    train_loader: DataLoader
-    val_loaders: list[DataLoader]
+    data: WindowData
     callbacks: RunCallbacks | None
 
 
@@ -200,19 +172,21 @@ def build_fit(
     store = splits["train"].store
     on_device = keeps_data_on_device(d.on_device, d.device_share, store.vectors.nbytes, accelerator_device(cfg.trainer.accelerator))
     evals = [splits[s] for s in ("val", "ood") if len(splits[s])]
-    train_loader = make_loader(splits["train"], d.batch_size, d.shuffle, d.num_workers, cfg.seed, on_device, d.shuffle_block)
-    val_loaders = [make_loader(w, d.eval_batch_size, None, d.num_workers, cfg.seed, on_device) for w in evals]
+    data = WindowData(
+        make_loader(splits["train"], d.batch_size, d.shuffle, d.num_workers, cfg.seed, on_device, d.shuffle_block),
+        [make_loader(w, d.eval_batch_size, None, d.num_workers, cfg.seed, on_device) for w in evals],
+        on_device,
+    )
     logger: TensorBoardLogger | None = None
     if lvm_callbacks:
         purge = first_unlogged_step(resume) if resume else None
         logger = build("logger.tensorboard", cfg.logger.tensorboard, save_dir=str(run_dir), purge_step=purge)
-    # The device gather first: every other callback's batch hooks read the gathered batch.
-    callbacks = [*([DeviceData(splits["train"], evals)] if on_device else []), *extra_callbacks]
+    callbacks = list(extra_callbacks)
     own = None
     if lvm_callbacks:
         if slot_weights is None:
             slot_weights = fit_slot_linear(splits["train"], d.eval_batch_size)
-        own = build_callbacks(cfg, splits, run_dir, dashboard_hparams(cfg, choices or {}), train_loader.sampler, signals, slot_weights)
+        own = build_callbacks(cfg, splits, run_dir, dashboard_hparams(cfg, choices or {}), data.train.sampler, signals, slot_weights)
         callbacks += own.all
     settings = {**plain["trainer"], **trainer_overrides}
     if own is not None and own.spike is not None and own.spike.clip is not None:
@@ -220,7 +194,7 @@ def build_fit(
     trainer = build(
         "trainer", settings, callbacks=callbacks, logger=logger or False, default_root_dir=str(run_dir), plugins=[AtomicCheckpointIO()]
     )
-    return Fit(trainer, module, train_loader, val_loaders, own)
+    return Fit(trainer, module, data, own)
 
 
 def first_unlogged_step(ckpt: dict[str, Any]) -> int:

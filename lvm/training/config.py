@@ -10,7 +10,6 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationToMissingValueError
 
-from callbacks.device_data import keeps_data_on_device
 from lvm.data.loaders import check_data
 from lvm.data.store import WindowSpec
 from lvm.evaluation.gates import parse_eval
@@ -20,6 +19,7 @@ from lvm.runtime.launchers import is_ddp
 from lvm.runtime.objects import build, to_plain
 from lvm.runtime.precision import check_precision
 from lvm.runtime.threads import thread_count
+from lvm.training.data import keeps_data_on_device
 
 
 def validate(cfg: DictConfig) -> None:

@@ -232,7 +232,7 @@ def train_run(
             )
             trainer = fit.trainer
             try:
-                trainer.fit(fit.module, fit.train_loader, fit.val_loaders, ckpt_path=ckpt[0] if ckpt else None)
+                trainer.fit(fit.module, datamodule=fit.data, ckpt_path=ckpt[0] if ckpt else None)
                 status = ending(fit, extra_callbacks)
             except (Preempted, SIGTERMException) as e:
                 # Ctrl-C (SIGINT) is the user's stop, not a scheduler's: `interrupted` (exit 130).

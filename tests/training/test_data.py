@@ -1,14 +1,15 @@
-"""The device-resident data path (data.on_device, callbacks/device_data.py): on the CPU, where both
-paths exist, it gives the host path's batches, runs and resumes exactly."""
+"""A run's batches (lvm/training/data.py), and the device-resident path (data.on_device): on the CPU,
+where both paths exist, it gives the host path's batches, runs and resumes exactly."""
 
 from __future__ import annotations
 
+import lightning as L
 import pytest
 import torch
 
-from callbacks.device_data import DeviceData, keeps_data_on_device
 from lvm.runtime.errors import ConfigError, LvmError
-from lvm.training.build import build_data, make_loader
+from lvm.training.build import build_data
+from lvm.training.data import WindowData, keeps_data_on_device, make_loader
 from lvm.training.run import run
 from tests.callbacks.test_resume import EXACT, Kill, KillAtStep, assert_same_run
 from tests.helpers import cfg_for, history
@@ -19,26 +20,48 @@ def test_device_batches_are_the_host_batches():
     splits = build_data(cfg)
     host = make_loader(splits["train"], 8, "global", 0, seed=3)
     device = make_loader(splits["train"], 8, "global", 0, seed=3, on_device=True)
-    data = DeviceData(splits["train"], [splits["val"]])
-    data.on_fit_start(None, _OnCpu())
+    val = make_loader(splits["val"], 16, None, 0, seed=3, on_device=True)
+    data = WindowData(device, [val], on_device=True)
+    data.trainer = _Stage(training=True)
     for epoch in (0, 1):
         host.sampler.set_epoch(epoch)
         device.sampler.set_epoch(epoch)
         n = 0
         for a, b in zip(host, device, strict=True):
             assert set(b) == {"index"}  # the loader hands out indices only
-            data.on_train_batch_start(None, None, b, 0)
+            b = data.on_after_batch_transfer(b, 0)
             assert set(b) == set(a) and all(torch.equal(a[k], b[k]) for k in a)
             n += 1
         assert n == len(host)
-    val = make_loader(splits["val"], 16, None, 0, seed=3, on_device=True)
-    first = next(iter(val))
-    data.on_validation_batch_start(None, None, first, 0, 0)
+    data.trainer = _Stage(training=False)
+    first = data.on_after_batch_transfer(next(iter(val)), 0)
     assert torch.equal(first["context"], splits["val"].gather(torch.arange(16))["context"])
 
 
-class _OnCpu:
-    device = torch.device("cpu")
+class _Stage:
+    def __init__(self, training: bool) -> None:
+        self.training = training
+
+
+class _SeesBatches(L.Callback):
+    """Records the keys of the batches its batch-start hooks see."""
+
+    def __init__(self) -> None:
+        self.keys: set[tuple[str, ...]] = set()
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.keys.add(tuple(sorted(batch)))
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        self.keys.add(tuple(sorted(batch)))
+
+
+def test_every_callback_sees_the_gathered_batch_on_the_device_path(tmp_path):
+    """The gather is Lightning's batch-transfer hook, not a callback that must come first: a callback
+    anywhere in the list sees windows, never the loader's indices."""
+    probe = _SeesBatches()
+    run(cfg_for("data.on_device=true", "trainer.max_epochs=1"), tmp_path / "run", extra_callbacks=[probe])
+    assert probe.keys == {("context", "target", "target_row")}
 
 
 def test_a_run_on_the_device_path_is_the_host_run_and_resumes_exactly(tmp_path):
