@@ -19,7 +19,7 @@ from torchmetrics import MeanMetric, MetricCollection
 from lvm.evaluation import metrics as M
 from lvm.evaluation.metrics import cos
 from lvm.model.losses import DirectionalKnobs, LossTerms, P6bLoss, SkipRule, directional_grad_share
-from lvm.model.optim import DroppableAdamW
+from lvm.model.optim import DroppableAdamW, keep_implementation
 from lvm.model.transformer import P6Transformer
 from lvm.runtime.checkpoints import FORMAT, FORMAT_KEY
 from lvm.runtime.objects import build
@@ -187,10 +187,11 @@ class LVMModule(L.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         """The optimizer `optim.optimizer` and scheduler `optim.scheduler` (null: none) from config.
         Where updates may be dropped (guard.spike.drop) the optimizer is DroppableAdamW with the same
-        settings: torch's AdamW has no 0/1 update factor (lvm/model/optim.py)."""
+        settings: torch's fused AdamW with a 0/1 update factor (lvm/model/optim.py). Either keeps
+        its fused / foreach setting when it loads a checkpoint's state."""
         o = self.optim_cfg
         spec = {**o["optimizer"], "_target_": f"{DroppableAdamW.__module__}.DroppableAdamW"} if self.drop_updates else o["optimizer"]
-        optimizer = build("optim.optimizer", spec, params=list(self.parameters()))
+        optimizer = keep_implementation(build("optim.optimizer", spec, params=list(self.parameters())))
         scheduler = build("optim.scheduler", o["scheduler"], optimizer=optimizer)
         if scheduler is None:
             return {"optimizer": optimizer}

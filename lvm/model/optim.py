@@ -1,18 +1,23 @@
 """AdamW that can drop an update by a 0/1 factor on the device, and the rolling statistics that decide it.
 
-Hand-rolled for a stated reason: torch.optim.AdamW has no such factor. Zeroing the gradient still
-moves the weights (momentum and weight decay); setting the learning rate to 0 for one step needs
-the decision on the host (a sync per step) and still feeds the spike, or a NaN, into the moments,
-where a NaN stays for good. Here `keep` = 0 leaves parameters, both moments and the step count
-exactly as they were. With `keep` = 1 the update is torch's AdamW (decoupled weight decay, bias
-correction), tested against it step for step (tests/model/test_optim.py).
+torch's AdamW takes no such factor as an argument. Zeroing the gradient still moves the weights
+(momentum and weight decay); setting the learning rate to 0 for one step needs the decision on the
+host (a sync per step) and still feeds the spike, or a NaN, into the moments, where a NaN stays for
+good. Its fused kernel does have one: `found_inf`, the flag torch's GradScaler hands it, skips the
+whole update on the device and leaves the step count as it was. DroppableAdamW is that kernel with
+`found_inf` = 1 - `keep`: `keep` = 0 leaves parameters, both moments and the step count exactly as
+they were; `keep` = 1 is torch's AdamW (tests/model/test_optim.py pins both).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 import torch
+
+from lvm.runtime.errors import ConfigError
+
+IMPLEMENTATION = ("fused", "foreach")
 
 
 def grad_norm(params: Iterable[torch.nn.Parameter]) -> torch.Tensor:
@@ -21,7 +26,7 @@ def grad_norm(params: Iterable[torch.nn.Parameter]) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))).float()
 
 
-class DroppableAdamW(torch.optim.Optimizer):
+class DroppableAdamW(torch.optim.AdamW):
     def __init__(
         self,
         params: Iterable[torch.nn.Parameter],
@@ -29,38 +34,30 @@ class DroppableAdamW(torch.optim.Optimizer):
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 1e-2,
+        fused: bool = True,
     ) -> None:
-        super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay})
+        if not fused:
+            raise ConfigError("guard.spike.drop needs optim.optimizer.fused=true: only torch's fused AdamW drops an update on the device")
+        super().__init__(params, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, fused=True)
         self.keep: torch.Tensor | None = None  # 0-dim 0/1, set (after backward) for the coming step
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
-        loss = None
-        if closure is not None:  # backward, then on_before_optimizer_step sets `keep`
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            lr, (b1, b2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if not state:
-                    state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                k = self.keep.to(p.device, torch.float32) if self.keep is not None else torch.ones((), device=p.device)
-                grad = torch.where(k > 0, p.grad, torch.zeros((), dtype=p.grad.dtype, device=p.device))  # a NaN stays out
-                step, m, v = state["step"], state["exp_avg"], state["exp_avg_sq"]
-                step.add_(k)
-                m.lerp_(grad, (1 - b1) * k.to(m.dtype))
-                v.mul_(1 - (1 - b2) * k.to(v.dtype)).addcmul_(grad, grad, value=1 - b2)
-                p.mul_(1 - lr * wd * k.to(p.dtype))
-                n = step.clamp(min=1.0)
-                bias1, bias2 = 1 - torch.pow(b1, n), 1 - torch.pow(b2, n)
-                denom = (v.sqrt() / bias2.sqrt().to(v.dtype)).add_(eps)
-                p.sub_(m / denom * (lr * k / bias1).to(p.dtype))
-        return loss
+    @property
+    def found_inf(self) -> torch.Tensor | None:
+        """What torch's fused step reads, after the closure (backward, then `keep`) has run."""
+        return None if self.keep is None else (self.keep <= 0).float()
+
+
+def keep_implementation(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """`optimizer`, keeping its implementation flags (fused, foreach: the config's) when it loads a
+    checkpoint's state (a resume, a rollback), which replaces the param groups whole, flags included."""
+    chosen = [{k: g[k] for k in IMPLEMENTATION if k in g} for g in optimizer.param_groups]
+
+    def restore(opt: torch.optim.Optimizer) -> None:
+        for group, flags in zip(opt.param_groups, chosen, strict=True):
+            group.update(flags)
+
+    optimizer.register_load_state_dict_post_hook(restore)
+    return optimizer
 
 
 class RollingStat:

@@ -9,7 +9,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from lvm.model.optim import DroppableAdamW, RollingStat
+from lvm.model.optim import DroppableAdamW, RollingStat, keep_implementation
+from lvm.runtime.errors import ConfigError
 from lvm.runtime.objects import build
 from lvm.training.run import run
 from tests.helpers import cfg_for, compose_cfg, events, steps_per_epoch
@@ -233,3 +234,24 @@ def test_the_module_builds_the_configured_optimizer_and_scheduler(overrides, opt
         entry = setup["lr_scheduler"]
         assert type(entry["scheduler"]) is scheduler and entry["scheduler"].optimizer is opt
         assert (entry["monitor"], entry["interval"], entry["scheduler"].factor) == ("val/loss", "epoch", 0.5)
+
+
+def test_an_optimizer_keeps_its_implementation_when_it_loads_a_checkpoint():
+    """A state dict's param groups replace the optimizer's whole, flags included: the config's
+    fused setting must survive a resume from a checkpoint saved without it."""
+    a, b = model_pair()
+    old = torch.optim.AdamW(a.parameters(), lr=1e-2, fused=False)
+    train_steps(a, old, 2)
+    saved = old.state_dict()
+    plain = torch.optim.AdamW(b.parameters(), lr=1e-2, fused=True)
+    plain.load_state_dict(saved)
+    assert plain.param_groups[0]["fused"] is False  # torch's own behaviour: the checkpoint's flag wins
+    kept = keep_implementation(torch.optim.AdamW(b.parameters(), lr=1e-2, fused=True))
+    kept.load_state_dict(saved)
+    assert kept.param_groups[0]["fused"] is True
+    assert torch.equal(kept.state[next(b.parameters())]["exp_avg"], old.state[next(a.parameters())]["exp_avg"])
+
+
+def test_droppable_adamw_is_fused_only():
+    with pytest.raises(ConfigError, match="guard.spike.drop needs optim.optimizer.fused=true"):
+        DroppableAdamW(torch.nn.Linear(2, 2).parameters(), lr=1e-3, fused=False)
