@@ -192,3 +192,17 @@ def test_resumed_fits_write_nothing_below_their_purge_step(tmp_path):
     acc.Reload()
     assert [(e.step, e.value) for e in acc.Scalars("hparams/val/cos")] == [(6, pytest.approx(VAL[2]))]
     assert len(acc.Tensors("custom_scalars__config__")) == 1 and hparams_session(tmp_path / "tb")[0] == {"name": "toy"}
+
+
+def test_a_log_call_is_one_event_that_tensorboard_reads_scalar_by_scalar(tmp_path):
+    logger = RunTensorBoard(tmp_path, name="tb", version="", default_hp_metric=False)
+    logger.log_metrics({"train/a": 1.5, "train/b": torch.tensor(-2.0)}, step=3)
+    logger.log_metrics({"train/a": 0.25}, step=4)
+    logger.finalize("success")
+    [f] = (tmp_path / "tb").glob("events.out.tfevents.*")
+    events = [(ev.step, [v.tag for v in ev.summary.value]) for ev in LegacyEventFileLoader(str(f)).Load() if ev.summary.value]
+    assert events == [(3, ["train/a", "train/b"]), (4, ["train/a"])]
+    acc = EventAccumulator(str(tmp_path / "tb"))
+    acc.Reload()
+    assert [(e.step, e.value) for e in acc.Scalars("train/a")] == [(3, 1.5), (4, 0.25)]
+    assert [(e.step, e.value) for e in acc.Scalars("train/b")] == [(3, -2.0)]
