@@ -6,7 +6,14 @@ i.e. the built-in synthetic data and the small model; CPU):
 (a) lightning/raw: training throughput of the Lightning loop with everything `lvm.train.run`
     builds (ramp, skip guard, mini-5CAT, checkpointing, TensorBoard dashboard and logger; progress
     bar off) over a hand-written PyTorch loop of the same model, windows, loss and knobs, AdamW
-    settings, gradient clipping and batch size. Goal >= 0.95.
+    settings, gradient clipping and batch size, at trainer.precision. Goal >= 0.95. With it, in the
+    same rounds:
+    step_gemm_fp32, step_gemm_bf16: that full Lightning loop's training step, run in fp32 and in
+    bf16-mixed (the config with trainer.precision set), against the GEMM limit: the step's matmul
+    FLOPs (forward, loss and backward of a real batch, counted by FlopCounterMode; the optimizer's
+    update is no matmul work) per second of the step, over the rate of a GEMM of the model's
+    feed-forward shape at that precision (as figure f). Goals >= 0.7 and >= 0.5. bf16/fp32: its
+    steps/s in bf16-mixed over fp32, goal >= 1.5 (at model=p6 data.synthetic.dim=768).
 (b) callbacks_overhead: that full Lightning loop against the same Lightning loop without any of
     it (no lvm callback, no checkpointing, no logger; the module is unchanged). Goal <= 3%.
 (c) data_mem: peak RSS growth of the data path (load a store NPZ, make the splits, one epoch of the
@@ -64,12 +71,13 @@ from lvm.bench.loops import (
     measure_fivecat,
     measure_loops,
     measure_side_by_side,
+    measure_step_rates,
     training_config,
 )
 from lvm.bench.store import measure_store
 from lvm.runtime.cli import CONF_DIR, entry_point, run_entry_point
 from lvm.runtime.errors import ConfigError
-from lvm.runtime.precision import BF16
+from lvm.runtime.precision import BF16, FP32
 from lvm.runtime.threads import set_threads
 from lvm.training.build import build_data
 from lvm.training.run import with_precision
@@ -122,6 +130,11 @@ def main(cfg: DictConfig) -> None:
             best = measure_loops(cfg, b.steps, b.warmup, b.repeats, Path(tmp))
             figures["lightning/raw"] = f"{best['raw'] / best['lightning_full']:.2f}"
             figures["callbacks_overhead"] = f"{100 * (best['lightning_full'] / best['lightning_bare'] - 1):+.1f}%"
+            rates = measure_step_rates(cfg, best)
+            # Three significant digits: a small model's step is a few thousandths of the limit.
+            figures["step_gemm_fp32"] = f"{rates[FP32].of_limit:#.3g}"
+            figures["step_gemm_bf16"] = f"{rates[BF16].of_limit:#.3g}"
+            figures["bf16/fp32"] = f"{rates[FP32].seconds / rates[BF16].seconds:.2f}"
         if "detectors" in b.figures:
             detectors = measure_detectors(cfg, b.steps)
             log.info("detector statistics alone: %.3f ms/step", 1e3 * detectors)

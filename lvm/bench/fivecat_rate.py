@@ -1,4 +1,5 @@
-"""5CAT's speed against the machine's matmul limit (`make bench`, figure f).
+"""5CAT's speed against the machine's matmul limit (`make bench`, figure f), and the matmul FLOPs
+of a training step, for the training step's share of the same limit (figure a, lvm/bench/loops.py).
 
 5CAT is matmul work: every test is a forward of the model on changed contexts. Its limit on a
 machine is the rate at which that machine multiplies matrices of the model's shapes. This module
@@ -11,7 +12,7 @@ second of 5CAT spent multiplying matrices at full speed.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,15 +25,48 @@ from lvm.model.module import LVMModule, predict_units
 from lvm.runtime.precision import BF16, autocast
 
 
-def forward_flops(module: LVMModule, context: torch.Tensor) -> float:
-    """Matmul FLOPs of one forward of `context` [B, K, D], per window. Counted in training mode:
-    in eval mode PyTorch's encoder layer takes a fused fast path whose matmuls the counter does
-    not see (it counted the input and head layers only); dropout adds no matmul."""
+def _matmul_flops(module: LVMModule, work: Callable[[], object]) -> int:
+    """The matmul FLOPs (mm, addmm, bmm, ...: what FlopCounterMode counts) of `work()`, run with
+    `module` in training mode and on a forked RNG stream (dropout draws leave the run's stream
+    alone); the module is left in the mode it came in. Training mode: in eval mode PyTorch's
+    encoder layer takes a fused fast path whose matmuls the counter does not see (it counted the
+    input and head layers only); dropout adds no matmul."""
     was = module.training
-    with torch.no_grad(), torch.random.fork_rng(devices=[]), FlopCounterMode(display=False) as counter:
-        module.train()(context)
-    module.train(was)
-    return counter.get_total_flops() / len(context)
+    module.train()
+    try:
+        with torch.random.fork_rng(devices=[]), FlopCounterMode(display=False) as counter:
+            work()
+    finally:
+        module.train(was)
+    return counter.get_total_flops()
+
+
+def forward_flops(module: LVMModule, context: torch.Tensor) -> float:
+    """Matmul FLOPs of one forward of `context` [B, K, D], per window (counted in training mode)."""
+    with torch.no_grad():
+        return _matmul_flops(module, lambda: module(context)) / len(context)
+
+
+def training_step_flops(module: LVMModule, batch: Mapping[str, torch.Tensor]) -> int:
+    """Matmul FLOPs of one training step on `batch` (its `context` [B, K, D] and `target`), all
+    windows together: the model's forward, the loss (as the training step computes it, with the
+    module's skip rule and knobs) and the backward to every parameter's gradient (the products
+    `loss.backward()` makes, taken with autograd.grad: no `.grad` is touched), in training mode.
+
+    Counted, from the shapes: every linear layer and attention product forward, and in the
+    backward each one's gradients to its inputs and weights (the first layer's input, the data,
+    needs none). Not counted, being no matmul work: elementwise work (activations, norms,
+    softmax, dropout, the loss's cosines), the optimizer's update and gradient clipping, and the
+    step's statistics (batch_health, the two gradients of dir_grad_share, to the output only)."""
+    context, target = batch["context"], batch["target"]
+    params = [p for p in module.parameters() if p.requires_grad]
+
+    def step() -> None:
+        raw, _ = module.model(context)
+        terms = module.loss(raw, target, context[:, module.prev_slot], module.skip)
+        torch.autograd.grad(terms.loss, params, allow_unused=True)
+
+    return _matmul_flops(module, step)
 
 
 def gemm_flops_per_s(m: int, k: int, n: int, precision: str, seconds: float = 1.0) -> float:

@@ -1,4 +1,5 @@
-"""The measurements behind `python -m lvm.bench`: raw and Lightning loops, detector cost, data memory, side-by-side runs, 5CAT rate."""
+"""The measurements behind `python -m lvm.bench`: raw and Lightning loops (and the training step
+against the GEMM limit), detector cost, data memory, side-by-side runs, 5CAT rate."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import os
 import subprocess
 import sys
 import time
+from copy import deepcopy
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +20,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from callbacks.ramp import parse_stages, stage_index
-from lvm.bench.fivecat_rate import FiveCatRate, fivecat_rate
+from lvm.bench.fivecat_rate import FiveCatRate, fivecat_rate, gemm_flops_per_s, training_step_flops
 from lvm.data.loaders import load_store_npz
 from lvm.data.splits import make_splits
 from lvm.data.store import Windows, WindowSpec
@@ -27,18 +29,22 @@ from lvm.model.module import LVMModule, batch_health
 from lvm.model.optim import RollingStat, grad_norm
 from lvm.runtime.cli import CONF_DIR
 from lvm.runtime.objects import to_plain
-from lvm.runtime.precision import BF16, FP32
+from lvm.runtime.precision import BF16, FP32, check_precision
 from lvm.runtime.threads import thread_count
 from lvm.training.build import build_data, build_fit, clip_by_norm
-from lvm.training.data import make_loader
 from lvm.training.config import validate
+from lvm.training.data import make_loader
 
 log = logging.getLogger("lvm.bench")
 
-VARIANTS = ("raw", "lightning_bare", "lightning_full")
+VARIANTS = ("raw", "lightning_bare", "lightning_full")  # at cfg.trainer.precision
+PRECISION_TAGS = {FP32: "fp32", BF16: "bf16"}
 GOALS = {
     "lightning/raw": ">= 0.95",
     "callbacks_overhead": "<= +3%",
+    "step_gemm_fp32": ">= 0.7",
+    "step_gemm_bf16": ">= 0.5",
+    "bf16/fp32": ">= 1.5",
     "data_mem": "<= 1.1x",
     "side_by_side": ">= 0.40",
     "detectors": "< 2%",
@@ -183,25 +189,45 @@ def lightning_loop(
     return timer.timing
 
 
+def full_variant(precision: str, configured: str) -> str:
+    """The variant that times the full Lightning loop at `precision`: lightning_full at the
+    configured trainer.precision, lightning_full_fp32 / lightning_full_bf16 at the other."""
+    return "lightning_full" if precision == configured else f"lightning_full_{PRECISION_TAGS[precision]}"
+
+
+def with_trainer_precision(cfg: DictConfig, precision: str) -> DictConfig:
+    """A copy of the run config with trainer.precision set to `precision`."""
+    other = deepcopy(cfg)
+    other.trainer.precision = precision
+    return other
+
+
 def measure_loops(cfg: DictConfig, steps: int, warmup: int, repeats: int, work_dir: Path) -> dict[str, float]:
-    """Best seconds per step of each variant over `repeats` interleaved rounds."""
+    """Best seconds per step of each variant over `repeats` interleaved rounds: VARIANTS at
+    cfg.trainer.precision, and the full Lightning loop at the other of fp32 and bf16-mixed too
+    (`full_variant`: the same config with trainer.precision set)."""
     splits = build_data(cfg)
     train, bs = splits["train"], cfg.data.batch_size
     epoch_batches = -(-len(train) // bs)
     if warmup + steps > epoch_batches:
         raise SystemExit(f"bench: --warmup + --steps = {warmup + steps} exceeds one epoch ({epoch_batches} batches)")
-    per_step: dict[str, list[float]] = {name: [] for name in VARIANTS}
+    configured = check_precision("trainer.precision", cfg.trainer.precision)
+    other = BF16 if configured == FP32 else FP32
+    configs = dict.fromkeys(VARIANTS, cfg) | {full_variant(other, configured): with_trainer_precision(cfg, other)}
+    variants = tuple(configs)
+    per_step: dict[str, list[float]] = {name: [] for name in variants}
     for r in range(repeats):
-        shift = r % len(VARIANTS)  # rotate the order so no variant always runs first or last
-        for name in VARIANTS[shift:] + VARIANTS[:shift]:
+        shift = r % len(variants)  # rotate the order so no variant always runs first or last
+        for name in variants[shift:] + variants[:shift]:
             if name == "raw":
                 t = raw_loop(cfg, train, warmup, steps)
             else:
-                t = lightning_loop(cfg, splits, work_dir / f"{name}-{r}", warmup, steps, full=name == "lightning_full")
+                full = name.startswith("lightning_full")
+                t = lightning_loop(configs[name], splits, work_dir / f"{name}-{r}", warmup, steps, full=full)
             s = t.per_step(steps, epoch_batches)
             per_step[name].append(s)
             log.info(
-                "round %d/%d %-14s %6.2f ms/step %7.1f samples/s  (%d steps %.2f s, epoch end %.3f s / %d batches)",
+                "round %d/%d %-19s %6.2f ms/step %7.1f samples/s  (%d steps %.2f s, epoch end %.3f s / %d batches)",
                 r + 1,
                 repeats,
                 name,
@@ -213,9 +239,67 @@ def measure_loops(cfg: DictConfig, steps: int, warmup: int, repeats: int, work_d
                 epoch_batches,
             )
     best = {name: min(v) for name, v in per_step.items()}
-    for name in VARIANTS:
-        log.info("best %-14s %6.2f ms/step %7.1f samples/s", name, 1e3 * best[name], bs / best[name])
+    for name in variants:
+        log.info("best %-19s %6.2f ms/step %7.1f samples/s", name, 1e3 * best[name], bs / best[name])
     return best
+
+
+@dataclass(frozen=True)
+class StepRate:
+    """The full Lightning loop's training step at one precision against the GEMM limit."""
+
+    precision: str
+    seconds: float  # per step, as measure_loops timed it
+    flops: float  # matmul FLOPs of one step, counted (training_step_flops)
+    gemm_flops_per_s: float  # the GEMM limit at the model's feed-forward shape
+
+    @property
+    def flops_per_s(self) -> float:
+        return self.flops / self.seconds
+
+    @property
+    def of_limit(self) -> float:
+        return self.flops_per_s / self.gemm_flops_per_s
+
+
+def measure_step_rates(cfg: DictConfig, best: dict[str, float]) -> dict[str, StepRate]:
+    """The full Lightning loop's training step in fp32 and in bf16-mixed against the GEMM limit,
+    from measure_loops' best seconds per step (`best`): the step's matmul FLOPs, counted on a real
+    training batch of the run's batch size (training_step_flops: forward, loss and backward), per
+    second, over the rate of a GEMM of the model's feed-forward shape, [batch * K, d_model] @
+    [d_model, ffn], at the same precision (gemm_flops_per_s, as figure f's). As figure f, bf16 is
+    measured wherever it is asked for (autocast runs on any CPU; without bf16 instructions slowly,
+    which the figure then shows)."""
+    splits = build_data(cfg)
+    train = splits["train"]
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    plain = to_plain(cfg)
+    module = LVMModule(plain, dim=train.store.dim)
+    batch = train.gather(torch.arange(min(cfg.data.batch_size, len(train))))
+    flops = training_step_flops(module, batch)
+    b, k, _ = batch["context"].shape
+    d_model, ffn = plain["model"]["d_model"], plain["model"]["ffn"]
+    configured = check_precision("trainer.precision", cfg.trainer.precision)
+    rates = {}
+    for precision in (FP32, BF16):
+        r = StepRate(precision, best[full_variant(precision, configured)], flops, gemm_flops_per_s(b * k, d_model, ffn, precision))
+        log.info(
+            "training step %s (lightning_full): %.2f ms/step, %.3f GFLOP/step (matmuls, counted) = %.1f GFLOP/s "
+            "of a %.1f GFLOP/s GEMM limit ([%d, %d] @ [%d, %d]) = %.3g",
+            PRECISION_TAGS[precision],
+            1e3 * r.seconds,
+            flops / 1e9,
+            r.flops_per_s / 1e9,
+            r.gemm_flops_per_s / 1e9,
+            b * k,
+            d_model,
+            d_model,
+            ffn,
+            r.of_limit,
+        )
+        rates[precision] = r
+    log.info("training step bf16 / fp32: %.2fx the steps/s", rates[FP32].seconds / rates[BF16].seconds)
+    return rates
 
 
 def measure_detectors(cfg: DictConfig, calls: int) -> float:
