@@ -81,6 +81,14 @@ def batch_health(pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor
     return M.diversity(pred, units, units=True), M.contrastive_accuracy(pred, units, units=True).mean()
 
 
+def optimizer_spec(config: dict[str, Any]) -> dict[str, Any]:
+    """The optimizer a run builds: `optim.optimizer`, or, where updates may be dropped
+    (guard.spike.drop), DroppableAdamW with the same settings (lvm/model/optim.py)."""
+    o = config["optim"]["optimizer"]
+    drop = bool((config["guard"].get("spike") or {}).get("drop", False))
+    return {**o, "_target_": f"{DroppableAdamW.__module__}.DroppableAdamW"} if drop else o
+
+
 class LVMModule(L.LightningModule):
     """Built from the resolved run config (a plain dict, so checkpoints load with weights_only):
     the model from `model`, the loss from `loss`, the v2 skip rule from `guard.skip_rule`."""
@@ -89,11 +97,13 @@ class LVMModule(L.LightningModule):
         super().__init__()
         self.save_hyperparameters(logger=False)
         self.model: P6Transformer = build("model", config["model"], dim=dim)
+        if config.get("compile", False):  # in place: the state dict keeps its keys (no `_orig_mod.`)
+            self.model.compile()
         self.loss: P6bLoss = build("loss", config["loss"])
         self.skip: SkipRule | None = build("guard.skip_rule", config["guard"].get("skip_rule"))
         self.prev_slot = config["window"]["prev_slot"]
         self.optim_cfg = config["optim"]
-        self.drop_updates = bool((config["guard"].get("spike") or {}).get("drop", False))
+        self.optimizer_spec = optimizer_spec(config)
         self.print_every = config["logger"]["print_every"]
         self._knobs_cached: tuple[tuple[float, ...], torch.Tensor] | None = None
         self.eval_metrics = torch.nn.ModuleDict(
@@ -190,8 +200,7 @@ class LVMModule(L.LightningModule):
         settings: torch's fused AdamW with a 0/1 update factor (lvm/model/optim.py). Either keeps
         its fused / foreach setting when it loads a checkpoint's state."""
         o = self.optim_cfg
-        spec = {**o["optimizer"], "_target_": f"{DroppableAdamW.__module__}.DroppableAdamW"} if self.drop_updates else o["optimizer"]
-        optimizer = keep_implementation(build("optim.optimizer", spec, params=list(self.parameters())))
+        optimizer = keep_implementation(build("optim.optimizer", self.optimizer_spec, params=list(self.parameters())))
         scheduler = build("optim.scheduler", o["scheduler"], optimizer=optimizer)
         if scheduler is None:
             return {"optimizer": optimizer}

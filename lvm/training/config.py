@@ -14,6 +14,7 @@ from lvm.data.loaders import check_data
 from lvm.data.store import WindowSpec
 from lvm.evaluation.gates import parse_eval
 from lvm.guard.steplog import StepLog
+from lvm.model.module import optimizer_spec
 from lvm.runtime.errors import ConfigError, LvmError
 from lvm.runtime.launchers import is_ddp
 from lvm.runtime.objects import build, to_plain
@@ -80,7 +81,7 @@ def _problems(cfg: DictConfig) -> list[str]:
 
     o = plain["optim"]
     param = torch.nn.Parameter(torch.zeros(1))
-    built(lambda: build("optim.scheduler", o["scheduler"], optimizer=build("optim.optimizer", o["optimizer"], params=[param])))
+    built(lambda: build("optim.scheduler", o["scheduler"], optimizer=build("optim.optimizer", optimizer_spec(plain), params=[param])))
     if o["scheduler"] is not None and "patience" in o["scheduler"]:  # torch accepts a negative patience
         need(o["scheduler"]["patience"] >= 0, f"optim.scheduler.patience must be >= 0 (got {o['scheduler']['patience']})")
 
@@ -100,6 +101,7 @@ def _problems(cfg: DictConfig) -> list[str]:
         built(lambda: build("callbacks.resume", resume, sampler=None, batch_size=1, last_path=".", signals=None, signal_check_every=1))
     need(isinstance(cfg.overwrite, bool), f"overwrite must be true or false (got {cfg.overwrite!r})")
     need(isinstance(cfg.ckpt_model, bool), f"ckpt_model must be true or false (got {cfg.ckpt_model!r})")
+    need(isinstance(cfg.compile, bool), f"compile must be true or false (got {cfg.compile!r})")
     mc = cfg.callbacks.mini5cat
     bar = cfg.callbacks.progress_bar
     need(bar is None or bar.refresh_rate >= 1, f"callbacks.progress_bar.refresh_rate must be >= 1 (got {bar and bar.refresh_rate})")

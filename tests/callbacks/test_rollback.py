@@ -460,3 +460,31 @@ def test_the_run_wires_the_spike_check_and_the_fault_as_the_guards_listeners(tmp
     bare = build_fit(cfg_for("guard=rollback", "guard.spike=null"), build_data(cfg), tmp_path / "b").trainer
     assert [c for c in bare.callbacks if isinstance(c, RollbackGuard)][0].listeners == []
     assert not any(isinstance(c, FaultInjection) for c in bare.callbacks)  # no +fault: no fault callback
+
+
+class WeightsAtRollback(L.Callback):
+    """At the first batch after each rollback in events.jsonl: the module's weights and those of
+    the checkpoint it names."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir, self.seen = run_dir, []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        rollbacks = [e for e in events(self.run_dir) if e["action"] == "rollback"]
+        if len(rollbacks) > len(self.seen):
+            ckpt = torch.load(self.run_dir / rollbacks[-1]["checkpoint"], weights_only=True)["state_dict"]
+            self.seen.append(({k: v.clone() for k, v in pl_module.state_dict().items()}, ckpt))
+
+
+@pytest.mark.slow
+def test_a_rollback_inside_a_compiled_run_restores_the_good_weights(tmp_path):
+    """compile=true compiles the model in place: its checkpoints have the plain keys (no
+    `_orig_mod.`), and the guard's rollback loads them into the compiled model."""
+    run(cfg_for(*GUARDED, "trainer.max_epochs=1"), tmp_path / "probe")
+    n = steps_per_epoch(tmp_path / "probe")
+    probe = WeightsAtRollback(tmp_path / "run")
+    run(cfg_for(*GUARDED, "trainer.max_epochs=2", "compile=true"), tmp_path / "run", extra_callbacks=[FaultInjection([n + 1]), probe])
+    [(weights, good)] = probe.seen
+    plain = torch.load(tmp_path / "probe" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    assert set(good) == set(plain) == set(weights)
+    assert all(torch.equal(weights[k], good[k]) for k in good)

@@ -55,6 +55,7 @@ def test_the_recovery_without_its_checkpoint_names_the_setting():
         ("+callbacks.best_checkpoint.every_step=1", "callbacks.best_checkpoint: .*unexpected keyword argument 'every_step'"),
         ("threads=0", "threads"),
         ("overwrite=maybe", "overwrite"),
+        ("compile=yes", "compile must be true or false"),
         ("model.dropout=1.0", "model.dropout"),
         ("loss.mse_on=cosine", "loss.mse_on"),
         ("data.normalize=clip", "data.normalize"),
@@ -80,3 +81,9 @@ def test_every_broken_object_is_named_at_once():
         validate(cfg_for("model.heads=3", "loss.gamma=0", "window.context=1"))
     for setting in ("model.d_model", "loss.gamma", "window.context"):
         assert setting in str(e.value)
+
+
+def test_dropped_updates_need_the_fused_optimizer():
+    with pytest.raises(ConfigError, match=r"guard\.spike\.drop needs optim\.optimizer\.fused=true"):
+        validate(cfg_for("guard.spike.drop=true", "optim.optimizer.fused=false"))
+    validate(cfg_for("guard.spike.drop=true"))
