@@ -120,20 +120,26 @@ def start_over(run_dir: Path) -> bool:
     its first last.ckpt left only partial records and at most its initial weights, which a fresh
     start with the same seed writes again."""
     found = {p.name for p in (run_dir / "checkpoints").glob("*.ckpt")}
-    if found - {INITIAL} or _ended(run_dir / "results.json"):
+    if found - {INITIAL} or not read_results(run_dir)[1].startswith("failed"):
         return False
     if any((run_dir / name).exists() for name in RUN_OUTPUTS):
         log.warning("ckpt_path=auto: %s has no checkpoint beyond its initial weights: starting the run over", run_dir)
     return True
 
 
-def _ended(results: Path) -> bool:
-    """results.json records a run that ended other than by failing (its record is worth keeping)."""
+def read_results(run_dir: Path) -> tuple[dict[str, Any], str]:
+    """A run directory's results.json and its status (completed, stopped: ..., preempted or
+    failed: <error>); a missing, unreadable or status-less file is a status saying so."""
+    path = run_dir / "results.json"
+    if not path.is_file():
+        return {}, "failed: no results.json"
     try:
-        status = json.loads(results.read_text())["status"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
-    return not str(status).startswith("failed")
+        results = json.loads(path.read_text())
+    except (ValueError, OSError) as e:
+        return {}, f"failed: {path} is not readable JSON ({e})"
+    if not isinstance(results, dict) or not isinstance(results.get("status"), str):
+        return {}, f"failed: {path} has no status"
+    return results, results["status"]
 
 
 def newest_checkpoints(run_dir: Path, but: str) -> list[Path]:

@@ -41,9 +41,9 @@ from lvm.guard.events import read_events
 from lvm.runtime.cli import CONF_DIR, EXIT_FAIL, entry_point, run_entry_point
 from lvm.runtime.errors import ConfigError, LvmError
 from lvm.runtime.files import atomic_write_text, read_jsonl
+from lvm.runtime.rundir import read_results
 from lvm.runtime.tables import fmt, md_table
 from lvm.runtime.threads import thread_count
-from lvm.tools.runs import read_results
 
 log = logging.getLogger(__name__)
 

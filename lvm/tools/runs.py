@@ -2,28 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from lvm.evaluation.verdict import verdict_word
 from lvm.guard.events import read_events, summarize_events
 from lvm.runtime.errors import LvmError
-
-
-def read_results(run_dir: Path) -> tuple[dict[str, Any], str]:
-    """A run directory's results.json and its status (completed, stopped: ..., preempted or
-    failed: <error>); a missing, unreadable or status-less file is a status saying so."""
-    path = run_dir / "results.json"
-    if not path.is_file():
-        return {}, "failed: no results.json"
-    try:
-        results = json.loads(path.read_text())
-    except (ValueError, OSError) as e:
-        return {}, f"failed: {path} is not readable JSON ({e})"
-    if not isinstance(results, dict) or not isinstance(results.get("status"), str):
-        return {}, f"failed: {path} has no status"
-    return results, results["status"]
+from lvm.runtime.rundir import read_results
 
 
 def run_values(run_dir: Path) -> tuple[dict[str, Any], str]:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 
-from lvm.tools.runs import read_results, run_values
+from lvm.runtime.rundir import read_results
+from lvm.tools.runs import run_values
 
 
 def test_a_results_file_gives_its_status_and_values(tmp_path):
