@@ -113,8 +113,11 @@ def main(cfg: DictConfig) -> None:
 
     started = time.perf_counter()
     cfg = training_config(cfg)
-    if "auto" in (str(cfg.trainer.precision), str(cfg.eval.precision)):  # measured once, as lvm.train does
-        cfg, chosen = with_precision(cfg, build_data(cfg)["train"], None)
+    auto = "auto" in (str(cfg.trainer.precision), str(cfg.eval.precision))
+    # The run's data, built once for every figure that trains or evaluates in this process.
+    splits = build_data(cfg) if auto or {"loops", "detectors", "fivecat"} & set(b.figures) else {}
+    if auto:  # measured once, as lvm.train does
+        cfg, chosen = with_precision(cfg, splits["train"], None)
         log.info("precision=auto: trainer.precision %s, eval.precision %s", chosen["trainer"], chosen["eval"])
     figures: dict[str, str] = {}
     with tempfile.TemporaryDirectory(prefix="lvm-bench-") as tmp:
@@ -127,16 +130,16 @@ def main(cfg: DictConfig) -> None:
                 cfg.data.batch_size,
                 torch.get_num_threads(),
             )
-            best = measure_loops(cfg, b.steps, b.warmup, b.repeats, Path(tmp))
+            best = measure_loops(cfg, splits, b.steps, b.warmup, b.repeats, Path(tmp))
             figures["lightning/raw"] = f"{best['raw'] / best['lightning_full']:.2f}"
             figures["callbacks_overhead"] = f"{100 * (best['lightning_full'] / best['lightning_bare'] - 1):+.1f}%"
-            rates = measure_step_rates(cfg, best)
+            rates = measure_step_rates(cfg, splits, best)
             # Three significant digits: a small model's step is a few thousandths of the limit.
             figures["step_gemm_fp32"] = f"{rates[FP32].of_limit:#.3g}"
             figures["step_gemm_bf16"] = f"{rates[BF16].of_limit:#.3g}"
             figures["bf16/fp32"] = f"{rates[FP32].seconds / rates[BF16].seconds:.2f}"
         if "detectors" in b.figures:
-            detectors = measure_detectors(cfg, b.steps)
+            detectors = measure_detectors(cfg, splits, b.steps)
             log.info("detector statistics alone: %.3f ms/step", 1e3 * detectors)
             if "loops" in b.figures:
                 figures["detectors"] = f"{100 * detectors / best['lightning_full']:.2f}%"
@@ -147,7 +150,7 @@ def main(cfg: DictConfig) -> None:
             log.info("side by side: lone %.1f steps/s, together %.1f and %.1f steps/s", lone, *pair)
             figures["side_by_side"] = f"{min(pair) / lone:.2f}"
         if "fivecat" in b.figures:
-            for rate in measure_fivecat(cfg, b.fivecat_windows):
+            for rate in measure_fivecat(cfg, splits, b.fivecat_windows):
                 figures[f"5cat_{'bf16' if rate.precision == BF16 else 'fp32'}"] = f"{rate.of_limit:.2f}"
         if "store" in b.figures:
             figures |= measure_store(cfg, overrides, b.store_gb, b.store_dim, b.warmup, b.steps, b.repeats, Path(tmp))

@@ -31,7 +31,7 @@ from lvm.runtime.cli import CONF_DIR
 from lvm.runtime.objects import to_plain
 from lvm.runtime.precision import BF16, FP32, check_precision
 from lvm.runtime.threads import thread_count
-from lvm.training.build import build_data, build_fit, clip_by_norm
+from lvm.training.build import build_fit, clip_by_norm
 from lvm.training.config import validate
 from lvm.training.data import make_loader
 
@@ -202,11 +202,10 @@ def with_trainer_precision(cfg: DictConfig, precision: str) -> DictConfig:
     return other
 
 
-def measure_loops(cfg: DictConfig, steps: int, warmup: int, repeats: int, work_dir: Path) -> dict[str, float]:
+def measure_loops(cfg: DictConfig, splits: dict[str, Windows], steps: int, warmup: int, repeats: int, work_dir: Path) -> dict[str, float]:
     """Best seconds per step of each variant over `repeats` interleaved rounds: VARIANTS at
     cfg.trainer.precision, and the full Lightning loop at the other of fp32 and bf16-mixed too
     (`full_variant`: the same config with trainer.precision set)."""
-    splits = build_data(cfg)
     train, bs = splits["train"], cfg.data.batch_size
     epoch_batches = -(-len(train) // bs)
     if warmup + steps > epoch_batches:
@@ -262,7 +261,7 @@ class StepRate:
         return self.flops_per_s / self.gemm_flops_per_s
 
 
-def measure_step_rates(cfg: DictConfig, best: dict[str, float]) -> dict[str, StepRate]:
+def measure_step_rates(cfg: DictConfig, splits: dict[str, Windows], best: dict[str, float]) -> dict[str, StepRate]:
     """The full Lightning loop's training step in fp32 and in bf16-mixed against the GEMM limit,
     from measure_loops' best seconds per step (`best`): the step's matmul FLOPs, counted on a real
     training batch of the run's batch size (training_step_flops: forward, loss and backward), per
@@ -270,7 +269,6 @@ def measure_step_rates(cfg: DictConfig, best: dict[str, float]) -> dict[str, Ste
     [d_model, ffn], at the same precision (gemm_flops_per_s, as figure f's). As figure f, bf16 is
     measured wherever it is asked for (autocast runs on any CPU; without bf16 instructions slowly,
     which the figure then shows)."""
-    splits = build_data(cfg)
     train = splits["train"]
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     plain = to_plain(cfg)
@@ -302,9 +300,8 @@ def measure_step_rates(cfg: DictConfig, best: dict[str, float]) -> dict[str, Ste
     return rates
 
 
-def measure_detectors(cfg: DictConfig, calls: int) -> float:
+def measure_detectors(cfg: DictConfig, splits: dict[str, Windows], calls: int) -> float:
     """Seconds per step of the guard's per-step statistics alone (figure e), on one real batch."""
-    splits = build_data(cfg)
     module = LVMModule(to_plain(cfg), dim=splits["train"].store.dim)
     batch = splits["train"].gather(torch.arange(min(cfg.data.batch_size, len(splits["train"]))))
     raw, pred = module(batch["context"])
@@ -430,9 +427,8 @@ def measure_side_by_side(overrides: list[str], work_dir: Path) -> tuple[float, l
     return train_steps_per_s(work_dir / "lone"), [train_steps_per_s(work_dir / f"pair{i}") for i in range(2)]
 
 
-def measure_fivecat(cfg: DictConfig, windows: int) -> list[FiveCatRate]:
+def measure_fivecat(cfg: DictConfig, splits: dict[str, Windows], windows: int) -> list[FiveCatRate]:
     """Figure (f): 5CAT's model work on `windows` val windows, in fp32 and in bf16, against the GEMM limit."""
-    splits = build_data(cfg)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     plain = to_plain(cfg)
     module = LVMModule(plain, dim=splits["val"].store.dim)

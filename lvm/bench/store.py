@@ -154,11 +154,18 @@ def measure_store(
     }
 
 
+def without_data_source(overrides: list[str]) -> list[str]:
+    """`overrides` less those that choose the data (`data=`, `data.path`, `data.synthetic.*`): the
+    store run reads the mapped store; the loading settings (batch size, shuffle, ...) stay."""
+    keys = [o.lstrip("+~").split("=", 1)[0] for o in overrides]
+    return [o for o, k in zip(overrides, keys) if k not in ("data", "data.path") and not k.startswith("data.synthetic.")]
+
+
 def measure_ddp_anon(overrides: list[str], path: Path, batches: int, run_dir: Path) -> int:
     """Peak RssAnon of a 2-rank gloo `python -m lvm.train` on the mapped store, both ranks summed."""
     settings = ["data=store", f"data.path={path}", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"]
     settings += [f"+trainer.limit_train_batches={batches}", "threads=1"]
-    proc = start_training([o for o in overrides if not o.startswith("data")], run_dir, *settings)
+    proc = start_training(without_data_source(overrides), run_dir, *settings)
     with peak_anon(lambda: process_tree(proc.pid)) as peak:
         code = proc.wait()
     if code != 0:

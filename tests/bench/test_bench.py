@@ -9,6 +9,7 @@ import re
 import torch
 
 from lvm.bench.fivecat_rate import training_step_flops
+from lvm.bench.store import without_data_source
 from lvm.model.module import LVMModule
 from lvm.runtime.objects import to_plain
 from tests.helpers import TINY, cfg_for, run_module
@@ -62,3 +63,8 @@ def test_training_step_flops_count_forward_and_backward_matmuls():
     forward = data_input + self_attn + cross_attn + ffn + head + skip
     assert training_step_flops(module, batch) == b * (3 * forward - data_input - skip)  # 882,176
     assert not module.training and all(p.grad is None for p in module.parameters())  # mode kept, no .grad written
+
+
+def test_the_two_rank_store_run_drops_only_the_data_source_overrides():
+    given = ["model=p6", "data=synthetic", "data.synthetic.dim=768", "+data.path=x", "data.batch_size=64", "data.shuffle=block"]
+    assert without_data_source(given) == ["model=p6", "data.batch_size=64", "data.shuffle=block"]
