@@ -41,6 +41,8 @@ class PassRule:
 def parse_eval(eval_cfg: Mapping[str, Any]) -> tuple[list[Gate], PassRule]:
     """Gates and pass rule of the `eval` config; ConfigError names every bad setting."""
     problems: list[str] = []
+    if not isinstance(eval_cfg.get("compile", False), bool):
+        problems.append(f"eval.compile must be true or false (got {eval_cfg['compile']!r})")
     gates: list[Gate] = []
     raw_gates = eval_cfg.get("gates") or {}
     if not raw_gates:

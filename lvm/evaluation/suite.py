@@ -58,11 +58,12 @@ def eval_precision(module: LVMModule, windows: Windows, eval_cfg: Mapping[str, A
     return resolve_precision("eval.precision", eval_cfg["precision"], module, context, None, eval_cfg["precision_auto"])
 
 
-def load_model(ckpt: dict[str, Any], path: str | Path, dim: int) -> LVMModule:
-    """The checkpoint's module in eval mode, after checking it was trained on D = `dim`."""
+def load_model(ckpt: dict[str, Any], path: str | Path, dim: int, compile: bool = False) -> LVMModule:
+    """The checkpoint's module in eval mode, after checking it was trained on D = `dim`; compiled
+    (in place) with `compile` (eval.compile), whatever the training run chose."""
     hp = ckpt["hyper_parameters"]
     check_dim(path, hp, dim)
-    module = LVMModule(hp["config"], dim)
+    module = LVMModule({**hp["config"], "compile": compile}, dim)
     module.load_state_dict(ckpt["state_dict"])
     return module.to(accelerator_device()).eval()
 
@@ -181,7 +182,7 @@ def evaluate_checkpoint(
     `ckpt`: the checkpoint already read from `path`, and `slot_weights` the slot-linear baseline's
     fitted on splits["train"], if the caller has them."""
     ckpt = ckpt or read_checkpoint(path)
-    module = load_model(ckpt, path, splits["val"].store.dim)
+    module = load_model(ckpt, path, splits["val"].store.dim, eval_cfg.get("compile", False))
     if slot_weights is None:
         slot_weights = fit_slot_linear(splits["train"], batch_size)
     precision, measured = eval_precision(module, splits["val"], eval_cfg, batch_size)

@@ -161,6 +161,7 @@ def test_sample_is_seeded_across_articles(tmp_path):
         (["predictor=oracle", "sample=0"], "sample must be"),
         (["predictor=oracle", "eval.pass_rule.mode=most"], "eval.pass_rule.mode"),
         (["predictor=oracle", "threads=0"], "threads must be auto or an integer"),
+        (["predictor=oracle", "eval.compile=yes"], "eval.compile must be true or false"),
     ],
 )
 def test_bad_settings_named(overrides, message):
@@ -208,3 +209,23 @@ def test_nan_zero_and_constant_models_fail_and_are_reported(tmp_path):
     md = Path(outputs["md"]).read_text()
     assert md.startswith("# 5CAT: FAIL (model)")
     assert "| non-finite predictions | 1.000 | 0.000 | 0.000 | 0.000 | 0.000 | 0.000 |" in md
+
+
+@pytest.mark.slow
+def test_a_compiled_model_scores_as_the_eager_one(tmp_path):
+    """eval.compile compiles the checkpoint's model in place (its keys load unchanged) and predicts
+    as the eager model does, to float rounding."""
+    from lvm.model.module import predict_units
+    from lvm.runtime.checkpoints import read_checkpoint
+    from lvm.training.build import build_data
+
+    cfg = cfg_for("+experiment=p6b_v2", "trainer.max_epochs=1")
+    results = train_run(cfg, tmp_path)
+    ckpt = read_checkpoint(results["last_checkpoint"])
+    val = build_data(cfg)["val"]
+    context = val.gather(torch.arange(min(64, len(val))))["context"]
+    eager = S.load_model(ckpt, results["last_checkpoint"], val.store.dim)
+    compiled = S.load_model(ckpt, results["last_checkpoint"], val.store.dim, compile=True)
+    assert eager.model._compiled_call_impl is None and compiled.model._compiled_call_impl is not None
+    a, b = (predict_units(m, context, 32, "32") for m in (eager, compiled))
+    assert torch.allclose(a, b, atol=1e-5)
