@@ -344,16 +344,17 @@ def _raw_vectors_child(path: str) -> tuple[int, int]:
     return vectors.nbytes, 1024 * (status_kib("VmRSS") - before)
 
 
-def _data_path_child(path: str, window: dict[str, int], split: dict[str, Any], batch_size: int, seed: int) -> dict[str, int]:
+def _data_path_child(path: str, window: dict[str, int], data: dict[str, Any], seed: int) -> dict[str, int]:
     """Peak RSS growth in bytes, since the baseline after imports, at the end of each stage."""
     base = status_kib("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
     peaks: dict[str, int] = {}
     store = load_store_npz(path)
     peaks["load_store_npz"] = status_kib("VmHWM")
+    split = data["split"]
     splits = make_splits(store, WindowSpec(**window), split["val"], split["ood"], split["seed"], split["ranges"])
     peaks["+ make_splits"] = status_kib("VmHWM")
-    for _ in make_loader(splits["train"], batch_size, "global", 0, seed):
+    for _ in make_loader(splits["train"], data["batch_size"], data["shuffle"], 0, seed, shuffle_block=data["shuffle_block"]):
         pass
     peaks["+ train epoch"] = status_kib("VmHWM")
     return {stage: 1024 * (kib - base) for stage, kib in peaks.items()}
@@ -374,7 +375,7 @@ def measure_data_memory(cfg: DictConfig, rows: int, work_dir: Path) -> float:
     with spawn.Pool(1, torch.set_num_threads, threads) as pool:
         raw_bytes, raw_rss = pool.apply(_raw_vectors_child, (str(path),))
     with spawn.Pool(1, torch.set_num_threads, threads) as pool:
-        peaks = pool.apply(_data_path_child, (str(path), plain["window"], plain["data"]["split"], plain["data"]["batch_size"], cfg.seed))
+        peaks = pool.apply(_data_path_child, (str(path), plain["window"], plain["data"], cfg.seed))
     log.info("raw vectors %.1f MB (RSS growth loading them alone: %.1f MB)", raw_bytes / 1e6, raw_rss / 1e6)
     for stage, growth in peaks.items():
         log.info("data path peak after %-15s %6.1f MB = %.3fx raw", stage, growth / 1e6, growth / raw_bytes)

@@ -45,10 +45,11 @@ def rank_and_world() -> tuple[int, int]:
     return 0, 1
 
 
-def check_shuffle(shuffle: str, block: int) -> None:
+def check_shuffle(shuffle: str, block: int | None) -> None:
+    """`block` (data.shuffle_block) must be given for shuffle=block and valid wherever given."""
     if shuffle not in SHUFFLES:
         raise ConfigError(f"data.shuffle must be one of {list(SHUFFLES)} (got {shuffle!r})")
-    if not (isinstance(block, int) and not isinstance(block, bool) and block >= 1):
+    if (block is not None or shuffle == "block") and not (isinstance(block, int) and not isinstance(block, bool) and block >= 1):
         raise ConfigError(f"data.shuffle_block must be an integer >= 1 (got {block!r})")
 
 
@@ -56,7 +57,7 @@ class EpochSampler(Sampler[int]):
     """This rank's share of epoch `epoch`'s global order. Lightning calls `set_epoch` before each
     epoch."""
 
-    def __init__(self, data_source: Sized, seed: int, shuffle: str = "global", block: int = 4096) -> None:
+    def __init__(self, data_source: Sized, seed: int, shuffle: str = "global", block: int | None = None) -> None:
         check_shuffle(shuffle, block)
         self.data_source = data_source
         self.seed, self.shuffle, self.block = seed, shuffle, block

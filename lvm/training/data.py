@@ -45,10 +45,11 @@ def make_loader(
     num_workers: int,
     seed: int,
     on_device: bool = False,
-    shuffle_block: int = 4096,
+    shuffle_block: int | None = None,
 ) -> DataLoader:
     """Batches of `windows`: shuffled by (seed, epoch) alone with `shuffle` global or block, this
-    rank's share of each global batch (lvm/data/sampler.py); in order, this rank's range, without.
+    rank's share of each global batch (lvm/data/sampler.py; `shuffle_block`: data.shuffle_block,
+    needed by block); in order, this rank's range, without.
     `on_device`: batches of window indices, for WindowData to gather on the device."""
     return DataLoader(
         WindowIndex(windows) if on_device else windows,

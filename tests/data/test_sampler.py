@@ -105,6 +105,8 @@ def test_a_bad_shuffle_setting_is_one_line():
         EpochSampler(DATA, seed=0, shuffle="local")
     with pytest.raises(ConfigError, match="data.shuffle_block must be an integer >= 1"):
         EpochSampler(DATA, seed=0, shuffle="block", block=0)
+    with pytest.raises(ConfigError, match="data.shuffle_block must be an integer >= 1 .got None"):
+        EpochSampler(DATA, seed=0, shuffle="block")  # the block size comes from data.shuffle_block, no default
 
 
 @pytest.mark.parametrize("n", [0, 5, 1027])
