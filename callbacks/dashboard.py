@@ -55,8 +55,8 @@ HPARAM_METRICS = ("val/cos", "ood/cos", "mini5cat/margin_last", "mini5cat/r5", "
 
 class RunTensorBoard(TensorBoardLogger):
     """Lightning's TensorBoardLogger, writing one event per log call (all its scalars, at their step)
-    where Lightning's writes one per scalar: the event writer's per-event cost was 1.4 ms a step
-    for the ~20 per-step statistics (docs/performance.md). Lightning's `epoch` scalar is written
+    where Lightning's writes one per scalar: the event writer's cost is per event (measured in
+    docs/performance.md). Lightning's `epoch` scalar is written
     once per step: Lightning adds it to each of its log calls, and at an epoch's end makes two at
     one step (the validation's values, then the epoch's training values)."""
 
