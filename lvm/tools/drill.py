@@ -163,7 +163,7 @@ def _slug(override: str) -> str:
 
 
 def train(run: Run, out: Path, reuse: bool, threads: int) -> dict[str, Any]:
-    """One run of lvm.train subprocesses (one torch thread) into out/<key>; its results.json.
+    """One run of lvm.train subprocesses (`threads` torch threads each) into out/<key>; its results.json.
     `reuse`: a run that finished before (results.json present, the same plan) is read, not trained again."""
     run_dir = out / run.key
     done = run_dir / "results.json"
