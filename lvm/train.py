@@ -40,7 +40,7 @@ from lvm.runtime.launchers import (
     resume_on_requeue,
     sweep_jobs,
 )
-from lvm.runtime.rundir import write_failure
+from lvm.runtime.rundir import write_failure, write_launch_record
 from lvm.training.run import run
 
 log = logging.getLogger(__name__)
@@ -93,6 +93,7 @@ def run_sweep_job(cfg: DictConfig, hc: Any) -> float | None:
         log.error("Job %s refused: %s", hc.job.num, e)
     except LvmError as e:  # refused at start: record it in the job's own directory
         log.error("Job %s failed: %s", hc.job.num, e)
+        write_launch_record(Path(hc.runtime.output_dir), cfg)
         write_failure(Path(hc.runtime.output_dir), cfg.name, str(e), time.perf_counter() - start)
     return None
 

@@ -3,7 +3,8 @@ and its results file.
 
 A run holds the directory's lock for its whole life. A directory that already holds a run is
 resumed (the checkpoint lies in it), cleared (`overwrite=true`) or refused, before anything is
-written; results.json is written atomically and as strict JSON (a NaN metric is null).
+written, its log file and Hydra's record included (RunLog); results.json is written atomically and
+as strict JSON (a NaN metric is null).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import fcntl
 import json
 import logging
+import logging.handlers
 import os
 import shutil
 import socket
@@ -19,12 +21,15 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
 
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
 from lvm.runtime.errors import RunDirTaken
 from lvm.runtime.files import atomic_write_text, strict_json
 
 log = logging.getLogger(__name__)
 
-# What a run writes into its directory (Hydra's own .hydra/ and train.log aside).
+# What a run writes into its directory (its log and Hydra's .hydra/ record aside: RunLog).
 RUN_OUTPUTS = ("checkpoints", "tb", "eval", "metrics.jsonl", "events.jsonl", "results.json", "config.yaml")
 LOCK = "run.lock"  # held (flock) by the run writing the directory; says its pid, host and start
 
@@ -79,6 +84,62 @@ class RunLock:
             self.path.unlink(missing_ok=True)  # before the unlock: a waiting opener then sees another inode
             self._file.close()
             self._file = None
+
+
+# The run's log lines, as Hydra's job logging writes them.
+LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"
+
+
+class RunLog:
+    """The run's log file and Hydra's record of its launch, written only once the run owns its
+    directory. Hydra would open <job name>.log and write .hydra/ before any task code, into the
+    directory of a run that then refuses it (conf/train.yaml turns both off); here the lines logged
+    before `own` are held, then written to the file, or dropped if the run is refused."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = Path(run_dir)
+        self.held = logging.handlers.MemoryHandler(capacity=10**6, flushLevel=logging.CRITICAL + 1)
+        self.file: logging.FileHandler | None = None
+
+    def __enter__(self) -> "RunLog":
+        logging.getLogger().addHandler(self.held)
+        return self
+
+    def own(self, task: DictConfig | None) -> None:
+        """The directory is the run's: open its log, held lines first, and write Hydra's record of
+        `task` (the config Hydra launched; None on the ranks that do not write) when Hydra launched
+        the run into this directory."""
+        launched = HydraConfig.initialized() and Path(HydraConfig.get().runtime.output_dir).resolve() == self.run_dir.resolve()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if launched and task is not None:
+            write_launch_record(self.run_dir, task)
+        self.file = logging.FileHandler(self.run_dir / f"{HydraConfig.get().job.name if launched else 'train'}.log")
+        self.file.setFormatter(logging.Formatter(LOG_FORMAT))
+        root = logging.getLogger()
+        root.removeHandler(self.held)
+        self.held.setTarget(self.file)
+        self.held.flush()
+        root.addHandler(self.file)
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        root = logging.getLogger()
+        root.removeHandler(self.held)
+        self.held.setTarget(None)
+        self.held.close()  # unflushed (refused): dropped
+        if self.file is not None:
+            root.removeHandler(self.file)
+            self.file.close()
+
+
+def write_launch_record(run_dir: Path, task: DictConfig) -> None:
+    """Hydra's record of the job it launched into `run_dir`, as Hydra writes it (.hydra/config.yaml,
+    hydra.yaml, overrides.yaml): what the sweep summary reads."""
+    hydra_dir = Path(run_dir) / ".hydra"
+    hydra_dir.mkdir(parents=True, exist_ok=True)
+    hydra = HydraConfig.instance().cfg
+    atomic_write_text(hydra_dir / "config.yaml", OmegaConf.to_yaml(task))
+    atomic_write_text(hydra_dir / "hydra.yaml", OmegaConf.to_yaml(hydra))
+    atomic_write_text(hydra_dir / "overrides.yaml", OmegaConf.to_yaml(hydra.hydra.overrides.task))
 
 
 def claim_run_dir(run_dir: Path, ckpt_path: str | None, overwrite: bool) -> None:

@@ -31,6 +31,7 @@ from lvm.runtime.precision import check_precision, resolve_precision
 from lvm.runtime.rundir import (
     INITIAL,
     RunLock,
+    RunLog,
     claim_run_dir,
     clear_run_outputs,
     newest_checkpoints,
@@ -182,16 +183,17 @@ def run(
     results.json (`failed: <error>`, with the traceback) and raised as RunFailed. `jobs`: runs side
     by side on this machine (threads=auto divides the CPUs among them)."""
     validate(cfg)
-    with RunLock(Path(run_dir), hold=rank_zero_only.rank == 0):  # the rank from the environment
-        return train_run(cfg, Path(run_dir), choices, extra_callbacks, jobs)
+    hold = rank_zero_only.rank == 0  # the rank from the environment
+    with RunLock(Path(run_dir), hold=hold), RunLog(Path(run_dir)) as run_log:
+        return train_run(cfg, Path(run_dir), choices, extra_callbacks, jobs, run_log)
 
 
 def train_run(
-    cfg: DictConfig, run_dir: Path, choices: dict[str, str] | None, extra_callbacks: Sequence[L.Callback], jobs: int
+    cfg: DictConfig, run_dir: Path, choices: dict[str, str] | None, extra_callbacks: Sequence[L.Callback], jobs: int, run_log: RunLog
 ) -> dict[str, Any]:
     """`run`, holding the directory's lock."""
     start = time.perf_counter()
-    set_threads(cfg.threads, jobs)
+    launched = cfg
     ckpt = resolve_checkpoint(cfg.ckpt_path, run_dir)
     if ckpt and cfg.ckpt_model:
         cfg = with_checkpoint_model(cfg, ckpt)
@@ -200,6 +202,8 @@ def train_run(
         claim_run_dir(
             run_dir, ckpt[0] if ckpt else None, bool(cfg.overwrite) or (ckpt is None and cfg.ckpt_path == "auto" and start_over(run_dir))
         )
+    run_log.own(launched if is_zero else None)
+    set_threads(cfg.threads, jobs)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     splits = build_data(cfg)
     if ckpt:
@@ -215,7 +219,6 @@ def train_run(
         ", ".join(f"{k} {v:.4f}" for k, v in baselines.get("val", {}).items()),
         ", ".join(f"{w:.3f}" for w in baselines["slot_weights"]),
     )
-    run_dir.mkdir(parents=True, exist_ok=True)
     if is_zero:
         atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(to_plain(cfg)))
     try:

@@ -21,6 +21,7 @@ from lvm.runtime.rundir import (
     LOCK,
     RUN_OUTPUTS,
     RunLock,
+    RunLog,
     claim_run_dir,
     newest_checkpoints,
     set_aside,
@@ -176,6 +177,27 @@ def test_the_lock_is_released_on_any_exit_and_other_ranks_take_none(tmp_path):
         assert not (tmp_path / "x").exists()
     with RunLock(tmp_path):  # free again
         pass
+
+
+def test_the_run_log_holds_its_lines_until_the_directory_is_the_runs(tmp_path):
+    """Lines logged before `own` reach the file after it, in order; a refused run writes none; the
+    file handler goes with the run (a sequential sweep's next job logs into its own file)."""
+    run_log = logging.getLogger("lvm.test_runlog")
+    root = logging.getLogger()
+    handlers = list(root.handlers)
+    with RunLog(tmp_path / "refused"):
+        run_log.warning("before the claim")
+    assert not (tmp_path / "refused").exists() and root.handlers == handlers
+    with RunLog(tmp_path / "run") as owned:
+        run_log.warning("one")
+        owned.own(None)  # outside Hydra: train.log, no .hydra/
+        run_log.warning("two")
+    run_log.warning("after the run")
+    assert root.handlers == handlers
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["train.log"]
+    lines = (tmp_path / "run" / "train.log").read_text().splitlines()
+    assert [line.rsplit(" - ", 1)[1] for line in lines] == ["one", "two"]
+    assert lines[0].endswith("][lvm.test_runlog][WARNING] - one")
 
 
 def test_results_are_strict_json_and_replace_the_old_file(tmp_path):

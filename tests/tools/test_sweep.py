@@ -73,6 +73,8 @@ def test_failed_job_reported_and_sweep_goes_on(tmp_path):
     results = json.loads((job_dirs(sweep)[1] / "results.json").read_text())
     assert results["status"].startswith("failed: ") and "loss.gamma" in results["error"]
     assert not (sweep / "summary_heatmap.png").exists()  # only gamma varies
+    log = (job_dirs(sweep)[0] / "train.log").read_text()  # each job's log holds its own lines only
+    assert "Run completed" in log and "loss.gamma must be" not in log
 
 
 def test_ddp_multirun_refused(tmp_path):

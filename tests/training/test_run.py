@@ -32,7 +32,19 @@ def test_a_second_process_is_refused_naming_the_holder_and_writes_nothing(tmp_pa
     assert r.returncode == 2, r.stderr
     line = r.stderr.strip().splitlines()[-1]
     assert line.startswith(f"lvm.train: run directory {tmp_path} is in use by another run (pid {holder.pid} on host ")
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".hydra", "run.lock", "train.log"]  # Hydra's, and the holder's
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.lock"]  # the holder's: no log, no .hydra/ of the refused run
+
+
+def test_a_run_refused_by_a_finished_run_leaves_its_log_and_launch_record_as_they_were(tmp_path):
+    first = train_cli(*TINY, f"hydra.run.dir={tmp_path}", "threads=1", "trainer.max_epochs=1")
+    assert first.returncode == 0, first.stderr[-3000:]
+    kept = {p: p.read_bytes() for p in [tmp_path / "train.log", *(tmp_path / ".hydra").iterdir()]}
+    assert {p.name for p in kept} == {"train.log", "config.yaml", "hydra.yaml", "overrides.yaml"}
+    assert "Run completed" in (tmp_path / "train.log").read_text()
+    r = train_cli(*TINY, f"hydra.run.dir={tmp_path}", "threads=1", "seed=7")
+    assert r.returncode == 2 and "already holds a run" in r.stderr, r.stderr[-3000:]
+    assert {p: p.read_bytes() for p in kept} == kept  # its overrides still say how the run there was launched
+    assert "- seed=7" not in (tmp_path / ".hydra" / "overrides.yaml").read_text()
 
 
 def test_killed_before_its_first_last_ckpt_auto_starts_over(tmp_path, caplog):
