@@ -34,7 +34,7 @@ from lvm.runtime.checkpoints import AtomicCheckpointIO
 from lvm.runtime.objects import build, to_plain
 from lvm.runtime.signals import StopSignals
 from lvm.runtime.threads import CPUShare, usable_cpus
-from lvm.training.data import WindowData, keeps_data_on_device, make_loader
+from lvm.training.data import WindowData, keeps_data_on_device
 
 log = logging.getLogger(__name__)
 
@@ -173,9 +173,7 @@ def build_fit(
     on_device = keeps_data_on_device(d.on_device, d.device_share, store.vectors.nbytes, accelerator_device(cfg.trainer.accelerator))
     evals = [splits[s] for s in ("val", "ood") if len(splits[s])]
     data = WindowData(
-        make_loader(splits["train"], d.batch_size, d.shuffle, d.num_workers, cfg.seed, on_device, d.shuffle_block),
-        [make_loader(w, d.eval_batch_size, None, d.num_workers, cfg.seed, on_device) for w in evals],
-        on_device,
+        splits["train"], evals, d.batch_size, d.eval_batch_size, d.shuffle, d.shuffle_block, d.num_workers, cfg.seed, on_device
     )
     logger: TensorBoardLogger | None = None
     if lvm_callbacks:

@@ -65,11 +65,27 @@ def make_loader(
 
 
 class WindowData(L.LightningDataModule):
-    """The train loader and the validation loaders (in dataloader_idx order) of a run's windows."""
+    """A run's windows as Lightning's DataModule: the train loader (`make_loader`'s shuffle), one
+    in-order loader per evaluation split (dataloader_idx order) and, on the device path, the
+    gather of each batch."""
 
-    def __init__(self, train: DataLoader, evals: Sequence[DataLoader], on_device: bool) -> None:
+    def __init__(
+        self,
+        train: Windows,
+        evals: Sequence[Windows],
+        batch_size: int,
+        eval_batch_size: int,
+        shuffle: str,
+        shuffle_block: int | None,
+        num_workers: int,
+        seed: int,
+        on_device: bool,
+    ) -> None:
         super().__init__()
-        self.train, self.evals, self.on_device = train, list(evals), on_device
+        self.windows = {"train": train, **{str(i): w for i, w in enumerate(evals)}}
+        self.train = make_loader(train, batch_size, shuffle, num_workers, seed, on_device, shuffle_block)
+        self.evals = [make_loader(w, eval_batch_size, None, num_workers, seed, on_device) for w in evals]
+        self.on_device = on_device
         self.on: dict[str, DeviceWindows] = {}
 
     def train_dataloader(self) -> DataLoader:
@@ -83,8 +99,7 @@ class WindowData(L.LightningDataModule):
             return batch
         index = batch["index"]
         if not self.on:  # one copy of the store on the device: every split views it
-            host = {"train": self.train.dataset.windows, **{str(i): d.dataset.windows for i, d in enumerate(self.evals)}}
-            vectors = host["train"].store.vectors.to(index.device)
-            self.on = {name: w.on(index.device, vectors) for name, w in host.items()}
+            vectors = self.windows["train"].store.vectors.to(index.device)
+            self.on = {name: w.on(index.device, vectors) for name, w in self.windows.items()}
         split = "train" if self.trainer is not None and self.trainer.training else str(dataloader_idx)
         return self.on[split].gather(index)

@@ -19,9 +19,8 @@ def test_device_batches_are_the_host_batches():
     cfg = cfg_for()
     splits = build_data(cfg)
     host = make_loader(splits["train"], 8, "global", 0, seed=3)
-    device = make_loader(splits["train"], 8, "global", 0, seed=3, on_device=True)
-    val = make_loader(splits["val"], 16, None, 0, seed=3, on_device=True)
-    data = WindowData(device, [val], on_device=True)
+    data = WindowData(splits["train"], [splits["val"]], 8, 16, "global", None, 0, seed=3, on_device=True)
+    device, val = data.train, data.evals[0]
     data.trainer = _Stage(training=True)
     for epoch in (0, 1):
         host.sampler.set_epoch(epoch)
