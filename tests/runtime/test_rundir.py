@@ -24,6 +24,7 @@ from lvm.runtime.rundir import (
     RunLog,
     claim_run_dir,
     newest_checkpoints,
+    read_results,
     set_aside,
     start_over,
     write_failure,
@@ -122,6 +123,9 @@ def test_auto_starts_over_only_when_nothing_beyond_the_initial_weights_is_there(
     assert start_over(tmp_path)  # killed before its first last.ckpt: partial records only
     (tmp_path / "results.json").write_text('{"status": "failed: boom"}')
     assert start_over(tmp_path)
+    (tmp_path / "results.json").write_text('{"status": 5}')
+    assert read_results(tmp_path) == ({}, f"failed: {tmp_path / 'results.json'} has no status")
+    assert start_over(tmp_path)  # a record that says no ending is no finished run
     (tmp_path / "results.json").write_text('{"status": "completed"}')
     assert not start_over(tmp_path)  # a finished run's record is worth keeping
     (tmp_path / "results.json").unlink()
