@@ -205,7 +205,8 @@ def with_trainer_precision(cfg: DictConfig, precision: str) -> DictConfig:
 def measure_loops(cfg: DictConfig, splits: dict[str, Windows], steps: int, warmup: int, repeats: int, work_dir: Path) -> dict[str, float]:
     """Best seconds per step of each variant over `repeats` interleaved rounds: VARIANTS at
     cfg.trainer.precision, and the full Lightning loop at the other of fp32 and bf16-mixed too
-    (`full_variant`: the same config with trainer.precision set)."""
+    (`full_variant`: the same config with trainer.precision set); lightning_full_fp32 and
+    lightning_full_bf16 are both in the result (one of them is lightning_full)."""
     train, bs = splits["train"], cfg.data.batch_size
     epoch_batches = -(-len(train) // bs)
     if warmup + steps > epoch_batches:
@@ -240,7 +241,7 @@ def measure_loops(cfg: DictConfig, splits: dict[str, Windows], steps: int, warmu
     best = {name: min(v) for name, v in per_step.items()}
     for name in variants:
         log.info("best %-19s %6.2f ms/step %7.1f samples/s", name, 1e3 * best[name], bs / best[name])
-    return best
+    return best | {f"lightning_full_{PRECISION_TAGS[configured]}": best["lightning_full"]}
 
 
 @dataclass(frozen=True)
@@ -277,10 +278,11 @@ def measure_step_rates(cfg: DictConfig, splits: dict[str, Windows], best: dict[s
     flops = training_step_flops(module, batch)
     b, k, _ = batch["context"].shape
     d_model, ffn = plain["model"]["d_model"], plain["model"]["ffn"]
-    configured = check_precision("trainer.precision", cfg.trainer.precision)
     rates = {}
     for precision in (FP32, BF16):
-        r = StepRate(precision, best[full_variant(precision, configured)], flops, gemm_flops_per_s(b * k, d_model, ffn, precision))
+        r = StepRate(
+            precision, best[f"lightning_full_{PRECISION_TAGS[precision]}"], flops, gemm_flops_per_s(b * k, d_model, ffn, precision)
+        )
         log.info(
             "training step %s (lightning_full): %.2f ms/step, %.3f GFLOP/step (matmuls, counted) = %.1f GFLOP/s "
             "of a %.1f GFLOP/s GEMM limit ([%d, %d] @ [%d, %d]) = %.3g",
