@@ -18,7 +18,6 @@ import lightning as L
 import numpy as np
 import torch
 
-from lvm.data.splits import stratified_sample
 from lvm.data.store import Windows
 from lvm.evaluation import metrics as M
 from lvm.evaluation.baselines import BASELINES, reference_predictors
@@ -56,7 +55,7 @@ class Mini5CAT(L.Callback):
         self.precision = precision  # resolved (not auto): eval.precision
         self.prev_slot = prev_slot
         self.batch_size = batch_size
-        self.index = torch.from_numpy(stratified_sample(windows.article_ids(), n_windows, seed))
+        self.index = torch.from_numpy(windows.sample(n_windows, seed))
         self.batch = windows.gather(self.index)
         predictors = reference_predictors(slot_weights)
         self.baselines = {name: health_metrics(predictors[name](self.batch), self.batch, windows, prev_slot) for name in BASELINES}
@@ -64,7 +63,7 @@ class Mini5CAT(L.Callback):
         log.info(
             "Mini-5CAT: %d windows from %d val articles; baselines cos copy-last %.3f, mean-of-context %.3f, slot-linear %.3f",
             len(self.index),
-            len(np.unique(windows.article_ids()[self.index.numpy()])),
+            len(np.unique(windows.article_ids(self.index))),
             *(self.baselines[name]["cos"] for name in BASELINES),
         )
 

@@ -128,3 +128,28 @@ class ShardSampler(Sampler[int]):
 
     def __iter__(self) -> Iterator[int]:
         return iter(range(*self._range()))
+
+
+def stratified_sample(segment_article: np.ndarray, segment_count: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """Indices of `n` windows covering as many articles as possible: every article once before any
+    twice, uniform within an article. The windows come as segments (article number and window count
+    of each, an article's segments consecutive), so up to one window per article costs
+    O(segments + n), not O(windows)."""
+    segment_count = np.asarray(segment_count, np.int64)
+    total = int(segment_count.sum())
+    if n >= total:
+        return np.arange(total)
+    new = np.concatenate(([True], segment_article[1:] != segment_article[:-1]))
+    article_first_window = (np.cumsum(segment_count) - segment_count)[new]
+    article_windows = np.add.reduceat(segment_count, np.flatnonzero(new))
+    rng = np.random.default_rng(seed)
+    if n <= len(article_windows):
+        pick = rng.choice(len(article_windows), n, replace=False)
+        return np.sort(article_first_window[pick] + rng.integers(article_windows[pick]))
+    # More windows than articles: rank every window within its article by a random key, take ranks in order.
+    article_of_window = np.repeat(np.cumsum(new) - 1, segment_count)
+    key = rng.random(total)
+    order = np.lexsort((key, article_of_window))
+    rank_in_article = np.arange(total) - np.repeat(article_first_window, article_windows)
+    pick = np.lexsort((key[order], rank_in_article))[:n]
+    return np.sort(order[pick])

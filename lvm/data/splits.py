@@ -109,15 +109,3 @@ def make_splits(
         len(out["ood"]),
     )
     return out
-
-
-def stratified_sample(article_of_window: np.ndarray, n: int, seed: int) -> np.ndarray:
-    """Window indices covering as many articles as possible: every article once before any twice."""
-    rng = np.random.default_rng(seed)
-    key = rng.random(len(article_of_window))
-    order = np.lexsort((key, article_of_window))
-    art_sorted = article_of_window[order]
-    first = np.flatnonzero(np.concatenate(([True], art_sorted[1:] != art_sorted[:-1])))
-    rank_in_article = np.arange(len(order)) - np.repeat(first, np.diff(np.append(first, len(order))))
-    pick = np.lexsort((key[order], rank_in_article))[: min(n, len(order))]
-    return np.sort(order[pick])

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from lvm.data.sampler import stratified_sample
 from lvm.runtime.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -283,9 +284,23 @@ class Windows(Dataset):
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         return {k: v[0] for k, v in self.gather([i]).items()}
 
-    def article_ids(self) -> np.ndarray:
-        """Article id of each window."""
-        return np.repeat(self.store.article_id_of[self.store.articles_of(self.first.numpy())], self.count)
+    def article_ids(self, idx: torch.Tensor | np.ndarray | None = None) -> np.ndarray:
+        """Article id of each window, or of windows `idx` (O(len(idx)))."""
+        if idx is None:
+            return np.repeat(self.store.article_id_of[self.segment_articles()], self.count)
+        return self.store.article_id_of[self.store.articles_of(self.rows(idx)[0].numpy())]
+
+    def segment_articles(self) -> np.ndarray:
+        """Article number (store order) of each segment."""
+        return self.store.articles_of(self.first.numpy())
+
+    @property
+    def num_articles(self) -> int:
+        return len(np.unique(self.segment_articles()))
+
+    def sample(self, n: int, seed: int) -> np.ndarray:
+        """Indices of `n` windows drawn across articles, seeded (`stratified_sample`)."""
+        return stratified_sample(self.segment_articles(), self.count, n, seed)
 
 
 def gather_windows(

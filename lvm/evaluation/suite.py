@@ -9,12 +9,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
-from lvm.data.splits import stratified_sample
 from lvm.data.store import Windows, WindowSpec
 from lvm.evaluation.baselines import BASELINES, fit_slot_linear, reference_predictors
 from lvm.evaluation.fivecat import (
@@ -78,7 +76,7 @@ def sample_index(windows: Windows, sample: int | None, seed: int) -> torch.Tenso
     """All window indices, or `sample` of them drawn at random across articles (seeded)."""
     if sample is None or sample >= len(windows):
         return torch.arange(len(windows))
-    return torch.from_numpy(stratified_sample(windows.article_ids(), sample, seed))
+    return torch.from_numpy(windows.sample(sample, seed))
 
 
 def evaluate(
@@ -150,8 +148,7 @@ def build_report(
         },
         "window": {"context": spec.context, "target_offset": k, "prev_slot": spec.prev_slot},
         "splits": {
-            s: {"windows": len(splits[s]), "evaluated": n, "articles": int(len(np.unique(splits[s].article_ids())))}
-            for s, n in evaluation["evaluated"].items()
+            s: {"windows": len(splits[s]), "evaluated": n, "articles": splits[s].num_articles} for s, n in evaluation["evaluated"].items()
         },
         "sample": sample,
         "seed": seed,

@@ -7,26 +7,9 @@ import pytest
 import torch
 
 from callbacks.mini5cat import Mini5CAT, health_metrics
-from lvm.data.splits import stratified_sample
 from lvm.data.store import ArticleStore
 from lvm.data.synthetic import synthetic_corpus
 from tests.helpers import P6
-
-
-def test_stratified_sample_covers_articles_first():
-    art = np.repeat(np.arange(10), [1, 2, 3, 4, 5, 6, 7, 8, 9, 10])
-    pick = stratified_sample(art, 10, seed=0)
-    assert sorted(art[pick]) == list(range(10))  # one per article before any repeats
-    pick2 = stratified_sample(art, 25, seed=0)
-    counts = np.bincount(art[pick2], minlength=10)
-    # Ranks fill in order: 10 firsts, then the 9 articles with a second window, then 6 of the 8
-    # with a third (25 = 10 + 9 + 6): article 0 (1 window) once, article 1 twice, the rest 2 or 3.
-    assert counts[0] == 1 and counts[1] == 2
-    assert sorted(counts[2:]) == [2, 2] + [3] * 6
-    assert len(set(pick2)) == 25
-    assert np.array_equal(stratified_sample(art, 25, seed=0), pick2)
-    assert not np.array_equal(stratified_sample(art, 25, seed=1), pick2)
-    assert len(stratified_sample(art, 1000, seed=0)) == len(art)
 
 
 class Oracle(torch.nn.Module):

@@ -3,11 +3,12 @@ out across ranks without a window twice."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 from lvm.data import sampler as sampler_module
-from lvm.data.sampler import EpochSampler, ShardSampler, epoch_seed
+from lvm.data.sampler import EpochSampler, ShardSampler, epoch_seed, stratified_sample
 from lvm.runtime.errors import ConfigError
 
 DATA = list(range(10000))
@@ -117,3 +118,60 @@ def test_evaluation_shards_cover_the_split_once(monkeypatch, n):
         parts.append(list(ShardSampler(range(n))))
     assert [x for p in parts for x in p] == list(range(n))
     assert max(map(len, parts)) - min(map(len, parts)) <= 1
+
+
+def test_stratified_sample_covers_articles_first():
+    # Ten articles of 1..10 windows; article 4's windows in two segments.
+    art = np.array([0, 1, 2, 3, 4, 4, 5, 6, 7, 8, 9])
+    count = np.array([1, 2, 3, 4, 2, 3, 6, 7, 8, 9, 10])
+    of_window = np.repeat(art, count)
+    pick = stratified_sample(art, count, 10, seed=0)
+    assert sorted(of_window[pick]) == list(range(10))  # one per article before any repeats
+    pick2 = stratified_sample(art, count, 25, seed=0)
+    counts = np.bincount(of_window[pick2], minlength=10)
+    # Ranks fill in order: 10 firsts, then the 9 articles with a second window, then 6 of the 8
+    # with a third (25 = 10 + 9 + 6): article 0 (1 window) once, article 1 twice, the rest 2 or 3.
+    assert counts[0] == 1 and counts[1] == 2
+    assert sorted(counts[2:]) == [2, 2] + [3] * 6
+    assert len(set(pick2)) == 25
+    assert np.array_equal(stratified_sample(art, count, 25, seed=0), pick2)
+    assert not np.array_equal(stratified_sample(art, count, 25, seed=1), pick2)
+    assert np.array_equal(stratified_sample(art, count, 1000, seed=0), np.arange(count.sum()))
+
+
+def test_one_window_per_article_is_uniform_over_articles_and_within_each():
+    art, count = np.array([0, 0, 1, 2]), np.array([3, 2, 4, 1])  # article 0: windows 0-4 in two segments
+    seen = np.zeros(10)
+    for seed in range(3000):
+        pick = stratified_sample(art, count, 2, seed)
+        assert len(set(np.repeat(art, count)[pick])) == 2
+        seen[pick] += 1
+    # Each article is picked in 2/3 of the draws, then each of its windows equally.
+    per_window = 3000 * 2 / 3 / np.array([5] * 5 + [4] * 4 + [1])
+    assert np.allclose(seen, per_window, rtol=0.12), (seen, per_window)
+
+
+def test_sampling_few_windows_costs_the_segments_not_the_windows():
+    # A split of 4e12 windows in four articles: the old per-window sort could not even allocate it.
+    art, count = np.arange(4), np.full(4, 10**12)
+    pick = stratified_sample(art, count, 3, seed=0)
+    assert len(pick) == 3 and len(set((pick // 10**12).tolist())) == 3
+
+
+def _by_window_key_sort(article_of_window: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """The per-window sampler (every window ranked by a random key inside its article)."""
+    rng = np.random.default_rng(seed)
+    key = rng.random(len(article_of_window))
+    order = np.lexsort((key, article_of_window))
+    art_sorted = article_of_window[order]
+    first = np.flatnonzero(np.concatenate(([True], art_sorted[1:] != art_sorted[:-1])))
+    rank = np.arange(len(order)) - np.repeat(first, np.diff(np.append(first, len(order))))
+    return np.sort(order[np.lexsort((key[order], rank))[:n]])
+
+
+@pytest.mark.parametrize("n", [4, 7, 19])
+def test_more_windows_than_articles_draws_as_the_per_window_sort(n):
+    # Above one window per article the picks are those of the per-window sort (same seed, same
+    # windows), so the default recipe's mini-5CAT sample (1,000 windows from ~100 val articles) stands.
+    art, count = np.array([0, 1, 1, 2]), np.array([5, 3, 4, 8])
+    assert np.array_equal(stratified_sample(art, count, n, seed=3), _by_window_key_sort(np.repeat(art, count), n, seed=3))

@@ -417,3 +417,13 @@ def test_identical_check_scans_every_block(monkeypatch):
     raises(same, a, c, "identical")
     same[7] = v[7]  # one distinct row, in the last block: accepted
     assert len(ArticleStore(same, a, c)) == 8
+
+
+def test_windows_article_ids_of_some_windows_and_a_sample_across_articles(store):
+    w = store.windows(P6)
+    every = w.article_ids()
+    idx = torch.tensor([0, 3, len(w) - 1, 5])
+    assert w.article_ids(idx).tolist() == every[idx.numpy()].tolist()
+    assert w.num_articles == len(set(every.tolist()))
+    pick = w.sample(w.num_articles, seed=0)
+    assert sorted(every[pick].tolist()) == sorted(set(every.tolist()))  # one window in each article
