@@ -86,15 +86,12 @@ class RunLock:
             self._file = None
 
 
-# The run's log lines, as Hydra's job logging writes them.
-LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"
-
-
 class RunLog:
     """The run's log file and Hydra's record of its launch, written only once the run owns its
     directory. Hydra would open <job name>.log and write .hydra/ before any task code, into the
     directory of a run that then refuses it (conf/train.yaml turns both off); here the lines logged
-    before `own` are held, then written to the file, or dropped if the run is refused."""
+    before `own` are held, then written to the file, or dropped if the run is refused. The file is
+    train.log (rank r > 0: train.rank<r>.log), its lines formatted as the console's."""
 
     def __init__(self, run_dir: Path) -> None:
         self.run_dir = Path(run_dir)
@@ -105,17 +102,17 @@ class RunLog:
         logging.getLogger().addHandler(self.held)
         return self
 
-    def own(self, task: DictConfig | None) -> None:
-        """The directory is the run's: open its log, held lines first, and write Hydra's record of
-        `task` (the config Hydra launched; None on the ranks that do not write) when Hydra launched
-        the run into this directory."""
+    def own(self, task: DictConfig | None, rank: int = 0) -> None:
+        """The directory is the run's: open this rank's log, held lines first, and write Hydra's
+        record of `task` (the config Hydra launched; None on the ranks that do not write) when Hydra
+        launched the run into this directory."""
         launched = HydraConfig.initialized() and Path(HydraConfig.get().runtime.output_dir).resolve() == self.run_dir.resolve()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if launched and task is not None:
             write_launch_record(self.run_dir, task)
-        self.file = logging.FileHandler(self.run_dir / f"{HydraConfig.get().job.name if launched else 'train'}.log")
-        self.file.setFormatter(logging.Formatter(LOG_FORMAT))
+        self.file = logging.FileHandler(self.run_dir / ("train.log" if rank == 0 else f"train.rank{rank}.log"))
         root = logging.getLogger()
+        self.file.setFormatter(next((h.formatter for h in root.handlers if h.formatter is not None), None))
         root.removeHandler(self.held)
         self.held.setTarget(self.file)
         self.held.flush()

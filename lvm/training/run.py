@@ -202,7 +202,7 @@ def train_run(
         claim_run_dir(
             run_dir, ckpt[0] if ckpt else None, bool(cfg.overwrite) or (ckpt is None and cfg.ckpt_path == "auto" and start_over(run_dir))
         )
-    run_log.own(launched if is_zero else None)
+    run_log.own(launched if is_zero else None, rank_zero_only.rank)
     set_threads(cfg.threads, jobs)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     splits = build_data(cfg)

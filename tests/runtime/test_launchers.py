@@ -344,7 +344,7 @@ def test_ddp_preset_two_processes_on_cpu(tmp_path):
     results = json.loads((run_dir / "results.json").read_text())
     assert results["world_size"] == 2 and results["epochs_completed"] == 2
     finished = {}
-    for log_file in ("train.log", "train_ddp_process_1.log"):
+    for log_file in ("train.log", "train.rank1.log"):
         line = next(ln for ln in (run_dir / log_file).read_text().splitlines() if " of 2 finished: " in ln)
         rank = int(line.split("Rank ")[1].split(" ")[0])
         finished[rank] = line.split("finished: ")[1]

@@ -4,6 +4,7 @@ with overwrite, resumed), what ckpt_path=auto may start over or fall back to, an
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
@@ -183,11 +184,15 @@ def test_the_lock_is_released_on_any_exit_and_other_ranks_take_none(tmp_path):
         pass
 
 
-def test_the_run_log_holds_its_lines_until_the_directory_is_the_runs(tmp_path):
-    """Lines logged before `own` reach the file after it, in order; a refused run writes none; the
-    file handler goes with the run (a sequential sweep's next job logs into its own file)."""
+def test_the_run_log_holds_its_lines_until_the_directory_is_the_runs(tmp_path, monkeypatch):
+    """Lines logged before `own` reach the file after it, in order and formatted as the console's;
+    a refused run writes none; the file handler goes with the run (a sequential sweep's next job
+    logs into its own file); a rank other than 0 writes its own file."""
     run_log = logging.getLogger("lvm.test_runlog")
     root = logging.getLogger()
+    console = logging.StreamHandler(io.StringIO())
+    console.setFormatter(logging.Formatter("<%(name)s|%(levelname)s> %(message)s"))
+    monkeypatch.setattr(root, "handlers", [console])
     handlers = list(root.handlers)
     with RunLog(tmp_path / "refused"):
         run_log.warning("before the claim")
@@ -199,9 +204,12 @@ def test_the_run_log_holds_its_lines_until_the_directory_is_the_runs(tmp_path):
     run_log.warning("after the run")
     assert root.handlers == handlers
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["train.log"]
-    lines = (tmp_path / "run" / "train.log").read_text().splitlines()
-    assert [line.rsplit(" - ", 1)[1] for line in lines] == ["one", "two"]
-    assert lines[0].endswith("][lvm.test_runlog][WARNING] - one")
+    assert (tmp_path / "run" / "train.log").read_text().splitlines() == ["<lvm.test_runlog|WARNING> one", "<lvm.test_runlog|WARNING> two"]
+    with RunLog(tmp_path / "run") as second_rank:
+        second_rank.own(None, rank=1)
+        run_log.warning("three")
+    assert (tmp_path / "run" / "train.rank1.log").read_text() == "<lvm.test_runlog|WARNING> three\n"
+    assert "three" not in (tmp_path / "run" / "train.log").read_text()
 
 
 def test_results_are_strict_json_and_replace_the_old_file(tmp_path):
