@@ -81,21 +81,28 @@ def main(cfg: DictConfig) -> float | None:
 
 
 def run_sweep_job(cfg: DictConfig, hc: Any) -> float | None:
-    """One multirun job: a failure is logged and recorded in results.json, and the sweep goes on."""
+    """One multirun job: a failure is logged and recorded in results.json, and the sweep goes on;
+    Ctrl-C (the job ends `interrupted`) stops the sweep."""
     start = time.perf_counter()
     resume_on_requeue(cfg, hc)
     try:
         with own_gpu(cfg, hc):
-            return run(cfg, hc.runtime.output_dir, dict(hc.runtime.choices), jobs=sweep_jobs(hc))["best_val_cos"]
+            results = run(cfg, hc.runtime.output_dir, dict(hc.runtime.choices), jobs=sweep_jobs(hc))
     except RunFailed as e:  # run() has written results.json
         log.error("Job %s failed: %s", hc.job.num, e)
+        return None
     except RunDirTaken as e:  # the directory is another run's: nothing is written into it
         log.error("Job %s refused: %s", hc.job.num, e)
+        return None
     except LvmError as e:  # refused at start: record it in the job's own directory
         log.error("Job %s failed: %s", hc.job.num, e)
         write_launch_record(Path(hc.runtime.output_dir), cfg)
         write_failure(Path(hc.runtime.output_dir), cfg.name, str(e), time.perf_counter() - start)
-    return None
+        return None
+    if results["status"] == "interrupted":  # Ctrl-C stops the sweep, not only this job
+        log.warning("Sweep stopped by Ctrl-C in job %s: resume that job with ckpt_path=last in %s", hc.job.num, hc.runtime.output_dir)
+        raise KeyboardInterrupt
+    return results["best_val_cos"]
 
 
 def cli() -> None:

@@ -74,12 +74,21 @@ def entry_point(prog: str) -> Callable[[Callable[[DictConfig], int | None]], Cal
     return wrap
 
 
+def program_name() -> str:
+    """How the user started this process: `lvm.bench` for `python -m lvm.bench`, else the script's name."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    return spec.name.removesuffix(".__main__") if spec is not None else Path(sys.argv[0]).name
+
+
 def run_entry_point(main: Callable[[], Any], positional: str | None = None) -> NoReturn:
     """Run a Hydra main (the first argument bare for `positional`) and exit with its outcome."""
     if positional:
         sys.argv = positional_override(sys.argv, positional)
     try:
         main()
+    except KeyboardInterrupt:  # Ctrl-C outside a training's own handling (set-up, a tool's work)
+        print(f"{program_name()}: interrupted (Ctrl-C)", file=sys.stderr)
+        raise SystemExit(EXIT_INTERRUPTED) from None
     except SystemExit as e:  # Hydra's own errors (unknown key, bad override) exit 1: no result
         if isinstance(e.code, str):  # SystemExit("message"), as raised by a Hydra callback
             print(e.code, file=sys.stderr)

@@ -247,9 +247,15 @@ def train_run(
             results["resumed_from"] = {"checkpoint": ckpt[0], "epoch": ckpt[1].get("epoch"), "step": ckpt[1].get("global_step")}
         if trainer.is_global_zero and status not in ("preempted", "interrupted") and cfg.eval.after_fit:
             # Full 5CAT of the best-by-val-cosine and the last checkpoint, with their epochs.
-            results["5cat"] = evaluate_after_fit(
-                cfg, splits, {"best": results["best_checkpoint"], "last": results["last_checkpoint"]}, run_dir, slot_weights
-            )
+            try:
+                results["5cat"] = evaluate_after_fit(
+                    cfg, splits, {"best": results["best_checkpoint"], "last": results["last_checkpoint"]}, run_dir, slot_weights
+                )
+            except KeyboardInterrupt:
+                # The fit's records and checkpoints stand; resuming from last.ckpt trains no further
+                # and runs the 5CAT.
+                results["fit_status"], results["status"] = status, "interrupted"
+                log.warning("Run interrupted in the post-fit 5CAT (the fit had ended: %s): resume with ckpt_path=last to run it", status)
     except Exception as e:
         if isinstance(e, CollapsedStart):
             # The guard refused the starting weights before the first step: bad input (exit 2),

@@ -14,6 +14,8 @@ import lightning as L
 import pytest
 import torch
 
+from lvm.evaluation import suite
+from lvm.evaluation.suite import evaluate_checkpoint
 from lvm.runtime.cli import EXIT_INTERRUPTED, EXIT_PREEMPTED, exit_code_for
 from lvm.runtime.signals import StopSignals
 from lvm.training.run import run
@@ -170,3 +172,30 @@ def test_a_signal_at_an_epochs_last_batch_stops_after_its_validation(tmp_path):
     assert [r["epoch"] for r in history(tmp_path)] == [0, 1]
     run(cfg_for("trainer.max_epochs=3", "ckpt_path=last"), tmp_path)
     assert [r["epoch"] for r in history(tmp_path)] == [0, 1, 2]
+
+
+def test_ctrl_c_in_the_post_fit_evaluation_keeps_the_fit_and_a_resume_runs_it(tmp_path, monkeypatch):
+    """Ctrl-C in the post-fit 5CAT (after StopSignals) ended in a bare KeyboardInterrupt: no
+    results.json for a finished fit."""
+    evaluated = []
+
+    def ctrl_c_at_the_second(path, *args, **kwargs):
+        if evaluated:
+            raise KeyboardInterrupt  # what Python's own SIGINT handler raises
+        evaluated.append(path)
+        return evaluate_checkpoint(path, *args, **kwargs)
+
+    monkeypatch.setattr(suite, "evaluate_checkpoint", ctrl_c_at_the_second)
+    try:
+        results = run(cfg_for("trainer.max_epochs=2", "eval.after_fit=true"), tmp_path)
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C in the post-fit 5CAT escaped the run")
+    written = json.loads((tmp_path / "results.json").read_text())
+    assert written["status"] == results["status"] == "interrupted" and written["fit_status"] == "completed"
+    assert exit_code_for(written["status"]) == EXIT_INTERRUPTED
+    assert written["epochs_completed"] == 2 and "5cat" not in written
+    monkeypatch.setattr(suite, "evaluate_checkpoint", evaluate_checkpoint)
+    resumed = run(cfg_for("trainer.max_epochs=2", "eval.after_fit=true", "ckpt_path=last"), tmp_path)
+    assert resumed["status"] == "completed" and resumed["global_step"] == written["global_step"]  # no step trained again
+    assert set(resumed["5cat"]) == {"best", "last"}
+    assert [r["epoch"] for r in history(tmp_path)] == [0, 1]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from lvm.runtime.cli import exit_code_for, positional_override
+from lvm.runtime.cli import EXIT_INTERRUPTED, exit_code_for, positional_override, run_entry_point
 from tests.helpers import run_module
 
 
@@ -24,6 +24,20 @@ def test_every_training_status_has_its_exit_code():
     """Ctrl-C's `interrupted` is 130, the shell's code for SIGINT (it was Lightning's exit 1, read as 2: bad input)."""
     codes = {"completed": 0, "failed: boom": 1, "stopped: max_rollbacks": 3, "preempted": 4, "interrupted": 130}
     assert {status: exit_code_for(status) for status in codes} == codes
+
+
+def test_ctrl_c_outside_a_training_is_one_line_and_exit_130(capsys, monkeypatch):
+    """Ctrl-C in a set-up or a tool's work ended in Python's KeyboardInterrupt traceback."""
+
+    def main():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sys, "argv", ["/somewhere/lvm-evaluate"])
+    monkeypatch.setattr(sys.modules["__main__"], "__spec__", None)  # a console script
+    with pytest.raises(SystemExit) as stop:
+        run_entry_point(main)
+    assert stop.value.code == EXIT_INTERRUPTED
+    assert capsys.readouterr().err == "lvm-evaluate: interrupted (Ctrl-C)\n"
 
 
 @pytest.mark.parametrize(

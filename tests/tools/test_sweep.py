@@ -4,9 +4,15 @@ hparams session per job, failed jobs reported, DDP refused."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 
+from lvm.runtime.cli import EXIT_INTERRUPTED
 from tests.helpers import (
     ROOT,
     TINY,
@@ -138,3 +144,23 @@ def test_the_report_takes_the_heatmap_axes_the_sweep_was_run_with(tmp_path):
         sweep_axes(tmp_path / "0_x")
     with pytest.raises(ConfigError, match="sweep_summary.axes"):
         SweepSummary("best_val_cos", ["loss.gamma"])
+
+
+def test_ctrl_c_stops_a_sequential_sweep_in_one_line(tmp_path):
+    """Ctrl-C ended the running job (`interrupted`, resumable) and the sweep went on to the next."""
+    sweep = tmp_path / "sweep"
+    args = ["-m", "loss.gamma=4,8", *TINY, "trainer.max_epochs=200", f"hydra.sweep.dir={sweep}"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lvm.train", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.monotonic() + 120
+    while not list(sweep.glob("*/metrics.jsonl")) and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)  # the first job has trained an epoch
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == EXIT_INTERRUPTED, err[-2000:]
+    assert err.strip().splitlines()[-1] == "lvm.train: interrupted (Ctrl-C)" and "Traceback" not in err
+    (job,) = job_dirs(sweep)  # the second job never started
+    assert json.loads((job / "results.json").read_text())["status"] == "interrupted"
+    assert (job / "checkpoints" / "last.ckpt").is_file()
