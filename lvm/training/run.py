@@ -252,10 +252,15 @@ def train_run(
                     cfg, splits, {"best": results["best_checkpoint"], "last": results["last_checkpoint"]}, run_dir, slot_weights
                 )
             except KeyboardInterrupt:
-                # The fit's records and checkpoints stand; resuming from last.ckpt trains no further
-                # and runs the 5CAT.
+                # The fit's records and checkpoints stand; resuming a completed fit from last.ckpt
+                # trains no further and runs the 5CAT.
                 results["fit_status"], results["status"] = status, "interrupted"
-                log.warning("Run interrupted in the post-fit 5CAT (the fit had ended: %s): resume with ckpt_path=last to run it", status)
+                log.warning(
+                    "Run interrupted in the post-fit 5CAT (the fit had ended: %s): evaluate its checkpoints with "
+                    "python -m lvm.evaluate ckpt=<path>%s",
+                    status,
+                    ", or resume with ckpt_path=last to run it" if status == "completed" else "",
+                )
     except Exception as e:
         if isinstance(e, CollapsedStart):
             # The guard refused the starting weights before the first step: bad input (exit 2),
