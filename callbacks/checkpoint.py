@@ -5,11 +5,17 @@ yet it would be kept as "best". Skipping the save keeps the previous best (or no
 
 A file it finds under its name is replaced, not kept beside a `-v1` copy (Lightning's version
 counter off): a resumed run writes again what the killed run wrote after its last.ckpt.
+
+A run directory moved or copied elsewhere keeps its best: Lightning forgets the scores and files it
+ranked when the checkpoint's dirpath is not its own, so the first validation after the resume would
+become "best" beside the real one. Where every file it ranked lies in its own dirpath under the
+same name, their paths are moved there instead.
 """
 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -39,3 +45,19 @@ class FiniteModelCheckpoint(ModelCheckpoint):
             return True
         log.warning("Not saving a %s checkpoint at step %d: the model has non-finite weights", self.filename or "best", trainer.global_step)
         return False
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        old, ranked = state_dict.get("dirpath"), state_dict.get("best_k_models", {})
+        if old and self.dirpath and old != self.dirpath and ranked and all(self._here(p).is_file() for p in ranked):
+            paths = ("best_model_path", "kth_best_model_path", "last_model_path")
+            state_dict = {
+                **state_dict,
+                "dirpath": self.dirpath,
+                "best_k_models": {str(self._here(p)): v for p, v in ranked.items()},
+                **{k: str(self._here(state_dict[k])) if state_dict.get(k) else state_dict.get(k, "") for k in paths},
+            }
+            log.info("Checkpoints ranked in %s are in %s under the same names: ranked there", old, self.dirpath)
+        super().load_state_dict(state_dict)
+
+    def _here(self, path: str) -> Path:
+        return Path(self.dirpath) / Path(path).name

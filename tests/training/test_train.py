@@ -289,3 +289,18 @@ def test_every_ending_says_how_the_model_compares_with_the_baselines(tmp_path, c
     said = [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "lvm.training.run"]
     assert said[-1 - len(v["warnings"])][1].startswith("baselines, val cos: copy-last ")
     assert said[len(said) - len(v["warnings"]) :] == [("WARNING", w) for w in v["warnings"]]
+
+
+def test_a_moved_run_keeps_its_best_checkpoint(tmp_path):
+    """Resumed in a moved directory, Lightning forgot the checkpoints it had ranked: the next
+    validation became "best" beside the real one (two best files; the old one never pruned)."""
+    src, moved = tmp_path / "src", tmp_path / "moved"
+    run(cfg_for("trainer.max_epochs=2"), src)
+    shutil.move(src, moved)
+    results = run(cfg_for("trainer.max_epochs=3", "ckpt_path=last"), moved)
+    val = [r["val/cos"] for r in history(moved)]
+    best = int(np.argmax(val))
+    assert len(val) == 3
+    assert sorted(p.name for p in (moved / "checkpoints").glob("best-epoch*.ckpt")) == [f"best-epoch{best:02d}.ckpt"]
+    assert results["best_checkpoint"] == str(moved / "checkpoints" / f"best-epoch{best:02d}.ckpt")
+    assert results["best_val_cos"] == pytest.approx(val[best])
