@@ -49,13 +49,11 @@ class FiniteModelCheckpoint(ModelCheckpoint):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         old, ranked = state_dict.get("dirpath"), state_dict.get("best_k_models", {})
         if old and self.dirpath and old != self.dirpath and ranked and all(self._here(p).is_file() for p in ranked):
-            paths = ("best_model_path", "kth_best_model_path", "last_model_path")
-            state_dict = {
-                **state_dict,
-                "dirpath": self.dirpath,
-                "best_k_models": {str(self._here(p)): v for p, v in ranked.items()},
-                **{k: str(self._here(state_dict[k])) if state_dict.get(k) else state_dict.get(k, "") for k in paths},
-            }
+            moved = {**state_dict, "dirpath": self.dirpath, "best_k_models": {str(self._here(p)): v for p, v in ranked.items()}}
+            for key in ("best_model_path", "kth_best_model_path", "last_model_path"):
+                if state_dict.get(key):
+                    moved[key] = str(self._here(state_dict[key]))
+            state_dict = moved
             log.info("Checkpoints ranked in %s are in %s under the same names: ranked there", old, self.dirpath)
         super().load_state_dict(state_dict)
 
