@@ -14,6 +14,8 @@ import torch.nn.functional as F
 # Upper bound on the candidate components gathered at once in within-article ranking (windows x
 # longest article x D; 16 MB in float32): its transient memory stays flat whatever D and the article lengths.
 MAX_CANDIDATE_ELEMENTS = 1 << 22
+# Upper bound on the context components slot_gram converts to float64 at once (8 MB).
+GRAM_ELEMENTS = 1 << 20
 
 
 def cos(pred: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
@@ -39,11 +41,20 @@ def mean_context(context: torch.Tensor) -> torch.Tensor:
 def slot_gram(context: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Least-squares statistics of one weight per context slot, in float64: G [K, K] with
     G[j, k] = sum over windows of ctx_j . ctx_k, and b [K] with b[k] = sum of ctx_k . target.
-    Sums over batches add up, so a split is fitted in pieces."""
-    c, t = context.double(), target.double()
-    # bmm over windows, not einsum: einsum's temporaries at [1024, 5, 768] left ~270 MB with the
-    # allocator and ran 8x slower (measured; docs/performance.md)
-    return torch.bmm(c, c.transpose(1, 2)).sum(0), torch.bmm(c, t.unsqueeze(2)).squeeze(2).sum(0)
+    Sums over batches add up, so a split is fitted in pieces; a batch is converted to float64
+    GRAM_ELEMENTS context components at a time."""
+    k, d = context.shape[1:]
+    step = max(1, GRAM_ELEMENTS // (k * d))
+    gram = torch.zeros(k, k, dtype=torch.float64)
+    b = torch.zeros(k, dtype=torch.float64)
+    for s in range(0, len(context), step):
+        c, t = context[s : s + step].double(), target[s : s + step].double()
+        # bmm over windows, not einsum: einsum's temporaries at [1024, 5, 768] left ~270 MB with the
+        # allocator and ran 8x slower (measured; docs/performance.md)
+        gram += torch.bmm(c, c.transpose(1, 2)).sum(0)
+        b += torch.bmm(c, t.unsqueeze(2)).squeeze(2).sum(0)
+        del c, t  # freed before the next piece is converted
+    return gram, b
 
 
 def fit_slot_weights(batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
