@@ -180,7 +180,16 @@ class RollbackGuard(L.Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # After a checkpoint is restored: forget records written after it by an interrupted run,
         # keep only the good checkpoints this directory holds, judge the starting weights, and make
-        # sure there is a rollback point before the first validation.
+        # sure there is a rollback point before the first validation. A run the guard stopped stays stopped.
+        if self.stopped:  # restored: the same on every rank
+            log.warning(
+                "[P6b GUARD] this run was stopped (%s) at step %d: resuming it trains no further; to train on, "
+                "resume one of its good checkpoints in a new run directory, or start over",
+                self.stopped,
+                trainer.global_step,
+            )
+            trainer.should_stop = True
+            return
         if trainer.is_global_zero:
             drop_rows_after(self.events_path, trainer.global_step)
         missing = [name for name in self.good if not (self.ckpt_dir / name).is_file()]

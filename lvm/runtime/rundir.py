@@ -141,7 +141,7 @@ def write_launch_record(run_dir: Path, task: DictConfig) -> None:
 
 def claim_run_dir(run_dir: Path, ckpt_path: str | None, overwrite: bool) -> None:
     """A run owns its directory: one that already holds a run is resumed (the checkpoint lies in
-    it), cleared (`overwrite=true`) or refused, before anything is written."""
+    it; never a run that ended stopped), cleared (`overwrite=true`) or refused, before anything is written."""
     found = [name for name in RUN_OUTPUTS if (run_dir / name).exists()]
     if not found:
         return
@@ -149,6 +149,14 @@ def claim_run_dir(run_dir: Path, ckpt_path: str | None, overwrite: bool) -> None
     if inside and overwrite:
         raise RunDirTaken(f"overwrite=true would delete the checkpoint this run resumes from ({ckpt_path}); drop one of them")
     if inside:
+        results, status = read_results(run_dir)
+        ended = str(results.get("fit_status", status))
+        if ended.startswith("stopped:"):
+            raise RunDirTaken(
+                f"run directory {run_dir} ended `{ended}` (results.json): that stop stands, and resuming it from "
+                f"{Path(ckpt_path).name} would train past it (best checkpoint: {results.get('best_checkpoint')}); "
+                "start a new run (another hydra.run.dir, or overwrite=true)"
+            )
         return
     if not overwrite:
         raise RunDirTaken(

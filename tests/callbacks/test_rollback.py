@@ -16,7 +16,7 @@ from callbacks.fault import FaultInjection
 from callbacks.rollback import STILL_LEARNING
 from callbacks.stats import StepStatistics
 from lvm.guard.detectors import CollapsedStart
-from lvm.runtime.rundir import RUN_OUTPUTS
+from lvm.runtime.rundir import RUN_OUTPUTS, RunDirTaken
 from lvm.training.run import run
 from tests.helpers import (
     ROOT,
@@ -138,6 +138,40 @@ def test_max_rollbacks_stops_cleanly(tmp_path):
     assert Path(results["best_checkpoint"]).is_file()
     last = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
     assert all(torch.isfinite(v).all() for v in last["state_dict"].values())  # never the NaN model
+
+
+def test_a_stopped_run_is_not_resumed(tmp_path):
+    """ckpt_path=last or auto on a run the guard stopped: refused (RunDirTaken, exit 2), nothing
+    written. Before:
+    it trained again from the last checkpoint before the stop, dropped the stop from events.jsonl
+    and ended `completed`."""
+    run(cfg_for(*GUARDED, "trainer.max_epochs=1"), tmp_path / "probe")
+    n = steps_per_epoch(tmp_path / "probe")
+    args = (*GUARDED, "guard.rollback.max_rollbacks=0", "trainer.max_epochs=3")
+    first = run(cfg_for(*args), tmp_path / "run", extra_callbacks=[FaultInjection([n + 1])])
+    assert first["status"] == "stopped: max_rollbacks"
+    before = {p.name: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}
+    for resume in ("last", "auto"):
+        with pytest.raises(RunDirTaken) as refused:
+            run(cfg_for(*args, f"ckpt_path={resume}"), tmp_path / "run")
+        assert "ended `stopped: max_rollbacks`" in str(refused.value) and "best-epoch00.ckpt" in str(refused.value)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()} == before
+
+
+def test_a_checkpoint_of_a_stopped_run_trains_no_further(tmp_path, caplog):
+    """A checkpoint whose guard state says the run was stopped (saved after a stop at validation),
+    resumed in a new directory: no step, the same status, and a line saying how to train on. Before:
+    it trained the remaining epochs and still ended `stopped`."""
+    run(cfg_for(*GUARDED, "trainer.max_epochs=1"), tmp_path / "first")
+    ckpt = torch.load(tmp_path / "first" / "checkpoints" / "last.ckpt", weights_only=True)
+    guard = next(k for k in ckpt["callbacks"] if k.startswith("RollbackGuard"))
+    ckpt["callbacks"][guard]["stopped"] = "max_rollbacks"
+    torch.save(ckpt, tmp_path / "stopped.ckpt")
+    with caplog.at_level("WARNING"):
+        results = run(cfg_for(*GUARDED, "trainer.max_epochs=3", f"ckpt_path={tmp_path / 'stopped.ckpt'}"), tmp_path / "new")
+    assert results["status"] == "stopped: max_rollbacks" and results["epochs_completed"] == 1
+    assert results["global_step"] == ckpt["global_step"] and not list((tmp_path / "new" / "checkpoints").glob("*.ckpt"))
+    assert "resuming it trains no further" in caplog.text
 
 
 def test_a_model_still_learning_is_not_rolled_back_to_its_start(tmp_path):
