@@ -196,6 +196,15 @@ def test_degenerate_predictions_rank_last(setup, fill):
     assert (M.six_bank_ranks(pred, b["context"], b["target"]) == 6).all()
 
 
+def run_printing_mb(code: str) -> float:
+    """The megabytes that `code`, run in a fresh one-thread Python, prints."""
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return float(proc.stdout)
+
+
 def test_slot_linear_fit_holds_no_memory_per_batch():
     """Fitting on a large split streams: peak memory must not grow with the number of batches
     (a list of per-batch Gram results once held ~30 MB per batch: 14 GB on the original's scale)."""
@@ -208,11 +217,8 @@ def test_slot_linear_fit_holds_no_memory_per_batch():
         "M.fit_slot_weights((c, t) for _ in range(60))\n"
         "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)\n"
     )
-    proc = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert float(proc.stdout) < 500, f"peak RSS grew by {float(proc.stdout):.0f} MB over 60 batches"
+    grown = run_printing_mb(code)
+    assert grown < 500, f"peak RSS grew by {grown:.0f} MB over 60 batches"
 
 
 def test_slot_gram_converts_a_large_batch_in_bounded_pieces():
@@ -230,11 +236,8 @@ def test_slot_gram_converts_a_large_batch_in_bounded_pieces():
         "g, b = M.slot_gram(c, t)\n"
         "print((hwm() - before) / 1024)\n"
     )
-    proc = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert float(proc.stdout) < 20, f"peak RSS grew by {float(proc.stdout):.0f} MB in one slot_gram"
+    grown = run_printing_mb(code)
+    assert grown < 20, f"peak RSS grew by {grown:.0f} MB in one slot_gram"
     c, t = torch.randn(300, 5, 768), torch.randn(300, 768)
     cd, td = c.double().numpy(), t.double().numpy()
     g, b = M.slot_gram(c, t)
